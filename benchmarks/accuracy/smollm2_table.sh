@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Perplexity table of README (CPU): quantize SmolLM2-135M-Instruct several ways and score each
+# checkpoint through vLLM + the plugin on the held-out Wikipedia split.
+#   bash benchmarks/accuracy/smollm2_table.sh [RESULTS_JSONL]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-benchmarks/results/accuracy_smollm2.jsonl}
+model=models/smollm2-135m-instruct
+calib=models/data/calib.jsonl
+runs=runs/table
+mkdir -p "$runs" "$(dirname "$out")"
+: > "$out"
+twinquant-eval "$model" --json "$out" --label "dense (fp32 compute)"
+q() {  # label, extra args
+  local label=$1; shift
+  local dir="$runs/$label"
+  [ -d "$dir" ] || twinquant-quantize --model "$model" --output "$dir" --calib "$calib" --nsamples 64 --seqlen 256 "$@"
+  twinquant-eval "$dir" --json "$out" --label "$label"
+}
+q rtn-g32 --residual rtn --rank 0 --group-size 32
+q rtn-g64 --residual rtn --rank 0 --group-size 64
+q gptq-g64 --residual gptq --rank 0 --group-size 64
+q svd8-gptq-g64 --residual gptq --rank 8 --group-size 64
+q svd16-gptq-g64 --residual gptq --rank 16 --group-size 64
+q svd32-gptq-g64 --residual gptq --rank 32 --group-size 64

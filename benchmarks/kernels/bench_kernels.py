@@ -1,0 +1,239 @@
+"""Kernel benchmark of the TwinQuant dual-component linear layer on one CUDA GPU.
+
+For Llama-3-8B shapes, token counts M and ranks r it measures, in one run and on the same
+random data (never zeros):
+  * the TwinQuant layer as the plugin runs it (`tq_linear`: fused kernel, or dequant+cuBLAS
+    above the large-M threshold), and the fused kernel alone at every M;
+  * the unfused version: residual kernel, then x@D^T and (x@D^T)@U^T as separate cuBLAS calls;
+  * dense BF16 torch.matmul of the same shape;
+  * copy bandwidth and BF16 matmul peak of this GPU, for the floor of each case.
+Every timed call is captured in a CUDA graph that cycles through enough weight copies to
+overflow L2, so the numbers are device time with weights streamed from HBM, as in decode.
+Correctness: every case is checked against a float32 reference (TF32 off) on fresh random
+data with the output poisoned first; a mismatch aborts the run.
+
+    python benchmarks/kernels/bench_kernels.py --out DIR [--quick] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from csrc_triton import twinquant_gemm as tg  # noqa: E402
+
+SHAPES = [  # (name, K, N)
+    ("qkv", 4096, 6144),
+    ("o", 4096, 4096),
+    ("gate_up", 4096, 28672),
+    ("down", 14336, 4096),
+]
+MS = [1, 4, 16, 64, 128, 256, 1024, 4096]
+RANKS = [0, 32, 64, 128]
+GROUP = 128
+L2_FLUSH_BYTES = 200 << 20
+
+
+def graph_time_ms(fns, reps: int = 50) -> float:
+    """Median device time of one call, from CUDA-graph replays of all `fns` in turn."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    ms = do_bench(g.replay, warmup=25, rep=reps, return_mode="median")
+    del g
+    return ms / len(fns)
+
+
+def measure_peaks():
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    copy_gbps = 2 * a.numel() * 2 / ms / 1e6
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: x @ y, warmup=25, rep=100, return_mode="median")
+    tflops = 2 * 8192**3 / ms / 1e9
+    return copy_gbps, tflops
+
+
+def make_layer(k, n, r, dtype, gen, group=GROUP, slots=1):
+    qw = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
+    sc = (torch.rand(n, k // group, device="cuda", generator=gen) * 0.01 + 0.002).half()
+    down = (torch.randn(slots * r, k, device="cuda", generator=gen) * 0.02).to(dtype) if r else None
+    up = (torch.randn(n, r, device="cuda", generator=gen) * 0.02).to(dtype) if r else None
+    return qw, sc, down, up
+
+
+def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
+    """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton."""
+    n, k = qw.shape[0], qw.shape[1] * 8
+    codes = ((qw[:, :, None] >> (4 * torch.arange(8, device=qw.device, dtype=torch.int32))) & 0xF) - 8
+    w = (codes.reshape(n, k // group, group).float() * sc.float()[:, :, None]).reshape(n, k)
+    y = x.float() @ w.t()
+    if down is not None:
+        r = up.shape[1]
+        edges = (0, *bounds, y.shape[1])
+        t = x.float() @ down.float().t()
+        for s in range(len(edges) - 1):
+            a, b = edges[s], edges[s + 1]
+            y[:, a:b] += t[:, s * r : (s + 1) * r] @ up[a:b].float().t()
+    return y
+
+
+def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=()):
+    qw, sc, down, up = make_layer(k, n, r, dtype, gen, group, len(bounds) + 1)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+    ref = reference(x, qw, sc, down, up, group, bounds)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    tg.tq_gemm(x, qw, sc, group, down, up, slot_bounds=bounds, out=out)
+    e1 = ((out.float() - ref).norm() / ref.norm()).item()
+    y = tg.tq_linear(x, qw, sc, group, down, up, slot_bounds=bounds, large_m_threshold=large_thr)
+    e2 = ((y.float() - ref).norm() / ref.norm()).item()
+    bad = torch.isnan(out).any().item() or torch.isnan(y).any().item()
+    if bad or not (e1 <= 1e-2 and e2 <= 1e-2):
+        raise SystemExit(f"MISMATCH M={m} K={k} N={n} r={r}: fused {e1:.2e}, dispatch {e2:.2e}, nan={bad}")
+    return max(e1, e2)
+
+
+def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
+    bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
+    bytes_io = m * k * 2 + m * n * 2
+    flops = 2 * m * n * k + 2 * m * r * (k + n)
+    copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_w)))
+    layers = [make_layer(k, n, r, dtype, gen) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+    rec = {"name": name, "M": m, "K": k, "N": n, "rank": r, "group_size": GROUP, "weight_copies": copies}
+
+    rec["ms"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3], large_m_threshold=large_thr) for L in layers])
+    rec["ms_fused_kernel"] = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers])
+    rec["ms_dequant_cublas"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3], large_m_threshold=0) for L in layers])
+    if r:
+        def unfused(L):
+            y = tg.tq_gemm(x, L[0], L[1], GROUP)
+            t = x @ L[2].t()
+            y += t @ L[3].t()
+            return y
+        rec["ms_unfused"] = graph_time_ms([lambda L=L: unfused(L) for L in layers])
+    else:
+        rec["ms_unfused"] = rec["ms_fused_kernel"]
+    del layers
+    dense_copies = max(1, min(16, math.ceil(L2_FLUSH_BYTES / (n * k * 2))))
+    ws = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for _ in range(dense_copies)]
+    rec["ms_bf16"] = graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+    del ws
+
+    floor_ms = max((bytes_w + bytes_io) / copy_gbps / 1e6, flops / peak_tflops / 1e9)
+    rec["bytes"] = bytes_w + bytes_io
+    rec["flops"] = flops
+    rec["gbps"] = rec["bytes"] / rec["ms"] / 1e6
+    rec["tflops"] = flops / rec["ms"] / 1e9
+    rec["floor_ms"] = floor_ms
+    rec["pct_of_floor"] = 100.0 * floor_ms / rec["ms"]
+    rec["speedup_vs_bf16"] = rec["ms_bf16"] / rec["ms"]
+    rec["speedup_vs_unfused"] = rec["ms_unfused"] / rec["ms"]
+    return rec
+
+
+def sweep(dtype, gen):
+    """Launch configurations of the fused kernel for each M bucket (informs _CONFIGS)."""
+    out = []
+    for (name, k, n), m in itertools.product([("gate_up", 4096, 28672), ("o", 4096, 4096)], [1, 4, 8, 16, 64, 128]):
+        copies = max(1, math.ceil(L2_FLUSH_BYTES / (n * k // 2)))
+        layers = [make_layer(k, n, 64, dtype, gen) for _ in range(min(copies, 32))]
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        best = None
+        if m <= 8:  # decode kernel: (BLOCK_N, BLOCK_W, warps)
+            cands = list(itertools.product([4, 8, 16, 32], [16, 32, 64, 128], [1, 2, 4, 8]))
+            cands = [c for c in cands if c[0] * c[1] <= 2048 and c[0] * c[1] >= 32 * c[2]]
+        else:
+            bms = [16] if m <= 16 else ([32, 64] if m <= 64 else [64, 128])
+            cands = [c for c in itertools.product(bms, [16, 32, 64, 128], [128, 256], [4, 8], [3, 4])
+                     if c[0] * c[1] <= 128 * 128 and not (c[0] >= 64 and c[1] < 64)]
+        for cfg in cands:
+            try:
+                ms = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg) for L in layers], reps=20)
+            except Exception as e:  # out of shared memory etc.
+                continue
+            out.append({"name": name, "M": m, "config": cfg, "ms": ms})
+            if best is None or ms < best[1]:
+                best = (cfg, ms)
+        print(f"sweep {name} M={m}: best {best}", flush=True)
+        del layers
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--large-m-threshold", type=int, default=None)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev = torch.cuda.get_device_properties(0)
+    thr = tg.LARGE_M_THRESHOLD if args.large_m_threshold is None else args.large_m_threshold
+    meta = {"device": dev.name, "sms": dev.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "large_m_threshold": thr,
+            "command": " ".join(sys.argv)}
+    t0 = time.time()
+    copy_gbps, peak = measure_peaks()
+    meta.update(copy_gbps=copy_gbps, bf16_peak_tflops=peak)
+    print(f"{dev.name}: copy {copy_gbps:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+
+    ms_list = [1, 4, 16, 64, 128, 256, 4096] if args.quick else MS
+    ranks = [0, 64] if args.quick else RANKS
+    worst = 0.0
+    for (name, k, n), m, r in itertools.product(SHAPES, [1, 16, 256, 4096], [0, 64, 128]):
+        worst = max(worst, check(m, k, n, r, dtype, gen, thr))
+    for m, r in itertools.product([1, 3, 17, 300, 1500], [0, 32]):  # odd M, K % BLOCK_K != 0, 576-wide
+        for k, n, g in [(576, 1536, 64), (1536, 576, 32), (4224, 1088, 128)]:
+            worst = max(worst, check(m, k, n, r, dtype, gen, thr, g))
+        worst = max(worst, check(m, 4096, 6144, r or 16, dtype, gen, thr, 128, (4096, 5120)))  # merged q/k/v
+        worst = max(worst, check(m, 576, 960, r or 16, dtype, gen, thr, 64, (576, 768)))  # SmolLM2 q/k/v
+    worst = max(worst, check(5, 4096, 4096, 0, torch.float16, gen, thr))
+    meta["max_rel_err"] = worst
+    print(f"correctness: max ||out-ref||/||ref|| = {worst:.2e} over all checked cases", flush=True)
+
+    sweep_recs = sweep(dtype, gen) if args.sweep else []
+    recs = []
+    for (name, k, n), m, r in itertools.product(SHAPES, ms_list, ranks):
+        rec = bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak, thr)
+        recs.append(rec)
+        print(f"{name:8s} M={m:5d} r={r:3d}  {rec['ms']*1e3:8.1f} us  fused {rec['ms_fused_kernel']*1e3:8.1f}  "
+              f"deq+cublas {rec['ms_dequant_cublas']*1e3:8.1f}  unfused {rec['ms_unfused']*1e3:8.1f}  "
+              f"bf16 {rec['ms_bf16']*1e3:8.1f}  x{rec['speedup_vs_bf16']:.2f} vs bf16  "
+              f"{rec['pct_of_floor']:5.1f}% of floor", flush=True)
+    meta["seconds"] = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
+        json.dump({"meta": meta, "records": recs, "sweep": sweep_recs}, f, indent=1)
+    print(f"wrote {args.out}/kernels_h100.json in {meta['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

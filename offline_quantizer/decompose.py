@@ -1,0 +1,190 @@
+"""The decomposition math: W ~= U @ D + deq(R), one linear layer at a time.
+
+Everything here is pure torch on one weight matrix and its calibration statistics; the
+model walk lives in `quantize.py`, the storage layout in `vllm_twinquant/format.py`.
+
+* low-rank part: truncated SVD of W, optionally activation-weighted (LQER / SVDQuant
+  style, diag scaling by the RMS of each input channel) or weighted by the full
+  calibration Hessian (the split that minimises ||(W - L) X^T||_F for the stored rank);
+  both factors are rounded to the stored low-rank dtype before the residual is formed,
+  so the residual absorbs their rounding error.
+* residual: 4-bit symmetric group quantization of R = W - U @ D, either round-to-nearest
+  or GPTQ (Frantar et al. 2022) with the calibration Hessian H = 2/n sum x x^T.
+
+rank 0 gives plain RTN / GPTQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_twinquant.format import _weight_args
+
+QMIN, QMAX = -8, 7
+
+
+@dataclass
+class Decomposed:
+    codes: torch.Tensor  # int8 [N, K] in [-8, 7]
+    scales: torch.Tensor  # scale_dtype [N, K/G]
+    down: torch.Tensor | None  # lowrank_dtype [r, K]
+    up: torch.Tensor | None  # lowrank_dtype [N, r]
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The effective weight U @ D + deq(R) that the served layer applies."""
+        n, k = self.codes.shape
+        g = k // self.scales.shape[1]
+        w = (self.codes.to(dtype).view(n, -1, g) * self.scales.to(dtype)[:, :, None]).view(n, k)
+        if self.down is not None:
+            w = w + self.up.to(dtype) @ self.down.to(dtype)
+        return w
+
+
+def group_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric scales per (row, group), compressed-tensors' convention (max|w| / 7.5),
+    rounded to the stored dtype so that codes are chosen against the scales served."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    scale, _ = calculate_qparams(g.amin(dim=2), g.amax(dim=2), _weight_args(group_size))
+    # a tiny floor keeps fp16 scales finite and non-zero for all-zero groups
+    return scale.clamp_min(1e-8).to(scale_dtype)
+
+
+def quantize_rtn(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit symmetric group quantization: (codes int8, scales)."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    scales = group_scales(w, group_size, scale_dtype)
+    zp = torch.zeros_like(scales, dtype=torch.int8)
+    codes = quantize(w.float(), scales.float(), zp, _weight_args(group_size), dtype=torch.int8)
+    return codes, scales
+
+
+def quantize_gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ with per-group scales chosen as the sweep reaches each group (no act-order).
+
+    Columns are quantized left to right; each rounding error is spread over the columns
+    not yet quantized through the inverse Hessian's Cholesky factor."""
+    w = w.detach().float().clone()
+    n, k = w.shape
+    if block_size % group_size:
+        block_size = group_size * max(1, block_size // group_size)
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    damp = percdamp * torch.mean(torch.diag(h))
+    h += damp * torch.eye(k, dtype=h.dtype, device=h.device)
+    hinv = _upper_cholesky_of_inverse(h)
+
+    codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, k // group_size, dtype=scale_dtype, device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:  # groups never straddle blocks (block_size % G == 0)
+                s = group_scales(w1[:, i : i + group_size], group_size, scale_dtype)
+                scales[:, col // group_size] = s[:, 0]
+                sf = s[:, 0].float()
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / sf), QMIN, QMAX)
+            codes[:, col] = q.to(torch.int8)
+            e = (x - q * sf) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scales
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, adding damping until H is numerically PD."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    extra = 0.0
+    for _ in range(6):
+        lower, info = torch.linalg.cholesky_ex(h + extra * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u
+        extra = max(extra * 10, 1e-2 * float(torch.mean(torch.diag(h))))
+    raise RuntimeError("calibration Hessian is not positive definite even after damping")
+
+
+def lowrank_split(
+    w: torch.Tensor,
+    rank: int,
+    lowrank_dtype: torch.dtype,
+    hessian: torch.Tensor | None = None,
+    weighting: str = "diag",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD split W ~= U @ D with U = U_r S_r^1/2, D = S_r^1/2 V_r^T T^-1.
+
+    weighting: "none" (T = I), "diag" (T = diag(rms of each input channel), LQER /
+    SVDQuant-like), "hessian" (T = Cholesky factor of H: optimal for output error)."""
+    w = w.detach().float()
+    k = w.shape[1]
+    if weighting == "none" or hessian is None:
+        t = t_inv = None
+    elif weighting == "diag":
+        s = torch.sqrt(torch.diag(hessian).float().clamp_min(1e-8))
+        s = s / s.mean()
+        t, t_inv = torch.diag(s), torch.diag(1.0 / s)
+    elif weighting == "hessian":
+        h = hessian.float() + 1e-2 * torch.mean(torch.diag(hessian.float())) * torch.eye(k, device=w.device)
+        t = torch.linalg.cholesky(h)  # H = T T^T, ||(W-L)X^T||^2 ~ ||(W-L) T||^2
+        t_inv = torch.linalg.inv(t)
+    else:
+        raise ValueError(f"--lowrank-weighting {weighting!r}: expected none, diag or hessian")
+    a = w if t is None else w @ t
+    u, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    r = min(rank, sv.numel())
+    root = torch.sqrt(sv[:r])
+    up = u[:, :r] * root[None, :]
+    down = root[:, None] * vh[:r]
+    if t_inv is not None:
+        down = down @ t_inv
+    return up.to(lowrank_dtype), down.to(lowrank_dtype)
+
+
+def decompose(
+    w: torch.Tensor,
+    rank: int,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    lowrank_dtype: torch.dtype,
+    hessian: torch.Tensor | None = None,
+    residual: str = "gptq",
+    weighting: str = "diag",
+) -> Decomposed:
+    """Split one weight into a low-rank part and a 4-bit residual (the SVD baseline)."""
+    w = w.detach().float()
+    up = down = None
+    r = w
+    if rank > 0:
+        up, down = lowrank_split(w, rank, lowrank_dtype, hessian, weighting)
+        r = w - up.float() @ down.float()
+    if residual == "gptq":
+        if hessian is None:
+            raise ValueError("GPTQ needs a calibration Hessian")
+        codes, scales = quantize_gptq(r, hessian, group_size, scale_dtype)
+    elif residual == "rtn":
+        codes, scales = quantize_rtn(r, group_size, scale_dtype)
+    else:
+        raise ValueError(f"--residual {residual!r}: expected gptq or rtn")
+    return Decomposed(codes=codes, scales=scales, down=down, up=up)

@@ -1,0 +1,109 @@
+"""`twinquant-eval CKPT`: perplexity of a checkpoint as vLLM serves it.
+
+The held-out articles are tokenized, joined with EOS and cut into windows of --seqlen
+tokens; vLLM scores every window with prompt logprobs, so a TwinQuant checkpoint is
+measured through the plugin and the same kernels that serve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+
+def eval_windows(tokenizer, path: str, seqlen: int, max_windows: int) -> list[list[int]]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids: list[int] = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                ids.extend(tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [eos])
+            if len(ids) >= seqlen * max_windows:
+                break
+    n = min(len(ids) // seqlen, max_windows)
+    if n == 0:
+        raise SystemExit(f"--eval {path}: fewer than {seqlen} tokens")
+    return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n)]
+
+
+def perplexity(llm, windows: list[list[int]]) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    try:
+        from vllm.inputs import TokensPrompt
+    except ImportError:  # pragma: no cover - older layouts
+        from vllm.inputs.data import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
+    nll, count = 0.0, 0
+    for w, out in zip(windows, outs):
+        for pos, lp in enumerate(out.prompt_logprobs):
+            if pos == 0 or lp is None:
+                continue
+            v = lp[w[pos]].logprob
+            if not math.isfinite(v):
+                raise RuntimeError(f"non-finite logprob at window position {pos}")
+            nll -= v
+            count += 1
+    return math.exp(nll / count), count
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--eval", default=os.path.join("models", "data", "eval.jsonl"), help="held-out .jsonl text")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--dtype", default=None, help="activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--quantization", default=None, help="passed to vLLM (default: from the checkpoint)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--label", default=None, help="name of this row in --json")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    on_gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    windows = eval_windows(tok, args.eval, args.seqlen, args.max_windows)
+    t0 = time.time()
+    llm = LLM(
+        model=args.checkpoint,
+        quantization=args.quantization,
+        dtype=dtype,
+        max_model_len=args.seqlen + 8,
+        gpu_memory_utilization=args.gpu_memory_utilization or (0.5 if on_gpu else 0.3),
+        enforce_eager=not on_gpu,
+        seed=0,
+    )
+    ppl, n = perplexity(llm, windows)
+    cfg = json.load(open(os.path.join(args.checkpoint, "config.json")))
+    qc = cfg.get("quantization_config") or {}
+    result = {
+        "label": args.label or os.path.basename(os.path.normpath(args.checkpoint)),
+        "checkpoint": args.checkpoint,
+        "ppl": round(ppl, 4),
+        "tokens": n,
+        "dtype": dtype,
+        "effective_bits": (qc.get("metadata") or {}).get("effective_bits_per_weight", 16.0),
+        "rank": qc.get("rank", None),
+        "group_size": qc.get("group_size", None),
+        "recipe": qc.get("recipe", "dense"),
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

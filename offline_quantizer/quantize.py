@@ -1,0 +1,345 @@
+"""`twinquant-quantize`: Hugging Face checkpoint -> TwinQuant checkpoint.
+
+Walks the decoder blocks one at a time: the calibration activations entering a block are
+kept, every linear layer of the block gets its input Hessian from them, each layer is
+decomposed (low-rank + 4-bit residual, `decompose.py`), and the block's outputs under the
+quantized weights become the next block's inputs. Only one block is ever in float32.
+
+The result is written to a temporary folder beside --output and renamed at the end, so an
+interrupted run never leaves a loadable half checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from offline_quantizer.decompose import decompose
+from vllm_twinquant import format as fmt
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
+SHARD_BYTES = 4 << 30
+
+
+class _Caught(Exception):
+    pass
+
+
+def load_calibration(path: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens from a JSON-lines file ({"text": ...} per line)
+    or a plain text file, drawn with `seed` from the concatenated token stream."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--calib {path}: no such file")
+    texts = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            texts.append(json.loads(line)["text"] if path.endswith(".jsonl") else line)
+    rng = random.Random(seed)
+    rng.shuffle(texts)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids: list[int] = []
+    need = nsamples * seqlen * 2
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos])
+        if len(ids) >= need:
+            break
+    if len(ids) < seqlen + 1:
+        raise SystemExit(f"--calib {path}: only {len(ids)} tokens, need at least {seqlen + 1}")
+    stream = torch.tensor(ids)
+    starts = [rng.randrange(0, len(ids) - seqlen) for _ in range(nsamples)]
+    return torch.stack([stream[s : s + seqlen] for s in starts])
+
+
+def _decoder_layers(model):
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        obj = model
+        try:
+            for p in path.split("."):
+                obj = getattr(obj, p)
+            return path, obj
+        except AttributeError:
+            continue
+    raise SystemExit(f"{type(model).__name__}: no decoder layers found (supported: model.layers, ...)")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+@torch.no_grad()
+def quantize_model(
+    model_dir: str,
+    output_dir: str,
+    calib_path: str | None,
+    group_size: int = 128,
+    rank: int = 32,
+    residual: str = "gptq",
+    weighting: str = "diag",
+    nsamples: int = 64,
+    seqlen: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    lowrank_dtype: str = "bfloat16",
+    rank_overrides: dict[str, int] | None = None,
+    modules_to_not_convert: list[str] | None = None,
+    random_calibration: bool = False,
+) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if os.path.exists(output_dir):
+        raise SystemExit(f"--output {output_dir} already exists; remove it or choose another folder")
+    spec = fmt.TwinQuantSpec(
+        group_size=group_size,
+        rank=rank,
+        rank_overrides=dict(rank_overrides or {}),
+        lowrank_dtype=lowrank_dtype,
+        modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
+        recipe=("svd-" if rank else "") + residual,
+    )
+    cfg = AutoConfig.from_pretrained(model_dir)
+    if getattr(cfg, "quantization_config", None):
+        raise SystemExit(f"{model_dir}: already quantized ({cfg.quantization_config}); start from a dense checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.eval()
+    src_dtype = next(model.parameters()).dtype
+    layers_path, layers = _decoder_layers(model)
+
+    if random_calibration:
+        calib = torch.randint(0, cfg.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+    else:
+        if calib_path is None:
+            raise SystemExit("--calib is required (a .jsonl with a 'text' field per line, or a .txt file)")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        calib = load_calibration(calib_path, tok, nsamples, seqlen, seed)
+
+    # 1. catch what enters the first block, for every calibration batch
+    batches = calib.split(batch_size)
+    inps, kwargs_list = [], []
+
+    def catch(_mod, args, kwargs):
+        inps.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Caught
+
+    hook = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    embed_mods = [m for n, m in model.named_modules() if not n.startswith(layers_path) and not n.startswith("lm_head")]
+    for m in embed_mods:
+        if not list(m.children()):
+            m.to(device)
+    for b in batches:
+        try:
+            model(input_ids=b.to(device), use_cache=False)
+        except _Caught:
+            pass
+    hook.remove()
+    model.to("cpu")
+
+    # 2. block by block
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_names: set[str] = set()
+    stats = {"layers": 0, "stored_bits": 0.0, "weights": 0}
+    errors = []
+    for i in tqdm(range(len(layers)), desc="quantizing blocks", unit="block"):
+        block = layers[i].to(device=device, dtype=torch.float32)
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        hess = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in linears.items()}
+        counts = dict.fromkeys(linears, 0)
+
+        def make_hook(name):
+            def h(_m, inp, _out):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                hess[name].addmm_(x.t(), x)
+                counts[name] += x.shape[0]
+            return h
+
+        hooks = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+        inps = [x.to(device=device, dtype=torch.float32) for x in inps]
+        for x, kw in zip(inps, kwargs_list):
+            block(x, **_to(kw, device))
+        for h in hooks:
+            h.remove()
+
+        for name, lin in linears.items():
+            full = f"{layers_path}.{i}.{name}"
+            if spec.is_skipped(full):
+                continue
+            r = spec.rank_for(full)
+            h = hess[name] * (2.0 / max(counts[name], 1))
+            w = lin.weight.data
+            fmt.check_layer_shape(full, w.shape[0], w.shape[1], group_size)
+            d = decompose(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, residual, weighting)
+            w_hat = d.dequantized(torch.float32)
+            diff = (w_hat - w.float())
+            errors.append(float(torch.sum((diff @ h) * diff) / torch.sum((w.float() @ h) * w.float()).clamp_min(1e-30)))
+            lin.weight.data = w_hat.to(w.dtype)
+            tensors[f"{full}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(d.codes.cpu())
+            tensors[f"{full}.{fmt.WEIGHT_SCALE}"] = d.scales.cpu().contiguous()
+            if r:
+                tensors[f"{full}.{fmt.LOWRANK_DOWN}"] = d.down.cpu().contiguous()
+                tensors[f"{full}.{fmt.LOWRANK_UP}"] = d.up.cpu().contiguous()
+            if lin.bias is not None:
+                tensors[f"{full}.bias"] = lin.bias.data.to(src_dtype).cpu()
+            quantized_names.add(f"{full}.weight")
+            quantized_names.add(f"{full}.bias")
+            stats["layers"] += 1
+            stats["weights"] += w.numel()
+            stats["stored_bits"] += spec.effective_bits(w.shape[0], w.shape[1], r) * w.numel()
+        del hess
+
+        inps = [_first(block(x, **_to(kw, device))) for x, kw in zip(inps, kwargs_list)]
+        layers[i] = block.to(device="cpu", dtype=src_dtype)
+
+    # 3. everything else as it was
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for name, t in model.state_dict().items():
+        if name in quantized_names or (tied and name == "lm_head.weight"):
+            continue
+        tensors[name] = t.detach().to("cpu").contiguous()
+
+    eff_bits = stats["stored_bits"] / max(stats["weights"], 1)
+    elapsed = time.time() - t0
+    spec.metadata = {
+        "source": os.path.basename(os.path.normpath(model_dir)),
+        "residual": residual,
+        "lowrank_weighting": weighting,
+        "calibration": {"file": os.path.basename(calib_path) if calib_path else "random-tokens",
+                        "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "effective_bits_per_weight": round(eff_bits, 4),
+        "mean_relative_output_error": round(sum(errors) / max(len(errors), 1), 6),
+        "quantize_seconds": round(elapsed, 1),
+        "created_by": "vllm-twinquant 0.1.0",
+    }
+    _write_checkpoint(model_dir, output_dir, tensors, spec)
+    summary = {
+        "output": output_dir,
+        "quantized_layers": stats["layers"],
+        "effective_bits_per_weight": eff_bits,
+        "mean_relative_output_error": spec.metadata["mean_relative_output_error"],
+        "seconds": round(time.time() - t0, 1),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
+    }
+    if device.startswith("cuda"):
+        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / (1 << 30), 2)
+    return summary
+
+
+def _to(kw, device):
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = tuple(t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype) for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _write_checkpoint(model_dir: str, output_dir: str, tensors: dict[str, torch.Tensor], spec: fmt.TwinQuantSpec) -> None:
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".twinquant-partial-", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        shards, cur, size = [], {}, 0
+        for name in sorted(tensors):
+            t = tensors[name]
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > SHARD_BYTES:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = t
+            size += nbytes
+        shards.append(cur)
+        meta = {"format": "pt", "quant_method": fmt.QUANT_METHOD, "format_version": str(fmt.FORMAT_VERSION)}
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+        else:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {}}
+            for j, shard in enumerate(shards):
+                fn = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fn), metadata=meta)
+                index["weight_map"].update(dict.fromkeys(shard, fn))
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        for fn in os.listdir(model_dir):  # tokenizer, generation config, chat template, ...
+            src = os.path.join(model_dir, fn)
+            if os.path.isfile(src) and not fn.endswith(WEIGHT_FILES) and fn not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy2(src, os.path.join(tmp, fn))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = spec.to_dict()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        fmt.validate_checkpoint(tmp)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, int]:
+    out = {}
+    for it in items or []:
+        name, _, r = it.rpartition("=")
+        if not name or not r.isdigit():
+            raise SystemExit(f"--rank-override {it!r}: expected MODULE=RANK, e.g. model.layers.0.mlp.down_proj=64")
+        out[name] = int(r)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="dense Hugging Face checkpoint folder (safetensors)")
+    ap.add_argument("--output", required=True, help="folder to create for the TwinQuant checkpoint")
+    ap.add_argument("--calib", help="calibration text: .jsonl with a 'text' field, or .txt (one document a line)")
+    ap.add_argument("--random-calibration", action="store_true", help="random token ids instead of text (speed tests)")
+    ap.add_argument("--group-size", type=int, default=128, choices=fmt.SUPPORTED_GROUP_SIZES)
+    ap.add_argument("--rank", type=int, default=32, help="low-rank width (0: plain GPTQ/RTN)")
+    ap.add_argument("--rank-override", action="append", metavar="MODULE=RANK", help="per-module rank")
+    ap.add_argument("--residual", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--lowrank-weighting", choices=("none", "diag", "hessian"), default="diag")
+    ap.add_argument("--lowrank-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if args.rank < 0:
+        raise SystemExit("--rank must be >= 0")
+    try:
+        summary = quantize_model(
+            args.model, args.output, args.calib, args.group_size, args.rank, args.residual,
+            args.lowrank_weighting, args.nsamples, args.seqlen, args.batch_size, args.seed, args.device,
+            args.lowrank_dtype, _parse_overrides(args.rank_override), random_calibration=args.random_calibration,
+        )
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: nothing was written to --output") from None
+    except fmt.TwinQuantFormatError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

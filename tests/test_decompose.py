@@ -1,0 +1,48 @@
+"""The decomposition math on random data with a realistic (correlated, outlier) input distribution."""
+
+import torch
+
+from offline_quantizer.decompose import decompose, quantize_gptq, quantize_rtn
+
+
+def _data(n=96, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(4096, k, generator=g) @ mix
+    x[:, :4] *= 20  # outlier channels
+    w = torch.randn(n, k, generator=g) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    return w, x, h
+
+
+def _out_err(w_hat, w, x):
+    return ((w_hat - w) @ x.T).norm().item() / (w @ x.T).norm().item()
+
+
+def test_codes_and_scales_are_in_range():
+    w, _, h = _data()
+    for codes, scales in (quantize_rtn(w, 64, torch.float16), quantize_gptq(w, h, 64, torch.float16)):
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+        assert scales.shape == (96, 4) and scales.dtype == torch.float16 and bool((scales > 0).all())
+
+
+def test_gptq_beats_rtn_on_output_error():
+    w, x, h = _data()
+    rtn = decompose(w, 0, 64, torch.float16, torch.bfloat16, h, "rtn")
+    gptq = decompose(w, 0, 64, torch.float16, torch.bfloat16, h, "gptq")
+    assert gptq.down is None and gptq.up is None  # rank 0 is plain GPTQ
+    assert _out_err(gptq.dequantized(), w, x) < 0.8 * _out_err(rtn.dequantized(), w, x)
+
+
+def test_lowrank_reduces_error_and_is_deterministic():
+    w, x, h = _data()
+    w = w + 0.5 * torch.randn(96, 1) @ torch.randn(1, 256)  # a strong rank-1 component
+    e0 = _out_err(decompose(w, 0, 64, torch.float16, torch.bfloat16, h).dequantized(), w, x)
+    d = decompose(w, 16, 64, torch.float16, torch.bfloat16, h)
+    assert d.down.shape == (16, 256) and d.up.shape == (96, 16) and d.down.dtype == torch.bfloat16
+    assert _out_err(d.dequantized(), w, x) < 0.7 * e0
+    d2 = decompose(w, 16, 64, torch.float16, torch.bfloat16, h)
+    assert torch.equal(d.codes, d2.codes) and torch.equal(d.up, d2.up)
+    for weighting in ("none", "hessian"):
+        dw = decompose(w, 16, 64, torch.float16, torch.bfloat16, h, weighting=weighting)
+        assert _out_err(dw.dequantized(), w, x) < e0

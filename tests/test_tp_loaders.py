@@ -1,0 +1,108 @@
+"""Tensor-parallel loading of the TwinQuant parameters, at unit level (tp_size 2, both ranks).
+
+Column-parallel (merged q/k/v): each rank's output rows must equal the matching rows of the
+full layer. Row-parallel: the sum of the ranks' partial outputs must equal the full layer
+(the all-reduce's job)."""
+
+import pytest
+import torch
+
+import vllm.model_executor.parameter as vparam
+from vllm_twinquant import format as fmt
+from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+from vllm_twinquant.linear_method import TwinQuantLinearMethod
+
+K, G, TP = 256, 32, 2
+
+
+def _full(n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "weight_packed": fmt.pack_codes(torch.randint(-8, 8, (n, K), dtype=torch.int8, generator=g)),
+        "weight_scale": (torch.rand(n, K // G, generator=g) * 0.02).half(),
+        "lowrank_down": torch.randn(r, K, generator=g).bfloat16() * 0.1,
+        "lowrank_up": torch.randn(n, r, generator=g).bfloat16() * 0.1,
+    }
+
+
+def _full_out(x, t):
+    return fmt.reference_linear(x, t["weight_packed"], t["weight_scale"], G, t["lowrank_down"], t["lowrank_up"])
+
+
+def _make_layer(monkeypatch, rank, in_part, out_parts, ranks):
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: rank)
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: TP)
+    layer = torch.nn.Module()
+    spec = fmt.TwinQuantSpec(group_size=G, rank=max(ranks))
+    method = TwinQuantLinearMethod(spec, "test.layer", ranks)
+    method.create_weights(layer, in_part, out_parts, in_part * TP, sum(out_parts) * TP, torch.float32,
+                          weight_loader=lambda *a, **k: None)
+    return layer, method
+
+
+def _run(layer, x):
+    c = layer.twinquant_config
+    kernel = TorchTwinQuantKernel(c)
+    p = {n: getattr(layer, n).data.double() if n.startswith("lowrank") else getattr(layer, n).data
+         for n in ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up")}
+    holder = torch.nn.Module()
+    for n, v in p.items():
+        setattr(holder, n, v)
+    return kernel.apply(holder, x.double(), None)
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_merged_qkv_column_parallel(monkeypatch, tp_rank):
+    sizes = {"q": 128, "k": 64, "v": 64}  # full output sizes; kv heads split too
+    ranks = {"q": 8, "k": 4, "v": 8}  # k's factors are padded to the slot width 8
+    full = {s: _full(n, ranks[s], seed=i) for i, (s, n) in enumerate(sizes.items())}
+    parts = [n // TP for n in sizes.values()]
+    layer, _ = _make_layer(monkeypatch, tp_rank, K, parts, list(ranks.values()))
+    offset = 0
+    for s, n in sizes.items():
+        for name, t in full[s].items():
+            getattr(layer, name).load_qkv_weight(
+                loaded_weight=t, shard_id=s, shard_offset=offset, shard_size=n // TP, num_heads=1
+            )
+        offset += n // TP
+    x = torch.randn(3, K)
+    y = _run(layer, x)
+    expect = torch.cat([_full_out(x, full[s])[:, tp_rank * (n // TP) : (tp_rank + 1) * (n // TP)]
+                        for s, n in sizes.items()], dim=1)
+    torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_merged_gate_up_column_parallel(monkeypatch, tp_rank):
+    full = [_full(96, 8, seed=10), _full(96, 8, seed=11)]
+    layer, _ = _make_layer(monkeypatch, tp_rank, K, [48, 48], [8, 8])
+    for i, t in enumerate(full):
+        for name, v in t.items():
+            getattr(layer, name).load_merged_column_weight(loaded_weight=v, shard_id=i, shard_offset=48 * i, shard_size=48)
+    x = torch.randn(2, K)
+    y = _run(layer, x)
+    expect = torch.cat([_full_out(x, t)[:, tp_rank * 48 : (tp_rank + 1) * 48] for t in full], dim=1)
+    torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_row_parallel_partials_sum_to_full(monkeypatch):
+    full = _full(64, 8, seed=3)
+    x = torch.randn(4, K)
+    total = 0
+    for tp_rank in range(TP):
+        layer, _ = _make_layer(monkeypatch, tp_rank, K // TP, [64], [8])
+        for name, v in full.items():
+            getattr(layer, name).load_row_parallel_weight(v)
+        total = total + _run(layer, x[:, tp_rank * K // TP : (tp_rank + 1) * K // TP])
+    torch.testing.assert_close(total, _full_out(x, full), rtol=1e-6, atol=1e-6)
+
+
+def test_group_must_divide_rank_input(monkeypatch):
+    with pytest.raises(ValueError, match="group_size 32 does not divide this rank's 48 input columns"):
+        _make_layer(monkeypatch, 0, 48, [64], [8])
+
+
+def test_checkpoint_rank_larger_than_config_is_an_error(monkeypatch):
+    layer, _ = _make_layer(monkeypatch, 0, K, [64], [4])
+    with pytest.raises(ValueError, match="checkpoint rank 8 exceeds the rank 4"):
+        layer.lowrank_up.load_row_parallel_weight(torch.zeros(64, 8))

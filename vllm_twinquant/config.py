@@ -1,0 +1,79 @@
+"""The `twinquant` QuantizationConfig: reads and validates a checkpoint's
+quantization_config and hands each linear layer its method."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from vllm_twinquant import format as fmt
+from vllm_twinquant.linear_method import TwinQuantLinearMethod
+
+
+@register_quantization_config(fmt.QUANT_METHOD)
+class TwinQuantConfig(QuantizationConfig):
+    def __init__(self, spec: fmt.TwinQuantSpec | None = None) -> None:
+        super().__init__()
+        if spec is None:
+            # vLLM builds the config without arguments when the checkpoint has none
+            raise ValueError(
+                "--quantization twinquant needs a TwinQuant checkpoint: the model's config.json has no "
+                "quantization_config with quant_method 'twinquant' (make one with `twinquant-quantize`)"
+            )
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"TwinQuantConfig({self.spec.to_dict()})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return fmt.QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the config lives in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TwinQuantConfig":
+        return cls(fmt.TwinQuantSpec.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        # A local checkpoint is checked file by file before any weight is read, so a bad one
+        # fails with the file and tensor named instead of deep inside the model loader.
+        if os.path.isdir(model_name):
+            fmt.validate_checkpoint(model_name, check_values=False)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.spec.rank_overrides and hasattr(hf_to_vllm_mapper, "apply_dict"):
+            self.spec.rank_overrides = hf_to_vllm_mapper.apply_dict(self.spec.rank_overrides)
+        if self.spec.modules_to_not_convert and hasattr(hf_to_vllm_mapper, "apply_list"):
+            self.spec.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.spec.modules_to_not_convert)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings and lm_head stay unquantized
+        if self.spec.is_skipped(prefix):
+            return UnquantizedLinearMethod()
+        return TwinQuantLinearMethod(self.spec, prefix, self._sublayer_ranks(prefix))
+
+    def _sublayer_ranks(self, prefix: str) -> list[int]:
+        """Ranks of the checkpoint's sub-layers that vLLM fused into `prefix`."""
+        head, _, last = prefix.rpartition(".")
+        mapping = self.packed_modules_mapping or fmt.DEFAULT_PACKED_MODULES
+        subs = mapping.get(last)
+        if not subs:
+            return [self.spec.rank_for(prefix)]
+        return [self.spec.rank_for(f"{head}.{s}" if head else s) for s in subs]

@@ -1,0 +1,345 @@
+"""TwinQuant checkpoint format, version 1: the one place that defines it.
+
+`docs/format.md` is the prose spec; this module is its executable twin. The offline
+quantizer writes through it and the vLLM plugin reads through it, so a tensor name,
+dtype, shape or check lives here and nowhere else. Importing it never imports vLLM.
+
+A quantized linear layer ``prefix`` (out_features N, in_features K) computes
+
+    y = x @ deq(R)^T + (x @ D^T) @ U^T + bias
+
+with the tensors
+
+    {prefix}.weight_packed  int32  [N, K/8]   4-bit residual codes, compressed-tensors
+                                              "pack-quantized" layout (8 codes per int32
+                                              along K, code = q + 8, first code in the
+                                              lowest nibble)
+    {prefix}.weight_scale   scale_dtype [N, K/G]   symmetric group scales, deq(R)[n, k] =
+                                              q[n, k] * weight_scale[n, k // G]
+    {prefix}.lowrank_down   lowrank_dtype [r, K]   D (absent when r == 0)
+    {prefix}.lowrank_up     lowrank_dtype [N, r]   U (absent when r == 0)
+    {prefix}.bias           (unchanged from the source model, if it has one)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+QUANT_METHOD = "twinquant"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+WEIGHT_PACKED = "weight_packed"
+WEIGHT_SCALE = "weight_scale"
+LOWRANK_DOWN = "lowrank_down"
+LOWRANK_UP = "lowrank_up"
+QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, LOWRANK_DOWN, LOWRANK_UP)
+
+PACK_FACTOR = 8  # 4-bit codes per int32
+SUPPORTED_WEIGHT_BITS = (4,)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+# The HF module names of the sub-layers vLLM fuses into one linear layer.
+DEFAULT_PACKED_MODULES = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+}
+
+
+class TwinQuantFormatError(ValueError):
+    """A TwinQuant checkpoint or quantization_config does not follow the format."""
+
+
+def _dtype(name: str, option: str) -> torch.dtype:
+    if name not in FLOAT_DTYPES:
+        raise TwinQuantFormatError(
+            f"quantization_config.{option} = {name!r}: expected one of {sorted(FLOAT_DTYPES)}"
+        )
+    return FLOAT_DTYPES[name]
+
+
+@dataclass
+class TwinQuantSpec:
+    """The ``quantization_config`` block of a TwinQuant checkpoint's config.json."""
+
+    group_size: int = 128
+    rank: int = 0
+    weight_bits: int = 4
+    symmetric: bool = True
+    rank_overrides: dict[str, int] = field(default_factory=dict)
+    lowrank_dtype: str = "bfloat16"
+    scale_dtype: str = "float16"
+    activation_bits: int = 16
+    modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
+    recipe: str = "svd-gptq"
+    format_version: int = FORMAT_VERSION
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format_version not in SUPPORTED_FORMAT_VERSIONS:
+            raise TwinQuantFormatError(
+                f"quantization_config.format_version = {self.format_version!r}: this "
+                f"vllm-twinquant reads versions {list(SUPPORTED_FORMAT_VERSIONS)}"
+            )
+        if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
+            raise TwinQuantFormatError(
+                f"quantization_config.weight_bits = {self.weight_bits!r}: expected one of "
+                f"{list(SUPPORTED_WEIGHT_BITS)}"
+            )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise TwinQuantFormatError(
+                f"quantization_config.group_size = {self.group_size!r}: expected one of "
+                f"{list(SUPPORTED_GROUP_SIZES)}"
+            )
+        if self.symmetric is not True:
+            raise TwinQuantFormatError(
+                "quantization_config.symmetric = false: format v1 stores symmetric residuals "
+                "only (no zero points)"
+            )
+        if self.activation_bits != 16:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_bits = {self.activation_bits!r}: format v1 "
+                "serves 16-bit activations (W4A16)"
+            )
+        for name, r in [("rank", self.rank), *self.rank_overrides.items()]:
+            if not isinstance(r, int) or r < 0:
+                raise TwinQuantFormatError(f"quantization_config rank for {name!r} = {r!r}: expected an integer >= 0")
+        self.lowrank_torch_dtype = _dtype(self.lowrank_dtype, "lowrank_dtype")
+        self.scale_torch_dtype = _dtype(self.scale_dtype, "scale_dtype")
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "TwinQuantSpec":
+        method = cfg.get("quant_method")
+        if method != QUANT_METHOD:
+            raise TwinQuantFormatError(
+                f"quantization_config.quant_method = {method!r}: expected {QUANT_METHOD!r} "
+                "(make a TwinQuant checkpoint with `twinquant-quantize`)"
+            )
+        if "format_version" not in cfg:
+            raise TwinQuantFormatError("quantization_config.format_version is missing")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(cfg) - known - {"quant_method"})
+        if unknown:
+            raise TwinQuantFormatError(f"quantization_config has unknown keys {unknown}")
+        kwargs = {k: v for k, v in cfg.items() if k in known}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD}
+        for name in self.__dataclass_fields__:
+            out[name] = getattr(self, name)
+        return out
+
+    # -- queries ---------------------------------------------------------------------------
+    def is_skipped(self, module_name: str) -> bool:
+        """True for modules kept in the source precision (matched as a name component)."""
+        parts = module_name.split(".")
+        for skip in self.modules_to_not_convert:
+            sp = skip.split(".")
+            for i in range(len(parts) - len(sp) + 1):
+                if parts[i : i + len(sp)] == sp:
+                    return True
+        return False
+
+    def rank_for(self, module_name: str) -> int:
+        return int(self.rank_overrides.get(module_name, self.rank))
+
+    def effective_bits(self, out_features: int, in_features: int, rank: int) -> float:
+        """Stored bits per weight of one layer: codes + scales + both low-rank factors."""
+        n, k = out_features, in_features
+        lr_bits = torch.finfo(self.lowrank_torch_dtype).bits
+        sc_bits = torch.finfo(self.scale_torch_dtype).bits
+        total = n * k * self.weight_bits + n * (k // self.group_size) * sc_bits + rank * (n + k) * lr_bits
+        return total / (n * k)
+
+
+def tensor_specs(prefix: str, out_features: int, in_features: int, rank: int, spec: TwinQuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a quantized linear layer stores."""
+    check_layer_shape(prefix, out_features, in_features, spec.group_size)
+    n, k = out_features, in_features
+    out = {
+        f"{prefix}.{WEIGHT_PACKED}": ((n, k // PACK_FACTOR), torch.int32),
+        f"{prefix}.{WEIGHT_SCALE}": ((n, k // spec.group_size), spec.scale_torch_dtype),
+    }
+    if rank > 0:
+        out[f"{prefix}.{LOWRANK_DOWN}"] = ((rank, k), spec.lowrank_torch_dtype)
+        out[f"{prefix}.{LOWRANK_UP}"] = ((n, rank), spec.lowrank_torch_dtype)
+    return out
+
+
+def check_layer_shape(prefix: str, out_features: int, in_features: int, group_size: int) -> None:
+    if in_features % group_size != 0:
+        raise TwinQuantFormatError(
+            f"{prefix}: group_size {group_size} does not divide in_features {in_features}"
+        )
+    if in_features % PACK_FACTOR != 0:
+        raise TwinQuantFormatError(f"{prefix}: in_features {in_features} is not a multiple of {PACK_FACTOR}")
+
+
+# -- the residual's codes ------------------------------------------------------------------
+def _weight_args(spec_or_group: TwinQuantSpec | int):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    g = spec_or_group.group_size if isinstance(spec_or_group, TwinQuantSpec) else int(spec_or_group)
+    return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=g)
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7], [N, K] -> int32 [N, K/8] (compressed-tensors pack-quantized)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    if q.dtype != torch.int8 or q.min() < -8 or q.max() > 7:
+        raise TwinQuantFormatError("pack_codes expects int8 codes in [-8, 7]")
+    return pack_to_int32(q, num_bits=4, packed_dim=1)
+
+
+def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 [N, K/8] -> int8 codes in [-8, 7], [N, K]."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(packed, 4, torch.Size([packed.shape[0], in_features]), packed_dim=1)
+
+
+def dequantize_residual(packed: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """deq(R)[n, k] = code[n, k] * scale[n, k // G]."""
+    k = packed.shape[1] * PACK_FACTOR
+    q = unpack_codes(packed, k).to(dtype)
+    return (q.view(q.shape[0], -1, group_size) * scale.to(dtype)[:, :, None]).view(q.shape[0], k)
+
+
+def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None, dtype=torch.float64):
+    """The layer's meaning, in high precision: the reference every kernel is tested against."""
+    w = dequantize_residual(packed, scale, group_size, dtype)
+    xd = x.to(dtype)
+    y = xd @ w.T
+    if down is not None and down.shape[0] > 0:
+        y = y + (xd @ down.to(dtype).T) @ up.to(dtype).T
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y
+
+
+# -- checkpoint files ----------------------------------------------------------------------
+def read_safetensors_header(path: str) -> dict[str, Any]:
+    """Parse one safetensors header, checking that the file holds every byte it promises."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TwinQuantFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise TwinQuantFormatError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise TwinQuantFormatError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise TwinQuantFormatError(
+            f"{path}: truncated safetensors file: its tensors need {8 + n + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def load_spec(model_dir: str) -> TwinQuantSpec:
+    cfg_path = os.path.join(model_dir, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise TwinQuantFormatError(f"{cfg_path}: not found") from None
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        raise TwinQuantFormatError(
+            f"{cfg_path}: no quantization_config; this is not a TwinQuant checkpoint "
+            "(make one with `twinquant-quantize`)"
+        )
+    return TwinQuantSpec.from_dict(qc)
+
+
+def checkpoint_tensors(model_dir: str) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
+    """name -> (file, shape, dtype) over every *.safetensors file of a checkpoint directory."""
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise TwinQuantFormatError(f"{model_dir}: no *.safetensors files")
+    out = {}
+    for fn in files:
+        path = os.path.join(model_dir, fn)
+        for name, meta in read_safetensors_header(path).items():
+            out[name] = (path, tuple(meta["shape"]), SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))
+    return out
+
+
+def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantSpec:
+    """Check a checkpoint directory against format v1; raise TwinQuantFormatError naming
+    the file, tensor and what was expected. Returns the parsed spec."""
+    spec = load_spec(model_dir)
+    tensors = checkpoint_tensors(model_dir)
+    prefixes = sorted({n[: -len(WEIGHT_PACKED) - 1] for n in tensors if n.endswith("." + WEIGHT_PACKED)})
+    if not prefixes:
+        raise TwinQuantFormatError(f"{model_dir}: no tensor named *.{WEIGHT_PACKED}: no quantized layer")
+    for name in tensors:  # a stray low-rank factor or scale without its codes
+        for suf in QUANTIZED_SUFFIXES[1:]:
+            if name.endswith("." + suf) and name[: -len(suf) - 1] not in prefixes:
+                raise TwinQuantFormatError(
+                    f"{tensors[name][0]}: tensor {name} has no {name[: -len(suf) - 1]}.{WEIGHT_PACKED}"
+                )
+    for prefix in prefixes:  # first the layout-wide rule, so its error names the real cause
+        path, pshape, _ = tensors[f"{prefix}.{WEIGHT_PACKED}"]
+        if len(pshape) != 2:
+            raise TwinQuantFormatError(f"{path}: tensor {prefix}.{WEIGHT_PACKED} has shape {list(pshape)}, expected [N, K/8]")
+        if (pshape[1] * PACK_FACTOR) % spec.group_size:
+            raise TwinQuantFormatError(
+                f"{path}: quantization_config.group_size {spec.group_size} does not divide in_features "
+                f"{pshape[1] * PACK_FACTOR} of {prefix}"
+            )
+    for prefix in prefixes:
+        pshape = tensors[f"{prefix}.{WEIGHT_PACKED}"][1]
+        n, k = pshape[0], pshape[1] * PACK_FACTOR
+        rank = spec.rank_for(prefix)
+        for name, (shape, dtype) in tensor_specs(prefix, n, k, rank, spec).items():
+            if name not in tensors:
+                raise TwinQuantFormatError(
+                    f"{model_dir}: missing tensor {name} (expected {dtype} {list(shape)}, rank {rank})"
+                )
+            f, got_shape, got_dtype = tensors[name]
+            if got_shape != shape or got_dtype != dtype:
+                raise TwinQuantFormatError(
+                    f"{f}: tensor {name} is {got_dtype} {list(got_shape)}, expected {dtype} {list(shape)}"
+                )
+        if rank == 0:
+            for suf in (LOWRANK_DOWN, LOWRANK_UP):
+                if f"{prefix}.{suf}" in tensors:
+                    raise TwinQuantFormatError(
+                        f"{tensors[f'{prefix}.{suf}'][0]}: tensor {prefix}.{suf} present but the config gives "
+                        f"{prefix} rank 0"
+                    )
+    if check_values:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, (f, _, _) in tensors.items():
+            if name.endswith("." + WEIGHT_SCALE) or name.endswith("." + LOWRANK_DOWN) or name.endswith("." + LOWRANK_UP):
+                by_file.setdefault(f, []).append(name)
+        for f, names in by_file.items():
+            with safe_open(f, "pt") as sf:
+                for name in names:
+                    check_finite(sf.get_tensor(name), name, f)
+    return spec
+
+
+def check_finite(t: torch.Tensor, name: str, where: str = "") -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise TwinQuantFormatError(f"{where + ': ' if where else ''}tensor {name} has {bad} NaN/inf values")

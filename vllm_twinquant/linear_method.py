@@ -1,0 +1,182 @@
+"""vLLM glue for one TwinQuant linear layer: parameters, their tensor-parallel loading,
+post-load checks, and the call into the chosen kernel.
+
+Sharding (column-parallel = output rows split over ranks, row-parallel = input columns):
+
+    tensor          column-parallel            row-parallel
+    weight_packed   rows split                 packed columns split
+    weight_scale    rows split                 group columns split
+    lowrank_down    replicated (one per slot)  columns split
+    lowrank_up      rows split                 replicated
+
+Row-parallel ranks each produce x_p R_p^T + (x_p D_p^T) U^T; the layer's all-reduce sums
+them into x R^T + (x D^T) U^T because the up projection is linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import BasevLLMParameter, GroupQuantScaleParameter, PackedvLLMParameter
+
+from vllm_twinquant import format as fmt
+from vllm_twinquant.kernels import TwinQuantLayerConfig, choose_kernel
+
+
+class _LowRankParameter(BasevLLMParameter):
+    """A low-rank factor whose stored width `rank` may be padded beyond a sub-layer's
+    own rank (merged layers pad every slot to the widest); padding stays zero."""
+
+    def __init__(self, rank: int, prefix: str, **kwargs):
+        self.rank = rank
+        self.prefix = prefix
+        super().__init__(**kwargs)
+
+    def _check_rank(self, r: int, name: str) -> None:
+        if r > self.rank:
+            raise ValueError(
+                f"{self.prefix}.{name}: checkpoint rank {r} exceeds the rank {self.rank} that "
+                "quantization_config gives this layer"
+            )
+
+
+class LowRankDownParameter(_LowRankParameter):
+    """lowrank_down, stored [slots * rank, in_features]."""
+
+    def _put(self, w: torch.Tensor, slot: int) -> None:
+        self._check_rank(w.shape[0], fmt.LOWRANK_DOWN)
+        if w.shape[1] != self.data.shape[1]:
+            raise ValueError(
+                f"{self.prefix}.{fmt.LOWRANK_DOWN}: checkpoint tensor has {w.shape[1]} columns, "
+                f"expected {self.data.shape[1]}"
+            )
+        self.data[slot * self.rank : slot * self.rank + w.shape[0]].copy_(w)
+
+    def load_column_parallel_weight(self, loaded_weight):
+        self._put(loaded_weight, 0)
+
+    def load_merged_column_weight(self, loaded_weight, **kwargs):
+        self._put(loaded_weight, int(kwargs["shard_id"]))
+
+    def load_qkv_weight(self, loaded_weight, **kwargs):
+        self._put(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
+
+    def load_row_parallel_weight(self, loaded_weight):
+        k = self.data.shape[1]
+        self._put(loaded_weight.narrow(1, self.tp_rank * k, k), 0)
+
+
+class LowRankUpParameter(_LowRankParameter):
+    """lowrank_up, stored [out_features, rank]."""
+
+    def _put(self, w: torch.Tensor, offset: int, size: int) -> None:
+        self._check_rank(w.shape[1], fmt.LOWRANK_UP)
+        self.data[offset : offset + size, : w.shape[1]].copy_(w)
+
+    def load_column_parallel_weight(self, loaded_weight):
+        n = self.data.shape[0]
+        self._put(loaded_weight.narrow(0, self.tp_rank * n, n), 0, n)
+
+    def load_merged_column_weight(self, loaded_weight, **kwargs):
+        off, size = kwargs["shard_offset"], kwargs["shard_size"]
+        self._put(loaded_weight.narrow(0, self.tp_rank * size, size), off, size)
+
+    def load_qkv_weight(self, loaded_weight, **kwargs):
+        off, size = kwargs["shard_offset"], kwargs["shard_size"]
+        idx = self.tp_rank if kwargs["shard_id"] == "q" else self.tp_rank // kwargs["num_heads"]
+        self._put(loaded_weight.narrow(0, idx * size, size), off, size)
+
+    def load_row_parallel_weight(self, loaded_weight):
+        if loaded_weight.shape[0] != self.data.shape[0]:
+            raise ValueError(
+                f"{self.prefix}.{fmt.LOWRANK_UP}: checkpoint tensor has {loaded_weight.shape[0]} rows, "
+                f"expected {self.data.shape[0]}"
+            )
+        self._put(loaded_weight, 0, self.data.shape[0])
+
+
+@register_weight_loader_v2_supported_method
+class TwinQuantLinearMethod(LinearMethodBase):
+    """Linear method for TwinQuant checkpoints (format in vllm_twinquant/format.py)."""
+
+    def __init__(self, spec: fmt.TwinQuantSpec, prefix: str, ranks: list[int]):
+        self.spec = spec
+        self.prefix = prefix
+        self.ranks = ranks  # one per sub-layer, as the checkpoint stores them
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        spec, g = self.spec, self.spec.group_size
+        k = input_size_per_partition
+        if k % g or k % fmt.PACK_FACTOR:
+            raise ValueError(
+                f"{self.prefix}: group_size {g} does not divide this rank's {k} input columns "
+                f"(in_features {input_size}); use a tensor-parallel size that keeps whole groups"
+            )
+        if len(self.ranks) != len(output_partition_sizes):
+            raise ValueError(
+                f"{self.prefix}: {len(output_partition_sizes)} fused sub-layers but ranks {self.ranks}"
+            )
+        n = sum(output_partition_sizes)
+        rank = max(self.ranks)
+        wl = extra_weight_attrs["weight_loader"]
+        layer.register_parameter(
+            fmt.WEIGHT_PACKED,
+            PackedvLLMParameter(
+                data=torch.empty(n, k // fmt.PACK_FACTOR, dtype=torch.int32),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=fmt.PACK_FACTOR, weight_loader=wl,
+            ),
+        )
+        layer.register_parameter(
+            fmt.WEIGHT_SCALE,
+            GroupQuantScaleParameter(
+                data=torch.empty(n, k // g, dtype=spec.scale_torch_dtype), input_dim=1, output_dim=0, weight_loader=wl
+            ),
+        )
+        if rank:
+            slots = len(output_partition_sizes)
+            layer.register_parameter(
+                fmt.LOWRANK_DOWN,
+                LowRankDownParameter(
+                    rank=rank, prefix=self.prefix,
+                    data=torch.zeros(slots * rank, k, dtype=spec.lowrank_torch_dtype), weight_loader=wl,
+                ),
+            )
+            layer.register_parameter(
+                fmt.LOWRANK_UP,
+                LowRankUpParameter(
+                    rank=rank, prefix=self.prefix,
+                    data=torch.zeros(n, rank, dtype=spec.lowrank_torch_dtype), weight_loader=wl,
+                ),
+            )
+        layer.twinquant_config = TwinQuantLayerConfig(
+            in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype
+        )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        c: TwinQuantLayerConfig = layer.twinquant_config
+        names = [fmt.WEIGHT_PACKED, fmt.WEIGHT_SCALE] + ([fmt.LOWRANK_DOWN, fmt.LOWRANK_UP] if c.rank else [])
+        for name in names:
+            data = getattr(layer, name).data
+            if name != fmt.WEIGHT_PACKED:
+                fmt.check_finite(data, f"{self.prefix}.{name}")
+            if name in (fmt.LOWRANK_DOWN, fmt.LOWRANK_UP) and data.dtype != c.act_dtype:
+                if c.act_dtype == torch.float16 and float(data.abs().max()) > torch.finfo(torch.float16).max:
+                    raise ValueError(f"{self.prefix}.{name}: values exceed the float16 range; serve in bfloat16")
+                data = data.to(c.act_dtype)
+            # plain Parameters from here on: torch.compile does not trace the loader classes
+            setattr(layer, name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
+        kernel_cls = choose_kernel(c)
+        layer.twinquant_kernel = kernel_cls(c)
+        layer.twinquant_kernel.process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return layer.twinquant_kernel.apply(layer, x, bias)
