@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_twinquant.format import _weight_args
+from vllm_twinquant.format import residual_quant_args
 
 QMIN, QMAX = -8, 7
 
@@ -49,7 +49,7 @@ def group_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> 
 
     n, k = w.shape
     g = w.reshape(n, k // group_size, group_size)
-    scale, _ = calculate_qparams(g.amin(dim=2), g.amax(dim=2), _weight_args(group_size))
+    scale, _ = calculate_qparams(g.amin(dim=2), g.amax(dim=2), residual_quant_args(group_size))
     # a tiny floor keeps fp16 scales finite and non-zero for all-zero groups
     return scale.clamp_min(1e-8).to(scale_dtype)
 
@@ -60,7 +60,7 @@ def quantize_rtn(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> 
 
     scales = group_scales(w, group_size, scale_dtype)
     zp = torch.zeros_like(scales, dtype=torch.int8)
-    codes = quantize(w.float(), scales.float(), zp, _weight_args(group_size), dtype=torch.int8)
+    codes = quantize(w.float(), scales.float(), zp, residual_quant_args(group_size), dtype=torch.int8)
     return codes, scales
 
 

@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         seed=0,
     )
     ppl, n = perplexity(llm, windows)
-    cfg = json.load(open(os.path.join(args.checkpoint, "config.json")))
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+        cfg = json.load(f)
     qc = cfg.get("quantization_config") or {}
     result = {
         "label": args.label or os.path.basename(os.path.normpath(args.checkpoint)),

@@ -186,10 +186,11 @@ def check_layer_shape(prefix: str, out_features: int, in_features: int, group_si
 
 
 # -- the residual's codes ------------------------------------------------------------------
-def _weight_args(spec_or_group: TwinQuantSpec | int):
+def residual_quant_args(group_size: int):
+    """The residual's quantization in compressed-tensors' terms (int4, symmetric, per group)."""
     from compressed_tensors.quantization import QuantizationArgs
 
-    g = spec_or_group.group_size if isinstance(spec_or_group, TwinQuantSpec) else int(spec_or_group)
+    g = int(group_size)
     return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=g)
 
 
