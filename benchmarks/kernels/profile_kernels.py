@@ -1,7 +1,11 @@
-"""Profile helpers for the decode and tile kernels (run under ncu on the GPU host).
+"""Runs the decode (M=1) and tile (M=16) kernels on gate_up (4096->28672), three launches each,
+for profiling on the GPU host. How benchmarks/results/profiles/ was made:
 
-    python3 benchmarks/kernels/profile_kernels.py --sass DIR        # write PTX/SASS + resource use
-    ncu --kernel-name regex:_tq_ ... python3 benchmarks/kernels/profile_kernels.py
+    TRITON_CACHE_DIR=/tmp/tc python3 benchmarks/kernels/profile_kernels.py --sass 1   # list compiled kernels
+    cuobjdump -res-usage /tmp/tc/*/_tq_*.cubin                                           # registers per kernel
+    ncu --kernel-name regex:_tq_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats python3 benchmarks/kernels/profile_kernels.py
 """
 
 import argparse
@@ -16,7 +20,7 @@ from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sass", default=None)
+    ap.add_argument("--sass", default=None, help="any value: list the compiled _tq_ kernels in TRITON_CACHE_DIR")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     k, n = 4096, 28672
@@ -32,9 +36,11 @@ def main():
         import json
 
         for meta in glob.glob(os.path.join(os.environ.get("TRITON_CACHE_DIR", ""), "*", "*.json")):
-            d = json.load(open(meta))
+            with open(meta) as f:
+                d = json.load(f)
             if d.get("name", "").startswith("_tq_"):
                 print(d["name"], {k: d.get(k) for k in ("num_warps", "num_stages", "shared")}, os.path.dirname(meta))
+
 
 if __name__ == "__main__":
     main()
