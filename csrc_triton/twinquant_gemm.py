@@ -2,14 +2,19 @@
 
     y = x @ deq(R)^T + (x @ D^T) @ U^T + bias
 
-They read the checkpoint's tensors as stored (codes int32 [N, K/8], scales [N, K/G],
-D [slots*R, K], U [N, R]); nothing is repacked or re-quantized at load.
+They read scales [N, K/G], D [slots*R, K] and U [N, R] as the checkpoint stores them, and the
+int32 codes [N, K/8] after one lossless reordering at load (`repack`, nothing re-quantized):
+within every chunk of C = min(64, G) input columns, nibble j of word l holds column
+j * C/8 + l instead of 8 * l + j. Then the j-th nibbles of consecutive words meet consecutive
+activations, so the decode kernel reads x in vector loads and never shuffles registers.
 
 * ``lowrank_down``: t = x @ D^T for every slot of a (possibly merged) layer at once, split
   over K into a small fp32 workspace [S, M, slots*R]; it reads x and D once.
 * ``tq_gemm``: the residual product with the low-rank up projection, bias and store in one
   epilogue. Decode (M <= GEMV_MAX_M) uses a one-row-per-program kernel that streams whole
-  int32 words; larger M a tensor-core tile kernel that dequantizes tiles in registers.
+  int32 words and turns a nibble into a float with one shift and one bit-select (the code
+  becomes the mantissa of 1 + q/16; the constant part is removed per word from the sum of
+  x); larger M a tensor-core tile kernel that dequantizes tiles in registers.
 * ``tq_linear``: what the plugin calls; above LARGE_M_THRESHOLD tokens it dequantizes into a
   transient buffer and runs both components as one cuBLAS GEMM.
 
@@ -83,7 +88,9 @@ def _tq_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Tensor-core tile kernel (M > GEMV_MAX_M): acc[BM, BN] += x[BM, BK] @ deq(R)[BN, BK]^T."""
+    """Tensor-core tile kernel (M > GEMV_MAX_M): acc[BM, BN] += x[BM, BK] @ deq(R)[BN, BK]^T.
+    Codes are unpacked in word order (nibble j of word l is element 8l + j of the tile), so x
+    comes in as `permute_x(x)`, whose columns follow the same order."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -138,40 +145,23 @@ def _tq_gemm_kernel(
 
 
 @triton.jit
-def _tq_gemv_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
-    N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    GROUP: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Decode kernel (M <= GEMV_MAX_M): one token row per program, BLOCK_N output rows; each
-    thread streams whole int32 words of codes (vectorized along K) and reduces in fp32,
-    applying a word's group scale after its 8-code partial dot."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    nib = tl.arange(0, 8)
-    kw = K // 8
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    for w0 in range(0, kw, BLOCK_W):
-        offs_w = w0 + tl.arange(0, BLOCK_W)
-        w_mask = offs_w < kw
-        p = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                    mask=n_mask[:, None] & w_mask[None, :], other=0)
-        s = tl.load(sc_ptr + offs_n[:, None] * stride_sn + (offs_w * 8 // GROUP)[None, :],
-                    mask=n_mask[:, None] & w_mask[None, :], other=0.0)
-        xv = tl.load(x_ptr + m * stride_xm + offs_w[:, None] * 8 + nib[None, :],
-                     mask=w_mask[:, None], other=0.0).to(tl.float32)  # [BW, 8]
-        q = ((p[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) - 8  # [BN, BW, 8]
-        acc += tl.sum(q.to(tl.float32) * xv[None, :, :], axis=2) * s.to(tl.float32)
+def _unpack_v(p, J: tl.constexpr):
+    """Nibble J of every word as the float 1 + q/16 (q placed in the top mantissa bits of 1.0)."""
+    if J <= 4:
+        bits = (p << (19 - 4 * J)) & 0x780000
+    else:
+        bits = (p >> (4 * J - 19)) & 0x780000
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
+                   R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+                   HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
     y = tl.sum(acc, axis=1)
     if HAS_LOWRANK:
-        n0 = pid_n * BLOCK_N
-        slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
         offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
+        r_mask = (offs_r < R) & (offs_r * 0 + m < M)
         t = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
             t += tl.load(ws_ptr + sp * stride_ws_s + m * stride_ws_m + slot * R + offs_r, mask=r_mask, other=0.0)
@@ -182,15 +172,158 @@ def _tq_gemv_kernel(
         y += tl.sum(u * t[None, :], axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask & (offs_n * 0 + m < M))
+
+
+@triton.jit
+def _tq_gemv_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Decode kernel (M <= GEMV_MAX_M): BLOCK_M (1, 2 or 4) token rows and BLOCK_N output rows
+    per program; the codes are unpacked once for all BLOCK_M rows. (Loading the next tile of
+    codes before using the current one measured ~8% slower on the H100, so it is not done.)
+
+    Codes are in the `repack` layout: nibble j of the words [w0, w0 + BLOCK_W) multiplies
+    x[base(w) + j * CHUNK_W], consecutive for consecutive words of a chunk. A nibble q becomes
+    the float v = 1 + q/16 by placing it in the mantissa of 1.0 (one shift, one bit-select), so
+    sum_j (q_j - 8) x_j = 16 sum_j v_j x_j - 24 sum_j x_j, the second sum shared by all rows."""
+    m0 = tl.program_id(0) * BLOCK_M
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kw = K // 8
+    CHUNK: tl.constexpr = 8 * CHUNK_W
+    q_rows = qw_ptr + offs_n[:, None] * stride_qn
+    s_rows = sc_ptr + offs_n[:, None] * stride_sn
+    acc0 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, kw, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        w_mask = offs_w < kw
+        mask = n_mask[:, None] & w_mask[None, :]
+        p = tl.load(q_rows + offs_w[None, :], mask=mask, other=0)
+        s = tl.load(s_rows + (offs_w * 8 // GROUP)[None, :], mask=mask, other=0.0)
+        xcol = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W
+        xcol = tl.max_contiguous(tl.multiple_of(xcol, CHUNK_W), CHUNK_W)
+        xr = x_ptr + m0 * stride_xm + xcol
+        row = offs_w * 0 + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
+        sf = s.to(tl.float32)
+        sv0 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        xs0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        if BLOCK_M > 1:
+            sv1 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            xs1 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        if BLOCK_M > 2:
+            sv2 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            xs2 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            sv3 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            xs3 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            v = _unpack_v(p, j)
+            xj = tl.load(xr + j * CHUNK_W, mask=w_mask & (row < M), other=0.0).to(tl.float32)
+            sv0 += v * xj[None, :]
+            xs0 += xj
+            if BLOCK_M > 1:
+                xj = tl.load(xr + stride_xm + j * CHUNK_W, mask=w_mask & (row + 1 < M), other=0.0).to(tl.float32)
+                sv1 += v * xj[None, :]
+                xs1 += xj
+            if BLOCK_M > 2:
+                xj = tl.load(xr + 2 * stride_xm + j * CHUNK_W, mask=w_mask & (row + 2 < M), other=0.0).to(tl.float32)
+                sv2 += v * xj[None, :]
+                xs2 += xj
+                xj = tl.load(xr + 3 * stride_xm + j * CHUNK_W, mask=w_mask & (row + 3 < M), other=0.0).to(tl.float32)
+                sv3 += v * xj[None, :]
+                xs3 += xj
+        acc0 += sf * (16.0 * sv0 - 24.0 * xs0[None, :])
+        if BLOCK_M > 1:
+            acc1 += sf * (16.0 * sv1 - 24.0 * xs1[None, :])
+        if BLOCK_M > 2:
+            acc2 += sf * (16.0 * sv2 - 24.0 * xs2[None, :])
+            acc3 += sf * (16.0 * sv3 - 24.0 * xs3[None, :])
+
+    n0 = pid_n * BLOCK_N
+    slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+    _gemv_epilogue(acc0, m0, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                   stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+    if BLOCK_M > 1:
+        _gemv_epilogue(acc1, m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+    if BLOCK_M > 2:
+        _gemv_epilogue(acc2, m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+        _gemv_epilogue(acc3, m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+
+
+# -- code layout ------------------------------------------------------------------------------
+def chunk_words(group_size: int) -> int:
+    """Words per chunk of the repacked layout: a chunk is min(64, G) columns, so it never
+    straddles a scale group (G in 32..128 divides K, so chunks tile every row exactly)."""
+    return min(64, group_size) // 8
+
+
+def repack(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Checkpoint codes (compressed-tensors order: column 8l + j in nibble j of word l) to the
+    layout every kernel here reads (column c*C + j*C/8 + l of chunk c in nibble j of word l).
+    Lossless and invertible (`unrepack`); same shape and dtype."""
+    n, kw = qweight.shape
+    cw = chunk_words(group_size)
+    if (kw * 8) % (8 * cw):
+        raise ValueError(f"in_features {kw * 8} is not a multiple of the {8 * cw}-column chunk")
+    shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
+    codes = (qweight[:, :, None] >> shifts) & 0xF  # [N, K/8, 8]: natural column order
+    codes = codes.reshape(n, kw // cw, 8, cw).transpose(2, 3)  # [N, chunk, l, j]
+    return _pack_nibbles(codes.reshape(n, kw, 8), shifts)
+
+
+def permute_x(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x with its columns in the word order of the repacked codes (column c*C + 8l + j takes
+    x[:, c*C + j*C/8 + l]): what the tile kernel and `dequantize` pair with."""
+    m, k = x.shape
+    cw = chunk_words(group_size)
+    return x.reshape(m, k // (8 * cw), 8, cw).transpose(2, 3).reshape(m, k).contiguous()
+
+
+def unrepack(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, kw = qweight.shape
+    cw = chunk_words(group_size)
+    shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
+    codes = ((qweight[:, :, None] >> shifts) & 0xF).reshape(n, kw // cw, cw, 8).transpose(2, 3)
+    return _pack_nibbles(codes.reshape(n, kw, 8), shifts)
+
+
+def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    # int64 sum avoids int32 overflow of the top nibble; the wrap to int32 keeps the bits
+    words = (codes.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 # -- launch configuration ---------------------------------------------------------------------
 # Tile kernel: (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by token count; BLOCK_N
 # is capped by the slot boundaries of merged layers. Decode kernel: (BLOCK_N, BLOCK_W words,
 # num_warps). From the H100 sweeps recorded in benchmarks/kernels/README.md.
-GEMV_MAX_M = 1
-GEMV_CONFIG = (8, 128, 4)
+GEMV_MAX_M = 2  # from M = 4 the tile kernel is faster (sweep in benchmarks/results)
+GEMV_CONFIGS = [  # (max M, max N, BLOCK_M, BLOCK_N, BLOCK_W, num_warps)
+    (1, 4096, 1, 8, 256, 4),
+    (1, 8192, 1, 8, 128, 2),
+    (1, 1 << 62, 1, 8, 64, 1),
+    (2, 8192, 1, 4, 128, 1),
+    (2, 1 << 62, 2, 32, 32, 2),
+]
+
+
+def pick_gemv_config(m: int, n: int) -> tuple[int, int, int, int]:
+    for max_m, max_n, bm, bn, bw, warps in GEMV_CONFIGS:
+        if m <= max_m and n <= max_n:
+            return bm, bn, bw, warps
+    raise AssertionError("unreachable")
+
 _CONFIGS = [
     (16, 16, 128, 128, 4, 3),
     (32, 32, 64, 128, 8, 3),
@@ -260,10 +393,11 @@ def tq_gemm(
 ) -> torch.Tensor:
     """y = x @ deq(R)^T + (x @ D^T) @ U^T + bias, for x [M, K] fp16/bf16 with unit column stride.
 
-    qweight int32 [N, K/8] and scales [N, K/G] exactly as the checkpoint stores them;
+    qweight int32 [N, K/8] in the `repack` layout, scales [N, K/G] as the checkpoint stores them;
     down [slots*R, K] and up [N, R] in x's dtype (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
-    overrides the launch configuration (a 3-tuple selects the decode kernel)."""
+    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the decode
+    kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
     n = qweight.shape[0]
@@ -275,7 +409,7 @@ def tq_gemm(
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
     if config is None:
-        config = GEMV_CONFIG if m <= GEMV_MAX_M else pick_config(m, n, max_bn, group_size)
+        config = pick_gemv_config(m, n) if m <= GEMV_MAX_M else pick_config(m, n, max_bn, group_size)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if has_lr:
@@ -283,21 +417,22 @@ def tq_gemm(
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
+    xk = x if len(config) == 4 else permute_x(x, group_size)  # column order the kernel unpacks in
     common = (
-        x, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x, out,
+        xk, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x, out,
     )
     strides = (
-        x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
+        xk.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0, out.stride(0),
     )
     br = max(16, _next_pow2(r)) if has_lr else 16
-    if len(config) == 3:
-        bn, bw, warps = config
+    if len(config) == 4:
+        bm, bn, bw, warps = config
         bn = min(bn, max_bn) if slot_bounds else bn
-        _tq_gemv_kernel[(triton.cdiv(n, bn), m)](
-            *common, n, k, r, b1, b2, num_splits, *strides,
-            GROUP=group_size, HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
-            BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
+        _tq_gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            *common, m, n, k, r, b1, b2, num_splits, *strides,
+            GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
         )
         return out
     bm, bn, bk, warps, stages = config
@@ -312,7 +447,11 @@ def tq_gemm(
 
 @triton.jit
 def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, NATURAL: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """deq(R) in word order (column 8l + j holds nibble j of word l: the columns of
+    `permute_x`; a chunk never straddles a group, so word l's scale is group 8l // G), or with
+    NATURAL the chunks transposed back in registers to the checkpoint's column order."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,19 +463,25 @@ def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn
     q = ((p[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF) - 8
     q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP))
     w = tl.reshape(q * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty)
+    if NATURAL:
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K // (8 * CHUNK_W), CHUNK_W, 8))
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w, mask=nm[:, None] & (offs_k[None, :] < K))
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """deq(R) [N, K] written into `out[:, :K]` (a new tensor if None)."""
+               out: torch.Tensor | None = None, natural: bool = True) -> torch.Tensor:
+    """deq(R) [N, K] from `repack`ed codes, written into `out[:, :K]` (a new tensor if None), in
+    the checkpoint's column order, or with natural=False in `permute_x` order
+    (x @ deq(R)^T == permute_x(x) @ dequantize(..., natural=False)^T)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     w = torch.empty((n, k), dtype=dtype, device=qweight.device) if out is None else out
     bn, bk = 64, max(128, group_size)
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scales, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0),
-        GROUP=group_size, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        GROUP=group_size, CHUNK_W=chunk_words(group_size), NATURAL=natural, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=4,
     )
     return w
 

@@ -2,7 +2,8 @@
 
 Every case draws fresh random data, poisons the output with NaN first, and checks
 ||out - ref|| / ||ref|| <= 1e-2 (bf16/fp16 operands). The same checks run at full size on
-the GPU in benchmarks/kernels/bench_kernels.py."""
+the GPU in benchmarks/kernels/bench_kernels.py. The kernels read the codes after `tg.repack`
+(the layout the plugin builds at load); the reference reads the checkpoint layout."""
 
 import pytest
 import torch
@@ -39,7 +40,26 @@ CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias
     (3, 96, 320, 32, 16, (), torch.bfloat16, True),  # tile kernel, K % BLOCK_K != 0
     (17, 192, 576, 64, 8, (64, 128), torch.bfloat16, True),  # tile kernel, merged, odd M
     (5, 80, 320, 32, 24, (), torch.float16, False),
+    (1, 48, 640, 128, 0, (), torch.bfloat16, True),  # decode, K % (BLOCK_W * 8) != 0, group 128
+    (2, 40, 384, 128, 4, (), torch.float16, False),  # decode kernel forced at M = 2 below
 ]
+
+
+def test_repack_is_a_lossless_column_permutation():
+    gen = torch.Generator().manual_seed(0)
+    for g in (32, 64, 128):
+        codes = torch.randint(-8, 8, (6, 384), dtype=torch.int8, generator=gen)
+        qw = pack_codes(codes)
+        rq = tg.repack(qw, g)
+        assert rq.shape == qw.shape and rq.dtype == torch.int32
+        assert torch.equal(tg.unrepack(rq, g), qw)
+        # nibble j of word l of chunk c holds column c*C + j*C/8 + l
+        cw = tg.chunk_words(g)
+        nib = ((rq[:, :, None] >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF) - 8  # [N, K/8, 8]
+        c, l_, j = 1, cw - 1, 5
+        assert torch.equal(nib[:, c * cw + l_, j], codes[:, c * 8 * cw + j * cw + l_].int())
+    with pytest.raises(ValueError, match="not a multiple"):
+        tg.repack(pack_codes(torch.zeros(2, 96, dtype=torch.int8)), 64)
 
 
 @pytest.mark.parametrize("m,n,k,g,r,bounds,dtype,bias", CASES)
@@ -49,7 +69,8 @@ def test_tq_gemm_matches_float64(m, n, k, g, r, bounds, dtype, bias):
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    tg.tq_gemm(x, qw, sc, g, down, up, b, slot_bounds=bounds, out=out)
+    cfg = (2, 16, 32, 4) if m == 2 else None
+    tg.tq_gemm(x, tg.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=cfg)
     assert not torch.isnan(out).any(), "some outputs were never written"
     ref = _reference(x, qw, sc, g, down, up, b, bounds)
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -62,7 +83,7 @@ def test_large_m_path_matches_float64(bounds, r):
     qw, sc, down, up = _layer(192, 576, 64, r, len(bounds) + 1, torch.bfloat16, seed=7)
     x = torch.randn(9, 576).to(torch.bfloat16)
     b = torch.randn(192).to(torch.bfloat16)
-    y = tg.tq_linear(x, qw, sc, 64, down, up, b, slot_bounds=bounds, large_m_threshold=0)
+    y = tg.tq_linear(x, tg.repack(qw, 64), sc, 64, down, up, b, slot_bounds=bounds, large_m_threshold=0)
     ref = _reference(x, qw, sc, 64, down, up, b, bounds)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
@@ -82,6 +103,62 @@ def test_custom_op_used_by_the_plugin():
 
     qw, sc, down, up = _layer(192, 576, 64, 8, 3, torch.bfloat16, seed=3)
     x = torch.randn(2, 576).to(torch.bfloat16)
-    y = torch.ops.twinquant.linear(x, qw, sc, down, up, None, 64, [64, 128])
+    y = torch.ops.twinquant.linear(x, tg.repack(qw, 64), sc, down, up, None, 64, [64, 128])
     ref = _reference(x, qw, sc, 64, down, up, None, (64, 128))
     assert y.shape == (2, 192) and ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+def test_triton_kernel_class_repacks_at_load_and_matches_torch_kernel():
+    """What the plugin does on CUDA: TritonTwinQuantKernel.process_weights_after_loading
+    reorders the codes once, then apply() goes through torch.ops.twinquant.linear. Checked
+    against TorchTwinQuantKernel on the same layer (interpreter; can_implement needs CUDA,
+    so the instance is built without it)."""
+    from vllm_twinquant import kernels as K
+
+    qw, sc, down, up = _layer(192, 576, 64, 8, 3, torch.bfloat16, seed=11)
+    c = K.TwinQuantLayerConfig(in_features=576, slot_sizes=(64, 64, 64), rank=8, group_size=64,
+                               act_dtype=torch.bfloat16)
+    layer = torch.nn.Module()
+    for name, t in (("weight_packed", qw), ("weight_scale", sc), ("lowrank_down", down), ("lowrank_up", up)):
+        setattr(layer, name, torch.nn.Parameter(t.clone(), requires_grad=False))
+    ref_kernel = K.TorchTwinQuantKernel(c)
+    x = torch.randn(3, 1, 576).to(torch.bfloat16)
+    ref = ref_kernel.apply(layer, x.float().to(torch.bfloat16), None).double()
+    tk = object.__new__(K.TritonTwinQuantKernel)
+    tk.config = c
+    tk.process_weights_after_loading(layer)
+    assert not torch.equal(layer.weight_packed, qw)  # reordered ...
+    assert torch.equal(tg.unrepack(layer.weight_packed.data, 64), qw)  # ... losslessly
+    y = tk.apply(layer, x, None)
+    assert y.shape == (3, 1, 192)
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("m,bm", [(1, 1), (3, 2), (4, 4), (6, 4)])
+def test_decode_kernel_row_blocking(m, bm):
+    """The decode kernel with 1, 2 or 4 token rows per program (rows past M masked)."""
+    qw, sc, down, up = _layer(48, 384, 128, 8, 1, torch.bfloat16, seed=m)
+    x = torch.randn(m, 384).to(torch.bfloat16)
+    out = torch.full((m, 48), float("nan"), dtype=torch.bfloat16)
+    tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, down, up, out=out, config=(bm, 16, 16, 1))
+    assert not torch.isnan(out).any()
+    ref = _reference(x, qw, sc, 128, down, up, None, ())
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+def test_permute_x_pairs_with_word_order_dequantization():
+    qw, sc, _, _ = _layer(16, 256, 32, 0, 1, torch.float32, seed=5)
+    x = torch.randn(3, 256)
+    rq = tg.repack(qw, 32)
+    w_perm = tg.dequantize(rq, sc, 32, torch.float32, natural=False)
+    ref = _reference(x.double(), qw, sc, 32, None, None, None, ())
+    got = tg.permute_x(x, 32).double() @ w_perm.double().T
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
+    w_nat = tg.dequantize(rq, sc, 32, torch.float32)
+    assert torch.equal(w_nat, tg.dequantize(rq, sc, 32, torch.float32, natural=False)[:, _inverse_perm(256, 32)])
+
+
+def _inverse_perm(k, g):
+    """Column order of permute_x as an index: permute_x(x) == x[:, perm]; returns argsort(perm)."""
+    perm = tg.permute_x(torch.arange(k, dtype=torch.float64)[None, :], g)[0].long()
+    return torch.argsort(perm)

@@ -99,6 +99,12 @@ class TritonTwinQuantKernel(TwinQuantKernel):
                 return False, f"sub-layer sizes {c.slot_sizes} are not multiples of 16"
         return True, None
 
+    def process_weights_after_loading(self, layer):
+        # once, losslessly: the column order the kernels read (csrc_triton.twinquant_gemm.repack)
+        from csrc_triton.twinquant_gemm import repack
+
+        layer.weight_packed.data = repack(layer.weight_packed.data, self.config.group_size)
+
     def apply(self, layer, x, bias):
         c = self.config
         shape = x.shape

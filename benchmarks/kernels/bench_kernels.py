@@ -80,6 +80,7 @@ def measure_peaks():
 
 
 def make_layer(k, n, r, dtype, gen, group=GROUP, slots=1):
+    """Random codes (every int32 is a valid word in either code layout), scales and factors."""
     qw = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
     sc = (torch.rand(n, k // group, device="cuda", generator=gen) * 0.01 + 0.002).half()
     down = (torch.randn(slots * r, k, device="cuda", generator=gen) * 0.02).to(dtype) if r else None
@@ -103,12 +104,13 @@ def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
     return y
 
 
-def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=()):
+def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None):
     qw, sc, down, up = make_layer(k, n, r, dtype, gen, group, len(bounds) + 1)
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     ref = reference(x, qw, sc, down, up, group, bounds)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    tg.tq_gemm(x, qw, sc, group, down, up, slot_bounds=bounds, out=out)
+    qw = tg.repack(qw, group)  # the layout the plugin builds at load; the reference read the original
+    tg.tq_gemm(x, qw, sc, group, down, up, slot_bounds=bounds, out=out, config=config)
     e1 = ((out.float() - ref).norm() / ref.norm()).item()
     y = tg.tq_linear(x, qw, sc, group, down, up, slot_bounds=bounds, large_m_threshold=large_thr)
     e2 = ((y.float() - ref).norm() / ref.norm()).item()
@@ -158,29 +160,37 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
 
 
 def sweep(dtype, gen):
-    """Launch configurations of the fused kernel for each M bucket (informs _CONFIGS)."""
+    """Launch configurations of the fused kernels per shape and M bucket (informs GEMV_CONFIGS,
+    GEMV_MAX_M and _CONFIGS): the decode kernel at M <= 16 on every shape, the tile kernel
+    from M = 2 on gate_up and o."""
     out = []
-    for (name, k, n), m in itertools.product([("gate_up", 4096, 28672), ("o", 4096, 4096)], [1, 4, 8, 16, 64, 128]):
+    def gemv(m):  # (BLOCK_M, BLOCK_N, BLOCK_W, warps), at most 16 accumulators per thread per row
+        bms = [1] if m == 1 else ([1, 2] if m == 2 else [4])
+        return [c for c in itertools.product(bms, [4, 8, 16, 32], [32, 64, 128, 256], [1, 2, 4])
+                if 32 * c[3] <= c[1] * c[2] <= 512 * c[3] * (4 // c[0])]
+
+    cases = [(sh, 1) for sh in SHAPES] + [(sh, m) for sh in (SHAPES[2], SHAPES[1], SHAPES[3]) for m in (2, 4, 16)]
+    cases += [(sh, 64) for sh in (SHAPES[2], SHAPES[1])]
+    for (name, k, n), m in cases:
         copies = max(1, math.ceil(L2_FLUSH_BYTES / (n * k // 2)))
         layers = [make_layer(k, n, 64, dtype, gen) for _ in range(min(copies, 32))]
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-        best = None
-        if m <= 8:  # decode kernel: (BLOCK_N, BLOCK_W, warps)
-            cands = list(itertools.product([4, 8, 16, 32], [16, 32, 64, 128], [1, 2, 4, 8]))
-            cands = [c for c in cands if c[0] * c[1] <= 2048 and c[0] * c[1] >= 32 * c[2]]
-        else:
-            bms = [16] if m <= 16 else ([32, 64] if m <= 64 else [64, 128])
-            cands = [c for c in itertools.product(bms, [16, 32, 64, 128], [128, 256], [4, 8], [3, 4])
-                     if c[0] * c[1] <= 128 * 128 and not (c[0] >= 64 and c[1] < 64)]
+        cands = gemv(m) if m <= 16 else []
+        if m > 1:
+            bms = [16] if m <= 16 else [32, 64]
+            cands += [c for c in itertools.product(bms, [16, 32, 64, 128], [128, 256], [4, 8], [3])
+                      if c[0] * c[1] <= 128 * 128]
+        best = {}
         for cfg in cands:
             try:
                 ms = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg) for L in layers], reps=20)
-            except Exception as e:  # out of shared memory etc.
+            except Exception:  # out of shared memory etc.
                 continue
-            out.append({"name": name, "M": m, "config": cfg, "ms": ms})
-            if best is None or ms < best[1]:
-                best = (cfg, ms)
-        print(f"sweep {name} M={m}: best {best}", flush=True)
+            kind = "gemv" if len(cfg) == 4 else "tile"
+            out.append({"name": name, "K": k, "N": n, "M": m, "kernel": kind, "config": cfg, "ms": ms})
+            if kind not in best or ms < best[kind][1]:
+                best[kind] = (cfg, ms)
+        print(f"sweep {name} M={m}: " + ", ".join(f"{kd} {c} {t * 1e3:.1f} us" for kd, (c, t) in best.items()), flush=True)
         del layers
     return out
 
@@ -190,6 +200,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="sweep, write it, stop")
     ap.add_argument("--large-m-threshold", type=int, default=None)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -216,10 +227,19 @@ def main():
         worst = max(worst, check(m, 4096, 6144, r or 16, dtype, gen, thr, 128, (4096, 5120)))  # merged q/k/v
         worst = max(worst, check(m, 576, 960, r or 16, dtype, gen, thr, 64, (576, 768)))  # SmolLM2 q/k/v
     worst = max(worst, check(5, 4096, 4096, 0, torch.float16, gen, thr))
+    for m, cfg in itertools.product([2, 7, 16], [(1, 4, 256, 2), (2, 16, 64, 4), (4, 32, 128, 8), (4, 8, 64, 1)]):  # decode kernel at M > 1
+        worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
+        worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
     meta["max_rel_err"] = worst
     print(f"correctness: max ||out-ref||/||ref|| = {worst:.2e} over all checked cases", flush=True)
 
-    sweep_recs = sweep(dtype, gen) if args.sweep else []
+    sweep_recs = sweep(dtype, gen) if args.sweep or args.sweep_only else []
+    os.makedirs(args.out, exist_ok=True)
+    if sweep_recs:
+        with open(os.path.join(args.out, "kernels_h100_sweep.json"), "w") as f:
+            json.dump({"meta": meta, "sweep": sweep_recs}, f, indent=1)
+    if args.sweep_only:
+        return
     recs = []
     for (name, k, n), m, r in itertools.product(SHAPES, ms_list, ranks):
         rec = bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak, thr)
@@ -231,7 +251,7 @@ def main():
     meta["seconds"] = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
-        json.dump({"meta": meta, "records": recs, "sweep": sweep_recs}, f, indent=1)
+        json.dump({"meta": meta, "records": recs}, f, indent=1)
     print(f"wrote {args.out}/kernels_h100.json in {meta['seconds']:.0f} s")
 
 
