@@ -2,6 +2,7 @@
 
     python benchmarks/make_tables.py kernels [benchmarks/results/kernels_h100.json]
     python benchmarks/make_tables.py accuracy [benchmarks/results/accuracy_smollm2.jsonl]
+    python benchmarks/make_tables.py accuracy-json [JSONL] [OUT_JSON]   # the records of issue 5
 """
 
 import json
@@ -29,12 +30,42 @@ def kernels(path="benchmarks/results/kernels_h100.json", ms=None, ranks=None):
 def accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
     rows = [json.loads(l) for l in open(path) if l.strip()]
     base = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
-    print("| method | group | rank | effective bits/weight | perplexity | vs dense |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+    print("| checkpoint | method | group | rank | effective bits/weight | perplexity | vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["effective_bits"] < 16, r["effective_bits"], -r["ppl"])):
         rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base and r["recipe"] != "dense" else ""
-        print(f"| {r['label']} | {r['group_size'] or ''} | {r['rank'] if r['rank'] is not None else ''} | "
+        print(f"| {r['label']} | {METHODS.get(r['recipe'], r['recipe'])} | {r['group_size'] or ''} | "
+              f"{r['rank'] if r['rank'] is not None else ''} | "
               f"{r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
+
+
+METHODS = {  # recipe (quantization_config.recipe) -> method column
+    "dense": "BF16 (dense weights)",
+    "rtn": "RTN",
+    "gptq": "GPTQ",
+    "svd-gptq": "SVD split + GPTQ (LQER/SVDQuant-like)",
+    "learned-split-gptq": "TwinQuant split only (no transforms)",
+    "rot-random-gptq": "random rotation + GPTQ (QuaRot-like)",
+    "rot-learned-smooth-gptq": "TwinQuant (rank 0: transforms only)",
+    "rot-learned-smooth-learned-split-gptq": "TwinQuant",
+}
+
+
+def accuracy_json(path="benchmarks/results/accuracy_smollm2.jsonl", out="benchmarks/results/accuracy_smollm2.json"):
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    base = next(r["ppl"] for r in rows if r["recipe"] == "dense")
+    recs = []
+    for r in rows:
+        dense = r["recipe"] == "dense"
+        recs.append({
+            "method": METHODS.get(r["recipe"], r["recipe"]), "label": r["label"], "recipe": r["recipe"],
+            "weight_bits": 16 if dense else 4, "activation_bits": 16, "rank": r["rank"] or 0,
+            "group_size": r["group_size"], "effective_bits": round(r["effective_bits"], 4),
+            "ppl": r["ppl"], "ppl_bf16": base, "tokens": r["tokens"], "compute_dtype": r["dtype"],
+        })
+    with open(out, "w") as f:
+        json.dump(recs, f, indent=1)
+    print(f"wrote {out}: {len(recs)} records")
 
 
 if __name__ == "__main__":
@@ -44,5 +75,7 @@ if __name__ == "__main__":
         kernels(*args)
     elif what == "kernels-short":
         kernels(*args, ms=[1, 16, 64, 256, 4096], ranks=[0, 64])
+    elif what == "accuracy-json":
+        accuracy_json(*args)
     else:
         accuracy(*args)

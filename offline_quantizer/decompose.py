@@ -188,3 +188,48 @@ def decompose(
     else:
         raise ValueError(f"--residual {residual!r}: expected gptq or rtn")
     return Decomposed(codes=codes, scales=scales, down=down, up=up)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(E H E^T) for E = w_hat - w: the calibration output error of the served weight."""
+    e = (w_hat.float() - w.float())
+    return float(torch.sum((e @ hessian.float()) * e))
+
+
+def decompose_refined(
+    w: torch.Tensor,
+    rank: int,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    lowrank_dtype: torch.dtype,
+    hessian: torch.Tensor,
+    iters: int = 3,
+) -> tuple[Decomposed, list[float]]:
+    """The post-quantization split (TwinQuant): alternate
+      R-step: R_hat = GPTQ(W - L)                             (residual given the low-rank part)
+      L-step: L = argmin_{rank r} ||(W - R_hat - L) X^T||_F   (low-rank part given the residual)
+    starting from the Hessian-weighted SVD split. The L-step is exact: with H = T T^T it is the
+    truncated SVD of (W - R_hat) T mapped back by T^-1, i.e. the optimum over the Stiefel
+    manifold of input subspaces V (D = S^1/2 V^T T^-1) and the free factor U, so no gradient
+    steps are needed there. Each iterate is scored by the output error of the weight actually
+    served (factors rounded to their dtype, residual quantized) and the best is kept, so the
+    result is never worse than the SVD split (iteration 0). Returns it and the error per iterate."""
+    w = w.detach().float()
+    if rank == 0:
+        codes, scales = quantize_gptq(w, hessian, group_size, scale_dtype)
+        d = Decomposed(codes, scales, None, None)
+        return d, [output_error(w, d.dequantized(), hessian)]
+    up, down = lowrank_split(w, rank, lowrank_dtype, hessian, "hessian")
+    best, errs = None, []
+    for it in range(iters + 1):
+        codes, scales = quantize_gptq(w - up.float() @ down.float(), hessian, group_size, scale_dtype)
+        d = Decomposed(codes, scales, down, up)
+        err = output_error(w, d.dequantized(), hessian)
+        errs.append(err)
+        if best is None or err < best[0]:
+            best = (err, d)
+        if it == iters:
+            break
+        r_hat = d.dequantized() - up.float() @ down.float()
+        up, down = lowrank_split(w - r_hat, rank, lowrank_dtype, hessian, "hessian")
+    return best[1], errs

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from offline_quantizer.decompose import decompose
+from offline_quantizer import transforms as tf
+from offline_quantizer.decompose import decompose, decompose_refined
 from vllm_twinquant import format as fmt
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -97,6 +98,10 @@ def quantize_model(
     rank_overrides: dict[str, int] | None = None,
     modules_to_not_convert: list[str] | None = None,
     random_calibration: bool = False,
+    refine_iters: int = 0,
+    rotation: str = "none",
+    rotation_steps: int = 50,
+    smoothing: str = "none",
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -110,8 +115,10 @@ def quantize_model(
         rank_overrides=dict(rank_overrides or {}),
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
-        recipe=("svd-" if rank else "") + residual,
+        recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing),
     )
+    if refine_iters and residual != "gptq":
+        raise SystemExit("--refine-iters needs --residual gptq (the R-step is GPTQ)")
     cfg = AutoConfig.from_pretrained(model_dir)
     if getattr(cfg, "quantization_config", None):
         raise SystemExit(f"{model_dir}: already quantized ({cfg.quantization_config}); start from a dense checkpoint")
@@ -119,6 +126,23 @@ def quantize_model(
     model.eval()
     src_dtype = next(model.parameters()).dtype
     layers_path, layers = _decoder_layers(model)
+    transform_info: dict = {}
+    if rotation != "none" or smoothing != "none":
+        tf.check_llama_like(model)
+        tf.fold_norms(model, include_head=rotation != "none")
+    if rotation != "none":
+        t_rot = time.time()
+        readers, writers = tf.rotation_targets(model)
+        if rotation == "learned":
+            q, hist = tf.learn_rotation(readers, writers, group_size, "random", rotation_steps, seed=seed)
+        else:
+            q, hist = tf.learn_rotation(readers, writers, group_size, "random", 0, seed=seed)
+        del readers, writers
+        tf.rotate_residual_stream(model, q)
+        transform_info["rotation"] = {"kind": rotation, "steps": rotation_steps if rotation == "learned" else 0,
+                                      "rtn_error_start": round(hist[0], 6), "rtn_error_end": round(min(hist), 6),
+                                      "seconds": round(time.time() - t_rot, 1)}
+        print(f"rotation ({rotation}): weight RTN error {hist[0]:.5f} -> {min(hist):.5f}", flush=True)
 
     if random_calibration:
         calib = torch.randint(0, cfg.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
@@ -175,6 +199,8 @@ def quantize_model(
         for h in hooks:
             h.remove()
 
+        if smoothing == "learned":
+            _smooth_block(block, linears, hess, counts, group_size, src_dtype)
         for name, lin in linears.items():
             full = f"{layers_path}.{i}.{name}"
             if spec.is_skipped(full):
@@ -183,7 +209,10 @@ def quantize_model(
             h = hess[name] * (2.0 / max(counts[name], 1))
             w = lin.weight.data
             fmt.check_layer_shape(full, w.shape[0], w.shape[1], group_size)
-            d = decompose(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, residual, weighting)
+            if refine_iters:
+                d, _ = decompose_refined(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, refine_iters)
+            else:
+                d = decompose(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, residual, weighting)
             w_hat = d.dequantized(torch.float32)
             diff = (w_hat - w.float())
             errors.append(float(torch.sum((diff @ h) * diff) / torch.sum((w.float() @ h) * w.float()).clamp_min(1e-30)))
@@ -206,7 +235,7 @@ def quantize_model(
         layers[i] = block.to(device="cpu", dtype=src_dtype)
 
     # 3. everything else as it was
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
         if name in quantized_names or (tied and name == "lm_head.weight"):
             continue
@@ -217,7 +246,10 @@ def quantize_model(
     spec.metadata = {
         "source": os.path.basename(os.path.normpath(model_dir)),
         "residual": residual,
-        "lowrank_weighting": weighting,
+        "lowrank_weighting": "hessian" if refine_iters else weighting,
+        "refine_iters": refine_iters,
+        "transforms": transform_info or None,
+        "smoothing": smoothing,
         "calibration": {"file": os.path.basename(calib_path) if calib_path else "random-tokens",
                         "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "effective_bits_per_weight": round(eff_bits, 4),
@@ -225,7 +257,7 @@ def quantize_model(
         "quantize_seconds": round(elapsed, 1),
         "created_by": "vllm-twinquant 0.1.0",
     }
-    _write_checkpoint(model_dir, output_dir, tensors, spec)
+    _write_checkpoint(model_dir, output_dir, tensors, spec, {"tie_word_embeddings": tied})
     summary = {
         "output": output_dir,
         "quantized_layers": stats["layers"],
@@ -237,6 +269,45 @@ def quantize_model(
     if device.startswith("cuda"):
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / (1 << 30), 2)
     return summary
+
+
+def _recipe_name(rank, residual, refine_iters, rotation, smoothing) -> str:
+    parts = []
+    if rotation != "none":
+        parts.append(f"rot-{rotation}")
+    if smoothing != "none":
+        parts.append("smooth")
+    if rank:
+        parts.append("learned-split" if refine_iters else "svd")
+    parts.append(residual)
+    return "-".join(parts)
+
+
+@torch.no_grad()
+def _smooth_block(block, linears, hess, counts, group_size, src_dtype) -> None:
+    """Learned diagonal GL transforms (transforms.learn_smoothing) folded exactly: into the
+    norm weights for q/k/v and gate/up, into up_proj's rows for down_proj. The calibration
+    Hessians are transformed with them (X -> X diag(s)^-1)."""
+    groups = [("mlp.up_proj:rows", ["mlp.down_proj"]),
+              ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+              ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    for owner, names in groups:
+        if not all(n in linears for n in names):
+            continue
+        h = hess[names[0]] * (2.0 / max(counts[names[0]], 1))
+        s = tf.learn_smoothing([linears[n].weight.data for n in names], h, group_size)
+        if owner.endswith(":rows"):
+            up = linears[owner.split(":")[0]]
+            up.weight.data = up.weight.data / s[:, None].to(up.weight.dtype)
+        else:
+            norm = tf._mod(block, owner)
+            inv = (norm.weight.data.float() / s).to(src_dtype).float()  # what will be stored
+            s = norm.weight.data.float() / inv  # the exact factor the stored norm applies
+            norm.weight.data = inv.to(norm.weight.dtype)
+        for n in names:
+            lin = linears[n]
+            lin.weight.data = lin.weight.data * s[None, :].to(lin.weight.dtype)
+            hess[n] = hess[n] / s[:, None] / s[None, :]
 
 
 def _to(kw, device):
@@ -255,7 +326,8 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _write_checkpoint(model_dir: str, output_dir: str, tensors: dict[str, torch.Tensor], spec: fmt.TwinQuantSpec) -> None:
+def _write_checkpoint(model_dir: str, output_dir: str, tensors: dict[str, torch.Tensor], spec: fmt.TwinQuantSpec,
+                      config_updates: dict | None = None) -> None:
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".twinquant-partial-", dir=parent)
@@ -289,6 +361,8 @@ def _write_checkpoint(model_dir: str, output_dir: str, tensors: dict[str, torch.
                 shutil.copy2(src, os.path.join(tmp, fn))
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
+        if config_updates and "tie_word_embeddings" in cfg:
+            cfg.update(config_updates)
         cfg["quantization_config"] = spec.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -320,6 +394,15 @@ def main(argv=None) -> None:
     ap.add_argument("--residual", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--lowrank-weighting", choices=("none", "diag", "hessian"), default="diag")
     ap.add_argument("--lowrank-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--refine-iters", type=int, default=0,
+                    help="TwinQuant split: alternate GPTQ residual / optimal low-rank refit this many times (0: SVD split)")
+    ap.add_argument("--rotation", choices=("none", "random", "learned"), default="none",
+                    help="orthogonal residual-stream transform folded into the weights (Llama family)")
+    ap.add_argument("--rotation-steps", type=int, default=50, help="Cayley steps on the Stiefel manifold")
+    ap.add_argument("--smoothing", choices=("none", "learned"), default="none",
+                    help="learned positive diagonal per shared input, folded into norms / up_proj (Llama family)")
+    ap.add_argument("--twinquant", action="store_true",
+                    help="the full TwinQuant recipe: --rotation learned --smoothing learned --refine-iters 4")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -328,11 +411,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.rank < 0:
         raise SystemExit("--rank must be >= 0")
+    if args.twinquant:
+        args.rotation, args.smoothing = "learned", "learned"
+        args.refine_iters = args.refine_iters or 4
     try:
         summary = quantize_model(
             args.model, args.output, args.calib, args.group_size, args.rank, args.residual,
             args.lowrank_weighting, args.nsamples, args.seqlen, args.batch_size, args.seed, args.device,
             args.lowrank_dtype, _parse_overrides(args.rank_override), random_calibration=args.random_calibration,
+            refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
+            smoothing=args.smoothing,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

@@ -23,3 +23,11 @@ q gptq-g64 --residual gptq --rank 0 --group-size 64
 q svd8-gptq-g64 --residual gptq --rank 8 --group-size 64
 q svd16-gptq-g64 --residual gptq --rank 16 --group-size 64
 q svd32-gptq-g64 --residual gptq --rank 32 --group-size 64
+# TwinQuant (docs/method.md) and its ablations
+q svd4-gptq-g64 --residual gptq --rank 4 --group-size 64
+q twinquant-r0-g64 --rank 0 --group-size 64 --twinquant --rotation-steps 30
+q twinquant-r4-g64 --rank 4 --group-size 64 --twinquant --rotation-steps 30
+q twinquant-r8-g64 --rank 8 --group-size 64 --twinquant --rotation-steps 30
+q split-only-r8-g64 --rank 8 --group-size 64 --refine-iters 4
+q rot-random-r0-g64 --rank 0 --group-size 64 --rotation random
+python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"
