@@ -154,9 +154,9 @@ def learn_rotation(
         loss = sum(_ste_rtn_error(w @ qv, group_size) / n for w, n in zip(readers, norms_r))
         loss = loss + sum(_ste_rtn_error(qv.t() @ w, group_size) / n for w, n in zip(writers, norms_w))
         loss = loss / (len(readers) + len(writers))
-        history.append(float(loss))
-        if float(loss) < best[0]:
-            best = (float(loss), q.clone())
+        history.append(float(loss.detach()))
+        if history[-1] < best[0]:
+            best = (history[-1], q.clone())
         if step == steps:
             break
         (grad,) = torch.autograd.grad(loss, qv)
