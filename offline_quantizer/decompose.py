@@ -224,12 +224,13 @@ def decompose_refined(
     for it in range(iters + 1):
         codes, scales = quantize_gptq(w - up.float() @ down.float(), hessian, group_size, scale_dtype)
         d = Decomposed(codes, scales, down, up)
-        err = output_error(w, d.dequantized(), hessian)
+        w_hat = d.dequantized()
+        err = output_error(w, w_hat, hessian)
         errs.append(err)
         if best is None or err < best[0]:
             best = (err, d)
         if it == iters:
             break
-        r_hat = d.dequantized() - up.float() @ down.float()
+        r_hat = w_hat - up.float() @ down.float()
         up, down = lowrank_split(w - r_hat, rank, lowrank_dtype, hessian, "hessian")
     return best[1], errs

@@ -132,14 +132,12 @@ def quantize_model(
         tf.fold_norms(model, include_head=rotation != "none")
     if rotation != "none":
         t_rot = time.time()
+        steps = rotation_steps if rotation == "learned" else 0  # "random": the initial point only
         readers, writers = tf.rotation_targets(model)
-        if rotation == "learned":
-            q, hist = tf.learn_rotation(readers, writers, group_size, "random", rotation_steps, seed=seed)
-        else:
-            q, hist = tf.learn_rotation(readers, writers, group_size, "random", 0, seed=seed)
+        q, hist = tf.learn_rotation(readers, writers, group_size, "random", steps, seed=seed)
         del readers, writers
         tf.rotate_residual_stream(model, q)
-        transform_info["rotation"] = {"kind": rotation, "steps": rotation_steps if rotation == "learned" else 0,
+        transform_info["rotation"] = {"kind": rotation, "steps": steps,
                                       "rtn_error_start": round(hist[0], 6), "rtn_error_end": round(min(hist), 6),
                                       "seconds": round(time.time() - t_rot, 1)}
         print(f"rotation ({rotation}): weight RTN error {hist[0]:.5f} -> {min(hist):.5f}", flush=True)
@@ -300,7 +298,7 @@ def _smooth_block(block, linears, hess, counts, group_size, src_dtype) -> None:
             up = linears[owner.split(":")[0]]
             up.weight.data = up.weight.data / s[:, None].to(up.weight.dtype)
         else:
-            norm = tf._mod(block, owner)
+            norm = block.get_submodule(owner)
             inv = (norm.weight.data.float() / s).to(src_dtype).float()  # what will be stored
             s = norm.weight.data.float() / inv  # the exact factor the stored norm applies
             norm.weight.data = inv.to(norm.weight.dtype)
@@ -361,8 +359,7 @@ def _write_checkpoint(model_dir: str, output_dir: str, tensors: dict[str, torch.
                 shutil.copy2(src, os.path.join(tmp, fn))
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
-        if config_updates and "tie_word_embeddings" in cfg:
-            cfg.update(config_updates)
+        cfg.update(config_updates or {})
         cfg["quantization_config"] = spec.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)

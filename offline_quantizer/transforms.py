@@ -28,12 +28,6 @@ READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def _mod(block, path):
-    for p in path.split("."):
-        block = getattr(block, p)
-    return block
-
-
 def check_llama_like(model) -> None:
     inner = getattr(model, "model", None)
     ok = inner is not None and hasattr(inner, "layers") and hasattr(inner, "norm") and hasattr(inner, "embed_tokens")
@@ -47,13 +41,13 @@ def check_llama_like(model) -> None:
             "(model.layers[i].{input_layernorm,post_attention_layernorm,self_attn.{q,k,v,o}_proj,"
             "mlp.{gate,up,down}_proj}, model.norm, model.embed_tokens); use --recipe svd for this model"
         )
-    if any(_mod(b, p).bias is not None for b in inner.layers for p in WRITERS):
+    if any(b.get_submodule(p).bias is not None for b in inner.layers for p in WRITERS):
         raise SystemExit(f"{type(model).__name__}: o_proj/down_proj with a bias are not supported by --rotation")
 
 
 def _has(b, path):
     try:
-        _mod(b, path)
+        b.get_submodule(path)
         return True
     except AttributeError:
         return False
@@ -68,7 +62,7 @@ def fold_norms(model, include_head: bool = True) -> None:
         for norm, readers in ((b.input_layernorm, READERS[:3]), (b.post_attention_layernorm, READERS[3:])):
             g = norm.weight.data.double()
             for p in readers:
-                lin = _mod(b, p)
+                lin = b.get_submodule(p)
                 lin.weight.data = (lin.weight.data.double() * g[None, :]).to(lin.weight.dtype)
             norm.weight.data.fill_(1.0)
     if not include_head:
@@ -85,8 +79,8 @@ def rotation_targets(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(reader weights [N, d], writer weights [d, K]) of the residual stream, fp32 copies."""
     readers, writers = [], []
     for b in model.model.layers:
-        readers += [_mod(b, p).weight.data.float() for p in READERS]
-        writers += [_mod(b, p).weight.data.float() for p in WRITERS]
+        readers += [b.get_submodule(p).weight.data.float() for p in READERS]
+        writers += [b.get_submodule(p).weight.data.float() for p in WRITERS]
     return readers, writers
 
 
@@ -100,21 +94,27 @@ def rotate_residual_stream(model, q: torch.Tensor) -> None:
     head.weight.data = (head.weight.data.double() @ q).to(head.weight.dtype)
     for b in model.model.layers:
         for p in READERS:
-            lin = _mod(b, p)
+            lin = b.get_submodule(p)
             lin.weight.data = (lin.weight.data.double() @ q).to(lin.weight.dtype)
         for p in WRITERS:
-            lin = _mod(b, p)
+            lin = b.get_submodule(p)
             lin.weight.data = (q.t() @ lin.weight.data.double()).to(lin.weight.dtype)
 
 
-def _ste_rtn_error(w: torch.Tensor, group: int) -> torch.Tensor:
-    """||w - RTN4(w)||^2 with round() passed straight through; scales max|w|/7.5 per group."""
+def _ste_rtn_residual(w: torch.Tensor, group: int) -> torch.Tensor:
+    """RTN4(w) - w (4-bit symmetric groups along the input, scales max|w|/7.5), with round()
+    passed straight through so that gradients reach w and whatever w came from."""
     n, k = w.shape
     g = w.reshape(n, k // group, group)
     s = (g.abs().amax(dim=2, keepdim=True) / 7.5).clamp_min(1e-8)
     x = g / s
     q = torch.clamp(x + (torch.round(x) - x).detach(), -8, 7)
-    return ((q - x) * s).pow(2).sum()
+    return ((q - x) * s).reshape(n, k)
+
+
+def _ste_rtn_error(w: torch.Tensor, group: int) -> torch.Tensor:
+    """||RTN4(w) - w||^2, straight-through."""
+    return _ste_rtn_residual(w, group).pow(2).sum()
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def learn_smoothing(
     rounding; s is renormalised to geometric mean 1. Returns s = 1 if nothing improves."""
     h = hessian.float()
     ws = [w.float() for w in weights]
-    den = [float(torch.sum((w @ h) * w)).__abs__() + 1e-30 for w in ws]
+    den = [abs(float(torch.sum((w @ h) * w))) + 1e-30 for w in ws]
     a = torch.zeros(h.shape[0], requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
 
@@ -190,13 +190,7 @@ def learn_smoothing(
         s = torch.exp(av - av.mean())
         tot = 0.0
         for w, dn in zip(ws, den):
-            ws_ = w * s[None, :]
-            n, k = ws_.shape
-            g = ws_.reshape(n, k // group_size, group_size)
-            sc = (g.abs().amax(dim=2, keepdim=True) / 7.5).clamp_min(1e-8)
-            x = g / sc
-            qx = torch.clamp(x + (torch.round(x) - x).detach(), -8, 7)
-            e = ((qx - x) * sc).reshape(n, k) / s[None, :]
+            e = _ste_rtn_residual(w * s[None, :], group_size) / s[None, :]
             tot = tot + torch.sum((e @ h) * e) / dn
         return tot / len(ws)
 

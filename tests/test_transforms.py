@@ -113,13 +113,7 @@ def _served_model(dense_dir, tq_dir):
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     spec = fmt.load_spec(tq_dir)
     q = load_file(os.path.join(tq_dir, "model.safetensors"))
-    state = {}
-    for name, mod in model.named_modules():
-        if f"{name}.weight_packed" in q:
-            w = fmt.dequantize_residual(q[f"{name}.weight_packed"], q[f"{name}.weight_scale"], spec.group_size)
-            if f"{name}.lowrank_down" in q:
-                w += q[f"{name}.lowrank_up"].float() @ q[f"{name}.lowrank_down"].float()
-            state[f"{name}.weight"] = w
+    state = fmt.effective_weights(q, spec.group_size)
     state.update({k: v.float() for k, v in q.items() if not k.rsplit(".", 1)[-1].startswith(("weight_", "lowrank_"))})
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(m == "lm_head.weight" and cfg.tie_word_embeddings for m in missing), (missing, unexpected)

@@ -53,14 +53,9 @@ def _reference_model(tiny_dense, tiny_tq):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)
-    spec = fmt.load_spec(tiny_tq)
     q = load_file(os.path.join(tiny_tq, "model.safetensors"))
-    for name, mod in model.named_modules():
-        if f"{name}.weight_packed" in q:
-            w = fmt.dequantize_residual(q[f"{name}.weight_packed"], q[f"{name}.weight_scale"], spec.group_size)
-            if f"{name}.lowrank_down" in q:
-                w += q[f"{name}.lowrank_up"].float() @ q[f"{name}.lowrank_down"].float()
-            mod.weight.data = w
+    _, unexpected = model.load_state_dict(fmt.effective_weights(q, fmt.load_spec(tiny_tq).group_size), strict=False)
+    assert not unexpected
     return model.eval()
 
 

@@ -229,6 +229,21 @@ def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None
     return y
 
 
+def effective_weights(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """`{layer}.weight` -> U @ D + deq(R) (float32) for every quantized layer in a checkpoint's
+    tensors: the dense weight a TwinQuant layer applies, for references outside vLLM."""
+    out = {}
+    for key in tensors:
+        if not key.endswith("." + WEIGHT_PACKED):
+            continue
+        layer = key[: -len(WEIGHT_PACKED) - 1]
+        w = dequantize_residual(tensors[key], tensors[f"{layer}.{WEIGHT_SCALE}"], group_size)
+        if f"{layer}.{LOWRANK_DOWN}" in tensors:
+            w = w + tensors[f"{layer}.{LOWRANK_UP}"].float() @ tensors[f"{layer}.{LOWRANK_DOWN}"].float()
+        out[f"{layer}.weight"] = w
+    return out
+
+
 # -- checkpoint files ----------------------------------------------------------------------
 def read_safetensors_header(path: str) -> dict[str, Any]:
     """Parse one safetensors header, checking that the file holds every byte it promises."""

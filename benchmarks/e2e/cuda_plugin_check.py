@@ -46,12 +46,8 @@ def effective_model(dense: str, tq: str):
     for fn in sorted(os.listdir(tq)):
         if fn.endswith(".safetensors"):
             q.update(load_file(os.path.join(tq, fn), device="cuda"))
-    for name, mod in model.named_modules():
-        if f"{name}.weight_packed" in q:
-            w = fmt.dequantize_residual(q[f"{name}.weight_packed"], q[f"{name}.weight_scale"], spec.group_size)
-            if f"{name}.lowrank_down" in q:
-                w += q[f"{name}.lowrank_up"].float() @ q[f"{name}.lowrank_down"].float()
-            mod.weight.data = w
+    _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size), strict=False)
+    assert not unexpected, unexpected
     return model
 
 
