@@ -79,19 +79,81 @@ def _lowrank_down_kernel(
 
 
 @triton.jit
+def _code_as_float(q, ONE: tl.constexpr, SHIFT: tl.constexpr, act: tl.constexpr):
+    """Codes q in 0..15 as v = 1 + q/16 in the activation dtype: q is OR-ed into the top
+    mantissa bits of 1.0 (exact: 4 of 7/10 mantissa bits), two integer ops and no I2F."""
+    return ((q << SHIFT) | ONE).to(tl.int16).to(act, bitcast=True)
+
+
+# Two nibble planes of a pair of words in four PTX instructions per output register: a shift,
+# then one LOP3 puts nibbles j and j+4 of a word under the exponent of 128 (bf16 0x4300) or
+# 1024 (fp16 0x6400) -- the float 128 + q (1024 + q), exactly -- and two PRMTs gather plane j
+# and plane j+4 of the two words. Operands: $0 $1 out, $2 $3 words, $4 shift, $6 exponent.
+_PLANE_PAIR_PTX = tl.constexpr("""
+{
+.reg .b32 ta, tb;
+shr.u32 ta, $2, $4;
+shr.u32 tb, $3, $4;
+lop3.b32 ta, ta, 0x000F000F, $6, 0xEA;
+lop3.b32 tb, tb, 0x000F000F, $6, 0xEA;
+prmt.b32 $0, ta, tb, 0x5410;
+prmt.b32 $1, ta, tb, 0x7632;
+}
+""")
+
+
+@triton.jit
+def _plane_pair(p, J: tl.constexpr, EXP: tl.constexpr, ASM: tl.constexpr, act: tl.constexpr):
+    """Nibble planes J and J + 4 of the words p as floats E + q (E = 128 for bf16, 1024 for
+    fp16: EXP is its bit pattern, which has no mantissa bits set)."""
+    if ASM:
+        sh = tl.full(p.shape, 4 * J, tl.int32)
+        e = tl.full(p.shape, EXP | (EXP << 16), tl.int32)
+        if EXP == 0x4300:
+            lo, hi = tl.inline_asm_elementwise(_PLANE_PAIR_PTX, "=r,=r,r,r,r,r,r,r", [p, sh, e],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PLANE_PAIR_PTX, "=r,=r,r,r,r,r,r,r", [p, sh, e],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:  # the same values in plain Triton (the CPU interpreter has no PTX)
+        lo = (((p >> (4 * J)) & 0xF) | EXP).to(tl.int16).to(act, bitcast=True)
+        hi = (((p >> (4 * J + 16)) & 0xF) | EXP).to(tl.int16).to(act, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _tq_gemm_kernel(
     x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
-    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, k_per_split,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, MODE: tl.constexpr,
+    ONE: tl.constexpr, SHIFT: tl.constexpr, EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Tensor-core tile kernel (M > GEMV_MAX_M): acc[BM, BN] += x[BM, BK] @ deq(R)[BN, BK]^T.
-    Codes are unpacked in word order (nibble j of word l is element 8l + j of the tile), so x
-    comes in as `permute_x(x)`, whose columns follow the same order."""
+    """Tensor-core tile kernel (M > GEMV_MAX_M): y[BM, BN] = x[BM, :] @ deq(R)[BN, :]^T, x in
+    its natural column order. BLOCK_K divides the group, so each step has one scale per output
+    row: the dots run on the exact codes as v = 1 + q/16 (`_code_as_float`) and the scale
+    multiplies their fp32 result, sum_k x_k (q_k - 8) = 16 x.v - 24 sum_k x_k.
+
+    MODE 0: the words of a step are loaded once and their nibbles spread over the columns of
+      their chunk (`repack` layout) by a broadcast and a reshape; one dot with K = BLOCK_K.
+    MODE 1 (BLOCK_K = 8 * 16 * n): no reshape: nibble plane j of the words [BN, BK/8] meets
+      the activation columns it holds (runs of CHUNK_W, read straight from x), eight dots with
+      K = BLOCK_K / 8 into one accumulator.
+    MODE 2: MODE 1 with the operands swapped (acc^T[BN, BM] = deq(R) x^T): the dequantized
+      codes are the register operand and the tokens the narrow side of the MMA.
+    MODE 4: MODE 2 with the codes turned into floats two planes and two words at a time by
+      PTX (`_plane_pair`, about 1.5 instructions per code instead of ~5); the floats are
+      E + q, so sum_k x_k (q_k - 8) = x.v - (E + 8) sum_k x_k.
+    MODE 3 (BLOCK_K = 8 * 16 * n, any multiple of the chunk): MODE 2 with the scale applied
+      to every code before the dot ((q - 8) * s as one FMA on 1 + q/16), so a step may span
+      several groups and the plane dots are longer (K = BLOCK_K / 8).
+    SPLIT_K > 1: program (tile, s) reduces K-slice s and adds into an fp32 y (zeroed by the
+    caller); split 0 adds the low-rank term and the bias."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_pid_n
@@ -106,42 +168,112 @@ def _tq_gemm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     act = x_ptr.dtype.element_ty
-    PACKED_K: tl.constexpr = BLOCK_K // 8
-    GROUPS_K: tl.constexpr = BLOCK_K // GROUP
-    shifts = tl.arange(0, 8) * 4
+    CHUNK: tl.constexpr = 8 * CHUNK_W
+    WORDS: tl.constexpr = BLOCK_K // 8
+    q_rows = qw_ptr + offs_n[:, None] * stride_qn
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        offs_p = k0 // 8 + tl.arange(0, PACKED_K)
-        p = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_p[None, :],
-                    mask=n_mask[:, None] & (offs_p[None, :] < K // 8), other=0)
-        offs_g = k0 // GROUP + tl.arange(0, GROUPS_K)
-        s = tl.load(sc_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
-                    mask=n_mask[:, None] & (offs_g[None, :] < K // GROUP), other=0.0)
-        q = ((p[:, :, None] >> shifts[None, None, :]) & 0xF) - 8  # [BN, BK/8, 8]: k = 8 * word + nibble
-        q = tl.reshape(q.to(tl.float32), (BLOCK_N, GROUPS_K, GROUP))
-        w = tl.reshape(q * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K)).to(act)  # one rounding
-        acc += _dot(x, tl.trans(w), UPCAST)
+    if MODE >= 2:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_w = k0 // 8 + tl.arange(0, WORDS)
+        w_mask = offs_w < k_hi // 8
+        p = tl.load(q_rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+        if MODE != 3:
+            s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < k_hi), other=0.0)
+            p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
+            q = (p >> (tl.arange(0, 8) * 4)[None, None, :, None]) & 0xF  # [BN, chunk, j, l]
+            v = _code_as_float(tl.reshape(q, (BLOCK_N, BLOCK_K)), ONE, SHIFT, act)  # col c*CHUNK + j*CHUNK_W + l
+            part = _dot(x, tl.trans(v), UPCAST)
+            xs = tl.sum(x.to(tl.float32), axis=1)
+            acc += (16.0 * part - 24.0 * xs[:, None]) * s[None, :]
+        elif MODE == 4:
+            col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
+            col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
+            xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for j in tl.static_range(4):
+                lo, hi = _plane_pair(p, j, EXP, ASM, act)
+                xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                part += _dot(lo, tl.trans(xj), UPCAST)
+                xs += tl.sum(xj.to(tl.float32), axis=1)
+                xj = tl.load(x_rows + (col + (j + 4) * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                part += _dot(hi, tl.trans(xj), UPCAST)
+                xs += tl.sum(xj.to(tl.float32), axis=1)
+            e_plus_8 = 136.0 if EXP == 0x4300 else 1032.0
+            acc += (part - e_plus_8 * xs[None, :]) * s[:, None]
+        elif MODE == 3:
+            col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
+            col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
+            sw = tl.load(sc_ptr + offs_n[:, None] * stride_sn + (offs_w // (GROUP // 8))[None, :],
+                         mask=n_mask[:, None] & w_mask[None, :], other=0.0).to(tl.float32)
+            s16 = 16.0 * sw
+            s24 = -24.0 * sw
+            for j in tl.static_range(8):
+                xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                vj = (((p >> (4 * j)) & 0xF) << 19 | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+                wj = (vj * s16 + s24).to(act)  # (q - 8) * scale, one rounding
+                acc += _dot(wj, tl.trans(xj), UPCAST)
+        else:
+            col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
+            col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
+            xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if MODE >= 2:
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                vj = _code_as_float((p >> (4 * j)) & 0xF, ONE, SHIFT, act)
+                if MODE >= 2:
+                    part += _dot(vj, tl.trans(xj), UPCAST)
+                else:
+                    part += _dot(xj, tl.trans(vj), UPCAST)
+                xs += tl.sum(xj.to(tl.float32), axis=1)
+            if MODE >= 2:
+                acc += (16.0 * part - 24.0 * xs[None, :]) * s[:, None]
+            else:
+                acc += (16.0 * part - 24.0 * xs[:, None]) * s[None, :]
 
-    if HAS_LOWRANK:
-        n0 = pid_n * BLOCK_N
-        slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sp in range(0, NUM_SPLITS):
-            t += tl.load(ws_ptr + sp * stride_ws_s + offs_m[:, None] * stride_ws_m + slot * R + offs_r[None, :],
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        acc += _dot(t.to(act), tl.trans(u.to(act)), UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if pid_k == 0:
+        if HAS_LOWRANK:
+            n0 = pid_n * BLOCK_N
+            slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for sp in range(0, NUM_SPLITS):
+                t += tl.load(ws_ptr + sp * stride_ws_s + offs_m[:, None] * stride_ws_m + slot * R + offs_r[None, :],
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(act)
+            if MODE >= 2:
+                acc += _dot(u, tl.trans(t.to(act)), UPCAST)
+            else:
+                acc += _dot(t.to(act), tl.trans(u), UPCAST)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if MODE >= 2:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+    if MODE >= 2:
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        y_mask = m_mask[None, :] & n_mask[:, None]
+    else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -282,14 +414,6 @@ def repack(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     return _pack_nibbles(codes.reshape(n, kw, 8), shifts)
 
 
-def permute_x(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x with its columns in the word order of the repacked codes (column c*C + 8l + j takes
-    x[:, c*C + j*C/8 + l]): what the tile kernel and `dequantize` pair with."""
-    m, k = x.shape
-    cw = chunk_words(group_size)
-    return x.reshape(m, k // (8 * cw), 8, cw).transpose(2, 3).reshape(m, k).contiguous()
-
-
 def unrepack(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     n, kw = qweight.shape
     cw = chunk_words(group_size)
@@ -305,9 +429,7 @@ def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 
 # -- launch configuration ---------------------------------------------------------------------
-# Tile kernel: (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by token count; BLOCK_N
-# is capped by the slot boundaries of merged layers. Decode kernel: (BLOCK_N, BLOCK_W words,
-# num_warps). From the H100 sweeps recorded in benchmarks/kernels/README.md.
+# From the H100 sweeps recorded in benchmarks/kernels/README.md.
 GEMV_MAX_M = 2  # from M = 4 the tile kernel is faster (sweep in benchmarks/results)
 GEMV_CONFIGS = [  # (max M, max N, BLOCK_M, BLOCK_N, BLOCK_W, num_warps)
     (1, 4096, 1, 8, 256, 4),
@@ -324,22 +446,34 @@ def pick_gemv_config(m: int, n: int) -> tuple[int, int, int, int]:
             return bm, bn, bw, warps
     raise AssertionError("unreachable")
 
-_CONFIGS = [
-    (16, 16, 128, 128, 4, 3),
-    (32, 32, 64, 128, 8, 3),
-    (1 << 62, 64, 128, 128, 4, 3),
+
+# Tile kernel, first row with M <= max M and N >= min N; BLOCK_K is
+# capped at the group size, BLOCK_N at the slot boundaries; split-K is added while the grid has
+# fewer than _MIN_PROGRAMS programs. From the H100 sweeps (benchmarks/kernels/README.md).
+_CONFIGS = [  # (max M, min N, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, MODE, max SPLIT_K)
+    (16, 0, 16, 64, 128, 4, 3, 4, 8),
+    (64, 16384, 64, 128, 128, 4, 3, 0, 1),
+    (64, 0, 64, 64, 128, 4, 3, 0, 4),
+    (1 << 62, 0, 64, 128, 128, 4, 3, 0, 1),
 ]
-_MIN_PROGRAMS = 264  # two per SM on an H100: below that, narrower tiles
+_MIN_PROGRAMS = 264  # two per SM on an H100
 
 
-def pick_config(m: int, n: int, max_block_n: int = 256, group_size: int = 128):
-    for max_m, bm, bn, bk, warps, stages in _CONFIGS:
-        if m <= max_m:
+def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the tile kernel."""
+    for max_m, min_n, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
+        if m <= max_m and n >= min_n:
             break
+    if group_size % 128 and mode in (1, 2, 4):
+        mode = 0  # these plane modes step over whole 128-column groups
     bn = min(bn, max_block_n)
-    while bn > 16 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < _MIN_PROGRAMS:
-        bn //= 2
-    return bm, bn, max(bk, group_size), warps, stages
+    if mode != 3:
+        bk = min(bk, group_size)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while tiles * split < _MIN_PROGRAMS and split < max_split and k // (2 * split * bk) >= 4:
+        split *= 2
+    return bm, bn, bk, warps, stages, split, mode
 
 
 def max_block_n_for(boundaries: tuple[int, ...]) -> int:
@@ -397,7 +531,7 @@ def tq_gemm(
     down [slots*R, K] and up [N, R] in x's dtype (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
     overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the decode
-    kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the tile kernel."""
+    kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
     n = qweight.shape[0]
@@ -409,7 +543,7 @@ def tq_gemm(
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
     if config is None:
-        config = pick_gemv_config(m, n) if m <= GEMV_MAX_M else pick_config(m, n, max_bn, group_size)
+        config = pick_gemv_config(m, n) if m <= GEMV_MAX_M else pick_config(m, n, k, max_bn, group_size)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if has_lr:
@@ -417,12 +551,11 @@ def tq_gemm(
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
-    xk = x if len(config) == 4 else permute_x(x, group_size)  # column order the kernel unpacks in
     common = (
-        xk, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x, out,
+        x, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x, out,
     )
     strides = (
-        xk.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
+        x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0, out.stride(0),
     )
     br = max(16, _next_pow2(r)) if has_lr else 16
@@ -435,60 +568,66 @@ def tq_gemm(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
         )
         return out
-    bm, bn, bk, warps, stages = config
-    _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        *common, m, n, k, r, b1, b2, num_splits, *strides,
-        GROUP=group_size, HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
-        GROUP_M=8, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
+    bm, bn, bk, warps, stages, split, mode = config
+    if (group_size % bk and mode != 3) or bk % (8 * chunk_words(group_size)) or (mode and bk % 128):
+        raise ValueError(f"BLOCK_K {bk} must span whole {8 * chunk_words(group_size)}-column chunks, divide the group "
+                         f"size {group_size} (MODE 0-2, 4), and be a multiple of 128 (MODE 1-4)")
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    one, shift, exp = (0x3F80, 3, 0x4300) if x.dtype == torch.bfloat16 else (0x3C00, 6, 0x6400)
+    _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+        *common[:-1], y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides[:-1], y.stride(0),
+        GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
+        ONE=one, SHIFT=shift, EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
     )
+    if split > 1:
+        out.copy_(y)
     return out
 
 
 @triton.jit
 def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
-                    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, NATURAL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """deq(R) in word order (column 8l + j holds nibble j of word l: the columns of
-    `permute_x`; a chunk never straddles a group, so word l's scale is group 8l // G), or with
-    NATURAL the chunks transposed back in registers to the checkpoint's column order."""
+                    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """deq(R) in the checkpoint's column order from `repack`ed codes: each word is loaded once
+    and its nibbles spread over the columns of its chunk by a broadcast and a reshape."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    CHUNK: tl.constexpr = 8 * CHUNK_W
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_g = pid_k * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
     nm = offs_n < N
     p = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_p[None, :], mask=nm[:, None] & (offs_p[None, :] < K // 8), other=0)
     s = tl.load(sc_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=nm[:, None] & (offs_g[None, :] < K // GROUP), other=0.0)
-    q = ((p[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF) - 8
-    q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP))
+    p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
+    q = ((p >> (tl.arange(0, 8) * 4)[None, None, :, None]) & 0xF) - 8  # [BN, chunk, j, l]
+    q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # column c*CHUNK + j*CHUNK_W + l
     w = tl.reshape(q * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty)
-    if NATURAL:
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K // (8 * CHUNK_W), CHUNK_W, 8))
-        w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w, mask=nm[:, None] & (offs_k[None, :] < K))
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
-               out: torch.Tensor | None = None, natural: bool = True) -> torch.Tensor:
-    """deq(R) [N, K] from `repack`ed codes, written into `out[:, :K]` (a new tensor if None), in
-    the checkpoint's column order, or with natural=False in `permute_x` order
-    (x @ deq(R)^T == permute_x(x) @ dequantize(..., natural=False)^T)."""
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """deq(R) [N, K] in the checkpoint's column order from `repack`ed codes, written into
+    `out[:, :K]` (a new tensor if None)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     w = torch.empty((n, k), dtype=dtype, device=qweight.device) if out is None else out
     bn, bk = 64, max(128, group_size)
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scales, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0),
-        GROUP=group_size, CHUNK_W=chunk_words(group_size), NATURAL=natural, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=4,
+        GROUP=group_size, CHUNK_W=chunk_words(group_size), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
     )
     return w
 
 
 # Above this many tokens the problem is compute-bound and one transient dense copy of the layer
 # fed to cuBLAS beats dequantizing inside every tile (measured: benchmarks/kernels/README.md).
-LARGE_M_THRESHOLD = 64
+LARGE_M_THRESHOLD = 128
+SMALL_LAYER_ELEMENTS = 32 << 20  # q/k/v and o of an 8B model: there dequant+cuBLAS wins from M = 64
+SMALL_LAYER_LARGE_M_THRESHOLD = 32
 
 
 def tq_linear(
@@ -506,10 +645,13 @@ def tq_linear(
     components as one cuBLAS GEMM, [x | x D^T] @ [deq(R) | U_blockdiag]^T, from a transient
     buffer dequantized in one pass (freed after the call; no dense copy is kept)."""
     m, k = x.shape
-    thr = LARGE_M_THRESHOLD if large_m_threshold is None else large_m_threshold
+    n = qweight.shape[0]
+    if large_m_threshold is None:
+        thr = SMALL_LAYER_LARGE_M_THRESHOLD if n * k < SMALL_LAYER_ELEMENTS else LARGE_M_THRESHOLD
+    else:
+        thr = large_m_threshold
     if m <= thr:
         return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds)
-    n = qweight.shape[0]
     has_lr = down is not None and down.shape[0] > 0
     extra = down.shape[0] if has_lr else 0
     w = torch.empty((n, k + extra), dtype=x.dtype, device=x.device)

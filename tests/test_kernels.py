@@ -92,8 +92,9 @@ def test_block_n_respects_slot_boundaries():
     assert tg.max_block_n_for((960, 576, 768)) == 64
     assert tg.max_block_n_for((6144, 4096, 5120)) == 256
     assert tg.max_block_n_for((100, 36)) == 0
-    bm, bn, bk, _, _ = tg.pick_config(16, 4096, 256, 128)
-    assert 4096 // bn >= 256 // 16 and bk % 128 == 0
+    bm, bn, bk, _, _, split, _ = tg.pick_config(16, 4096, 4096, 256, 128)
+    assert 128 % bk == 0 and (4096 // bn) * split >= 132  # split-K fills the GPU at decode sizes
+    assert tg.pick_config(16, 576, 576, 64, 32)[2] == 32  # BLOCK_K never spans two groups
 
 
 def test_custom_op_used_by_the_plugin():
@@ -146,19 +147,32 @@ def test_decode_kernel_row_blocking(m, bm):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
-def test_permute_x_pairs_with_word_order_dequantization():
-    qw, sc, _, _ = _layer(16, 256, 32, 0, 1, torch.float32, seed=5)
-    x = torch.randn(3, 256)
-    rq = tg.repack(qw, 32)
-    w_perm = tg.dequantize(rq, sc, 32, torch.float32, natural=False)
-    ref = _reference(x.double(), qw, sc, 32, None, None, None, ())
-    got = tg.permute_x(x, 32).double() @ w_perm.double().T
-    assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
-    w_nat = tg.dequantize(rq, sc, 32, torch.float32)
-    assert torch.equal(w_nat, tg.dequantize(rq, sc, 32, torch.float32, natural=False)[:, _inverse_perm(256, 32)])
+def test_dequantize_returns_checkpoint_column_order():
+    for g in (32, 64, 128):
+        qw, sc, _, _ = _layer(16, 384, g, 0, 1, torch.float32, seed=g)
+        w = tg.dequantize(tg.repack(qw, g), sc, g, torch.float32)
+        ref = reference_linear(torch.eye(384, dtype=torch.float64), qw, sc, g, None, None, None).T
+        assert torch.equal(w.double(), ref)
 
 
-def _inverse_perm(k, g):
-    """Column order of permute_x as an index: permute_x(x) == x[:, perm]; returns argsort(perm)."""
-    perm = tg.permute_x(torch.arange(k, dtype=torch.float64)[None, :], g)[0].long()
-    return torch.argsort(perm)
+@pytest.mark.parametrize("cfg,k,g", [
+    ((16, 32, 64, 4, 2, 1, 0), 576, 64),  # words spread over their chunk by broadcast + reshape
+    ((16, 16, 32, 4, 2, 4, 0), 576, 32),  # split-K over 4 slices (fp32 atomics), group 32
+    ((16, 32, 128, 4, 2, 1, 1), 640, 128),  # eight nibble-plane dots per step
+    ((16, 64, 128, 4, 2, 2, 1), 640, 128),  # ... with split-K, short last slice
+    ((16, 64, 128, 4, 2, 1, 2), 640, 128),  # operands swapped: codes as the register operand
+    ((32, 64, 128, 4, 2, 3, 2), 640, 128),
+    ((16, 64, 128, 4, 2, 2, 4), 640, 128),  # MODE 4 (its PTX conversion replaced by plain Triton here)
+    ((32, 64, 256, 4, 2, 1, 3), 640, 64),  # codes scaled before the dot: steps span groups
+    ((16, 64, 128, 4, 2, 2, 3), 640, 32),
+])
+def test_tile_kernel_variants(cfg, k, g):
+    m, n = 5, 192
+    qw, sc, down, up = _layer(n, k, g, 8, 3, torch.bfloat16, seed=cfg[5] * 10 + cfg[6])
+    x = torch.randn(m, k).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    tg.tq_gemm(x, tg.repack(qw, g), sc, g, down, up, b, slot_bounds=(64, 128), out=out, config=cfg)
+    assert not torch.isnan(out).any()
+    ref = _reference(x, qw, sc, g, down, up, b, (64, 128))
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2

@@ -1,0 +1,197 @@
+"""End-to-end serving benchmark on one GPU through vLLM: BF16, FP8, GPTQ (W4A16 g128) and
+TwinQuant on a Llama with Llama-3-8B shapes (32 blocks, vocab 128256, random bf16 weights made
+on the GPU; never zeros).
+
+    # 1. checkpoints: dense bf16, its GPTQ-format peer (same weights, RTN g128 sym), TwinQuant
+    python benchmarks/e2e/e2e_h100.py make  --workdir W --ranks 0 64 --out $OUT
+    # 2. one engine per config, each in its own process
+    python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 --out $OUT
+           [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
+
+Per config: engine start time; batch-1 decode latency (median of 3 runs of 256 tokens after a
+warm-up); offline throughput, 512 prompts x 512 random input tokens, 256 output tokens,
+ignore_eos, vLLM defaults (torch.compile + CUDA graphs). Records go to $OUT/e2e_<config>.json.
+The TwinQuant checkpoints are made with `twinquant-quantize --residual rtn --lowrank-weighting
+none` and 8 x 128 random calibration tokens: speed depends on the format, not on the values,
+and GPTQ's Hessian pass over 32 blocks does not fit the device time (its time on 6 blocks is
+in e2e_partial_h100.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+GROUP = 128
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def make_dense(path: str, layers: int, vocab: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
+                      eos_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="4GB")
+
+
+def write_gptq(dense: str, out: str) -> None:
+    """GPTQ-format (v1, sym, desc_act=False) W4A16 g128 checkpoint of the same weights, RTN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    shifts = 4 * torch.arange(8, device="cuda", dtype=torch.int64)
+    for fn in sorted(os.listdir(dense)):
+        src = os.path.join(dense, fn)
+        if not fn.endswith(".safetensors"):
+            if os.path.isfile(src) and fn != "config.json":
+                subprocess.run(["cp", src, os.path.join(out, fn)], check=True)
+            continue
+        sd = load_file(src, device="cuda")
+        res = {}
+        for name, w in sd.items():
+            if not (name.endswith(".weight") and any(f".{lin}." in name for lin in LINEARS)):
+                res[name] = w
+                continue
+            pre = name[: -len(".weight")]
+            n, k = w.shape
+            wg = w.float().reshape(n, k // GROUP, GROUP)
+            s = (wg.abs().amax(-1) / 7.0).clamp_min(1e-8)  # [N, K/G]
+            q = (torch.round(wg / s[..., None]).clamp(-8, 7) + 8).reshape(n, k).t().to(torch.int64)  # [K, N], 0..15
+            packed = (q.reshape(k // 8, 8, n) << shifts[None, :, None]).sum(1)
+            res[pre + ".qweight"] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+            res[pre + ".scales"] = s.t().contiguous().half()
+            res[pre + ".qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device="cuda")  # zero 8, stored as 8 - 1
+            res[pre + ".g_idx"] = (torch.arange(k, device="cuda", dtype=torch.int32) // GROUP)
+        save_file({a: b.contiguous().cpu() for a, b in res.items()}, os.path.join(out, fn), metadata={"format": "pt"})
+    with open(os.path.join(dense, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
+                                  "sym": True, "checkpoint_format": "gptq", "damp_percent": 0.01,
+                                  "true_sequential": True, "static_groups": False}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def cmd_make(a) -> None:
+    os.makedirs(a.out, exist_ok=True)
+    dense = os.path.join(a.workdir, "bf16")
+    rec = {"layers": a.layers, "vocab": a.vocab}
+    t0 = time.time()
+    if not os.path.exists(os.path.join(dense, "config.json")):
+        make_dense(dense, a.layers, a.vocab)
+    rec["make_dense_s"] = round(time.time() - t0, 1)
+    procs = {}
+    for r in a.ranks:  # quantize every rank concurrently with the GPTQ conversion
+        log = open(os.path.join(a.out, f"quantize_r{r}.log"), "w")
+        procs[r] = (time.time(), subprocess.Popen(
+            [sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output",
+             os.path.join(a.workdir, f"tq_r{r}"), "--random-calibration", "--nsamples", "8", "--seqlen", "128",
+             "--residual", "rtn", "--lowrank-weighting", "none", "--group-size", str(GROUP), "--rank", str(r),
+             "--device", "cuda"], stdout=log, stderr=subprocess.STDOUT))
+    t0 = time.time()
+    write_gptq(dense, os.path.join(a.workdir, "gptq"))
+    rec["write_gptq_s"] = round(time.time() - t0, 1)
+    for r, (t0, p) in procs.items():
+        if p.wait():
+            raise SystemExit(f"quantization at rank {r} failed: see {a.out}/quantize_r{r}.log")
+        rec[f"quantize_r{r}_s (concurrent)"] = round(time.time() - t0, 1)
+    print(json.dumps(rec))
+    with open(os.path.join(a.out, "e2e_make.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+def cmd_one(a) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    cfg = a.config
+    path = os.path.join(a.workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
+    kw = {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(cfg, {"quantization": "twinquant"})
+    t0 = time.time()
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.85,
+              skip_tokenizer_init=True, seed=0, **kw)
+    rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None,
+           "startup_s": round(time.time() - t0, 1)}
+    g = torch.Generator().manual_seed(0)
+    p1 = {"prompt_token_ids": torch.randint(3, 32000, (32,), generator=g).tolist()}
+    sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate([p1], sp, use_tqdm=False)
+    ts = []
+    for _ in range(3):
+        t0 = time.time()
+        o = llm.generate([p1], sp, use_tqdm=False)
+        ts.append((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids))
+    rec["bs1_ms_per_token"] = round(statistics.median(ts), 3)
+    prompts = [{"prompt_token_ids": torch.randint(3, 32000, (512,), generator=g).tolist()} for _ in range(512)]
+    t0 = time.time()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.time() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    rec.update(out_tok_s=round(n_out / dt, 1), total_tok_s=round((n_out + 512 * len(prompts)) / dt, 1),
+               throughput_s=round(dt, 1))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        sp64 = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate([p1], sp64, use_tqdm=False)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=80)
+        with open(os.path.join(a.out, f"profile_decode_{cfg}.txt"), "w") as f:
+            f.write(table)
+    print("RECORD " + json.dumps(rec), flush=True)
+
+
+def cmd_bench(a) -> None:
+    os.makedirs(a.out, exist_ok=True)
+    for cfg in a.configs:
+        args = [sys.executable, os.path.abspath(__file__), "one", "--workdir", a.workdir, "--config", cfg, "--out", a.out]
+        if cfg in (a.profile or []):
+            args.append("--profile")
+        p = subprocess.run(args, capture_output=True, text=True)
+        log = p.stdout + p.stderr
+        with open(os.path.join(a.out, f"e2e_{cfg}.log"), "w") as f:
+            f.write(log)
+        m = re.search(r"^RECORD (.*)$", log, re.M)
+        if p.returncode or not m:
+            print(f"{cfg}: FAILED (rc {p.returncode}); tail:\n{log[-3000:]}", flush=True)
+            continue
+        rec = json.loads(m.group(1))
+        kern = sorted(set(re.findall(r"Using (\w+(?:Kernel|kernel)\w*)", log)))
+        rec["linear_kernels_logged"] = kern
+        print(json.dumps(rec), flush=True)
+        with open(os.path.join(a.out, f"e2e_{cfg}.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=("make", "bench", "one"))
+    ap.add_argument("--workdir", default="/tmp/e2e")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[0, 32, 64])
+    ap.add_argument("--configs", nargs="+", default=["bf16", "fp8", "gptq", "tq_r0", "tq_r32", "tq_r64"])
+    ap.add_argument("--config")
+    ap.add_argument("--profile", nargs="*")
+    a = ap.parse_args()
+    {"make": cmd_make, "bench": cmd_bench, "one": cmd_one}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()
