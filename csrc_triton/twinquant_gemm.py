@@ -134,22 +134,21 @@ def _tq_gemm_kernel(
 ):
     """Tensor-core tile kernel (M > GEMV_MAX_M): y[BM, BN] = x[BM, :] @ deq(R)[BN, :]^T, x in
     its natural column order. BLOCK_K divides the group, so each step has one scale per output
-    row: the dots run on the exact codes as v = 1 + q/16 (`_code_as_float`) and the scale
-    multiplies their fp32 result, sum_k x_k (q_k - 8) = 16 x.v - 24 sum_k x_k.
+    row: the dots run on the exact codes, held as floats with no mantissa rounding, and the
+    scale multiplies their fp32 result after the constant part is removed with sum_k x_k.
 
-    MODE 0: the words of a step are loaded once and their nibbles spread over the columns of
-      their chunk (`repack` layout) by a broadcast and a reshape; one dot with K = BLOCK_K.
-    MODE 1 (BLOCK_K = 8 * 16 * n): no reshape: nibble plane j of the words [BN, BK/8] meets
-      the activation columns it holds (runs of CHUNK_W, read straight from x), eight dots with
-      K = BLOCK_K / 8 into one accumulator.
-    MODE 2: MODE 1 with the operands swapped (acc^T[BN, BM] = deq(R) x^T): the dequantized
-      codes are the register operand and the tokens the narrow side of the MMA.
-    MODE 4: MODE 2 with the codes turned into floats two planes and two words at a time by
-      PTX (`_plane_pair`, about 1.5 instructions per code instead of ~5); the floats are
-      E + q, so sum_k x_k (q_k - 8) = x.v - (E + 8) sum_k x_k.
-    MODE 3 (BLOCK_K = 8 * 16 * n, any multiple of the chunk): MODE 2 with the scale applied
-      to every code before the dot ((q - 8) * s as one FMA on 1 + q/16), so a step may span
-      several groups and the plane dots are longer (K = BLOCK_K / 8).
+    MODE 0 (codes as v = 1 + q/16, `_code_as_float`; sum_k x_k (q_k - 8) = 16 x.v - 24 sum x): the words of a step are loaded once
+      and their nibbles spread over the columns of their chunk (`repack` layout) by a broadcast
+      and a reshape; one dot x[BM, BK] @ v[BN, BK]^T. Fastest from M ~ 32 on.
+    MODE 4 (BLOCK_K a multiple of 128; codes as v = E + q, E = 128 bf16 / 1024 fp16;
+      sum_k x_k (q_k - 8) = x.v - (E + 8) sum x): no reshape. The operands are
+      swapped, acc^T[BN, BM] = deq(R) x^T, so the codes are the register operand and the tokens
+      the narrow side of the MMA; nibble planes j and j + 4 of the words [BN, BK/8] become
+      floats two words at a time in four PTX instructions (`_plane_pair`), and each plane meets
+      the activation columns it holds (runs of CHUNK_W read straight from x): eight dots with
+      K = BK/8 per step. Fastest at M <= 16.
+    (MODE 1-3, tried and removed, are in benchmarks/kernels/README.md; the numbers match the
+    sweep records.)
     SPLIT_K > 1: program (tile, s) reduces K-slice s and adds into an fp32 y (zeroed by the
     caller); split 0 adds the low-rank term and the bias."""
     pid = tl.program_id(0)
@@ -175,7 +174,7 @@ def _tq_gemm_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    if MODE >= 2:
+    if MODE == 4:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -183,8 +182,7 @@ def _tq_gemm_kernel(
         offs_w = k0 // 8 + tl.arange(0, WORDS)
         w_mask = offs_w < k_hi // 8
         p = tl.load(q_rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-        if MODE != 3:
-            s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
         if MODE == 0:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < k_hi), other=0.0)
@@ -194,7 +192,7 @@ def _tq_gemm_kernel(
             part = _dot(x, tl.trans(v), UPCAST)
             xs = tl.sum(x.to(tl.float32), axis=1)
             acc += (16.0 * part - 24.0 * xs[:, None]) * s[None, :]
-        elif MODE == 4:
+        else:
             col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
             col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
             xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -209,38 +207,6 @@ def _tq_gemm_kernel(
                 xs += tl.sum(xj.to(tl.float32), axis=1)
             e_plus_8 = 136.0 if EXP == 0x4300 else 1032.0
             acc += (part - e_plus_8 * xs[None, :]) * s[:, None]
-        elif MODE == 3:
-            col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
-            col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
-            sw = tl.load(sc_ptr + offs_n[:, None] * stride_sn + (offs_w // (GROUP // 8))[None, :],
-                         mask=n_mask[:, None] & w_mask[None, :], other=0.0).to(tl.float32)
-            s16 = 16.0 * sw
-            s24 = -24.0 * sw
-            for j in tl.static_range(8):
-                xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
-                vj = (((p >> (4 * j)) & 0xF) << 19 | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
-                wj = (vj * s16 + s24).to(act)  # (q - 8) * scale, one rounding
-                acc += _dot(wj, tl.trans(xj), UPCAST)
-        else:
-            col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
-            col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
-            xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            if MODE >= 2:
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            else:
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
-                vj = _code_as_float((p >> (4 * j)) & 0xF, ONE, SHIFT, act)
-                if MODE >= 2:
-                    part += _dot(vj, tl.trans(xj), UPCAST)
-                else:
-                    part += _dot(xj, tl.trans(vj), UPCAST)
-                xs += tl.sum(xj.to(tl.float32), axis=1)
-            if MODE >= 2:
-                acc += (16.0 * part - 24.0 * xs[None, :]) * s[:, None]
-            else:
-                acc += (16.0 * part - 24.0 * xs[:, None]) * s[None, :]
 
     if pid_k == 0:
         if HAS_LOWRANK:
@@ -254,17 +220,17 @@ def _tq_gemm_kernel(
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(act)
-            if MODE >= 2:
+            if MODE == 4:
                 acc += _dot(u, tl.trans(t.to(act)), UPCAST)
             else:
                 acc += _dot(t.to(act), tl.trans(u), UPCAST)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if MODE >= 2:
+            if MODE == 4:
                 acc += bias[:, None]
             else:
                 acc += bias[None, :]
-    if MODE >= 2:
+    if MODE == 4:
         y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
         y_mask = m_mask[None, :] & n_mask[:, None]
     else:
@@ -464,11 +430,10 @@ def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int 
     for max_m, min_n, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
         if m <= max_m and n >= min_n:
             break
-    if group_size % 128 and mode in (1, 2, 4):
-        mode = 0  # these plane modes step over whole 128-column groups
+    if group_size % 128:
+        mode = 0  # MODE 4 steps over whole 128-column groups
     bn = min(bn, max_block_n)
-    if mode != 3:
-        bk = min(bk, group_size)
+    bk = min(bk, group_size)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
     while tiles * split < _MIN_PROGRAMS and split < max_split and k // (2 * split * bk) >= 4:
@@ -569,9 +534,11 @@ def tq_gemm(
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
-    if (group_size % bk and mode != 3) or bk % (8 * chunk_words(group_size)) or (mode and bk % 128):
-        raise ValueError(f"BLOCK_K {bk} must span whole {8 * chunk_words(group_size)}-column chunks, divide the group "
-                         f"size {group_size} (MODE 0-2, 4), and be a multiple of 128 (MODE 1-4)")
+    if mode not in (0, 4):
+        raise ValueError(f"tile kernel MODE {mode}: expected 0 or 4")
+    if group_size % bk or bk % (8 * chunk_words(group_size)) or (mode == 4 and bk % 128):
+        raise ValueError(f"BLOCK_K {bk} must divide the group size {group_size}, span whole "
+                         f"{8 * chunk_words(group_size)}-column chunks, and (MODE 4) be a multiple of 128")
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)
     y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)

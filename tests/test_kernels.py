@@ -95,6 +95,13 @@ def test_block_n_respects_slot_boundaries():
     bm, bn, bk, _, _, split, _ = tg.pick_config(16, 4096, 4096, 256, 128)
     assert 128 % bk == 0 and (4096 // bn) * split >= 132  # split-K fills the GPU at decode sizes
     assert tg.pick_config(16, 576, 576, 64, 32)[2] == 32  # BLOCK_K never spans two groups
+    assert tg.pick_config(16, 576, 576, 64, 64)[6] == 0  # MODE 4 needs whole 128-column groups
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    qw, sc, _, _ = _layer(32, 256, 128, 0, 1, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="MODE 3"):
+        tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 128, 4, 2, 1, 3))
+    with pytest.raises(ValueError, match="BLOCK_K 256"):
+        tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 256, 4, 2, 1, 0))
 
 
 def test_custom_op_used_by_the_plugin():
@@ -156,15 +163,11 @@ def test_dequantize_returns_checkpoint_column_order():
 
 
 @pytest.mark.parametrize("cfg,k,g", [
-    ((16, 32, 64, 4, 2, 1, 0), 576, 64),  # words spread over their chunk by broadcast + reshape
+    ((16, 32, 64, 4, 2, 1, 0), 576, 64),  # MODE 0: words spread over their chunk by broadcast + reshape
     ((16, 16, 32, 4, 2, 4, 0), 576, 32),  # split-K over 4 slices (fp32 atomics), group 32
-    ((16, 32, 128, 4, 2, 1, 1), 640, 128),  # eight nibble-plane dots per step
-    ((16, 64, 128, 4, 2, 2, 1), 640, 128),  # ... with split-K, short last slice
-    ((16, 64, 128, 4, 2, 1, 2), 640, 128),  # operands swapped: codes as the register operand
-    ((32, 64, 128, 4, 2, 3, 2), 640, 128),
-    ((16, 64, 128, 4, 2, 2, 4), 640, 128),  # MODE 4 (its PTX conversion replaced by plain Triton here)
-    ((32, 64, 256, 4, 2, 1, 3), 640, 64),  # codes scaled before the dot: steps span groups
-    ((16, 64, 128, 4, 2, 2, 3), 640, 32),
+    ((16, 64, 128, 4, 2, 1, 4), 640, 128),  # MODE 4: swapped operands, nibble-plane dots (its PTX
+    ((16, 64, 128, 4, 2, 2, 4), 640, 128),  # conversion replaced by plain Triton here), split-K
+    ((32, 64, 128, 4, 2, 3, 4), 640, 128),  # ... with a short last slice
 ])
 def test_tile_kernel_variants(cfg, k, g):
     m, n = 5, 192

@@ -160,11 +160,12 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
 
 
 def tile_candidates(m):
-    """Tile-kernel launch configurations tried at M: (BM, BN, BK, warps, stages, SPLIT_K, MODE)."""
+    """Tile-kernel launch configurations tried at M: (BM, BN, BK, warps, stages, SPLIT_K, MODE).
+    (This session's sweeps also tried MODE 1-3 and BLOCK_K 256/512; see the README.)"""
     if m <= 16:
-        grid = itertools.product([16], [64, 128], [128], [4], [3], [1, 2, 4, 8], [2, 4])
+        grid = itertools.product([16], [64, 128], [128], [4], [3, 4], [1, 2, 4, 8], [0, 4])
     elif m <= 64:
-        grid = itertools.product([16, 32, 64], [64, 128], [128], [4, 8], [3], [1, 2, 4], [0, 2, 4])
+        grid = itertools.product([16, 32, 64], [64, 128], [128], [4, 8], [3], [1, 2, 4], [0, 4])
     else:
         grid = itertools.product([64, 128, 256], [64, 128, 256], [128], [4, 8], [3], [1], [0, 4])
     return [c for c in grid if c[0] * c[1] <= 128 * 256 and not (c[6] == 0 and c[0] > 128)]
@@ -242,8 +243,8 @@ def main():
     for m, cfg in itertools.product([2, 7, 16] if checks else [], [(1, 4, 256, 2), (2, 16, 64, 4), (4, 32, 128, 8), (4, 8, 64, 1)]):  # decode kernel at M > 1
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
         worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
-    tile_cfgs = [(16, 64, 64, 4, 3, 4, 0), (16, 128, 128, 4, 3, 8, 1), (64, 128, 128, 8, 3, 1, 2), (32, 64, 128, 4, 3, 3, 2),
-                 (16, 64, 128, 4, 3, 4, 4), (128, 128, 128, 8, 3, 1, 4)]
+    tile_cfgs = [(16, 64, 64, 4, 3, 4, 0), (64, 128, 128, 8, 3, 1, 0), (16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4),
+                 (128, 128, 128, 8, 3, 1, 4)]
     for m, cfg in itertools.product([7, 100] if checks else [], tile_cfgs):  # tile kernel modes, split-K
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
         if cfg[6] == 0:
