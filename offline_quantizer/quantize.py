@@ -29,6 +29,7 @@ from offline_quantizer.decompose import decompose, decompose_refined
 from vllm_twinquant import format as fmt
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
+ONLINE_HADAMARD_MODULES = ("o_proj", "down_proj")  # W4A4: inputs no residual-stream rotation reaches
 SHARD_BYTES = 4 << 30
 
 
@@ -102,6 +103,7 @@ def quantize_model(
     rotation: str = "none",
     rotation_steps: int = 50,
     smoothing: str = "none",
+    activation_bits: int = 16,
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +117,9 @@ def quantize_model(
         rank_overrides=dict(rank_overrides or {}),
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
-        recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing),
+        recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits),
+        activation_bits=activation_bits,
+        online_hadamard=list(ONLINE_HADAMARD_MODULES) if activation_bits < 16 else [],
     )
     if refine_iters and residual != "gptq":
         raise SystemExit("--refine-iters needs --residual gptq (the R-step is GPTQ)")
@@ -141,6 +145,18 @@ def quantize_model(
                                       "rtn_error_start": round(hist[0], 6), "rtn_error_end": round(min(hist), 6),
                                       "seconds": round(time.time() - t_rot, 1)}
         print(f"rotation ({rotation}): weight RTN error {hist[0]:.5f} -> {min(hist):.5f}", flush=True)
+
+    if spec.online_hadamard:
+        # W4A4: the inputs of o_proj / down_proj are rotated online by a block Hadamard H at
+        # inference; here W -> W H (exact: H is symmetric and orthogonal) and a pre-hook rotates
+        # the calibration inputs, so Hessians, GPTQ and the low-rank split all see H x.
+        for i, blk in enumerate(layers):
+            for name, m in blk.named_modules():
+                full = f"{layers_path}.{i}.{name}"
+                if isinstance(m, torch.nn.Linear) and spec.has_online_hadamard(full) and not spec.is_skipped(full):
+                    m.weight.data = fmt.apply_online_hadamard(m.weight.data.float())
+                    m.register_forward_pre_hook(lambda _m, args: (fmt.apply_online_hadamard(args[0]), *args[1:]))
+        transform_info["online_hadamard"] = {"modules": spec.online_hadamard, "block": "largest power of 2 dividing in_features"}
 
     if random_calibration:
         calib = torch.randint(0, cfg.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
@@ -198,7 +214,8 @@ def quantize_model(
             h.remove()
 
         if smoothing == "learned":
-            _smooth_block(block, linears, hess, counts, group_size, src_dtype)
+            rotated = {n for n in linears if spec.has_online_hadamard(f"{layers_path}.{i}.{n}")}
+            _smooth_block(block, linears, hess, counts, group_size, src_dtype, skip=rotated)
         for name, lin in linears.items():
             full = f"{layers_path}.{i}.{name}"
             if spec.is_skipped(full):
@@ -269,8 +286,8 @@ def quantize_model(
     return summary
 
 
-def _recipe_name(rank, residual, refine_iters, rotation, smoothing) -> str:
-    parts = []
+def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16) -> str:
+    parts = [] if activation_bits == 16 else [f"a{activation_bits}-hadamard"]
     if rotation != "none":
         parts.append(f"rot-{rotation}")
     if smoothing != "none":
@@ -282,15 +299,16 @@ def _recipe_name(rank, residual, refine_iters, rotation, smoothing) -> str:
 
 
 @torch.no_grad()
-def _smooth_block(block, linears, hess, counts, group_size, src_dtype) -> None:
+def _smooth_block(block, linears, hess, counts, group_size, src_dtype, skip=frozenset()) -> None:
     """Learned diagonal GL transforms (transforms.learn_smoothing) folded exactly: into the
     norm weights for q/k/v and gate/up, into up_proj's rows for down_proj. The calibration
-    Hessians are transformed with them (X -> X diag(s)^-1)."""
+    Hessians are transformed with them (X -> X diag(s)^-1). Layers in `skip` (inputs rotated
+    online: a diagonal fold into up_proj would act in the unrotated basis) are left alone."""
     groups = [("mlp.up_proj:rows", ["mlp.down_proj"]),
               ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
               ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
     for owner, names in groups:
-        if not all(n in linears for n in names):
+        if not all(n in linears for n in names) or any(n in skip for n in names):
             continue
         h = hess[names[0]] * (2.0 / max(counts[names[0]], 1))
         s = tf.learn_smoothing([linears[n].weight.data for n in names], h, group_size)
@@ -400,6 +418,9 @@ def main(argv=None) -> None:
                     help="learned positive diagonal per shared input, folded into norms / up_proj (Llama family)")
     ap.add_argument("--twinquant", action="store_true",
                     help="the full TwinQuant recipe: --rotation learned --smoothing learned --refine-iters 4")
+    ap.add_argument("--activation-bits", type=int, choices=(16, 4), default=16,
+                    help="4: W4A4 checkpoint (per-token 4-bit inputs of the residual product, online Hadamard "
+                         "before o_proj/down_proj; served by the torch path, no fast kernel yet)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -417,7 +438,7 @@ def main(argv=None) -> None:
             args.lowrank_weighting, args.nsamples, args.seqlen, args.batch_size, args.seed, args.device,
             args.lowrank_dtype, _parse_overrides(args.rank_override), random_calibration=args.random_calibration,
             refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
-            smoothing=args.smoothing,
+            smoothing=args.smoothing, activation_bits=args.activation_bits,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

@@ -96,3 +96,19 @@ def test_effective_bits():
     # 4 bits + fp16 scale per 64 + bf16 factors of rank 16
     assert spec.effective_bits(1536, 576, 16) == pytest.approx(4 + 16 / 64 + 16 * 16 * (1536 + 576) / (1536 * 576))
     assert spec.effective_bits(1536, 576, 0) == 4.25
+
+
+def test_activation_bits_and_online_hadamard_are_validated():
+    assert fmt.TwinQuantSpec(activation_bits=4, online_hadamard=["o_proj"]).activation_bits == 4
+    with pytest.raises(fmt.TwinQuantFormatError, match="activation_bits = 8"):
+        fmt.TwinQuantSpec(activation_bits=8)
+    with pytest.raises(fmt.TwinQuantFormatError, match="online_hadamard"):
+        fmt.TwinQuantSpec(online_hadamard="o_proj")
+    h = fmt.hadamard_matrix(64, torch.float64)
+    assert torch.allclose(h @ h, torch.eye(64, dtype=torch.float64)) and torch.equal(h, h.T)
+    assert fmt.hadamard_block_size(576) == 64 and fmt.hadamard_block_size(14336) == 2048
+    x = torch.randn(3, 4, 576, dtype=torch.float64)
+    w = torch.randn(7, 576, dtype=torch.float64)
+    assert torch.allclose(fmt.apply_online_hadamard(x) @ fmt.apply_online_hadamard(w).T, x @ w.T)
+    xq = fmt.quantize_activations(torch.randn(6, 64), 4)
+    assert all(len(torch.unique(r / r.abs().max() * 7).round()) <= 15 for r in xq)

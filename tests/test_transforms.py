@@ -113,7 +113,7 @@ def _served_model(dense_dir, tq_dir):
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     spec = fmt.load_spec(tq_dir)
     q = load_file(os.path.join(tq_dir, "model.safetensors"))
-    state = fmt.effective_weights(q, spec.group_size)
+    state = fmt.effective_weights(q, spec.group_size, spec.online_hadamard)
     state.update({k: v.float() for k, v in q.items() if not k.rsplit(".", 1)[-1].startswith(("weight_", "lowrank_"))})
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(m == "lm_head.weight" and cfg.tie_word_embeddings for m in missing), (missing, unexpected)
@@ -152,3 +152,53 @@ def test_twinquant_recipe_writes_a_checkpoint_that_computes_the_model(tiny_dense
             errs[name] = float((got - ref).norm() / ref.norm())
     # a broken fold or rotation gives O(1) errors; quantization alone gives a few percent
     assert errs["learned"] < 0.5 and errs["learned"] < 2 * errs["svd"], errs
+
+
+def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_dense, tiny_tq, tmp_path):
+    """--activation-bits 4: o_proj/down_proj weights are stored for H x (block Hadamard), the
+    function with the rotation folded back is as close to the dense model as W4A16's, and the
+    torch kernel rotates the input and quantizes the residual's input per token."""
+    import os
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from offline_quantizer.quantize import quantize_model
+    from vllm_twinquant import format as fmt
+    from vllm_twinquant.kernels import TorchTwinQuantKernel, TritonTwinQuantKernel, TwinQuantLayerConfig
+
+    out = str(tmp_path / "tq-a4")
+    quantize_model(tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
+                   random_calibration=True, rotation="random", smoothing="learned", activation_bits=4)
+    fmt.validate_checkpoint(out)
+    spec = fmt.load_spec(out)
+    assert spec.activation_bits == 4 and spec.online_hadamard == ["o_proj", "down_proj"]
+    assert spec.recipe.startswith("a4-hadamard")
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        errs = {n: float((_served_model(tiny_dense, c)(input_ids=ids).logits - ref).norm() / ref.norm())
+                for n, c in (("a4", out), ("svd", tiny_tq))}
+    assert errs["a4"] < 0.5 and errs["a4"] < 2 * errs["svd"], errs  # a missing/wrong fold of H gives O(1)
+
+    q = load_file(os.path.join(out, "model.safetensors"))
+    pre = "model.layers.1.mlp.down_proj"
+    layer = torch.nn.Module()
+    for n in ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up"):
+        t = q[f"{pre}.{n}"]
+        setattr(layer, n, torch.nn.Parameter(t if n == "weight_packed" else t.float(), requires_grad=False))
+    c = TwinQuantLayerConfig(in_features=1536, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float32,
+                             activation_bits=4, online_hadamard=fmt.hadamard_block_size(1536))
+    assert c.online_hadamard == 512 and not TritonTwinQuantKernel.can_implement(c)[0]
+    x = torch.randn(5, 1536)
+    y = TorchTwinQuantKernel(c).apply(layer, x, None).double()
+    xh = fmt.apply_online_hadamard(x.double())
+    deq = fmt.dequantize_residual(q[f"{pre}.weight_packed"], q[f"{pre}.weight_scale"], 64, torch.float64)
+    low = xh @ q[f"{pre}.lowrank_down"].double().T @ q[f"{pre}.lowrank_up"].double().T
+    want = fmt.quantize_activations(xh, 4) @ deq.T + low
+    assert ((y - want).norm() / want.norm()).item() < 1e-5
+    unquantized = x.double() @ fmt.effective_weights(q, 64, spec.online_hadamard)[f"{pre}.weight"].double().T
+    rel = ((y - unquantized).norm() / unquantized.norm()).item()
+    assert 1e-3 < rel < 0.3, rel  # 4-bit inputs change the output, but only by quantization noise

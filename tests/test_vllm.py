@@ -54,7 +54,8 @@ def _reference_model(tiny_dense, tiny_tq):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)
     q = load_file(os.path.join(tiny_tq, "model.safetensors"))
-    _, unexpected = model.load_state_dict(fmt.effective_weights(q, fmt.load_spec(tiny_tq).group_size), strict=False)
+    spec = fmt.load_spec(tiny_tq)
+    _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size, spec.online_hadamard), strict=False)
     assert not unexpected
     return model.eval()
 

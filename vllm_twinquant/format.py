@@ -43,6 +43,7 @@ QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, LOWRANK_DOWN, LOWRANK_UP)
 
 PACK_FACTOR = 8  # 4-bit codes per int32
 SUPPORTED_WEIGHT_BITS = (4,)
+SUPPORTED_ACTIVATION_BITS = (16, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -78,6 +79,7 @@ class TwinQuantSpec:
     lowrank_dtype: str = "bfloat16"
     scale_dtype: str = "float16"
     activation_bits: int = 16
+    online_hadamard: list[str] = field(default_factory=list)
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str = "svd-gptq"
     format_version: int = FORMAT_VERSION
@@ -104,10 +106,15 @@ class TwinQuantSpec:
                 "quantization_config.symmetric = false: format v1 stores symmetric residuals "
                 "only (no zero points)"
             )
-        if self.activation_bits != 16:
+        if self.activation_bits not in SUPPORTED_ACTIVATION_BITS:
             raise TwinQuantFormatError(
-                f"quantization_config.activation_bits = {self.activation_bits!r}: format v1 "
-                "serves 16-bit activations (W4A16)"
+                f"quantization_config.activation_bits = {self.activation_bits!r}: expected one of "
+                f"{list(SUPPORTED_ACTIVATION_BITS)} (16: W4A16; 4: the residual's input quantized per token)"
+            )
+        if not isinstance(self.online_hadamard, list) or not all(isinstance(m, str) and m for m in self.online_hadamard):
+            raise TwinQuantFormatError(
+                f"quantization_config.online_hadamard = {self.online_hadamard!r}: expected a list of module "
+                "names, e.g. [\"o_proj\", \"down_proj\"]"
             )
         for name, r in [("rank", self.rank), *self.rank_overrides.items()]:
             if not isinstance(r, int) or r < 0:
@@ -149,6 +156,11 @@ class TwinQuantSpec:
                 if parts[i : i + len(sp)] == sp:
                     return True
         return False
+
+    def has_online_hadamard(self, module_name: str) -> bool:
+        """True when the layer's input is rotated online (its stored weights act on H x)."""
+        parts = module_name.split(".")
+        return any(parts[-len(m.split(".")):] == m.split(".") for m in self.online_hadamard)
 
     def rank_for(self, module_name: str) -> int:
         return int(self.rank_overrides.get(module_name, self.rank))
@@ -229,9 +241,51 @@ def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None
     return y
 
 
-def effective_weights(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+# -- W4A4: online input rotation and per-token activation quantization --------------------
+def hadamard_block_size(in_features: int) -> int:
+    """Block of the online Hadamard transform: the largest power of two dividing in_features."""
+    return in_features & -in_features
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix of order n (a power of two): symmetric, H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order {n} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)
+
+
+def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """x @ blockdiag(H_b, ..., H_b) over the last dimension, b = `block` or, by default,
+    hadamard_block_size(K) (the block is always that of the layer's full in_features: a
+    tensor-parallel shard of the input must hold whole blocks). Orthogonal and symmetric, so a
+    layer y = x W^T is served exactly as (x H) (W H)^T."""
+    k = x.shape[-1]
+    b = block or hadamard_block_size(k)
+    if k % b:
+        raise ValueError(f"online Hadamard block {b} does not divide {k} input columns")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = hadamard_matrix(b, work, x.device)
+    return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Symmetric per-token fake quantization: round(x / s) * s with s = max|x_token| / (2^(b-1) - 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    s = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    return (torch.round(xf / s).clamp(-qmax, qmax) * s).to(x.dtype)
+
+
+def effective_weights(tensors: dict[str, torch.Tensor], group_size: int,
+                      online_hadamard: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """`{layer}.weight` -> U @ D + deq(R) (float32) for every quantized layer in a checkpoint's
-    tensors: the dense weight a TwinQuant layer applies, for references outside vLLM."""
+    tensors: the dense weight a TwinQuant layer applies, for references outside vLLM. Layers
+    named in `online_hadamard` get the rotation folded back, (U D + deq(R)) H, so the result acts
+    on the unrotated input (activation quantization is not represented)."""
+    spec = TwinQuantSpec(online_hadamard=list(online_hadamard))
     out = {}
     for key in tensors:
         if not key.endswith("." + WEIGHT_PACKED):
@@ -240,6 +294,8 @@ def effective_weights(tensors: dict[str, torch.Tensor], group_size: int) -> dict
         w = dequantize_residual(tensors[key], tensors[f"{layer}.{WEIGHT_SCALE}"], group_size)
         if f"{layer}.{LOWRANK_DOWN}" in tensors:
             w = w + tensors[f"{layer}.{LOWRANK_UP}"].float() @ tensors[f"{layer}.{LOWRANK_DOWN}"].float()
+        if spec.has_online_hadamard(layer):
+            w = apply_online_hadamard(w)  # (W H) H = W, row by row
         out[f"{layer}.weight"] = w
     return out
 

@@ -27,6 +27,8 @@ class TwinQuantLayerConfig:
     rank: int  # low-rank width of every slot (0: residual only)
     group_size: int
     act_dtype: torch.dtype
+    activation_bits: int = 16  # 4: the residual's input is quantized per token (W4A4, simulated)
+    online_hadamard: int = 0  # block size of the Hadamard rotation applied to the input first (0: none)
 
     @property
     def out_features(self) -> int:
@@ -62,16 +64,24 @@ class TwinQuantKernel(ABC):
 
 
 class TorchTwinQuantKernel(TwinQuantKernel):
-    """Reference execution in torch; runs wherever torch does (vLLM's CPU backend)."""
+    """Reference execution in torch; runs wherever torch does (vLLM's CPU backend). The only
+    path for W4A4 checkpoints: the online Hadamard rotation and the per-token 4-bit quantization
+    of the residual's input are simulated in the activation dtype (no int4 GEMM yet); the
+    low-rank branch reads the unquantized (rotated) input, as in SVDQuant."""
 
     @classmethod
     def can_implement(cls, c):
+        if c.online_hadamard and c.in_features % c.online_hadamard:
+            return False, f"online Hadamard blocks of {c.online_hadamard} do not tile {c.in_features} input columns"
         return True, None
 
     def apply(self, layer, x, bias):
         c = self.config
+        if c.online_hadamard:
+            x = fmt.apply_online_hadamard(x, c.online_hadamard)
+        xr = fmt.quantize_activations(x, c.activation_bits) if c.activation_bits < 16 else x
         w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, c.group_size, x.dtype)
-        y = torch.nn.functional.linear(x, w, bias)
+        y = torch.nn.functional.linear(xr, w, bias)
         if c.rank:
             t = x @ layer.lowrank_down.t()
             bounds = (0, *c.slot_bounds, c.out_features)
@@ -90,6 +100,8 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, "needs CUDA"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
             return False, f"activations in {c.act_dtype}; the kernel takes fp16/bf16"
+        if c.activation_bits != 16 or c.online_hadamard:
+            return False, "W4A4 (activation_bits 4, online Hadamard) has no Triton kernel yet"
         if len(c.slot_sizes) > 3:
             return False, "more than three sub-layers in one merged layer"
         if c.rank and len(c.slot_sizes) > 1:

@@ -157,8 +157,15 @@ class TwinQuantLinearMethod(LinearMethodBase):
                     data=torch.zeros(n, rank, dtype=spec.lowrank_torch_dtype), weight_loader=wl,
                 ),
             )
+        hadamard = fmt.hadamard_block_size(input_size) if spec.has_online_hadamard(self.prefix) else 0
+        if hadamard and k % hadamard:
+            raise ValueError(
+                f"{self.prefix}: the online Hadamard block {hadamard} does not divide "
+                f"this rank's {k} input columns; use a smaller tensor-parallel size"
+            )
         layer.twinquant_config = TwinQuantLayerConfig(
-            in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype
+            in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype,
+            activation_bits=spec.activation_bits, online_hadamard=hadamard,
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

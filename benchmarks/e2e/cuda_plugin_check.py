@@ -46,7 +46,7 @@ def effective_model(dense: str, tq: str):
     for fn in sorted(os.listdir(tq)):
         if fn.endswith(".safetensors"):
             q.update(load_file(os.path.join(tq, fn), device="cuda"))
-    _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size), strict=False)
+    _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size, spec.online_hadamard), strict=False)
     assert not unexpected, unexpected
     return model
 
