@@ -30,13 +30,18 @@ def kernels(path="benchmarks/results/kernels_h100.json", ms=None, ranks=None):
 def accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
     rows = [json.loads(l) for l in open(path) if l.strip()]
     base = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
-    print("| checkpoint | method | group | rank | effective bits/weight | perplexity | vs dense |")
-    print("|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["effective_bits"] < 16, r["effective_bits"], -r["ppl"])):
+    print("| checkpoint | method | group | rank | activations | effective bits/weight | perplexity | vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (_act_bits(r) < 16, r["effective_bits"] < 16, r["effective_bits"], -r["ppl"])):
         rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base and r["recipe"] != "dense" else ""
         print(f"| {r['label']} | {METHODS.get(r['recipe'], r['recipe'])} | {r['group_size'] or ''} | "
-              f"{r['rank'] if r['rank'] is not None else ''} | "
+              f"{r['rank'] if r['rank'] is not None else ''} | {_act_bits(r)} | "
               f"{r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
+
+
+def _act_bits(r) -> int:
+    """W4A4 checkpoints carry it in their recipe name (quantizer: a4-hadamard-...)."""
+    return 4 if r["recipe"].startswith("a4-") else 16
 
 
 METHODS = {  # recipe (quantization_config.recipe) -> method column
@@ -48,6 +53,9 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-random-gptq": "random rotation + GPTQ (QuaRot-like)",
     "rot-learned-smooth-gptq": "TwinQuant (rank 0: transforms only)",
     "rot-learned-smooth-learned-split-gptq": "TwinQuant",
+    "a4-hadamard-rot-learned-smooth-learned-split-gptq": "TwinQuant W4A4 (+ online Hadamard)",
+    "a4-hadamard-rtn": "RTN W4A4 (online Hadamard only)",
+    "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
 }
 
 
@@ -59,7 +67,7 @@ def accuracy_json(path="benchmarks/results/accuracy_smollm2.jsonl", out="benchma
         dense = r["recipe"] == "dense"
         recs.append({
             "method": METHODS.get(r["recipe"], r["recipe"]), "label": r["label"], "recipe": r["recipe"],
-            "weight_bits": 16 if dense else 4, "activation_bits": 16, "rank": r["rank"] or 0,
+            "weight_bits": 16 if dense else 4, "activation_bits": _act_bits(r), "rank": r["rank"] or 0,
             "group_size": r["group_size"], "effective_bits": round(r["effective_bits"], 4),
             "ppl": r["ppl"], "ppl_bf16": base, "tokens": r["tokens"], "compute_dtype": r["dtype"],
         })

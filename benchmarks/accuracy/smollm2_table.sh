@@ -30,4 +30,9 @@ q twinquant-r4-g64 --rank 4 --group-size 64 --twinquant --rotation-steps 30
 q twinquant-r8-g64 --rank 8 --group-size 64 --twinquant --rotation-steps 30
 q split-only-r8-g64 --rank 8 --group-size 64 --refine-iters 4
 q rot-random-r0-g64 --rank 0 --group-size 64 --rotation random
+# calibration size (default 64 windows of 256 tokens; 128 was started and stopped for CPU time)
+q twinquant-r4-g64-calib16 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --nsamples 16
+# W4A4: per-token 4-bit inputs of the residual product, online Hadamard before o_proj/down_proj
+q twinquant-r4-g64-w4a4 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --activation-bits 4
+q gptq-g64-w4a4 --residual gptq --rank 0 --group-size 64 --activation-bits 4
 python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"
