@@ -14,9 +14,11 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   epilogue. Decode (M <= GEMV_MAX_M) uses a one-row-per-program kernel that streams whole
   int32 words and turns a nibble into a float with one shift and one bit-select (the code
   becomes the mantissa of 1 + q/16; the constant part is removed per word from the sum of
-  x); larger M a tensor-core tile kernel that dequantizes tiles in registers.
-* ``tq_linear``: what the plugin calls; above LARGE_M_THRESHOLD tokens it dequantizes into a
-  transient buffer and runs both components as one cuBLAS GEMM.
+  x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
+  and PTX nibble conversion up to 16 tokens, MODE 0 above; split-K where the grid is small).
+* ``tq_linear``: what the plugin calls; above LARGE_M_THRESHOLD tokens (SMALL_LAYER_LARGE_M_THRESHOLD for
+  layers under 32 M weights) it dequantizes into a transient buffer and runs both components
+  as one cuBLAS GEMM.
 
 Why two launches rather than computing t inside every GEMM program: t needs the whole K
 reduction before the up projection, so a single launch must either re-read all of D in every
