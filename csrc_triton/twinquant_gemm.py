@@ -518,19 +518,17 @@ def tq_gemm(
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
-    common = (
-        x, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x, out,
-    )
+    operands = (x, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x)  # then y
     strides = (
         x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
-        ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0, out.stride(0),
-    )
+        ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
+    )  # then y's
     br = max(16, _next_pow2(r)) if has_lr else 16
     if len(config) == 4:
         bm, bn, bw, warps = config
         bn = min(bn, max_bn) if slot_bounds else bn
         _tq_gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            *common, m, n, k, r, b1, b2, num_splits, *strides,
+            *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
         )
@@ -546,7 +544,7 @@ def tq_gemm(
     y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     one, shift, exp = (0x3F80, 3, 0x4300) if x.dtype == torch.bfloat16 else (0x3C00, 6, 0x6400)
     _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-        *common[:-1], y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides[:-1], y.stride(0),
+        *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
         ONE=one, SHIFT=shift, EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,

@@ -9,7 +9,6 @@ A partial stand-in for the full 32-block comparison of issue 4, run when device 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,8 @@ def main():
         print(json.dumps({"make_s": round(t1 - t0, 1), "quantize_s": round(time.time() - t1, 1)}))
         return
     import torch
-    from vllm import LLM, SamplingParams
+    from e2e_h100 import bs1_ms_per_token, decode_profile_table, offline_throughput, random_prompts
+    from vllm import LLM
 
     t0 = time.time()
     kw = {"quantization": "twinquant"} if a.which == "tq" else {}
@@ -49,35 +49,16 @@ def main():
     rec = {"config": a.which, "layers": a.layers, "rank": a.rank if a.which == "tq" else None,
            "startup_s": round(time.time() - t0, 1)}
     g = torch.Generator().manual_seed(0)
-    p1 = {"prompt_token_ids": torch.randint(3, 32000, (32,), generator=g).tolist()}
-    sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate([p1], sp)
-    ts = []
-    for _ in range(3):
-        t0 = time.time()
-        o = llm.generate([p1], sp, use_tqdm=False)
-        ts.append((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids))
-    rec["bs1_ms_per_token"] = round(statistics.median(ts), 3)
+    p1 = random_prompts(g, 1, 32)[0]
+    rec["bs1_ms_per_token"] = bs1_ms_per_token(llm, p1)
     if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        sp64 = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            llm.generate([p1], sp64, use_tqdm=False)
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+        table = decode_profile_table(llm, p1, row_limit=30, width=70)
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"profile_decode_{a.which}.txt"), "w") as f:
             f.write(table)
         print(table[:6000])
         return
-    prompts = [{"prompt_token_ids": torch.randint(3, 32000, (512,), generator=g).tolist()} for _ in range(128)]
-    sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
-    t0 = time.time()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    dt = time.time() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    rec.update(out_tok_s=round(n_out / dt, 1), total_tok_s=round((n_out + 512 * len(prompts)) / dt, 1),
-               throughput_workload="128 prompts x 512 in, 256 out")
+    rec.update(offline_throughput(llm, random_prompts(g, 128, 512)), throughput_workload="128 prompts x 512 in, 256 out")
     print(json.dumps(rec))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"decode_partial_{a.which}.json"), "w") as f:

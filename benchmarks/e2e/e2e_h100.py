@@ -115,9 +115,53 @@ def cmd_make(a) -> None:
         json.dump(rec, f, indent=1)
 
 
+def random_prompts(gen, n: int, length: int) -> list[dict]:
+    import torch
+
+    return [{"prompt_token_ids": torch.randint(3, 32000, (length,), generator=gen).tolist()} for _ in range(n)]
+
+
+def _greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+
+
+def bs1_ms_per_token(llm, prompt: dict) -> float:
+    """Batch-1 decode: median of 3 runs of 256 tokens after one warm-up run."""
+    sp = _greedy(256)
+    llm.generate([prompt], sp, use_tqdm=False)
+    ts = []
+    for _ in range(3):
+        t0 = time.time()
+        o = llm.generate([prompt], sp, use_tqdm=False)
+        ts.append((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids))
+    return round(statistics.median(ts), 3)
+
+
+def offline_throughput(llm, prompts: list[dict]) -> dict:
+    """All prompts at once, 256 output tokens each, ignore_eos."""
+    t0 = time.time()
+    outs = llm.generate(prompts, _greedy(256), use_tqdm=False)
+    dt = time.time() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(p["prompt_token_ids"]) for p in prompts)
+    return {"out_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + n_in) / dt, 1), "throughput_s": round(dt, 1)}
+
+
+def decode_profile_table(llm, prompt: dict, row_limit: int = 25, width: int = 80) -> str:
+    """torch.profiler table (by device time) of 64 batch-1 decode steps; the engine must run in
+    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) for its kernels to show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], _greedy(64), use_tqdm=False)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=width)
+
+
 def cmd_one(a) -> None:
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     cfg = a.config
     path = os.path.join(a.workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
@@ -128,31 +172,12 @@ def cmd_one(a) -> None:
     rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None,
            "startup_s": round(time.time() - t0, 1)}
     g = torch.Generator().manual_seed(0)
-    p1 = {"prompt_token_ids": torch.randint(3, 32000, (32,), generator=g).tolist()}
-    sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate([p1], sp, use_tqdm=False)
-    ts = []
-    for _ in range(3):
-        t0 = time.time()
-        o = llm.generate([p1], sp, use_tqdm=False)
-        ts.append((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids))
-    rec["bs1_ms_per_token"] = round(statistics.median(ts), 3)
-    prompts = [{"prompt_token_ids": torch.randint(3, 32000, (512,), generator=g).tolist()} for _ in range(512)]
-    t0 = time.time()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    dt = time.time() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    rec.update(out_tok_s=round(n_out / dt, 1), total_tok_s=round((n_out + 512 * len(prompts)) / dt, 1),
-               throughput_s=round(dt, 1))
+    p1 = random_prompts(g, 1, 32)[0]
+    rec["bs1_ms_per_token"] = bs1_ms_per_token(llm, p1)
+    rec.update(offline_throughput(llm, random_prompts(g, 512, 512)))
     if a.profile is not None:  # `one --profile` (an empty list): the engine runs in this process then
-        from torch.profiler import ProfilerActivity, profile
-
-        sp64 = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            llm.generate([p1], sp64, use_tqdm=False)
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=80)
         with open(os.path.join(a.out, f"profile_decode_{cfg}.txt"), "w") as f:
-            f.write(table)
+            f.write(decode_profile_table(llm, p1))
     print("RECORD " + json.dumps(rec), flush=True)
 
 
