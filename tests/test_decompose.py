@@ -1,8 +1,9 @@
 """The decomposition math on random data with a realistic (correlated, outlier) input distribution."""
 
+import pytest
 import torch
 
-from offline_quantizer.decompose import decompose, quantize_gptq, quantize_rtn
+from offline_quantizer.decompose import decompose, quantize_gptq, quantize_rtn, top_singular_triplets
 
 
 def _data(n=96, k=256, seed=0):
@@ -46,3 +47,18 @@ def test_lowrank_reduces_error_and_is_deterministic():
     for weighting in ("none", "hessian"):
         dw = decompose(w, 16, 64, torch.float16, torch.bfloat16, h, weighting=weighting)
         assert _out_err(dw.dequantized(), w, x) < e0
+
+
+@pytest.mark.parametrize("shape,rank", [((48, 160), 8), ((160, 48), 8), ((40, 24), 64)])
+def test_top_singular_triplets_match_a_full_svd(shape, rank):
+    g = torch.Generator().manual_seed(3)
+    # a decaying spectrum, as trained weights have, so the kept subspace is well defined
+    a = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -2, shape[1])) @ torch.randn(shape[1], shape[1], generator=g)
+    u, s, vh = top_singular_triplets(a, rank)
+    u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
+    r = min(rank, min(shape))
+    assert u.shape == (shape[0], r) and s.shape == (r,) and vh.shape == (r, shape[1])
+    assert torch.allclose(s.double(), s0[:r], rtol=1e-5, atol=1e-6 * float(s0[0]))
+    best = (u0[:, :r] * s0[:r]) @ vh0[:r]
+    assert float(((u * s) @ vh).double().sub(best).norm() / best.norm()) < 1e-5
+    assert torch.allclose(u.t() @ u, torch.eye(r), atol=1e-4)

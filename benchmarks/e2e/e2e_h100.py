@@ -7,10 +7,16 @@ on the GPU; never zeros).
     # 2. one engine per config, each in its own process
     python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 --out $OUT
            [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
+    # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64
+    python benchmarks/e2e/e2e_h100.py serve --workdir W --configs bf16 tq_r64 --out $OUT
 
 Per config: engine start time; batch-1 decode latency (median of 3 runs of 256 tokens after a
 warm-up); offline throughput, 512 prompts x 512 random input tokens, 256 output tokens,
 ignore_eos, vLLM defaults (torch.compile + CUDA graphs). Records go to $OUT/e2e_<config>.json.
+Serving: one OpenAI-API server per config; `vllm bench serve` with random 512-token prompts,
+256 output tokens, ignore_eos, at each concurrency (4 x concurrency prompts, at least 8): TTFT,
+TPOT, output tokens/s ($OUT/serve_<config>.json). The checkpoints carry a synthetic word-level
+tokenizer (token i <-> the word "t<i>"), so random prompts keep their exact token counts.
 The TwinQuant checkpoints are made with `twinquant-quantize --residual rtn --lowrank-weighting
 none` and 8 x 128 random calibration tokens: speed depends on the format, not on the values,
 and GPTQ's Hessian pass over 32 blocks does not fit the device time (its time on 6 blocks is
@@ -34,34 +40,54 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def make_dense(path: str, layers: int, vocab: int) -> None:
+SHAPES = {  # hidden, MLP, heads, kv heads, head dim
+    "llama3-8b": (4096, 14336, 32, 8, 128),
+    "tiny": (256, 512, 4, 2, 64),  # a CPU smoke test of this script
+}
+
+
+def write_word_tokenizer(path: str, vocab: int) -> None:
+    """A word-level tokenizer whose token i is the word "t<i>": decode + encode of any id list is
+    the identity, so `vllm bench serve`'s random prompts keep their exact lengths."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(path)
+
+
+def make_dense(path: str, layers: int, vocab: int, shape: str = "llama3-8b", device: str = "cuda") -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+    hidden, mlp, heads, kv, head_dim = SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=8192,
                       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
                       eos_token_id=2)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")
+    write_word_tokenizer(path, vocab)
 
 
-def write_gptq(dense: str, out: str) -> None:
+def write_gptq(dense: str, out: str, device: str = "cuda") -> None:
     """GPTQ-format (v1, sym, desc_act=False) W4A16 g128 checkpoint of the same weights, RTN."""
     import torch
     from safetensors.torch import load_file, save_file
 
     os.makedirs(out, exist_ok=True)
-    shifts = 4 * torch.arange(8, device="cuda", dtype=torch.int64)
+    shifts = 4 * torch.arange(8, device=device, dtype=torch.int64)
     for fn in sorted(os.listdir(dense)):
         src = os.path.join(dense, fn)
         if not fn.endswith(".safetensors"):
             if os.path.isfile(src) and fn != "config.json":
                 subprocess.run(["cp", src, os.path.join(out, fn)], check=True)
             continue
-        sd = load_file(src, device="cuda")
+        sd = load_file(src, device=device)
         res = {}
         for name, w in sd.items():
             if not (name.endswith(".weight") and any(f".{lin}." in name for lin in LINEARS)):
@@ -75,8 +101,8 @@ def write_gptq(dense: str, out: str) -> None:
             packed = (q.reshape(k // 8, 8, n) << shifts[None, :, None]).sum(1)
             res[pre + ".qweight"] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
             res[pre + ".scales"] = s.t().contiguous().half()
-            res[pre + ".qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device="cuda")  # zero 8, stored as 8 - 1
-            res[pre + ".g_idx"] = (torch.arange(k, device="cuda", dtype=torch.int32) // GROUP)
+            res[pre + ".qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device=device)  # zero 8, stored as 8 - 1
+            res[pre + ".g_idx"] = (torch.arange(k, device=device, dtype=torch.int32) // GROUP)
         save_file({a: b.contiguous().cpu() for a, b in res.items()}, os.path.join(out, fn), metadata={"format": "pt"})
     with open(os.path.join(dense, "config.json")) as f:
         cfg = json.load(f)
@@ -93,7 +119,7 @@ def cmd_make(a) -> None:
     rec = {"layers": a.layers, "vocab": a.vocab}
     t0 = time.time()
     if not os.path.exists(os.path.join(dense, "config.json")):
-        make_dense(dense, a.layers, a.vocab)
+        make_dense(dense, a.layers, a.vocab, a.shape, a.device)
     rec["make_dense_s"] = round(time.time() - t0, 1)
     procs = {}
     for r in a.ranks:  # quantize every rank concurrently with the GPTQ conversion
@@ -102,9 +128,9 @@ def cmd_make(a) -> None:
             [sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output",
              os.path.join(a.workdir, f"tq_r{r}"), "--random-calibration", "--nsamples", "8", "--seqlen", "128",
              "--residual", "rtn", "--lowrank-weighting", "none", "--group-size", str(GROUP), "--rank", str(r),
-             "--device", "cuda"], stdout=log, stderr=subprocess.STDOUT))
+             "--device", a.device], stdout=log, stderr=subprocess.STDOUT))
     t0 = time.time()
-    write_gptq(dense, os.path.join(a.workdir, "gptq"))
+    write_gptq(dense, os.path.join(a.workdir, "gptq"), a.device)
     rec["write_gptq_s"] = round(time.time() - t0, 1)
     for r, (t0, p) in procs.items():
         if p.wait():
@@ -159,15 +185,20 @@ def decode_profile_table(llm, prompt: dict, row_limit: int = 25, width: int = 80
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=width)
 
 
+def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
+    """Checkpoint folder and extra engine arguments of one config."""
+    path = os.path.join(workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
+    return path, {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(cfg, {"quantization": "twinquant"})
+
+
 def cmd_one(a) -> None:
     import torch
     from vllm import LLM
 
     cfg = a.config
-    path = os.path.join(a.workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
-    kw = {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(cfg, {"quantization": "twinquant"})
+    path, kw = engine_args(a.workdir, cfg)
     t0 = time.time()
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.85,
+    llm = LLM(model=path, dtype=a.dtype, max_model_len=1024, gpu_memory_utilization=a.gpu_memory_utilization,
               skip_tokenizer_init=True, seed=0, **kw)
     rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None,
            "startup_s": round(time.time() - t0, 1)}
@@ -184,7 +215,8 @@ def cmd_one(a) -> None:
 def cmd_bench(a) -> None:
     os.makedirs(a.out, exist_ok=True)
     for cfg in a.configs:
-        args = [sys.executable, os.path.abspath(__file__), "one", "--workdir", a.workdir, "--config", cfg, "--out", a.out]
+        args = [sys.executable, os.path.abspath(__file__), "one", "--workdir", a.workdir, "--config", cfg, "--out", a.out,
+                "--dtype", a.dtype, "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
         env = dict(os.environ)
         if cfg in (a.profile or []):
             args.append("--profile")
@@ -205,9 +237,91 @@ def cmd_bench(a) -> None:
             json.dump(rec, f, indent=1)
 
 
+def _wait_ready(url: str, proc, timeout_s: float) -> None:
+    import urllib.request
+
+    t_end = time.time() + timeout_s
+    while time.time() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
+
+
+def bench_serve(base_url: str, model: str, concurrency: int, n_prompts: int, in_len: int, out_len: int,
+                result_dir: str, name: str) -> dict:
+    """`vllm bench serve` (its module, so it also runs where the `vllm` console script does not)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as serve_main
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # older vLLM
+        from vllm.utils import FlexibleArgumentParser
+
+    p = FlexibleArgumentParser()
+    add_cli_args(p)
+    args = p.parse_args(["--backend", "vllm", "--base-url", base_url, "--model", model, "--dataset-name", "random",
+                         "--random-input-len", str(in_len), "--random-output-len", str(out_len),
+                         "--num-prompts", str(n_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+                         "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+                         "--save-result", "--result-dir", result_dir, "--result-filename", name, "--disable-tqdm"])
+    serve_main(args)
+    with open(os.path.join(result_dir, name)) as f:
+        r = json.load(f)
+    keep = ("completed", "duration", "total_output_tokens", "output_throughput", "total_token_throughput",
+            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+            "median_itl_ms", "median_e2el_ms")
+    return {"concurrency": concurrency, "num_prompts": n_prompts, **{k: r[k] for k in keep if k in r}}
+
+
+def cmd_serve(a) -> None:
+    """One `vllm serve` per config (OpenAI API server, vLLM defaults), `vllm bench serve` at each
+    concurrency against it."""
+    os.makedirs(a.out, exist_ok=True)
+    for cfg in a.configs:
+        path, kw = engine_args(a.workdir, cfg)
+        port = 8000 + a.configs.index(cfg)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(port),
+               "--dtype", a.dtype, "--max-model-len", "1024", "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+               "--seed", "0"]
+        if "quantization" in kw:
+            cmd += ["--quantization", kw["quantization"]]
+        log_path = os.path.join(a.out, f"serve_{cfg}.log")
+        rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None, "server_cmd": " ".join(cmd[1:])}
+        t0 = time.time()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}", proc, a.server_timeout)
+                rec["startup_s"] = round(time.time() - t0, 1)
+                rec["runs"] = []
+                for c in a.concurrency:
+                    n = max(8, 4 * c)
+                    rec["runs"].append(bench_serve(f"http://127.0.0.1:{port}", path, c, n, a.input_len, a.output_len,
+                                                   a.out, f"bench_serve_{cfg}_c{c}.json"))
+                    print(cfg, json.dumps(rec["runs"][-1]), flush=True)
+            except Exception as e:  # keep going with the next config; the log says why
+                rec["error"] = repr(e)
+                print(f"{cfg}: FAILED {e!r}; see {log_path}", flush=True)
+            finally:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+        with open(os.path.join(a.out, f"serve_{cfg}.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=("make", "bench", "one"))
+    ap.add_argument("stage", choices=("make", "bench", "one", "serve"))
     ap.add_argument("--workdir", default="/tmp/e2e")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=32)
@@ -216,8 +330,16 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["bf16", "fp8", "gptq", "tq_r0", "tq_r32", "tq_r64"])
     ap.add_argument("--config")
     ap.add_argument("--profile", nargs="*")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--device", default="cuda", help="where make builds and quantizes")
+    ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the engines (float16 on the CPU)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--server-timeout", type=float, default=420)
     a = ap.parse_args()
-    {"make": cmd_make, "bench": cmd_bench, "one": cmd_one}[a.stage](a)
+    {"make": cmd_make, "bench": cmd_bench, "one": cmd_one, "serve": cmd_serve}[a.stage](a)
 
 
 if __name__ == "__main__":
