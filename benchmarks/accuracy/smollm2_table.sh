@@ -34,7 +34,8 @@ q rot-random-r0-g64 --rank 0 --group-size 64 --rotation random
 q rot-split-r4-g64 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --refine-iters 4
 q smooth-split-r4-g64 --rank 4 --group-size 64 --smoothing learned --refine-iters 4
 q rot-smooth-svd-r4-g64 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30
-# calibration size (default 64 windows of 256 tokens; 128 was started and stopped for CPU time)
+# calibration size (default 64 windows of 256 tokens)
+q rot-smooth-svd-r4-g64-calib128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128
 q twinquant-r4-g64-calib16 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --nsamples 16
 # W4A4: per-token 4-bit inputs of the residual product, online Hadamard before o_proj/down_proj
 q twinquant-r4-g64-w4a4 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --activation-bits 4
