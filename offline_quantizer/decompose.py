@@ -129,10 +129,9 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
 def top_singular_triplets(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `rank` largest singular triplets (U_r, S_r, V_r^T) of `a`, float32.
 
-    Through the eigendecomposition of the smaller Gram matrix in float64 instead of a full SVD:
-    on a 4096 x 14336 layer that is ~4x faster on the CPU and avoids cuSOLVER's slow gesvd on the
-    GPU. float64 keeps the top triplets exact to ~1e-7 of the largest singular value (squaring
-    the spectrum only hurts the smallest ones, which are never kept)."""
+    Through the eigendecomposition of the smaller Gram matrix in float64 instead of a full SVD
+    (1024 x 3584 on a 2-core CPU: 0.36 s vs 1.40 s). float64 keeps the top singular values within
+    ~1e-6 of the largest one (squaring the spectrum only hurts the smallest ones, never kept)."""
     a64 = a.double()
     wide = a64.shape[0] <= a64.shape[1]
     g = a64 @ a64.t() if wide else a64.t() @ a64

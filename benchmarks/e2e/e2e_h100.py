@@ -185,6 +185,10 @@ def decode_profile_table(llm, prompt: dict, row_limit: int = 25, width: int = 80
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=width)
 
 
+def config_rank(cfg: str) -> int | None:
+    return int(cfg[4:]) if cfg.startswith("tq_") else None
+
+
 def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
     """Checkpoint folder and extra engine arguments of one config."""
     path = os.path.join(workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
@@ -200,8 +204,7 @@ def cmd_one(a) -> None:
     t0 = time.time()
     llm = LLM(model=path, dtype=a.dtype, max_model_len=1024, gpu_memory_utilization=a.gpu_memory_utilization,
               skip_tokenizer_init=True, seed=0, **kw)
-    rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None,
-           "startup_s": round(time.time() - t0, 1)}
+    rec = {"config": cfg, "rank": config_rank(cfg), "startup_s": round(time.time() - t0, 1)}
     g = torch.Generator().manual_seed(0)
     p1 = random_prompts(g, 1, 32)[0]
     rec["bs1_ms_per_token"] = bs1_ms_per_token(llm, p1)
@@ -284,16 +287,16 @@ def cmd_serve(a) -> None:
     """One `vllm serve` per config (OpenAI API server, vLLM defaults), `vllm bench serve` at each
     concurrency against it."""
     os.makedirs(a.out, exist_ok=True)
-    for cfg in a.configs:
+    for i, cfg in enumerate(a.configs):
         path, kw = engine_args(a.workdir, cfg)
-        port = 8000 + a.configs.index(cfg)
+        port = 8000 + i
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(port),
                "--dtype", a.dtype, "--max-model-len", "1024", "--gpu-memory-utilization", str(a.gpu_memory_utilization),
                "--seed", "0"]
         if "quantization" in kw:
             cmd += ["--quantization", kw["quantization"]]
         log_path = os.path.join(a.out, f"serve_{cfg}.log")
-        rec = {"config": cfg, "rank": int(cfg[4:]) if cfg.startswith("tq_") else None, "server_cmd": " ".join(cmd[1:])}
+        rec = {"config": cfg, "rank": config_rank(cfg), "server_cmd": " ".join(cmd[1:])}
         t0 = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -6,11 +6,11 @@ three calls each, for profiling on the GPU host. How benchmarks/results/profiles
     ncu --kernel-name regex:_tq_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section WarpStateStats python3 benchmarks/kernels/profile_kernels.py
-    # v3 (tile kernel MODE 4 at M=16, MODE 0 at M=64/128, rank 64, beside cuBLAS):
+    # v3 (tile kernel MODE 4 at M=16, MODE 0 at M=64/256, rank 64, beside cuBLAS):
     ncu --profile-from-start off --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section SourceCounters --section Occupancy --section LaunchStats \
-        python3 benchmarks/kernels/profile_kernels.py --ms 1 16 64 128 --rank 64 --calls 1 --bf16
+        --section Occupancy --section LaunchStats \
+        python3 benchmarks/kernels/profile_kernels.py --ms 1 16 64 256 --rank 64 --calls 1 --bf16
 """
 
 import argparse
