@@ -15,10 +15,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   int32 words and turns a nibble into a float with one shift and one bit-select (the code
   becomes the mantissa of 1 + q/16; the constant part is removed per word from the sum of
   x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
-  and PTX nibble conversion up to 16 tokens, MODE 0 above; split-K where the grid is small).
-* ``tq_linear``: what the plugin calls; above LARGE_M_THRESHOLD tokens (SMALL_LAYER_LARGE_M_THRESHOLD for
-  layers under 32 M weights) it dequantizes into a transient buffer and runs both components
-  as one cuBLAS GEMM.
+  and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
+  -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small).
+* ``tq_linear``: what the plugin calls; above `dequant_threshold` tokens (64-256, by layer
+  size) it dequantizes into a transient buffer and runs both components as one cuBLAS GEMM.
 
 Why two launches rather than computing t inside every GEMM program: t needs the whole K
 reduction before the up projection, so a single launch must either re-read all of D in every
@@ -54,11 +54,19 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _lowrank_down_kernel(
     x_ptr, d_ptr, ws_ptr,
     M, K, RT, k_per_split,
     stride_xm, stride_dr, stride_ws_s, stride_ws_m,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -76,15 +84,12 @@ def _lowrank_down_kernel(
         d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_k[None, :],
                     mask=(offs_r[:, None] < RT) & kmask[None, :], other=0.0)
         acc += _dot(x, tl.trans(d), UPCAST)
-    tl.store(ws_ptr + pid_s * stride_ws_s + offs_m[:, None] * stride_ws_m + offs_r[None, :], acc,
-             mask=(offs_m[:, None] < M) & (offs_r[None, :] < RT))
-
-
-@triton.jit
-def _code_as_float(q, ONE: tl.constexpr, SHIFT: tl.constexpr, act: tl.constexpr):
-    """Codes q in 0..15 as v = 1 + q/16 in the activation dtype: q is OR-ed into the top
-    mantissa bits of 1.0 (exact: 4 of 7/10 mantissa bits), two integer ops and no I2F."""
-    return ((q << SHIFT) | ONE).to(tl.int16).to(act, bitcast=True)
+    ptrs = ws_ptr + pid_s * stride_ws_s + offs_m[:, None] * stride_ws_m + offs_r[None, :]
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < RT)
+    if ATOMIC:  # (stride_ws_s is 0: every slice adds into the one zeroed slice)
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
 
 
 # Two nibble planes of a pair of words in four PTX instructions per output register: a shift,
@@ -123,6 +128,48 @@ def _plane_pair(p, J: tl.constexpr, EXP: tl.constexpr, ASM: tl.constexpr, act: t
     return lo, hi
 
 
+# MODE 7: bits 0-3 of two words as (q - 8) * s in the activation dtype, for any pair of
+# elements (Triton pairs consecutive registers when pack=2, and packs two 16-bit inputs into
+# one register: $3 holds both scales). LOP3 puts the nibble under the exponent of 128 (bf16
+# 0x4300) or 1024 (fp16 0x6400), the float E + q exactly; fma with 1.0 subtracts E + 8 (exact),
+# fma with -0.0 multiplies by the scale (one rounding). fma.rn.bf16x2 runs from sm_80; add and
+# mul of bf16x2 would need sm_90.
+_LOW_NIBBLE_SCALED_PTX = """
+{
+.reg .b32 ta, tb, v, one, cst, nz;
+mov.b32 one, ONE2;
+mov.b32 cst, OFFSET2;
+mov.b32 nz, 0x80008000;
+lop3.b32 ta, $1, 0x0000000F, EXP1, 0xEA;
+lop3.b32 tb, $2, 0x0000000F, EXP1, 0xEA;
+prmt.b32 v, ta, tb, 0x5410;
+fma.rn.TYPE v, v, one, cst;
+fma.rn.TYPE $0, v, $3, nz;
+}
+"""
+_LOW_PTX_BF16 = tl.constexpr(_LOW_NIBBLE_SCALED_PTX.replace("TYPE", "bf16x2").replace(
+    "ONE2", "0x3F803F80").replace("OFFSET2", "0xC308C308").replace("EXP1", "0x4300"))
+_LOW_PTX_FP16 = tl.constexpr(_LOW_NIBBLE_SCALED_PTX.replace("TYPE", "f16x2").replace(
+    "ONE2", "0x3C003C00").replace("OFFSET2", "0xE408E408").replace("EXP1", "0x6400"))
+
+
+@triton.jit
+def _scaled_low_nibble(p, s, EXP: tl.constexpr, ASM: tl.constexpr, act: tl.constexpr):
+    """(q - 8) * s in the activation dtype for q = bits 0-3 of every word of p; s (already in
+    that dtype) broadcasts against p. One rounding, as a dequantized weight."""
+    if ASM:
+        s = tl.broadcast_to(s, p.shape)
+        if EXP == 0x4300:
+            w = tl.inline_asm_elementwise(_LOW_PTX_BF16, "=r,r,r,r", [p, s], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+        else:
+            w = tl.inline_asm_elementwise(_LOW_PTX_FP16, "=r,r,r,r", [p, s], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+    else:
+        w = (((p & 0xF) - 8).to(tl.float32) * s.to(tl.float32)).to(act)
+    return w
+
+
 @triton.jit
 def _tq_gemm_kernel(
     x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
@@ -132,25 +179,25 @@ def _tq_gemm_kernel(
     HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, MODE: tl.constexpr,
-    ONE: tl.constexpr, SHIFT: tl.constexpr, EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr,
+    EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Tensor-core tile kernel (M > GEMV_MAX_M): y[BM, BN] = x[BM, :] @ deq(R)[BN, :]^T, x in
-    its natural column order. BLOCK_K divides the group, so each step has one scale per output
-    row: the dots run on the exact codes, held as floats with no mantissa rounding, and the
-    scale multiplies their fp32 result after the constant part is removed with sum_k x_k.
+    its natural column order. BLOCK_K divides the group, so a step has one scale per output row.
 
-    MODE 0 (codes as v = 1 + q/16, `_code_as_float`; sum_k x_k (q_k - 8) = 16 x.v - 24 sum x): the words of a step are loaded once
-      and their nibbles spread over the columns of their chunk (`repack` layout) by a broadcast
-      and a reshape; one dot x[BM, BK] @ v[BN, BK]^T. Fastest from M ~ 32 on.
-    MODE 4 (BLOCK_K a multiple of 128; codes as v = E + q, E = 128 bf16 / 1024 fp16;
+    MODE 7 (M > 16): x[BM, BK] @ w[BN, BK]^T with w = (q - 8) * s already in the activation
+      dtype: the words of a step are loaded once, their nibbles spread over the columns of
+      their chunk (`repack` layout) by a broadcast and a reshape, and turned into scaled
+      floats two at a time in PTX (`_scaled_low_nibble`). Nothing is left for the epilogue of
+      a step, so the MMA accumulates straight into acc across steps (Hopper: an asynchronous
+      wgmma with both operands in shared memory; Triton stages w there).
+    MODE 4 (M <= 16; BLOCK_K a multiple of 128; codes as v = E + q, E = 128 bf16 / 1024 fp16;
       sum_k x_k (q_k - 8) = x.v - (E + 8) sum x): no reshape. The operands are
       swapped, acc^T[BN, BM] = deq(R) x^T, so the codes are the register operand and the tokens
       the narrow side of the MMA; nibble planes j and j + 4 of the words [BN, BK/8] become
       floats two words at a time in four PTX instructions (`_plane_pair`), and each plane meets
       the activation columns it holds (runs of CHUNK_W read straight from x): eight dots with
-      K = BK/8 per step. Fastest at M <= 16.
-    (MODE 1-3, tried and removed, are in benchmarks/kernels/README.md; the numbers match the
-    sweep records.)
+      K = BK/8 per step, the scale applied to their fp32 sum.
+    (MODE 0-3, 5 and 6, tried and removed, are in benchmarks/kernels/README.md with their numbers.)
     SPLIT_K > 1: program (tile, s) reduces K-slice s and adds into an fp32 y (zeroed by the
     caller); split 0 adds the low-rank term and the bias."""
     pid = tl.program_id(0)
@@ -176,7 +223,8 @@ def _tq_gemm_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    if MODE == 4:
+    SWAP: tl.constexpr = MODE == 4
+    if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -184,17 +232,8 @@ def _tq_gemm_kernel(
         offs_w = k0 // 8 + tl.arange(0, WORDS)
         w_mask = offs_w < k_hi // 8
         p = tl.load(q_rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-        s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-        if MODE == 0:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < k_hi), other=0.0)
-            p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
-            q = (p >> (tl.arange(0, 8) * 4)[None, None, :, None]) & 0xF  # [BN, chunk, j, l]
-            v = _code_as_float(tl.reshape(q, (BLOCK_N, BLOCK_K)), ONE, SHIFT, act)  # col c*CHUNK + j*CHUNK_W + l
-            part = _dot(x, tl.trans(v), UPCAST)
-            xs = tl.sum(x.to(tl.float32), axis=1)
-            acc += (16.0 * part - 24.0 * xs[:, None]) * s[None, :]
-        else:
+        if MODE == 4:
+            s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
             col = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W  # column of nibble 0 of each word
             col = tl.max_contiguous(tl.multiple_of(col, CHUNK_W), CHUNK_W)
             xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -209,6 +248,14 @@ def _tq_gemm_kernel(
                 xs += tl.sum(xj.to(tl.float32), axis=1)
             e_plus_8 = 136.0 if EXP == 0x4300 else 1032.0
             acc += (part - e_plus_8 * xs[None, :]) * s[:, None]
+        else:
+            s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(act)
+            p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
+            p = p >> (tl.arange(0, 8) * 4)[None, None, :, None]  # nibble j of [BN, chunk, j, l] at bits 0-3
+            w = _scaled_low_nibble(tl.reshape(p, (BLOCK_N, BLOCK_K)), s[:, None], EXP, ASM, act)  # col c*CHUNK + j*CHUNK_W + l
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < k_hi), other=0.0)
+            acc = _dot_acc(xk, tl.trans(w), acc, UPCAST)
 
     if pid_k == 0:
         if HAS_LOWRANK:
@@ -222,17 +269,17 @@ def _tq_gemm_kernel(
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(act)
-            if MODE == 4:
+            if SWAP:
                 acc += _dot(u, tl.trans(t.to(act)), UPCAST)
             else:
                 acc += _dot(t.to(act), tl.trans(u), UPCAST)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if MODE == 4:
+            if SWAP:
                 acc += bias[:, None]
             else:
                 acc += bias[None, :]
-    if MODE == 4:
+    if SWAP:
         y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
         y_mask = m_mask[None, :] & n_mask[:, None]
     else:
@@ -415,25 +462,28 @@ def pick_gemv_config(m: int, n: int) -> tuple[int, int, int, int]:
     raise AssertionError("unreachable")
 
 
-# Tile kernel, first row with M <= max M and N >= min N; BLOCK_K is
-# capped at the group size, BLOCK_N at the slot boundaries; split-K is added while the grid has
-# fewer than _MIN_PROGRAMS programs. From the H100 sweeps (benchmarks/kernels/README.md).
-_CONFIGS = [  # (max M, min N, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, MODE, max SPLIT_K)
-    (16, 0, 16, 64, 128, 4, 3, 4, 8),
-    (64, 16384, 64, 128, 128, 4, 3, 0, 1),
-    (64, 0, 64, 64, 128, 4, 3, 0, 4),
-    (1 << 62, 0, 64, 128, 128, 4, 3, 0, 1),
+# Tile kernel, first row with M <= max M, N >= min N and K >= min K; BLOCK_K is capped at the
+# group size, BLOCK_N at the slot boundaries; split-K is added while the grid has fewer than
+# _MIN_PROGRAMS programs. From the H100 sweeps (benchmarks/kernels/README.md).
+_CONFIGS = [  # (max M, min N, min K, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, MODE, max SPLIT_K)
+    (16, 0, 0, 16, 64, 128, 4, 3, 4, 8),
+    (64, 16384, 0, 64, 128, 128, 4, 3, 7, 1),
+    (64, 0, 0, 64, 64, 128, 8, 3, 7, 4),
+    (128, 16384, 0, 128, 128, 64, 8, 4, 7, 1),
+    (128, 0, 8192, 128, 64, 64, 8, 4, 7, 4),
+    (128, 0, 0, 128, 64, 128, 8, 3, 7, 1),
+    (1 << 62, 0, 0, 128, 128, 64, 8, 4, 7, 4),
 ]
 _MIN_PROGRAMS = 264  # two per SM on an H100
 
 
 def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the tile kernel."""
-    for max_m, min_n, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
-        if m <= max_m and n >= min_n:
+    for max_m, min_n, min_k, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
+        if m <= max_m and n >= min_n and k >= min_k:
             break
-    if group_size % 128:
-        mode = 0  # MODE 4 steps over whole 128-column groups
+    if mode == 4 and group_size % 128:
+        mode = 7  # MODE 4 steps over whole 128-column groups
     bn = min(bn, max_block_n)
     bk = min(bk, group_size)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -458,8 +508,12 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
-    """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T."""
+def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = None,
+                 reduce: bool = False) -> torch.Tensor:
+    """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T. With `reduce` the K-slices add
+    into one zeroed slice (S = 1, fp32 atomics): every output tile of the main kernel then
+    reads t once instead of once per slice, which is what matters from a few dozen tokens on
+    (one extra memset launch, so decode keeps the per-slice workspace)."""
     m, k = x.shape
     rt = down.shape[0]
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -470,12 +524,16 @@ def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = N
         num_splits = max(1, min(triton.cdiv(k, bk), 128 // tiles if tiles < 128 else 1, 32))
     k_per_split = triton.cdiv(triton.cdiv(k, num_splits), bk) * bk
     num_splits = triton.cdiv(k, k_per_split)
-    ws = torch.empty((num_splits, m, rt), dtype=torch.float32, device=x.device)
+    atomic = reduce and num_splits > 1
+    if atomic:
+        ws = torch.zeros((1, m, rt), dtype=torch.float32, device=x.device)
+    else:
+        ws = torch.empty((num_splits, m, rt), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(rt, br), num_splits)
     _lowrank_down_kernel[grid](
         x, down, ws, m, k, rt, k_per_split,
-        x.stride(0), down.stride(0), ws.stride(0), ws.stride(1),
-        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, UPCAST=_INTERPRETED, num_warps=4, num_stages=3,
+        x.stride(0), down.stride(0), 0 if atomic else ws.stride(0), ws.stride(1),
+        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, ATOMIC=atomic, UPCAST=_INTERPRETED, num_warps=4, num_stages=3,
     )
     return ws
 
@@ -514,7 +572,7 @@ def tq_gemm(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if has_lr:
-        ws = lowrank_down(x, down)
+        ws = lowrank_down(x, down, reduce=len(config) == 7 and m > 16)
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
@@ -534,20 +592,21 @@ def tq_gemm(
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
-    if mode not in (0, 4):
-        raise ValueError(f"tile kernel MODE {mode}: expected 0 or 4")
+    bn = min(bn, max_bn)  # a tile must not straddle two slots (also for a forced config)
+    if mode not in (4, 7):
+        raise ValueError(f"tile kernel MODE {mode}: expected 4 or 7")
     if group_size % bk or bk % (8 * chunk_words(group_size)) or (mode == 4 and bk % 128):
         raise ValueError(f"BLOCK_K {bk} must divide the group size {group_size}, span whole "
                          f"{8 * chunk_words(group_size)}-column chunks, and (MODE 4) be a multiple of 128")
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)
     y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    one, shift, exp = (0x3F80, 3, 0x4300) if x.dtype == torch.bfloat16 else (0x3C00, 6, 0x6400)
+    exp = 0x4300 if x.dtype == torch.bfloat16 else 0x6400
     _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
-        ONE=one, SHIFT=shift, EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
+        EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
     )
     if split > 1:
         out.copy_(y)
@@ -590,11 +649,17 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dty
     return w
 
 
-# Above this many tokens the problem is compute-bound and one transient dense copy of the layer
-# fed to cuBLAS beats dequantizing inside every tile (measured: benchmarks/kernels/README.md).
-LARGE_M_THRESHOLD = 128
-SMALL_LAYER_ELEMENTS = 32 << 20  # q/k/v and o of an 8B model: there dequant+cuBLAS wins from M = 64
-SMALL_LAYER_LARGE_M_THRESHOLD = 32
+# Above this many tokens one transient dense copy of the layer fed to cuBLAS beats the tile
+# kernel (H100 sweeps, benchmarks/kernels/README.md): smaller layers cross over earlier.
+DEQUANT_ABOVE = [  # (layers with fewer than this many weights, M threshold)
+    (20 << 20, 64),  # o of an 8B model (16.8 M)
+    (32 << 20, 128),  # q/k/v of an 8B model (25.2 M)
+    (1 << 62, 256),
+]
+
+
+def dequant_threshold(n: int, k: int) -> int:
+    return next(thr for size, thr in DEQUANT_ABOVE if n * k < size)
 
 
 def tq_linear(
@@ -613,10 +678,7 @@ def tq_linear(
     buffer dequantized in one pass (freed after the call; no dense copy is kept)."""
     m, k = x.shape
     n = qweight.shape[0]
-    if large_m_threshold is None:
-        thr = SMALL_LAYER_LARGE_M_THRESHOLD if n * k < SMALL_LAYER_ELEMENTS else LARGE_M_THRESHOLD
-    else:
-        thr = large_m_threshold
+    thr = dequant_threshold(n, k) if large_m_threshold is None else large_m_threshold
     if m <= thr:
         return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds)
     has_lr = down is not None and down.shape[0] > 0

@@ -95,13 +95,14 @@ def test_block_n_respects_slot_boundaries():
     bm, bn, bk, _, _, split, _ = tg.pick_config(16, 4096, 4096, 256, 128)
     assert 128 % bk == 0 and (4096 // bn) * split >= 132  # split-K fills the GPU at decode sizes
     assert tg.pick_config(16, 576, 576, 64, 32)[2] == 32  # BLOCK_K never spans two groups
-    assert tg.pick_config(16, 576, 576, 64, 64)[6] == 0  # MODE 4 needs whole 128-column groups
+    assert tg.pick_config(16, 576, 576, 64, 64)[6] == 7  # MODE 4 needs whole 128-column groups
+    assert tg.pick_config(64, 4096, 4096)[6] == 7 and tg.pick_config(256, 28672, 4096)[6] == 7
     x = torch.randn(4, 256).to(torch.bfloat16)
     qw, sc, _, _ = _layer(32, 256, 128, 0, 1, torch.bfloat16, seed=1)
     with pytest.raises(ValueError, match="MODE 3"):
         tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 128, 4, 2, 1, 3))
     with pytest.raises(ValueError, match="BLOCK_K 256"):
-        tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 256, 4, 2, 1, 0))
+        tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 256, 4, 2, 1, 7))
 
 
 def test_custom_op_used_by_the_plugin():
@@ -163,8 +164,9 @@ def test_dequantize_returns_checkpoint_column_order():
 
 
 @pytest.mark.parametrize("cfg,k,g", [
-    ((16, 32, 64, 4, 2, 1, 0), 576, 64),  # MODE 0: words spread over their chunk by broadcast + reshape
-    ((16, 16, 32, 4, 2, 4, 0), 576, 32),  # split-K over 4 slices (fp32 atomics), group 32
+    ((16, 32, 64, 4, 2, 1, 7), 576, 64),  # MODE 7: words spread over their chunk by broadcast + reshape,
+    ((16, 16, 32, 4, 2, 4, 7), 576, 32),  # scaled before the dot (PTX replaced by plain Triton here); split-K, group 32
+    ((32, 64, 128, 4, 2, 3, 7), 640, 128),  # ... with a short last slice
     ((16, 64, 128, 4, 2, 1, 4), 640, 128),  # MODE 4: swapped operands, nibble-plane dots (its PTX
     ((16, 64, 128, 4, 2, 2, 4), 640, 128),  # conversion replaced by plain Triton here), split-K
     ((32, 64, 128, 4, 2, 3, 4), 640, 128),  # ... with a short last slice
@@ -179,3 +181,16 @@ def test_tile_kernel_variants(cfg, k, g):
     assert not torch.isnan(out).any()
     ref = _reference(x, qw, sc, g, down, up, b, (64, 128))
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_lowrank_down_workspace(reduce):
+    """x @ D^T from the split-K workspace: per-slice partial sums, or (reduce) one slice that
+    every K-slice adds into with fp32 atomics."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 640, generator=g).to(torch.bfloat16)
+    d = torch.randn(24, 640, generator=g).to(torch.bfloat16)
+    ws = tg.lowrank_down(x, d, num_splits=5, reduce=reduce)
+    assert ws.shape[0] == (1 if reduce else 5)
+    ref = x.double() @ d.double().T
+    assert ((ws.sum(0).double() - ref).norm() / ref.norm()).item() <= 1e-5

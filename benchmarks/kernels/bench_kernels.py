@@ -159,46 +159,114 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     return rec
 
 
-def tile_candidates(m):
+def tile_candidates(m, modes=(4, 7)):
     """Tile-kernel launch configurations tried at M: (BM, BN, BK, warps, stages, SPLIT_K, MODE).
-    (This session's sweeps also tried MODE 1-3 and BLOCK_K 256/512; see the README.)"""
-    if m <= 16:
-        grid = itertools.product([16], [64, 128], [128], [4], [3, 4], [1, 2, 4, 8], [0, 4])
-    elif m <= 64:
-        grid = itertools.product([16, 32, 64], [64, 128], [128], [4, 8], [3], [1, 2, 4], [0, 4])
-    else:
-        grid = itertools.product([64, 128, 256], [64, 128, 256], [128], [4, 8], [3], [1], [0, 4])
-    return [c for c in grid if c[0] * c[1] <= 128 * 256 and not (c[6] == 0 and c[0] > 128)]
+    (Earlier sweeps also tried MODE 0-3, 5, 6 and BLOCK_K 256/512; see the README.)"""
+    out = []
+    if 4 in modes and m <= 64:
+        if m <= 16:
+            grid = itertools.product([16], [64, 128], [128], [4], [3, 4], [1, 2, 4, 8])
+        else:
+            grid = itertools.product([16, 32, 64], [64, 128], [128], [4, 8], [3], [1, 2, 4])
+        out += [(*c, 4) for c in grid]
+    if 7 in modes and m > 16:  # (BM is the MMA's M side: 64 rows per warpgroup)
+        if m <= 256:
+            grid = [(bm, bn, bk, w, 4 if bk == 64 else 3, sp) for bm in (64, 128, 256) for bn in (64, 128, 256)
+                    for bk in (64, 128) for w in (4, 8) for sp in (1, 2, 4)]
+        else:
+            grid = [(bm, bn, bk, w, 4 if bk == 64 else 3, 1) for bm in (128, 256) for bn in (128, 256)
+                    for bk in (64, 128) for w in (4, 8)]
+        out += [(*c, 7) for c in grid if c[0] * c[1] <= 256 * 128 and c[0] <= 64 * c[3] // 4 * 2
+                and not (c[0] > 64 and c[3] == 4 and c[1] > 128)]
+    return out
 
 
-def sweep(dtype, gen, out_path, ms=(4, 16, 64, 256)):
-    """Tile-kernel launch configurations per shape and M (informs _CONFIGS), next to BF16.
+def _compile_worker(args):
+    cfgs, dtype_name = args
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    qw, sc, _, _ = make_layer(1024, 1024, 0, dtype, gen)
+    x = torch.randn(16, 1024, device="cuda", dtype=dtype, generator=gen)
+    failed = []
+    for cfg in cfgs:
+        try:
+            tg.tq_gemm(x, qw, sc, GROUP, config=cfg)
+        except Exception as e:  # noqa: BLE001 -- reported, and the config is skipped
+            failed.append((cfg, f"{type(e).__name__}: {str(e)[:200]}"))
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(cfgs, dtype, workers: int = 12):
+    """Compile tile configs in parallel processes sharing Triton's on-disk cache, so the sweep
+    itself only loads binaries. Returns {config: error} for configs that failed."""
+    import multiprocessing as mp
+    cfgs = sorted(set(cfgs))
+    parts = [(cfgs[i::workers], str(dtype).split(".")[-1]) for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        failed = [f for part in pool.map(_compile_worker, parts) for f in part]
+    return dict(failed)
+
+
+def sweep(dtype, gen, out_path, ms=(4, 16, 64, 256), modes=(4, 7)):
+    """Tile-kernel launch configurations per shape and M (informs _CONFIGS), next to BF16, the
+    current dispatch (`tq_linear`) and dequant+cuBLAS. Every config's output is checked against
+    a float32 reference on the timed shape first (a mismatch is recorded and the config dropped).
     Written to out_path after every case, so a run cut short keeps what it measured."""
     out = []
+    t0 = time.time()
+    failed = precompile([c for m in ms for c in tile_candidates(m, modes)], dtype)
+    print(f"precompiled in {time.time() - t0:.0f} s; failed: {failed}", flush=True)
     for m, (name, k, n) in itertools.product(ms, SHAPES):
         copies = max(1, math.ceil(L2_FLUSH_BYTES / (n * k // 2)))
         layers = [make_layer(k, n, 64, dtype, gen) for _ in range(min(copies, 32))]
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        qw0, sc0, d0, u0 = layers[0]
+        w0 = tg.dequantize(qw0, sc0, GROUP, torch.float32)
+        ref = x.float() @ w0.t()
+        ref_lr = ref + (x.float() @ d0.float().t()) @ u0.float().t()
+        del w0
         dense = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for _ in range(max(1, min(8, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))))]
         bf16 = graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in dense], reps=20)
         del dense
+        base = {}
+        for r in (0, 64):
+            base[f"ms_dispatch_r{r}"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, *((L[2], L[3]) if r else ())) for L in layers], reps=20)
+            base[f"ms_dequant_cublas_r{r}"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, *((L[2], L[3]) if r else ()), large_m_threshold=0) for L in layers], reps=20)
         ranked = []
-        for cfg in tile_candidates(m):
+        for cfg in tile_candidates(m, modes):
+            if cfg in failed:
+                continue
             if cfg[5] > 1 and (k // (cfg[5] * cfg[2]) < 2 or triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) >= 264):
                 continue
             try:
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                tg.tq_gemm(x, qw0, sc0, GROUP, config=cfg, out=y)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err <= 1e-2:
+                    print(f"  MISMATCH {name} M={m} {cfg}: rel err {err:.3e}", flush=True)
+                    out.append({"name": name, "M": m, "config": cfg, "mismatch": err})
+                    continue
                 ms_ = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, config=cfg) for L in layers], reps=20)
-            except Exception as e:  # out of shared memory etc.
+            except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  {cfg}: {type(e).__name__}", flush=True)
                 continue
-            out.append({"name": name, "K": k, "N": n, "M": m, "rank": 0, "config": cfg, "ms": ms_, "ms_bf16": bf16})
+            out.append({"name": name, "K": k, "N": n, "M": m, "rank": 0, "config": cfg, "ms": ms_, "ms_bf16": bf16, "rel_err": err, **base})
             ranked.append((ms_, cfg))
         ranked.sort()
         for _, cfg in ranked[:3]:  # rank 64 for the three fastest
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            tg.tq_gemm(x, qw0, sc0, GROUP, d0, u0, config=cfg, out=y)
+            err = ((y.float() - ref_lr).norm() / ref_lr.norm()).item()
+            if not err <= 1e-2:
+                print(f"  MISMATCH rank 64 {name} M={m} {cfg}: rel err {err:.3e}", flush=True)
+                out.append({"name": name, "M": m, "rank": 64, "config": cfg, "mismatch": err})
+                continue
             ms_ = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg) for L in layers], reps=20)
-            out.append({"name": name, "K": k, "N": n, "M": m, "rank": 64, "config": cfg, "ms": ms_, "ms_bf16": bf16})
-        print(f"sweep {name} M={m}: bf16 {bf16 * 1e3:.1f} us; best " +
-              ", ".join(f"{c} {t * 1e3:.1f} us" for t, c in ranked[:3]), flush=True)
+            out.append({"name": name, "K": k, "N": n, "M": m, "rank": 64, "config": cfg, "ms": ms_, "ms_bf16": bf16, "rel_err": err, **base})
+        print(f"sweep {name} M={m}: bf16 {bf16 * 1e3:.1f} us; dispatch r0 {base['ms_dispatch_r0'] * 1e3:.1f} "
+              f"r64 {base['ms_dispatch_r64'] * 1e3:.1f}; deq+cuBLAS {base['ms_dequant_cublas_r0'] * 1e3:.1f}; best " +
+              ", ".join(f"{c} {t * 1e3:.1f} us" for t, c in ranked[:4]), flush=True)
         del layers
         with open(out_path, "w") as f:
             json.dump(out, f)
@@ -214,14 +282,15 @@ def main():
     ap.add_argument("--large-m-threshold", type=int, default=None)
     ap.add_argument("--sweep-ms", type=int, nargs="+", default=[4, 16, 64, 256])
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass (sweeps only)")
+    ap.add_argument("--sweep-modes", type=int, nargs="+", default=[4, 7])
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_properties(0)
-    thr = tg.LARGE_M_THRESHOLD if args.large_m_threshold is None else args.large_m_threshold
+    thr = args.large_m_threshold  # None: the plugin's per-layer-size threshold (tg.dequant_threshold)
     meta = {"device": dev.name, "sms": dev.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "large_m_threshold": thr,
+            "triton": triton.__version__, "python": platform.python_version(), "large_m_threshold": thr or tg.DEQUANT_ABOVE,
             "command": " ".join(sys.argv)}
     t0 = time.time()
     copy_gbps, peak = measure_peaks()
@@ -243,12 +312,15 @@ def main():
     for m, cfg in itertools.product([2, 7, 16] if checks else [], [(1, 4, 256, 2), (2, 16, 64, 4), (4, 32, 128, 8), (4, 8, 64, 1)]):  # decode kernel at M > 1
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
         worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
-    tile_cfgs = [(16, 64, 64, 4, 3, 4, 0), (64, 128, 128, 8, 3, 1, 0), (16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4),
-                 (128, 128, 128, 8, 3, 1, 4)]
+    tile_cfgs = [(16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4), (128, 128, 128, 8, 3, 1, 4),
+                 (16, 64, 64, 4, 4, 3, 7), (64, 64, 64, 4, 4, 2, 7), (64, 64, 128, 8, 3, 4, 7), (128, 128, 64, 8, 4, 1, 7),
+                 (128, 64, 128, 8, 3, 1, 7)]
     for m, cfg in itertools.product([7, 100] if checks else [], tile_cfgs):  # tile kernel modes, split-K
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
-        if cfg[6] == 0:
+        if cfg[6] == 7 and cfg[2] <= 64:  # group 64 (MODE 4 steps over whole 128-column groups)
             worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
+        if cfg[6] >= 5:
+            worst = max(worst, check(m, 4096, 4096, 32, torch.float16, gen, thr, 128, config=cfg))
     meta["max_rel_err"] = worst
     if checks:
         print(f"correctness: max ||out-ref||/||ref|| = {worst:.2e} over all checked cases", flush=True)
@@ -257,7 +329,7 @@ def main():
     if args.sweep or args.sweep_only:
         with open(os.path.join(args.out, "kernels_h100_sweep_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        sweep(dtype, gen, os.path.join(args.out, "kernels_h100_sweep.json"), args.sweep_ms)
+        sweep(dtype, gen, os.path.join(args.out, "kernels_h100_sweep.json"), args.sweep_ms, tuple(args.sweep_modes))
     if args.sweep_only:
         return
     recs = []
