@@ -584,7 +584,7 @@ def tq_gemm(
     br = max(16, _next_pow2(r)) if has_lr else 16
     if len(config) == 4:
         bm, bn, bw, warps = config
-        bn = min(bn, max_bn) if slot_bounds else bn
+        bn = min(bn, max_bn)
         _tq_gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
@@ -592,7 +592,7 @@ def tq_gemm(
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
-    bn = min(bn, max_bn)  # a tile must not straddle two slots (also for a forced config)
+    bn = min(bn, max_bn)  # a tile never straddles two slots, also with a forced config
     if mode not in (4, 7):
         raise ValueError(f"tile kernel MODE {mode}: expected 4 or 7")
     if group_size % bk or bk % (8 * chunk_words(group_size)) or (mode == 4 and bk % 128):
