@@ -56,7 +56,10 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-learned-smooth-svd-gptq": "TwinQuant transforms + SVD split (no refit)",
     "rot-learned-learned-split-gptq": "TwinQuant without smoothing",
     "smooth-learned-split-gptq": "TwinQuant without rotation",
+    "rot-learned-smooth-svd-gptq-attn": "TwinQuant transforms + SVD split, attention-aware v_proj",
+    "rot-learned-smooth-svd-gptq-attn-tuned": "TwinQuant (transforms, attention-aware GPTQ, block tuning)",
     "a4-hadamard-rot-learned-smooth-learned-split-gptq": "TwinQuant W4A4 (+ online Hadamard)",
+    "a4-hadamard-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, A4-aware block tuning)",
     "a4-hadamard-rtn": "RTN W4A4 (online Hadamard only)",
     "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
 }

@@ -254,3 +254,25 @@ def decompose_refined(
         r_hat = w_hat - up.float() @ down.float()
         up, down = lowrank_split(w - r_hat, rank, lowrank_dtype, hessian, "hessian")
     return best[1], errs
+
+
+def attention_mixed_gram(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Σ_h Σ_i z_i z_iᵀ with z_i = Σ_j a^h_ij x_j: the calibration statistic of v_proj in the
+    metric of the attention output (`--attention-aware`, docs/method.md section 5).
+
+    A value projection's error ΔW reaches head h's output as Σ_j a_ij ΔW x_j = ΔW z_i, so the
+    output error is tr(ΔW (Σ_i z_i z_iᵀ) ΔWᵀ): the inputs mixed by the attention probabilities,
+    not the raw inputs, are what GPTQ and the split must be exact on. Tokens that many queries
+    attend to (the first token of a window, an "attention sink") weigh in accordingly.
+    x: [B, T, K] the input of v_proj; q: [B, H, T, d] and k: [B, Hkv, T, d] after the rotary
+    embedding. Causal attention without padding (calibration windows). Returns the Gram matrix
+    summed over heads and the number of (query, head) pairs it sums."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    k = k.repeat_interleave(h // kv, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    a = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [B, H, T, T]
+    z = a @ x.float()[:, None]  # [B, H, T, K]
+    z = z.reshape(-1, x.shape[-1])
+    return z.t() @ z, z.shape[0]

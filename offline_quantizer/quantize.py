@@ -3,7 +3,9 @@
 Walks the decoder blocks one at a time: the calibration activations entering a block are
 kept, every linear layer of the block gets its input Hessian from them, each layer is
 decomposed (low-rank + 4-bit residual, `decompose.py`), and the block's outputs under the
-quantized weights become the next block's inputs. Only one block is ever in float32.
+quantized weights become the next block's inputs. Only one block is ever in float32. With
+--tune-epochs the dense model's activations are carried alongside, and each block's scales,
+factors and norms are then tuned to reproduce the dense block's output (`tune.py`).
 
 The result is written to a temporary folder beside --output and renamed at the end, so an
 interrupted run never leaves a loadable half checkpoint.
@@ -25,7 +27,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from offline_quantizer import transforms as tf
-from offline_quantizer.decompose import decompose, decompose_refined
+from offline_quantizer.decompose import attention_mixed_gram, decompose, decompose_refined
+from offline_quantizer.tune import tune_block
 from vllm_twinquant import format as fmt
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -104,6 +107,9 @@ def quantize_model(
     rotation_steps: int = 50,
     smoothing: str = "none",
     activation_bits: int = 16,
+    tune_epochs: int = 0,
+    tune_lr: float = 1e-3,
+    attention_aware: bool = False,
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -117,7 +123,8 @@ def quantize_model(
         rank_overrides=dict(rank_overrides or {}),
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
-        recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits),
+        recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits, tune_epochs,
+                            attention_aware),
         activation_bits=activation_bits,
         online_hadamard=list(ONLINE_HADAMARD_MODULES) if activation_bits < 16 else [],
     )
@@ -192,9 +199,13 @@ def quantize_model(
     tensors: dict[str, torch.Tensor] = {}
     quantized_names: set[str] = set()
     stats = {"layers": 0, "stored_bits": 0.0, "weights": 0}
-    errors = []
+    errors, tune_log = [], []
+    fp_inps = [x.clone() for x in inps] if tune_epochs else None  # the dense model's stream (targets)
     for i in tqdm(range(len(layers)), desc="quantizing blocks", unit="block"):
         block = layers[i].to(device=device, dtype=torch.float32)
+        inps = [x.to(device=device, dtype=torch.float32) for x in inps]
+        if tune_epochs:  # what the dense block makes of the dense stream, before anything changes
+            fp_inps = [_first(block(x.to(device), **_to(kw, device))) for x, kw in zip(fp_inps, kwargs_list)]
         linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
         hess = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
@@ -206,8 +217,10 @@ def quantize_model(
                 counts[name] += x.shape[0]
             return h
 
-        hooks = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-        inps = [x.to(device=device, dtype=torch.float32) for x in inps]
+        hooks = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()
+                 if not (attention_aware and n == "self_attn.v_proj")]
+        if attention_aware:
+            hooks += _attention_aware_hooks(block, hess, counts)
         for x, kw in zip(inps, kwargs_list):
             block(x, **_to(kw, device))
         for h in hooks:
@@ -216,6 +229,7 @@ def quantize_model(
         if smoothing == "learned":
             rotated = {n for n in linears if spec.has_online_hadamard(f"{layers_path}.{i}.{n}")}
             _smooth_block(block, linears, hess, counts, group_size, src_dtype, skip=rotated)
+        decomposed, dense, hessians = {}, {}, {}
         for name, lin in linears.items():
             full = f"{layers_path}.{i}.{name}"
             if spec.is_skipped(full):
@@ -228,10 +242,21 @@ def quantize_model(
                 d, _ = decompose_refined(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, refine_iters)
             else:
                 d = decompose(w, r, group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, h, residual, weighting)
-            w_hat = d.dequantized(torch.float32)
-            diff = (w_hat - w.float())
-            errors.append(float(torch.sum((diff @ h) * diff) / torch.sum((w.float() @ h) * w.float()).clamp_min(1e-30)))
-            lin.weight.data = w_hat.to(w.dtype)
+            decomposed[name], dense[name], hessians[name] = d, w.float().clone(), h
+            lin.weight.data = d.dequantized(torch.float32).to(w.dtype)
+        del hess
+        if tune_epochs:
+            res = tune_block(block, decomposed, inps, fp_inps, [_to(kw, device) for kw in kwargs_list],
+                             tune_epochs, lr=tune_lr, norm_dtype=src_dtype,
+                             activation_bits=dict.fromkeys(decomposed, spec.activation_bits))
+            tune_log.append([round(res.heldout_start, 6), round(res.heldout_end, 6)])
+            tqdm.write(f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} "
+                       f"({res.steps} steps)")
+        for name, d in decomposed.items():
+            full = f"{layers_path}.{i}.{name}"
+            lin, w, h, r = linears[name], dense[name], hessians[name], spec.rank_for(full)
+            diff = d.dequantized(torch.float32) - w
+            errors.append(float(torch.sum((diff @ h) * diff) / torch.sum((w @ h) * w).clamp_min(1e-30)))
             tensors[f"{full}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(d.codes.cpu())
             tensors[f"{full}.{fmt.WEIGHT_SCALE}"] = d.scales.cpu().contiguous()
             if r:
@@ -244,9 +269,10 @@ def quantize_model(
             stats["layers"] += 1
             stats["weights"] += w.numel()
             stats["stored_bits"] += spec.effective_bits(w.shape[0], w.shape[1], r) * w.numel()
-        del hess
+        del dense, hessians
 
-        inps = [_first(block(x, **_to(kw, device))) for x, kw in zip(inps, kwargs_list)]
+        with torch.no_grad():
+            inps = [_first(block(x, **_to(kw, device))) for x, kw in zip(inps, kwargs_list)]
         layers[i] = block.to(device="cpu", dtype=src_dtype)
 
     # 3. everything else as it was
@@ -265,6 +291,8 @@ def quantize_model(
         "refine_iters": refine_iters,
         "transforms": transform_info or None,
         "smoothing": smoothing,
+        "attention_aware": attention_aware,
+        "block_tuning": {"epochs": tune_epochs, "lr": tune_lr, "heldout_relative_mse": tune_log} if tune_epochs else None,
         "calibration": {"file": os.path.basename(calib_path) if calib_path else "random-tokens",
                         "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "effective_bits_per_weight": round(eff_bits, 4),
@@ -286,7 +314,8 @@ def quantize_model(
     return summary
 
 
-def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16) -> str:
+def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16, tune_epochs=0,
+                 attention_aware=False) -> str:
     parts = [] if activation_bits == 16 else [f"a{activation_bits}-hadamard"]
     if rotation != "none":
         parts.append(f"rot-{rotation}")
@@ -295,6 +324,10 @@ def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_b
     if rank:
         parts.append("learned-split" if refine_iters else "svd")
     parts.append(residual)
+    if attention_aware:
+        parts.append("attn")
+    if tune_epochs:
+        parts.append("tuned")
     return "-".join(parts)
 
 
@@ -324,6 +357,41 @@ def _smooth_block(block, linears, hess, counts, group_size, src_dtype, skip=froz
             lin = linears[n]
             lin.weight.data = lin.weight.data * s[None, :].to(lin.weight.dtype)
             hess[n] = hess[n] / s[:, None] / s[None, :]
+
+
+def _attention_aware_hooks(block, hess, counts) -> list:
+    """Replace v_proj's input Gram matrix by the attention-mixed one (decompose.attention_mixed_gram):
+    q and k are caught from q_proj / k_proj, the rotary embedding from the attention's kwargs."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = block.self_attn
+    name = "self_attn.v_proj"
+    cap = {}
+
+    def pre(_m, _args, kwargs):  # calibration windows: causal, no padding
+        cap["pos"] = kwargs.get("position_embeddings")
+
+    def catch(key):
+        def h(_m, _inp, out):
+            cap[key] = out
+        return h
+
+    def v_hook(_m, inp, _out):
+        x = inp[0]
+        b, t, _ = x.shape
+        d = attn.head_dim
+        q = cap["q"].view(b, t, -1, d).transpose(1, 2)
+        k = cap["k"].view(b, t, -1, d).transpose(1, 2)
+        cos, sin = cap["pos"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        g, n = attention_mixed_gram(x, q, k)
+        hess[name].add_(g)
+        counts[name] += n
+
+    hooks = [attn.register_forward_pre_hook(pre, with_kwargs=True),
+             attn.q_proj.register_forward_hook(catch("q")), attn.k_proj.register_forward_hook(catch("k")),
+             attn.v_proj.register_forward_hook(v_hook)]
+    return hooks
 
 
 def _to(kw, device):
@@ -421,6 +489,13 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-bits", type=int, choices=(16, 4), default=16,
                     help="4: W4A4 checkpoint (per-token 4-bit inputs of the residual product, online Hadamard "
                          "before o_proj/down_proj; served by the torch path, no fast kernel yet)")
+    ap.add_argument("--attention-aware", action="store_true",
+                    help="v_proj's GPTQ / split statistic from the inputs mixed by the attention probabilities "
+                         "(its error as the attention output sees it) instead of the raw inputs (Llama family)")
+    ap.add_argument("--tune-epochs", type=int, default=0,
+                    help="block reconstruction after the split: tune group scales, low-rank factors and norm weights "
+                         "so each quantized block reproduces the dense block's output (codes fixed; 0: off)")
+    ap.add_argument("--tune-lr", type=float, default=1e-3, help="Adam learning rate of --tune-epochs")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -439,6 +514,7 @@ def main(argv=None) -> None:
             args.lowrank_dtype, _parse_overrides(args.rank_override), random_calibration=args.random_calibration,
             refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
             smoothing=args.smoothing, activation_bits=args.activation_bits,
+            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, attention_aware=args.attention_aware,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

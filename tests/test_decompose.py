@@ -62,3 +62,39 @@ def test_top_singular_triplets_match_a_full_svd(shape, rank):
     best = (u0[:, :r] * s0[:r]) @ vh0[:r]
     assert float(((u * s) @ vh).double().sub(best).norm() / best.norm()) < 1e-5
     assert torch.allclose(u.t() @ u, torch.eye(r), atol=1e-4)
+
+
+def test_attention_mixed_gram_is_the_attention_output_error_metric():
+    """tr(ΔW G ΔWᵀ) with G = attention_mixed_gram equals the squared error that a value-projection
+    error ΔW causes in the attention output (causal softmax attention, GQA), summed over heads."""
+    from offline_quantizer.decompose import attention_mixed_gram
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, kdim, h, kv, d = 2, 7, 24, 4, 2, 8
+    x = torch.randn(b, t, kdim, generator=gen, dtype=torch.float64)
+    q = torch.randn(b, h, t, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, kv, t, d, generator=gen, dtype=torch.float64)
+    dw = torch.randn(kv * d, kdim, generator=gen, dtype=torch.float64)  # rows: kv heads x head_dim
+    g, n = attention_mixed_gram(x, q, k)
+    assert n == b * h * t
+    # direct: the error values of each kv head, attended by the query heads of its group
+    dv = (x @ dw.t()).view(b, t, kv, d).transpose(1, 2)  # [b, kv, t, d]
+    err = 0.0
+    for head in range(h):
+        s = (q[:, head] @ k[:, head // (h // kv)].transpose(-1, -2)) / d**0.5
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        # each query head sees all rows of its own kv head only; the Gram form sums over all rows
+        err += float(((a @ dv[:, head // (h // kv)]) ** 2).sum())
+    full = float(torch.sum((dw @ g.double()) * dw))
+    # G is shared by all kv heads: it weighs every row of dW with every query head, so the
+    # direct sum restricted to a head's own group is bounded by it, and equal when kv == 1
+    assert err <= full * (1 + 1e-9)
+    g1, _ = attention_mixed_gram(x, q, k[:, :1])
+    dv1 = (x @ dw[:d].t())[:, None]
+    err1 = 0.0
+    for head in range(h):
+        s = (q[:, head] @ k[:, 0].transpose(-1, -2)) / d**0.5
+        a = torch.softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), dim=-1)
+        err1 += float(((a @ dv1[:, 0]) ** 2).sum())
+    assert abs(err1 - float(torch.sum((dw[:d] @ g1.double()) * dw[:d]))) <= 1e-5 * err1  # the Gram is accumulated in float32

@@ -37,7 +37,11 @@ q rot-smooth-svd-r4-g64 --rank 4 --group-size 64 --rotation learned --smoothing 
 # calibration size (default 64 windows of 256 tokens)
 q rot-smooth-svd-r4-g64-calib128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128
 q twinquant-r4-g64-calib16 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --nsamples 16
+# attention-aware v_proj statistic, then block tuning on top (docs/method.md sections 4-5)
+q tq-attn-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware
+q tq-attn-tune4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
 # W4A4: per-token 4-bit inputs of the residual product, online Hadamard before o_proj/down_proj
 q twinquant-r4-g64-w4a4 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --activation-bits 4
 q gptq-g64-w4a4 --residual gptq --rank 0 --group-size 64 --activation-bits 4
+q tq-attn-tune4-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4
 python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"
