@@ -34,12 +34,16 @@ class Decomposed:
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The effective weight U @ D + deq(R) that the served layer applies."""
-        n, k = self.codes.shape
-        g = k // self.scales.shape[1]
-        w = (self.codes.to(dtype).view(n, -1, g) * self.scales.to(dtype)[:, :, None]).view(n, k)
+        w = group_dequantize(self.codes.to(dtype), self.scales.to(dtype))
         if self.down is not None:
             w = w + self.up.to(dtype) @ self.down.to(dtype)
         return w
+
+
+def group_dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """deq(R)[n, k] = codes[n, k] * scales[n, k // G] (both already in the result dtype)."""
+    n, k = codes.shape
+    return (codes.view(n, scales.shape[1], -1) * scales[:, :, None]).view(n, k)
 
 
 def group_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> torch.Tensor:

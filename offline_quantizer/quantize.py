@@ -200,12 +200,13 @@ def quantize_model(
     quantized_names: set[str] = set()
     stats = {"layers": 0, "stored_bits": 0.0, "weights": 0}
     errors, tune_log = [], []
-    fp_inps = [x.clone() for x in inps] if tune_epochs else None  # the dense model's stream (targets)
+    # the dense model's stream (tuning targets); never modified in place, so sharing the start is safe
+    fp_inps = [x.to(device=device, dtype=torch.float32) for x in inps] if tune_epochs else None
     for i in tqdm(range(len(layers)), desc="quantizing blocks", unit="block"):
         block = layers[i].to(device=device, dtype=torch.float32)
         inps = [x.to(device=device, dtype=torch.float32) for x in inps]
         if tune_epochs:  # what the dense block makes of the dense stream, before anything changes
-            fp_inps = [_first(block(x.to(device), **_to(kw, device))) for x, kw in zip(fp_inps, kwargs_list)]
+            fp_inps = [_first(block(x, **_to(kw, device))) for x, kw in zip(fp_inps, kwargs_list)]
         linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
         hess = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
@@ -255,7 +256,7 @@ def quantize_model(
         for name, d in decomposed.items():
             full = f"{layers_path}.{i}.{name}"
             lin, w, h, r = linears[name], dense[name], hessians[name], spec.rank_for(full)
-            diff = d.dequantized(torch.float32) - w
+            diff = lin.weight.data.float() - w  # the served weight (tune_block keeps it current)
             errors.append(float(torch.sum((diff @ h) * diff) / torch.sum((w @ h) * w).clamp_min(1e-30)))
             tensors[f"{full}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(d.codes.cpu())
             tensors[f"{full}.{fmt.WEIGHT_SCALE}"] = d.scales.cpu().contiguous()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from offline_quantizer.decompose import Decomposed
+from offline_quantizer.decompose import Decomposed, group_dequantize
 from vllm_twinquant.format import quantize_activations
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -102,9 +102,7 @@ def tune_block(
     def linear_forward(n: str, lin: torch.nn.Linear, stored: bool):
         def fwd(x):
             s, up, down = layer_params(n, stored)
-            q = codes[n]
-            nn_, k = q.shape
-            w = (q.view(nn_, s.shape[1], -1) * s[:, :, None]).view(nn_, k)
+            w = group_dequantize(codes[n], s)
             xr = x
             if abits.get(n, 16) < 16:
                 xr = x + (quantize_activations(x, abits[n]) - x).detach()

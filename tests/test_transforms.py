@@ -120,13 +120,24 @@ def _served_model(dense_dir, tq_dir):
     return model
 
 
+def _logit_errors(dense_dir, **ckpts) -> dict[str, float]:
+    """‖logits − dense logits‖ / ‖dense logits‖ of each checkpoint as served (_served_model), on
+    two fixed random 24-token prompts."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        return {name: float((_served_model(dense_dir, ckpt)(input_ids=ids).logits - ref).norm() / ref.norm())
+                for name, ckpt in ckpts.items()}
+
+
 def test_twinquant_recipe_writes_a_checkpoint_that_computes_the_model(tiny_dense, tiny_tq, tmp_path):
     """--twinquant on the tiny model: valid checkpoint, lm_head untied and stored, transforms
     recorded, and the served function is as close to the dense model as the plain SVD recipe's."""
     import json
     import os
-
-    from transformers import AutoModelForCausalLM
 
     from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
@@ -142,14 +153,7 @@ def test_twinquant_recipe_writes_a_checkpoint_that_computes_the_model(tiny_dense
     assert cfg["quantization_config"]["recipe"] == "rot-learned-smooth-learned-split-gptq"
     assert meta["transforms"]["rotation"]["kind"] == "learned" and meta["refine_iters"] == 1
 
-    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
-    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = dense(input_ids=ids).logits
-        errs = {}
-        for name, ckpt in (("learned", out), ("svd", tiny_tq)):
-            got = _served_model(tiny_dense, ckpt)(input_ids=ids).logits
-            errs[name] = float((got - ref).norm() / ref.norm())
+    errs = _logit_errors(tiny_dense, learned=out, svd=tiny_tq)
     # a broken fold or rotation gives O(1) errors; quantization alone gives a few percent
     assert errs["learned"] < 0.5 and errs["learned"] < 2 * errs["svd"], errs
 
@@ -161,7 +165,6 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
     import os
 
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
@@ -175,12 +178,7 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
     assert spec.activation_bits == 4 and spec.online_hadamard == ["o_proj", "down_proj"]
     assert spec.recipe.startswith("a4-hadamard")
 
-    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
-    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = dense(input_ids=ids).logits
-        errs = {n: float((_served_model(tiny_dense, c)(input_ids=ids).logits - ref).norm() / ref.norm())
-                for n, c in (("a4", out), ("svd", tiny_tq))}
+    errs = _logit_errors(tiny_dense, a4=out, svd=tiny_tq)
     assert errs["a4"] < 0.5 and errs["a4"] < 2 * errs["svd"], errs  # a missing/wrong fold of H gives O(1)
 
     q = load_file(os.path.join(out, "model.safetensors"))
@@ -261,7 +259,7 @@ def test_block_tuning_with_4_bit_activations_quantizes_the_residual_input_in_the
     from offline_quantizer.tune import tune_block
 
     block, ds, xs, targets, kw, _ = _tuning_case()
-    a16 = tune_block(block, {n: d for n, d in ds.items()}, xs, targets, [kw] * len(xs), epochs=0)
+    a16 = tune_block(block, ds, xs, targets, [kw] * len(xs), epochs=0)
     a4 = tune_block(block, ds, xs, targets, [kw] * len(xs), epochs=4, activation_bits=dict.fromkeys(ds, 4))
     assert a4.heldout_start > 1.5 * a16.heldout_start, (a4, a16)
     assert a4.heldout_end <= a4.heldout_start
@@ -273,8 +271,6 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tiny
     dense model as SVD+GPTQ."""
     import json
     import os
-
-    from transformers import AutoModelForCausalLM
 
     from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
@@ -289,10 +285,5 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tiny
     log = qc["metadata"]["block_tuning"]["heldout_relative_mse"]
     assert len(log) == 2 and all(end <= start for start, end in log), log
 
-    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
-    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = dense(input_ids=ids).logits
-        errs = {name: float((_served_model(tiny_dense, ckpt)(input_ids=ids).logits - ref).norm() / ref.norm())
-                for name, ckpt in (("tuned", out), ("svd", tiny_tq))}
+    errs = _logit_errors(tiny_dense, tuned=out, svd=tiny_tq)
     assert errs["tuned"] < 1.05 * errs["svd"], errs
