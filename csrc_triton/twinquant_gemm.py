@@ -2,7 +2,9 @@
 
     y = x @ deq(R)^T + (x @ D^T) @ U^T + bias
 
-They read scales [N, K/G], D [slots*R, K] and U [N, R] as the checkpoint stores them, and the
+They read scales [N, K/G], D [slots*R, K] and U [N, R] as the checkpoint stores them (D and U
+in the activation dtype, or int8 codes with an fp32 scale per row: the down projection scales
+its fp32 sums per rank row, the epilogue scales U's rows in registers before its dot), and the
 int32 codes [N, K/8] after one lossless reordering at load (`repack`, nothing re-quantized):
 within every chunk of C = min(64, G) input columns, nibble j of word l holds column
 j * C/8 + l instead of 8 * l + j. Then the j-th nibbles of consecutive words meet consecutive
@@ -61,13 +63,24 @@ def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _operand(v, act, UPCAST: tl.constexpr):
+    """A factor tile (float or int8 codes) as a tensor-core operand in the activation dtype.
+    (The interpreter mishandles int8 -> bf16, so there it goes to fp32, as _dot would anyway.)"""
+    if UPCAST:
+        return v.to(tl.float32)
+    return v.to(act)
+
+
+@triton.jit
 def _lowrank_down_kernel(
-    x_ptr, d_ptr, ws_ptr,
+    x_ptr, d_ptr, ds_ptr, ws_ptr,
     M, K, RT, k_per_split,
     stride_xm, stride_dr, stride_ws_s, stride_ws_m,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DS: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """t = x @ D^T over one K-slice. int8 D (HAS_DS): codes become the activation dtype
+    exactly (|q| <= 127) and the per-row scale multiplies the slice's fp32 sum."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -82,8 +95,10 @@ def _lowrank_down_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
         d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_k[None, :],
-                    mask=(offs_r[:, None] < RT) & kmask[None, :], other=0.0)
-        acc += _dot(x, tl.trans(d), UPCAST)
+                    mask=(offs_r[:, None] < RT) & kmask[None, :], other=0)
+        acc += _dot(x, tl.trans(_operand(d, x_ptr.dtype.element_ty, UPCAST)), UPCAST)
+    if HAS_DS:
+        acc *= tl.load(ds_ptr + offs_r, mask=offs_r < RT, other=0.0)[None, :]
     ptrs = ws_ptr + pid_s * stride_ws_s + offs_m[:, None] * stride_ws_m + offs_r[None, :]
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < RT)
     if ATOMIC:  # (stride_ws_s is 0: every slice adds into the one zeroed slice)
@@ -172,11 +187,11 @@ def _scaled_low_nibble(p, s, EXP: tl.constexpr, ASM: tl.constexpr, act: tl.const
 
 @triton.jit
 def _tq_gemm_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, k_per_split,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: tl.constexpr, CHUNK_W: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, MODE: tl.constexpr,
     EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr,
@@ -199,7 +214,8 @@ def _tq_gemm_kernel(
       K = BK/8 per step, the scale applied to their fp32 sum.
     (MODE 0-3, 5 and 6, tried and removed, are in benchmarks/kernels/README.md with their numbers.)
     SPLIT_K > 1: program (tile, s) reduces K-slice s and adds into an fp32 y (zeroed by the
-    caller); split 0 adds the low-rank term and the bias."""
+    caller); split 0 adds the low-rank term and the bias. int8 U (HAS_US): each row of codes is
+    scaled and rounded to the activation dtype in registers before the epilogue dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -268,11 +284,16 @@ def _tq_gemm_kernel(
                 t += tl.load(ws_ptr + sp * stride_ws_s + offs_m[:, None] * stride_ws_m + slot * R + offs_r[None, :],
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
-                        mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(act)
+                        mask=n_mask[:, None] & r_mask[None, :], other=0)
+            if HAS_US:  # scaled before the dot (rounded once, as a bf16 factor is), so the MMA
+                # still accumulates into acc: scaling its result would need a second accumulator
+                us = tl.load(us_ptr + offs_n, mask=n_mask, other=0.0)
+                u = u.to(tl.float32) * us[:, None]
+            u = _operand(u, act, UPCAST)
             if SWAP:
-                acc += _dot(u, tl.trans(t.to(act)), UPCAST)
+                acc = _dot_acc(u, tl.trans(t.to(act)), acc, UPCAST)
             else:
-                acc += _dot(t.to(act), tl.trans(u), UPCAST)
+                acc = _dot_acc(t.to(act), tl.trans(u), acc, UPCAST)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if SWAP:
@@ -302,9 +323,10 @@ def _unpack_v(p, J: tl.constexpr):
 
 
 @triton.jit
-def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
+def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
                    R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-                   HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+                   HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     y = tl.sum(acc, axis=1)
     if HAS_LOWRANK:
         offs_r = tl.arange(0, BLOCK_R)
@@ -315,8 +337,11 @@ def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y
         # t is rounded to the activation dtype, as the tile kernel's tensor-core operand is
         t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
         u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        y += tl.sum(u * t[None, :], axis=1)
+                    mask=n_mask[:, None] & r_mask[None, :], other=0).to(tl.float32)
+        lr = tl.sum(u * t[None, :], axis=1)
+        if HAS_US:
+            lr *= tl.load(us_ptr + offs_n, mask=n_mask, other=0.0)
+        y += lr
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask & (offs_n * 0 + m < M))
@@ -324,11 +349,12 @@ def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y
 
 @triton.jit
 def _tq_gemv_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Decode kernel (M <= GEMV_MAX_M): BLOCK_M (1, 2 or 4) token rows and BLOCK_N output rows
     per program; the codes are unpacked once for all BLOCK_M rows. (Loading the next tile of
@@ -396,16 +422,16 @@ def _tq_gemv_kernel(
 
     n0 = pid_n * BLOCK_N
     slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
-    _gemv_epilogue(acc0, m0, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                   stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+    _gemv_epilogue(acc0, m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                   stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
     if BLOCK_M > 1:
-        _gemv_epilogue(acc1, m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+        _gemv_epilogue(acc1, m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
     if BLOCK_M > 2:
-        _gemv_epilogue(acc2, m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
-        _gemv_epilogue(acc3, m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_BIAS, BLOCK_R)
+        _gemv_epilogue(acc2, m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
+        _gemv_epilogue(acc3, m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
 
 
 # -- code layout ------------------------------------------------------------------------------
@@ -509,8 +535,9 @@ def _next_pow2(v: int) -> int:
 
 
 def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = None,
-                 reduce: bool = False) -> torch.Tensor:
-    """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T. With `reduce` the K-slices add
+                 reduce: bool = False, down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T (int8 `down`: x @ (down *
+    down_scale[:, None])^T, down_scale fp32 [RT]). With `reduce` the K-slices add
     into one zeroed slice (S = 1, fp32 atomics): every output tile of the main kernel then
     reads t once instead of once per slice, which is what matters from a few dozen tokens on
     (one extra memset launch, so decode keeps the per-slice workspace)."""
@@ -530,12 +557,22 @@ def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = N
     else:
         ws = torch.empty((num_splits, m, rt), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(rt, br), num_splits)
+    _check_factor(down, down_scale, rt, "down")
     _lowrank_down_kernel[grid](
-        x, down, ws, m, k, rt, k_per_split,
+        x, down, down_scale if down_scale is not None else x, ws, m, k, rt, k_per_split,
         x.stride(0), down.stride(0), 0 if atomic else ws.stride(0), ws.stride(1),
-        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, ATOMIC=atomic, UPCAST=_INTERPRETED, num_warps=4, num_stages=3,
+        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, ATOMIC=atomic, HAS_DS=down_scale is not None,
+        UPCAST=_INTERPRETED, num_warps=4, num_stages=3,
     )
     return ws
+
+
+def _check_factor(f: torch.Tensor, scale: torch.Tensor | None, rows: int, name: str) -> None:
+    """int8 factors come with an fp32 scale per row; float factors come without."""
+    if (f.dtype == torch.int8) != (scale is not None):
+        raise ValueError(f"low-rank {name} factor is {f.dtype}: int8 factors need a {name}_scale, float ones take none")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (rows,) or not scale.is_contiguous()):
+        raise ValueError(f"{name}_scale must be a contiguous float32 [{rows}], got {scale.dtype} {list(scale.shape)}")
 
 
 def tq_gemm(
@@ -549,11 +586,14 @@ def tq_gemm(
     slot_bounds: tuple[int, ...] = (),
     config: tuple | None = None,
     out: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ deq(R)^T + (x @ D^T) @ U^T + bias, for x [M, K] fp16/bf16 with unit column stride.
 
     qweight int32 [N, K/8] in the `repack` layout, scales [N, K/G] as the checkpoint stores them;
-    down [slots*R, K] and up [N, R] in x's dtype (None for rank 0). slot_bounds: first
+    down [slots*R, K] and up [N, R] in x's dtype, or int8 with fp32 row scales down_scale
+    [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
     overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the decode
     kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
@@ -571,12 +611,15 @@ def tq_gemm(
         config = pick_gemv_config(m, n) if m <= GEMV_MAX_M else pick_config(m, n, k, max_bn, group_size)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    has_us = has_lr and up_scale is not None
     if has_lr:
-        ws = lowrank_down(x, down, reduce=len(config) == 7 and m > 16)
+        _check_factor(up, up_scale, n, "up")
+        ws = lowrank_down(x, down, reduce=len(config) == 7 and m > 16, down_scale=down_scale)
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
-    operands = (x, qweight, scales, up if has_lr else x, ws, bias if bias is not None else x)  # then y
+    operands = (x, qweight, scales, up if has_lr else x, up_scale if has_us else x, ws,
+                bias if bias is not None else x)  # then y
     strides = (
         x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
@@ -587,8 +630,8 @@ def tq_gemm(
         bn = min(bn, max_bn)
         _tq_gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
-            GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
+            GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
@@ -604,8 +647,8 @@ def tq_gemm(
     exp = 0x4300 if x.dtype == torch.bfloat16 else 0x6400
     _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
-        GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
+        GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
         EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
     )
     if split > 1:
@@ -649,6 +692,27 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dty
     return w
 
 
+@triton.jit
+def _dequant_rows_kernel(q_ptr, s_ptr, out_ptr, ROWS, COLS, stride_q, stride_o,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rows, mask=rows < ROWS, other=0.0)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 factor with one fp32 scale per row, as a [rows, cols] tensor of `dtype` (one launch)."""
+    rows, cols = q.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=q.device)
+    br, bc = 16, min(256, max(16, _next_pow2(cols)))
+    _dequant_rows_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](
+        q, scale, out, rows, cols, q.stride(0), out.stride(0), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return out
+
+
 # Above this many tokens one transient dense copy of the layer fed to cuBLAS beats the tile
 # kernel (H100 sweeps, benchmarks/kernels/README.md): smaller layers cross over earlier.
 DEQUANT_ABOVE = [  # (layers with fewer than this many weights, M threshold)
@@ -672,16 +736,24 @@ def tq_linear(
     bias: torch.Tensor | None = None,
     slot_bounds: tuple[int, ...] = (),
     large_m_threshold: int | None = None,
+    down_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer on CUDA. Up to `large_m_threshold` tokens: the Triton kernels. Above: both
     components as one cuBLAS GEMM, [x | x D^T] @ [deq(R) | U_blockdiag]^T, from a transient
-    buffer dequantized in one pass (freed after the call; no dense copy is kept)."""
+    buffer dequantized in one pass (freed after the call; no dense copy is kept; int8 factors
+    are dequantized into it too)."""
     m, k = x.shape
     n = qweight.shape[0]
     thr = dequant_threshold(n, k) if large_m_threshold is None else large_m_threshold
     if m <= thr:
-        return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds)
+        return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds,
+                       down_scale=down_scale, up_scale=up_scale)
     has_lr = down is not None and down.shape[0] > 0
+    if has_lr and down_scale is not None:
+        _check_factor(down, down_scale, down.shape[0], "down")
+        _check_factor(up, up_scale, n, "up")
+        down, up = dequantize_rows(down, down_scale, x.dtype), dequantize_rows(up, up_scale, x.dtype)
     extra = down.shape[0] if has_lr else 0
     w = torch.empty((n, k + extra), dtype=x.dtype, device=x.device)
     dequantize(qweight, scales, group_size, x.dtype, out=w)

@@ -6,8 +6,9 @@ model walk lives in `quantize.py`, the storage layout in `vllm_twinquant/format.
 * low-rank part: truncated SVD of W, optionally activation-weighted (LQER / SVDQuant
   style, diag scaling by the RMS of each input channel) or weighted by the full
   calibration Hessian (the split that minimises ||(W - L) X^T||_F for the stored rank);
-  both factors are rounded to the stored low-rank dtype before the residual is formed,
-  so the residual absorbs their rounding error.
+  both factors are rounded to the stored low-rank dtype (bf16/fp16, or int8 with a scale per
+  row: `format.round_lowrank`) before the residual is formed, so the residual absorbs their
+  rounding error.
 * residual: 4-bit symmetric group quantization of R = W - U @ D, either round-to-nearest
   or GPTQ (Frantar et al. 2022) with the calibration Hessian H = 2/n sum x x^T.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_twinquant.format import residual_quant_args
+from vllm_twinquant.format import residual_quant_args, round_lowrank
 
 QMIN, QMAX = -8, 7
 
@@ -29,8 +30,9 @@ QMIN, QMAX = -8, 7
 class Decomposed:
     codes: torch.Tensor  # int8 [N, K] in [-8, 7]
     scales: torch.Tensor  # scale_dtype [N, K/G]
-    down: torch.Tensor | None  # lowrank_dtype [r, K]
-    up: torch.Tensor | None  # lowrank_dtype [N, r]
+    down: torch.Tensor | None  # [r, K] as stored: in lowrank_dtype, or float32 on the int8 grid
+    up: torch.Tensor | None  # [N, r] likewise
+    lowrank_dtype: torch.dtype | None = None  # the stored dtype of both factors (None: rank 0)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The effective weight U @ D + deq(R) that the served layer applies."""
@@ -183,7 +185,7 @@ def lowrank_split(
     down = root[:, None] * vh
     if t_inv is not None:
         down = down @ t_inv
-    return up.to(lowrank_dtype), down.to(lowrank_dtype)
+    return round_lowrank(up, down, lowrank_dtype)
 
 
 def decompose(
@@ -211,7 +213,7 @@ def decompose(
         codes, scales = quantize_rtn(r, group_size, scale_dtype)
     else:
         raise ValueError(f"--residual {residual!r}: expected gptq or rtn")
-    return Decomposed(codes=codes, scales=scales, down=down, up=up)
+    return Decomposed(codes=codes, scales=scales, down=down, up=up, lowrank_dtype=lowrank_dtype if rank else None)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -247,7 +249,7 @@ def decompose_refined(
     best, errs = None, []
     for it in range(iters + 1):
         codes, scales = quantize_gptq(w - up.float() @ down.float(), hessian, group_size, scale_dtype)
-        d = Decomposed(codes, scales, down, up)
+        d = Decomposed(codes, scales, down, up, lowrank_dtype)
         w_hat = d.dequantized()
         err = output_error(w, w_hat, hessian)
         errs.append(err)

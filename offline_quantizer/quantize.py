@@ -107,6 +107,7 @@ def quantize_model(
     rotation_steps: int = 50,
     smoothing: str = "none",
     activation_bits: int = 16,
+    activation_clip: float = 1.0,
     tune_epochs: int = 0,
     tune_lr: float = 1e-3,
     attention_aware: bool = False,
@@ -124,8 +125,9 @@ def quantize_model(
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
         recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits, tune_epochs,
-                            attention_aware),
+                            attention_aware, activation_clip, lowrank_dtype),
         activation_bits=activation_bits,
+        activation_clip_ratio=activation_clip,
         online_hadamard=list(ONLINE_HADAMARD_MODULES) if activation_bits < 16 else [],
     )
     if refine_iters and residual != "gptq":
@@ -249,7 +251,8 @@ def quantize_model(
         if tune_epochs:
             res = tune_block(block, decomposed, inps, fp_inps, [_to(kw, device) for kw in kwargs_list],
                              tune_epochs, lr=tune_lr, norm_dtype=src_dtype,
-                             activation_bits=dict.fromkeys(decomposed, spec.activation_bits))
+                             activation_bits=dict.fromkeys(decomposed, spec.activation_bits),
+                             activation_clip=activation_clip)
             tune_log.append([round(res.heldout_start, 6), round(res.heldout_end, 6)])
             tqdm.write(f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} "
                        f"({res.steps} steps)")
@@ -261,8 +264,7 @@ def quantize_model(
             tensors[f"{full}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(d.codes.cpu())
             tensors[f"{full}.{fmt.WEIGHT_SCALE}"] = d.scales.cpu().contiguous()
             if r:
-                tensors[f"{full}.{fmt.LOWRANK_DOWN}"] = d.down.cpu().contiguous()
-                tensors[f"{full}.{fmt.LOWRANK_UP}"] = d.up.cpu().contiguous()
+                tensors.update(fmt.lowrank_tensors(full, d.up.cpu(), d.down.cpu(), spec))
             if lin.bias is not None:
                 tensors[f"{full}.bias"] = lin.bias.data.to(src_dtype).cpu()
             quantized_names.add(f"{full}.weight")
@@ -316,8 +318,10 @@ def quantize_model(
 
 
 def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16, tune_epochs=0,
-                 attention_aware=False) -> str:
+                 attention_aware=False, activation_clip=1.0, lowrank_dtype="bfloat16") -> str:
     parts = [] if activation_bits == 16 else [f"a{activation_bits}-hadamard"]
+    if activation_clip != 1:
+        parts.append(f"clip{activation_clip:g}")
     if rotation != "none":
         parts.append(f"rot-{rotation}")
     if smoothing != "none":
@@ -329,6 +333,8 @@ def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_b
         parts.append("attn")
     if tune_epochs:
         parts.append("tuned")
+    if rank and lowrank_dtype == "int8":
+        parts.append("lrint8")
     return "-".join(parts)
 
 
@@ -477,7 +483,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rank-override", action="append", metavar="MODULE=RANK", help="per-module rank")
     ap.add_argument("--residual", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--lowrank-weighting", choices=("none", "diag", "hessian"), default="diag")
-    ap.add_argument("--lowrank-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--lowrank-dtype", choices=fmt.LOWRANK_DTYPES, default="bfloat16",
+                    help="storage of both low-rank factors (int8: symmetric, one fp32 scale per row)")
     ap.add_argument("--refine-iters", type=int, default=0,
                     help="TwinQuant split: alternate GPTQ residual / optimal low-rank refit this many times (0: SVD split)")
     ap.add_argument("--rotation", choices=("none", "random", "learned"), default="none",
@@ -490,6 +497,9 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-bits", type=int, choices=(16, 4), default=16,
                     help="4: W4A4 checkpoint (per-token 4-bit inputs of the residual product, online Hadamard "
                          "before o_proj/down_proj; served by the torch path, no fast kernel yet)")
+    ap.add_argument("--activation-clip", type=float, default=1.0, metavar="RATIO",
+                    help="with --activation-bits 4: per-token scale = RATIO * max|x| / 7 (larger entries saturate; "
+                         "stored as activation_clip_ratio, used by the tuning loop and the reader)")
     ap.add_argument("--attention-aware", action="store_true",
                     help="v_proj's GPTQ / split statistic from the inputs mixed by the attention probabilities "
                          "(its error as the attention output sees it) instead of the raw inputs (Llama family)")
@@ -514,7 +524,7 @@ def main(argv=None) -> None:
             args.lowrank_weighting, args.nsamples, args.seqlen, args.batch_size, args.seed, args.device,
             args.lowrank_dtype, _parse_overrides(args.rank_override), random_calibration=args.random_calibration,
             refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
-            smoothing=args.smoothing, activation_bits=args.activation_bits,
+            smoothing=args.smoothing, activation_bits=args.activation_bits, activation_clip=args.activation_clip,
             tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, attention_aware=args.attention_aware,
         )
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ import torch
 from torch.func import functional_call
 
 from offline_quantizer.decompose import Decomposed, group_dequantize
-from vllm_twinquant.format import quantize_activations
+from vllm_twinquant.format import quantize_activations, round_lowrank
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
@@ -55,11 +55,13 @@ def tune_block(
     tune_norms: bool = True,
     norm_dtype: torch.dtype | None = None,
     activation_bits: dict[str, int] | None = None,
+    activation_clip: float = 1.0,
 ) -> TuneResult:
     """Tune `decomposed` (name -> Decomposed of block.get_submodule(name)) in place, and the
     block's norm weights, on (inputs -> targets). At the end the block's linear weights are the
     served weights. norm_dtype: the dtype the norm weights are stored in. activation_bits:
-    name -> bits of the residual product's input (16 or 4). Needs at least two batches (the
+    name -> bits of the residual product's input (16 or 4), quantized with `activation_clip`
+    (format: activation_clip_ratio). Needs at least two batches (the
     last one is held out)."""
     if len(inputs) < 2:
         raise ValueError("block tuning needs at least 2 calibration batches (one is held out); raise --nsamples")
@@ -96,7 +98,7 @@ def tune_block(
         if stored:
             s = s.to(d.scales.dtype).float()
             if up is not None:
-                up, down = up.to(d.up.dtype).float(), down.to(d.down.dtype).float()
+                up, down = (f.float() for f in round_lowrank(up, down, d.lowrank_dtype))
         return s, up, down
 
     def linear_forward(n: str, lin: torch.nn.Linear, stored: bool):
@@ -105,7 +107,7 @@ def tune_block(
             w = group_dequantize(codes[n], s)
             xr = x
             if abits.get(n, 16) < 16:
-                xr = x + (quantize_activations(x, abits[n]) - x).detach()
+                xr = x + (quantize_activations(x, abits[n], activation_clip) - x).detach()
             y = xr @ w.t()
             if up is not None:
                 y = y + (x @ down.t()) @ up.t()
@@ -159,7 +161,7 @@ def tune_block(
             s, up, down = layer_params(n, True)
             d.scales = s.to(d.scales.dtype).to(d.scales.device)
             if up is not None:
-                d.up, d.down = up.to(d.up.dtype).to(d.up.device), down.to(d.down.dtype).to(d.down.device)
+                d.up, d.down = round_lowrank(up.to(d.up.device), down.to(d.down.device), d.lowrank_dtype)
             lin = block.get_submodule(n)
             lin.weight.data = d.dequantized(torch.float32).to(lin.weight.device, lin.weight.dtype)
         for n in norms:

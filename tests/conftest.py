@@ -62,6 +62,19 @@ def tiny_tq(tiny_dense, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tq_int8(tiny_dense, tmp_path_factory):
+    """tiny_tq's recipe with int8 low-rank factors (lowrank_dtype "int8")."""
+    from offline_quantizer.quantize import quantize_model
+
+    out = str(tmp_path_factory.mktemp("tq8") / "tq8")
+    quantize_model(
+        tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4, lowrank_dtype="int8",
+        rank_overrides={"model.layers.0.self_attn.q_proj": 4}, random_calibration=True,
+    )
+    return out
+
+
 def read_config(path):
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)

@@ -112,3 +112,84 @@ def test_activation_bits_and_online_hadamard_are_validated():
     assert torch.allclose(fmt.apply_online_hadamard(x) @ fmt.apply_online_hadamard(w).T, x @ w.T)
     xq = fmt.quantize_activations(torch.randn(6, 64), 4)
     assert all(len(torch.unique(r / r.abs().max() * 7).round()) <= 15 for r in xq)
+
+
+def test_int8_lowrank_rounding_is_balanced_exact_and_close():
+    """round_lowrank(int8): U's columns rebalanced to unit RMS, both factors on their per-row
+    int8 grid, the product within int8 rounding of the original; lowrank_tensors stores it
+    exactly and refuses a factor that is off its grid."""
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.randn(96, 8, generator=g) * torch.logspace(0, -2, 8)  # spread singular values
+    d0 = torch.randn(8, 160, generator=g)
+    up, down = fmt.round_lowrank(u0, d0, torch.int8)
+    assert up.dtype == down.dtype == torch.float32
+    assert torch.allclose(up.pow(2).mean(0).sqrt(), torch.ones(8), rtol=2e-2)
+    rel = ((up @ down - u0 @ d0).norm() / (u0 @ d0).norm()).item()
+    assert 0 < rel < 1.2e-2, rel  # ~0.8%: 8-bit rows of Gaussian entries
+    spec = fmt.TwinQuantSpec(group_size=32, rank=8, lowrank_dtype="int8")
+    t = fmt.lowrank_tensors("p", up, down, spec)
+    assert t["p.lowrank_down"].dtype == t["p.lowrank_up"].dtype == torch.int8
+    assert int(t["p.lowrank_up"].abs().max()) == 127 and t["p.lowrank_up_scale"].shape == (96,)
+    assert torch.allclose(fmt.dequantize_lowrank(t["p.lowrank_up"], t["p.lowrank_up_scale"]), up, rtol=1e-6, atol=0)
+    assert torch.allclose(fmt.dequantize_lowrank(t["p.lowrank_down"], t["p.lowrank_down_scale"]), down, rtol=1e-6, atol=0)
+    specs = fmt.tensor_specs("p", 96, 160, 8, spec)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in t.items()} == {k: specs[k] for k in t}
+    assert len(t) == 4 and set(t) < set(specs)
+    with pytest.raises(fmt.TwinQuantFormatError, match="p.lowrank_down: factor is not on its int8 grid"):
+        fmt.lowrank_tensors("p", up, down * 1.001 + 1e-3, spec)
+    # bits: 4 + 16/64 + (8 r (N + K) + 32 (r + N)) / (N K)
+    assert fmt.TwinQuantSpec(group_size=64, rank=16, lowrank_dtype="int8").effective_bits(1536, 576, 16) == \
+        pytest.approx(4.25 + (8 * 16 * 2112 + 32 * (16 + 1536)) / (1536 * 576))
+    with pytest.raises(fmt.TwinQuantFormatError, match="lowrank_dtype = 'int4'"):
+        fmt.TwinQuantSpec(lowrank_dtype="int4")
+
+
+def test_int8_lowrank_checkpoint(tiny_dense, tiny_tq, tiny_tq_int8, tmp_path):
+    """The quantizer's int8-factor checkpoint: valid, smaller, the same function as the bf16
+    one up to the factors' rounding, and its tensors checked like every other."""
+    spec = fmt.validate_checkpoint(tiny_tq_int8)
+    assert spec.lowrank_dtype == "int8"
+    bits = {p: fmt.load_spec(p).metadata["effective_bits_per_weight"] for p in (tiny_tq, tiny_tq_int8)}
+    assert bits[tiny_tq_int8] < bits[tiny_tq] - 0.1, bits
+    q8, q16 = (load_file(os.path.join(p, "model.safetensors")) for p in (tiny_tq_int8, tiny_tq))
+    dense = load_file(os.path.join(tiny_dense, "model.safetensors"))
+    w8, w16 = fmt.effective_weights(q8, 64), fmt.effective_weights(q16, 64)
+    for name in w8:
+        w = dense[name].float()
+        e8, e16 = ((w8[name] - w).norm() / w.norm()).item(), ((w16[name] - w).norm() / w.norm()).item()
+        assert e8 < 1.05 * e16 + 1e-3, (name, e8, e16)
+    d = _copy(tiny_tq_int8, tmp_path / "bad")
+    _edit_tensors(d, lambda t: t.pop(f"{NAME}.lowrank_up_scale"))
+    with pytest.raises(fmt.TwinQuantFormatError, match=f"missing tensor {NAME}.lowrank_up_scale"):
+        fmt.validate_checkpoint(d)
+    d = _copy(tiny_tq, tmp_path / "stray")
+    _edit_tensors(d, lambda t: t.__setitem__(f"{NAME}.lowrank_up_scale", torch.ones(1536)))
+    with pytest.raises(fmt.TwinQuantFormatError, match=f"{NAME}.lowrank_up_scale present but lowrank_dtype is 'bfloat16'"):
+        fmt.validate_checkpoint(d)
+
+
+def test_activation_clip_ratio():
+    """activation_clip_ratio c: per-token scale c * max|x| / 7, entries beyond it saturate; only
+    with 4-bit activations, and the reader's kernel applies it."""
+    from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+
+    assert fmt.TwinQuantSpec(activation_bits=4, activation_clip_ratio=0.8).activation_clip_ratio == 0.8
+    for bad in (0, 1.5, "0.8"):
+        with pytest.raises(fmt.TwinQuantFormatError, match="activation_clip_ratio"):
+            fmt.TwinQuantSpec(activation_bits=4, activation_clip_ratio=bad)
+    with pytest.raises(fmt.TwinQuantFormatError, match="needs activation_bits 4"):
+        fmt.TwinQuantSpec(activation_clip_ratio=0.9)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    xq = fmt.quantize_activations(x, 4, 0.5)
+    step = 0.5 * x.abs().amax(-1, keepdim=True) / 7
+    assert torch.allclose(xq, (x / step).round().clamp(-7, 7) * step)
+    assert (xq.abs().amax(-1) < 0.51 * x.abs().amax(-1)).all()  # the largest entries saturate
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Module()
+    layer.weight_packed = fmt.pack_codes(torch.randint(-8, 8, (16, 64), dtype=torch.int8, generator=g))
+    layer.weight_scale = torch.rand(16, 2, generator=g).double()
+    c = TwinQuantLayerConfig(in_features=64, slot_sizes=(16,), rank=0, group_size=32, act_dtype=torch.float64,
+                             activation_bits=4, activation_clip=0.5)
+    y = TorchTwinQuantKernel(c).apply(layer, x, None)
+    w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, 32, torch.float64)
+    assert torch.allclose(y, xq @ w.T)

@@ -194,3 +194,49 @@ def test_lowrank_down_workspace(reduce):
     assert ws.shape[0] == (1 if reduce else 5)
     ref = x.double() @ d.double().T
     assert ((ws.sum(0).double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def _int8_factor(rows, cols, gen):
+    """int8 codes and fp32 row scales whose product has entries of ~0.2, so the low-rank term
+    outweighs the residual's (~0.05) and a wrongly applied scale fails the check."""
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen)
+    return q, torch.rand(rows, generator=gen) * 0.004 + 0.002
+
+
+INT8_CASES = [  # M, N, K, group, rank, slot bounds, forced config
+    (1, 576, 1536, 64, 16, (), None),  # decode kernel
+    (2, 40, 384, 128, 4, (), (2, 16, 32, 4)),  # decode kernel, two rows per program
+    (17, 192, 576, 64, 8, (64, 128), None),  # tile kernel MODE 7, merged
+    (5, 192, 640, 128, 8, (64, 128), (16, 64, 128, 4, 2, 2, 4)),  # MODE 4, split-K
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,r,bounds,cfg", INT8_CASES)
+def test_int8_lowrank_factors_match_float64(m, n, k, g, r, bounds, cfg):
+    """int8 factors with fp32 row scales (format: lowrank_dtype int8), read by every path."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    qw, sc, _, _ = _layer(n, k, g, 0, 1, torch.bfloat16, seed=m)
+    qd, ds = _int8_factor((len(bounds) + 1) * r, k, gen)
+    qu, us = _int8_factor(n, r, gen)
+    down_ref, up_ref = qd.double() * ds.double()[:, None], qu.double() * us.double()[:, None]
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    ref = _reference(x, qw, sc, g, down_ref, up_ref, None, bounds)
+    lowrank_only = ref - _reference(x, qw, sc, g, None, None, None, bounds)
+    assert lowrank_only.norm() > 1.5 * (ref - lowrank_only).norm()  # the factors dominate
+
+    def run(d_scale, u_scale):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        tg.tq_gemm(x, tg.repack(qw, g), sc, g, qd, qu, slot_bounds=bounds, out=out, config=cfg,
+                   down_scale=d_scale, up_scale=u_scale)
+        assert not torch.isnan(out).any()
+        return ((out.double() - ref).norm() / ref.norm()).item()
+
+    assert run(ds, us) <= 1e-2
+    assert run(ds, us * 1.1) > 3e-2  # the up scale is applied ...
+    assert run(ds * 1.1, us) > 3e-2  # ... and the down scale
+    y = tg.tq_linear(x, tg.repack(qw, g), sc, g, qd, qu, None, slot_bounds=bounds, large_m_threshold=0,
+                     down_scale=ds, up_scale=us)  # the dequantize + one GEMM path
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+    with pytest.raises(ValueError, match="int8 factors need a up_scale"):
+        tg.tq_gemm(x, tg.repack(qw, g), sc, g, qd, qu, slot_bounds=bounds, down_scale=ds)
+

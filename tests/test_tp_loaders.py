@@ -15,25 +15,38 @@ from vllm_twinquant.linear_method import TwinQuantLinearMethod
 K, G, TP = 256, 32, 2
 
 
-def _full(n, r, seed):
+def _full(n, r, seed, lowrank_dtype):
     g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(n, r, generator=g) * 0.1, torch.randn(r, K, generator=g) * 0.1
+    spec = fmt.TwinQuantSpec(group_size=G, rank=r, lowrank_dtype=lowrank_dtype)
+    up, down = fmt.round_lowrank(up, down, spec.lowrank_torch_dtype)
     return {
         "weight_packed": fmt.pack_codes(torch.randint(-8, 8, (n, K), dtype=torch.int8, generator=g)),
         "weight_scale": (torch.rand(n, K // G, generator=g) * 0.02).half(),
-        "lowrank_down": torch.randn(r, K, generator=g).bfloat16() * 0.1,
-        "lowrank_up": torch.randn(n, r, generator=g).bfloat16() * 0.1,
+        **{k.rsplit(".", 1)[1]: v for k, v in fmt.lowrank_tensors("p", up, down, spec).items()},
     }
 
 
+def _factors(t):
+    return (fmt.dequantize_lowrank(t["lowrank_down"], t.get("lowrank_down_scale")),
+            fmt.dequantize_lowrank(t["lowrank_up"], t.get("lowrank_up_scale")))
+
+
 def _full_out(x, t):
-    return fmt.reference_linear(x, t["weight_packed"], t["weight_scale"], G, t["lowrank_down"], t["lowrank_up"])
+    return fmt.reference_linear(x, t["weight_packed"], t["weight_scale"], G, *_factors(t))
 
 
-def _make_layer(monkeypatch, rank, in_part, out_parts, ranks):
+@pytest.fixture(params=["bfloat16", "int8"])
+def lowrank_dtype(request):
+    """Every loader test runs with bf16 factors and with int8 factors (+ their row scales)."""
+    return request.param
+
+
+def _make_layer(monkeypatch, rank, in_part, out_parts, ranks, lowrank_dtype="bfloat16"):
     monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: rank)
     monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: TP)
     layer = torch.nn.Module()
-    spec = fmt.TwinQuantSpec(group_size=G, rank=max(ranks))
+    spec = fmt.TwinQuantSpec(group_size=G, rank=max(ranks), lowrank_dtype=lowrank_dtype)
     method = TwinQuantLinearMethod(spec, "test.layer", ranks)
     method.create_weights(layer, in_part, out_parts, in_part * TP, sum(out_parts) * TP, torch.float32,
                           weight_loader=lambda *a, **k: None)
@@ -43,8 +56,10 @@ def _make_layer(monkeypatch, rank, in_part, out_parts, ranks):
 def _run(layer, x):
     c = layer.twinquant_config
     kernel = TorchTwinQuantKernel(c)
-    p = {n: getattr(layer, n).data.double() if n.startswith("lowrank") else getattr(layer, n).data
-         for n in ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up")}
+    names = ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up")
+    names += ("lowrank_down_scale", "lowrank_up_scale") if c.int8_lowrank else ()
+    p = {n: getattr(layer, n).data.double() if n.startswith("lowrank") and not c.int8_lowrank else getattr(layer, n).data
+         for n in names}
     holder = torch.nn.Module()
     for n, v in p.items():
         setattr(holder, n, v)
@@ -52,12 +67,12 @@ def _run(layer, x):
 
 
 @pytest.mark.parametrize("tp_rank", [0, 1])
-def test_merged_qkv_column_parallel(monkeypatch, tp_rank):
+def test_merged_qkv_column_parallel(monkeypatch, tp_rank, lowrank_dtype):
     sizes = {"q": 128, "k": 64, "v": 64}  # full output sizes; kv heads split too
     ranks = {"q": 8, "k": 4, "v": 8}  # k's factors are padded to the slot width 8
-    full = {s: _full(n, ranks[s], seed=i) for i, (s, n) in enumerate(sizes.items())}
+    full = {s: _full(n, ranks[s], i, lowrank_dtype) for i, (s, n) in enumerate(sizes.items())}
     parts = [n // TP for n in sizes.values()]
-    layer, _ = _make_layer(monkeypatch, tp_rank, K, parts, list(ranks.values()))
+    layer, _ = _make_layer(monkeypatch, tp_rank, K, parts, list(ranks.values()), lowrank_dtype)
     offset = 0
     for s, n in sizes.items():
         for name, t in full[s].items():
@@ -73,9 +88,9 @@ def test_merged_qkv_column_parallel(monkeypatch, tp_rank):
 
 
 @pytest.mark.parametrize("tp_rank", [0, 1])
-def test_merged_gate_up_column_parallel(monkeypatch, tp_rank):
-    full = [_full(96, 8, seed=10), _full(96, 8, seed=11)]
-    layer, _ = _make_layer(monkeypatch, tp_rank, K, [48, 48], [8, 8])
+def test_merged_gate_up_column_parallel(monkeypatch, tp_rank, lowrank_dtype):
+    full = [_full(96, 8, 10, lowrank_dtype), _full(96, 8, 11, lowrank_dtype)]
+    layer, _ = _make_layer(monkeypatch, tp_rank, K, [48, 48], [8, 8], lowrank_dtype)
     for i, t in enumerate(full):
         for name, v in t.items():
             getattr(layer, name).load_merged_column_weight(loaded_weight=v, shard_id=i, shard_offset=48 * i, shard_size=48)
@@ -85,12 +100,12 @@ def test_merged_gate_up_column_parallel(monkeypatch, tp_rank):
     torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-6)
 
 
-def test_row_parallel_partials_sum_to_full(monkeypatch):
-    full = _full(64, 8, seed=3)
+def test_row_parallel_partials_sum_to_full(monkeypatch, lowrank_dtype):
+    full = _full(64, 8, 3, lowrank_dtype)
     x = torch.randn(4, K)
     total = 0
     for tp_rank in range(TP):
-        layer, _ = _make_layer(monkeypatch, tp_rank, K // TP, [64], [8])
+        layer, _ = _make_layer(monkeypatch, tp_rank, K // TP, [64], [8], lowrank_dtype)
         for name, v in full.items():
             getattr(layer, name).load_row_parallel_weight(v)
         total = total + _run(layer, x[:, tp_rank * K // TP : (tp_rank + 1) * K // TP])

@@ -172,11 +172,12 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
 
     out = str(tmp_path / "tq-a4")
     quantize_model(tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
-                   random_calibration=True, rotation="random", smoothing="learned", activation_bits=4)
+                   random_calibration=True, rotation="random", smoothing="learned", activation_bits=4,
+                   activation_clip=0.9)
     fmt.validate_checkpoint(out)
     spec = fmt.load_spec(out)
     assert spec.activation_bits == 4 and spec.online_hadamard == ["o_proj", "down_proj"]
-    assert spec.recipe.startswith("a4-hadamard")
+    assert spec.recipe.startswith("a4-hadamard-clip0.9") and spec.activation_clip_ratio == 0.9
 
     errs = _logit_errors(tiny_dense, a4=out, svd=tiny_tq)
     assert errs["a4"] < 0.5 and errs["a4"] < 2 * errs["svd"], errs  # a missing/wrong fold of H gives O(1)
@@ -188,14 +189,14 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
         t = q[f"{pre}.{n}"]
         setattr(layer, n, torch.nn.Parameter(t if n == "weight_packed" else t.float(), requires_grad=False))
     c = TwinQuantLayerConfig(in_features=1536, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float32,
-                             activation_bits=4, online_hadamard=fmt.hadamard_block_size(1536))
+                             activation_bits=4, activation_clip=0.9, online_hadamard=fmt.hadamard_block_size(1536))
     assert c.online_hadamard == 512 and not TritonTwinQuantKernel.can_implement(c)[0]
     x = torch.randn(5, 1536)
     y = TorchTwinQuantKernel(c).apply(layer, x, None).double()
     xh = fmt.apply_online_hadamard(x.double())
     deq = fmt.dequantize_residual(q[f"{pre}.weight_packed"], q[f"{pre}.weight_scale"], 64, torch.float64)
     low = xh @ q[f"{pre}.lowrank_down"].double().T @ q[f"{pre}.lowrank_up"].double().T
-    want = fmt.quantize_activations(xh, 4) @ deq.T + low
+    want = fmt.quantize_activations(xh, 4, 0.9) @ deq.T + low
     assert ((y - want).norm() / want.norm()).item() < 1e-5
     unquantized = x.double() @ fmt.effective_weights(q, 64, spec.online_hadamard)[f"{pre}.weight"].double().T
     rel = ((y - unquantized).norm() / unquantized.norm()).item()

@@ -67,7 +67,10 @@ def _free_port():
 
 
 @pytest.mark.serve
-def test_vllm_serve_openai_api(tiny_dense, tiny_tq, tmp_path):
+@pytest.mark.parametrize("ckpt", ["tiny_tq", "tiny_tq_int8"])
+def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
+    """Served logprobs match the checkpoint's pure-torch reference, bf16 and int8 factors."""
+    tiny_tq = request.getfixturevalue(ckpt)
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")

@@ -18,6 +18,8 @@ with the tensors
                                               q[n, k] * weight_scale[n, k // G]
     {prefix}.lowrank_down   lowrank_dtype [r, K]   D (absent when r == 0)
     {prefix}.lowrank_up     lowrank_dtype [N, r]   U (absent when r == 0)
+    {prefix}.lowrank_down_scale  float32 [r]  } only for lowrank_dtype "int8": D = codes * scale
+    {prefix}.lowrank_up_scale    float32 [N]  } per row (symmetric, |code| <= 127)
     {prefix}.bias           (unchanged from the source model, if it has one)
 """
 
@@ -39,14 +41,20 @@ WEIGHT_PACKED = "weight_packed"
 WEIGHT_SCALE = "weight_scale"
 LOWRANK_DOWN = "lowrank_down"
 LOWRANK_UP = "lowrank_up"
-QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, LOWRANK_DOWN, LOWRANK_UP)
+LOWRANK_DOWN_SCALE = "lowrank_down_scale"
+LOWRANK_UP_SCALE = "lowrank_up_scale"
+LOWRANK_TENSORS = (LOWRANK_DOWN, LOWRANK_UP, LOWRANK_DOWN_SCALE, LOWRANK_UP_SCALE)
+QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, *LOWRANK_TENSORS)
 
 PACK_FACTOR = 8  # 4-bit codes per int32
 SUPPORTED_WEIGHT_BITS = (4,)
 SUPPORTED_ACTIVATION_BITS = (16, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+LOWRANK_DTYPES = ("bfloat16", "float16", "int8")
+INT8_MAX = 127
+SAFETENSORS_DTYPES = {"I32": torch.int32, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F32": torch.float32}
 
 # The HF module names of the sub-layers vLLM fuses into one linear layer.
 DEFAULT_PACKED_MODULES = {
@@ -79,6 +87,7 @@ class TwinQuantSpec:
     lowrank_dtype: str = "bfloat16"
     scale_dtype: str = "float16"
     activation_bits: int = 16
+    activation_clip_ratio: float = 1.0
     online_hadamard: list[str] = field(default_factory=list)
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str = "svd-gptq"
@@ -111,6 +120,15 @@ class TwinQuantSpec:
                 f"quantization_config.activation_bits = {self.activation_bits!r}: expected one of "
                 f"{list(SUPPORTED_ACTIVATION_BITS)} (16: W4A16; 4: the residual's input quantized per token)"
             )
+        if not isinstance(self.activation_clip_ratio, (int, float)) or not 0 < self.activation_clip_ratio <= 1:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_clip_ratio = {self.activation_clip_ratio!r}: expected a number in (0, 1]"
+            )
+        if self.activation_clip_ratio != 1 and self.activation_bits == 16:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_clip_ratio = {self.activation_clip_ratio!r} needs activation_bits 4 "
+                "(it sets the per-token activation scale)"
+            )
         if not isinstance(self.online_hadamard, list) or not all(isinstance(m, str) and m for m in self.online_hadamard):
             raise TwinQuantFormatError(
                 f"quantization_config.online_hadamard = {self.online_hadamard!r}: expected a list of module "
@@ -119,7 +137,11 @@ class TwinQuantSpec:
         for name, r in [("rank", self.rank), *self.rank_overrides.items()]:
             if not isinstance(r, int) or r < 0:
                 raise TwinQuantFormatError(f"quantization_config rank for {name!r} = {r!r}: expected an integer >= 0")
-        self.lowrank_torch_dtype = _dtype(self.lowrank_dtype, "lowrank_dtype")
+        if self.lowrank_dtype not in LOWRANK_DTYPES:
+            raise TwinQuantFormatError(
+                f"quantization_config.lowrank_dtype = {self.lowrank_dtype!r}: expected one of {list(LOWRANK_DTYPES)}"
+            )
+        self.lowrank_torch_dtype = torch.int8 if self.lowrank_dtype == "int8" else FLOAT_DTYPES[self.lowrank_dtype]
         self.scale_torch_dtype = _dtype(self.scale_dtype, "scale_dtype")
 
     # -- (de)serialisation ---------------------------------------------------------------
@@ -168,9 +190,12 @@ class TwinQuantSpec:
     def effective_bits(self, out_features: int, in_features: int, rank: int) -> float:
         """Stored bits per weight of one layer: codes + scales + both low-rank factors."""
         n, k = out_features, in_features
-        lr_bits = torch.finfo(self.lowrank_torch_dtype).bits
         sc_bits = torch.finfo(self.scale_torch_dtype).bits
-        total = n * k * self.weight_bits + n * (k // self.group_size) * sc_bits + rank * (n + k) * lr_bits
+        total = n * k * self.weight_bits + n * (k // self.group_size) * sc_bits
+        if self.lowrank_dtype == "int8":
+            total += rank * (n + k) * 8 + (rank + n) * 32 if rank else 0
+        else:
+            total += rank * (n + k) * torch.finfo(self.lowrank_torch_dtype).bits
         return total / (n * k)
 
 
@@ -185,6 +210,9 @@ def tensor_specs(prefix: str, out_features: int, in_features: int, rank: int, sp
     if rank > 0:
         out[f"{prefix}.{LOWRANK_DOWN}"] = ((rank, k), spec.lowrank_torch_dtype)
         out[f"{prefix}.{LOWRANK_UP}"] = ((n, rank), spec.lowrank_torch_dtype)
+        if spec.lowrank_dtype == "int8":
+            out[f"{prefix}.{LOWRANK_DOWN_SCALE}"] = ((rank,), torch.float32)
+            out[f"{prefix}.{LOWRANK_UP_SCALE}"] = ((n,), torch.float32)
     return out
 
 
@@ -230,6 +258,7 @@ def dequantize_residual(packed: torch.Tensor, scale: torch.Tensor, group_size: i
 
 
 def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None, dtype=torch.float64):
+    """(down and up as values: dequantize int8 factors first, `dequantize_lowrank`.)"""
     """The layer's meaning, in high precision: the reference every kernel is tested against."""
     w = dequantize_residual(packed, scale, group_size, dtype)
     xd = x.to(dtype)
@@ -239,6 +268,53 @@ def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None
     if bias is not None:
         y = y + bias.to(dtype)
     return y
+
+
+# -- the low-rank factors ------------------------------------------------------------------
+def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (codes, float32 scales) with scale = max|row| / 127."""
+    t = t.float()
+    s = (t.abs().amax(1) / INT8_MAX).clamp_min(1e-30)
+    return torch.round(t / s[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+
+
+def round_lowrank(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (U [N, r], D [r, K]) as a checkpoint of this low-rank dtype stores them.
+    bf16/fp16: cast. int8: the product U D is first rebalanced so that every column of U has
+    unit RMS (U -> U c^-1, D -> c D, exact in real arithmetic): a row of U then mixes
+    components of equal size under its one scale, and D's per-row scales absorb the spread of
+    the singular values. Returned in float32, every row on its int8 grid (`lowrank_tensors`
+    stores it exactly)."""
+    if dtype != torch.int8:
+        return up.to(dtype), down.to(dtype)
+    up, down = up.float(), down.float()
+    c = up.pow(2).mean(0).sqrt()
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    (qu, su), (qd, sd) = _int8_rows(up / c), _int8_rows(down * c[:, None])
+    return qu.float() * su[:, None], qd.float() * sd[:, None]
+
+
+def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "TwinQuantSpec") -> dict[str, torch.Tensor]:
+    """The stored tensors of a layer's factors, already rounded by `round_lowrank`."""
+    if spec.lowrank_dtype != "int8":
+        return {f"{prefix}.{LOWRANK_DOWN}": down.to(spec.lowrank_torch_dtype).contiguous(),
+                f"{prefix}.{LOWRANK_UP}": up.to(spec.lowrank_torch_dtype).contiguous()}
+    out = {}
+    for name, t in ((LOWRANK_DOWN, down), (LOWRANK_UP, up)):
+        q, s = _int8_rows(t)
+        back = q.float() * s[:, None]
+        if not torch.allclose(back, t.float(), rtol=1e-5, atol=1e-6 * float(t.abs().max().clamp_min(1e-30))):
+            raise TwinQuantFormatError(f"{prefix}.{name}: factor is not on its int8 grid (round it with round_lowrank)")
+        out[f"{prefix}.{name}"] = q.contiguous()
+        out[f"{prefix}.{name}_scale"] = s.contiguous()
+    return out
+
+
+def dequantize_lowrank(factor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A stored factor in `dtype`: codes * scale per row for int8, a cast otherwise."""
+    if scale is None:
+        return factor.to(dtype)
+    return (factor.float() * scale.float()[:, None]).to(dtype)
 
 
 # -- W4A4: online input rotation and per-token activation quantization --------------------
@@ -271,11 +347,13 @@ def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Te
     return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
 
 
-def quantize_activations(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Symmetric per-token fake quantization: round(x / s) * s with s = max|x_token| / (2^(b-1) - 1)."""
+def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Symmetric per-token fake quantization: clamp(round(x / s)) * s with
+    s = clip_ratio * max|x_token| / (2^(b-1) - 1) (clip_ratio < 1 saturates the largest entries
+    to make the step finer for the rest, as QuaRot's activation clipping)."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    s = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    s = (xf.abs().amax(-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-12)
     return (torch.round(xf / s).clamp(-qmax, qmax) * s).to(x.dtype)
 
 
@@ -293,7 +371,8 @@ def effective_weights(tensors: dict[str, torch.Tensor], group_size: int,
         layer = key[: -len(WEIGHT_PACKED) - 1]
         w = dequantize_residual(tensors[key], tensors[f"{layer}.{WEIGHT_SCALE}"], group_size)
         if f"{layer}.{LOWRANK_DOWN}" in tensors:
-            w = w + tensors[f"{layer}.{LOWRANK_UP}"].float() @ tensors[f"{layer}.{LOWRANK_DOWN}"].float()
+            up = dequantize_lowrank(tensors[f"{layer}.{LOWRANK_UP}"], tensors.get(f"{layer}.{LOWRANK_UP_SCALE}"))
+            w = w + up @ dequantize_lowrank(tensors[f"{layer}.{LOWRANK_DOWN}"], tensors.get(f"{layer}.{LOWRANK_DOWN_SCALE}"))
         if spec.has_online_hadamard(layer):
             w = apply_online_hadamard(w)  # (W H) H = W, row by row
         out[f"{layer}.weight"] = w
@@ -380,7 +459,8 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
         pshape = tensors[f"{prefix}.{WEIGHT_PACKED}"][1]
         n, k = pshape[0], pshape[1] * PACK_FACTOR
         rank = spec.rank_for(prefix)
-        for name, (shape, dtype) in tensor_specs(prefix, n, k, rank, spec).items():
+        expected = tensor_specs(prefix, n, k, rank, spec)
+        for name, (shape, dtype) in expected.items():
             if name not in tensors:
                 raise TwinQuantFormatError(
                     f"{model_dir}: missing tensor {name} (expected {dtype} {list(shape)}, rank {rank})"
@@ -390,19 +470,17 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
                 raise TwinQuantFormatError(
                     f"{f}: tensor {name} is {got_dtype} {list(got_shape)}, expected {dtype} {list(shape)}"
                 )
-        if rank == 0:
-            for suf in (LOWRANK_DOWN, LOWRANK_UP):
-                if f"{prefix}.{suf}" in tensors:
-                    raise TwinQuantFormatError(
-                        f"{tensors[f'{prefix}.{suf}'][0]}: tensor {prefix}.{suf} present but the config gives "
-                        f"{prefix} rank 0"
-                    )
+        for suf in LOWRANK_TENSORS:
+            name = f"{prefix}.{suf}"
+            if name in tensors and name not in expected:
+                why = f"the config gives {prefix} rank 0" if rank == 0 else f"lowrank_dtype is {spec.lowrank_dtype!r}"
+                raise TwinQuantFormatError(f"{tensors[name][0]}: tensor {name} present but {why}")
     if check_values:
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
         for name, (f, _, _) in tensors.items():
-            if name.endswith("." + WEIGHT_SCALE) or name.endswith("." + LOWRANK_DOWN) or name.endswith("." + LOWRANK_UP):
+            if name.endswith("." + WEIGHT_SCALE) or any(name.endswith("." + t) for t in LOWRANK_TENSORS):
                 by_file.setdefault(f, []).append(name)
         for f, names in by_file.items():
             with safe_open(f, "pt") as sf:

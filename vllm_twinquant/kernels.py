@@ -28,7 +28,9 @@ class TwinQuantLayerConfig:
     group_size: int
     act_dtype: torch.dtype
     activation_bits: int = 16  # 4: the residual's input is quantized per token (W4A4, simulated)
+    activation_clip: float = 1.0  # the per-token scale is activation_clip * max|x| / 7
     online_hadamard: int = 0  # block size of the Hadamard rotation applied to the input first (0: none)
+    int8_lowrank: bool = False  # factors int8 with fp32 row scales (lowrank_down_scale, lowrank_up_scale)
 
     @property
     def out_features(self) -> int:
@@ -42,6 +44,13 @@ class TwinQuantLayerConfig:
             acc += s
             out.append(acc)
         return tuple(out)
+
+
+def _factor_scales(layer: torch.nn.Module, c: TwinQuantLayerConfig):
+    """(down_scale, up_scale) of int8 factors; (None, None) for float ones."""
+    if not c.int8_lowrank:
+        return None, None
+    return getattr(layer, fmt.LOWRANK_DOWN_SCALE), getattr(layer, fmt.LOWRANK_UP_SCALE)
 
 
 class TwinQuantKernel(ABC):
@@ -77,15 +86,17 @@ class TorchTwinQuantKernel(TwinQuantKernel):
         c = self.config
         if c.online_hadamard:
             x = fmt.apply_online_hadamard(x, c.online_hadamard)
-        xr = fmt.quantize_activations(x, c.activation_bits) if c.activation_bits < 16 else x
+        xr = fmt.quantize_activations(x, c.activation_bits, c.activation_clip) if c.activation_bits < 16 else x
         w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, c.group_size, x.dtype)
         y = torch.nn.functional.linear(xr, w, bias)
         if c.rank:
-            t = x @ layer.lowrank_down.t()
+            ds, us = _factor_scales(layer, c)
+            t = x @ fmt.dequantize_lowrank(layer.lowrank_down, ds, x.dtype).t()
+            up = fmt.dequantize_lowrank(layer.lowrank_up, us, x.dtype)
             bounds = (0, *c.slot_bounds, c.out_features)
             for s in range(len(bounds) - 1):
                 a, b = bounds[s], bounds[s + 1]
-                y[..., a:b] += t[..., s * c.rank : (s + 1) * c.rank] @ layer.lowrank_up[a:b].t()
+                y[..., a:b] += t[..., s * c.rank : (s + 1) * c.rank] @ up[a:b].t()
         return y
 
 
@@ -121,8 +132,9 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         x2 = x.reshape(-1, shape[-1]).contiguous()
         down = layer.lowrank_down if c.rank else None
         up = layer.lowrank_up if c.rank else None
+        ds, us = _factor_scales(layer, c)
         y = torch.ops.twinquant.linear(
-            x2, layer.weight_packed, layer.weight_scale, down, up, bias, c.group_size, list(c.slot_bounds)
+            x2, layer.weight_packed, layer.weight_scale, down, up, bias, c.group_size, list(c.slot_bounds), ds, us
         )
         return y.reshape(*shape[:-1], c.out_features)
 
@@ -157,13 +169,16 @@ def _register_custom_op() -> None:
         bias: torch.Tensor | None,
         group_size: int,
         slot_bounds: list[int],
+        down_scale: torch.Tensor | None = None,
+        up_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from csrc_triton.twinquant_gemm import tq_linear
 
-        return tq_linear(x, qweight, scales, group_size, down, up, bias, tuple(slot_bounds))
+        return tq_linear(x, qweight, scales, group_size, down, up, bias, tuple(slot_bounds),
+                         down_scale=down_scale, up_scale=up_scale)
 
     @linear.register_fake
-    def _(x, qweight, scales, down, up, bias, group_size, slot_bounds):
+    def _(x, qweight, scales, down, up, bias, group_size, slot_bounds, down_scale=None, up_scale=None):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
 

@@ -8,6 +8,8 @@ Sharding (column-parallel = output rows split over ranks, row-parallel = input c
     weight_scale    rows split                 group columns split
     lowrank_down    replicated (one per slot)  columns split
     lowrank_up      rows split                 replicated
+    lowrank_down_scale (int8 factors) replicated (one per slot), as lowrank_down's rows
+    lowrank_up_scale   (int8 factors) rows split  replicated, as lowrank_up's rows
 
 Row-parallel ranks each produce x_p R_p^T + (x_p D_p^T) U^T; the layer's all-reduce sums
 them into x R^T + (x D^T) U^T because the up projection is linear.
@@ -17,7 +19,12 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.model_executor.parameter import BasevLLMParameter, GroupQuantScaleParameter, PackedvLLMParameter
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
 
 from vllm_twinquant import format as fmt
 from vllm_twinquant.kernels import TwinQuantLayerConfig, choose_kernel
@@ -40,14 +47,17 @@ class _LowRankParameter(BasevLLMParameter):
             )
 
 
-class LowRankDownParameter(_LowRankParameter):
-    """lowrank_down, stored [slots * rank, in_features]."""
+class _SlotRowsParameter(_LowRankParameter):
+    """Rows stacked by slot: sub-layer s of a merged layer owns rows [s * rank, s * rank + r_s);
+    replicated over tensor-parallel ranks (a subclass narrows columns where it has them)."""
+
+    tensor_name = ""  # the format's tensor name, for messages
 
     def _put(self, w: torch.Tensor, slot: int) -> None:
-        self._check_rank(w.shape[0], fmt.LOWRANK_DOWN)
-        if w.shape[1] != self.data.shape[1]:
+        self._check_rank(w.shape[0], self.tensor_name)
+        if w.dim() > 1 and w.shape[1] != self.data.shape[1]:
             raise ValueError(
-                f"{self.prefix}.{fmt.LOWRANK_DOWN}: checkpoint tensor has {w.shape[1]} columns, "
+                f"{self.prefix}.{self.tensor_name}: checkpoint tensor has {w.shape[1]} columns, "
                 f"expected {self.data.shape[1]}"
             )
         self.data[slot * self.rank : slot * self.rank + w.shape[0]].copy_(w)
@@ -62,8 +72,24 @@ class LowRankDownParameter(_LowRankParameter):
         self._put(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
 
     def load_row_parallel_weight(self, loaded_weight):
+        self._put(loaded_weight, 0)
+
+
+class LowRankDownParameter(_SlotRowsParameter):
+    """lowrank_down, stored [slots * rank, in_features]; row-parallel layers split its columns."""
+
+    tensor_name = fmt.LOWRANK_DOWN
+
+    def load_row_parallel_weight(self, loaded_weight):
         k = self.data.shape[1]
         self._put(loaded_weight.narrow(1, self.tp_rank * k, k), 0)
+
+
+class LowRankDownScaleParameter(_SlotRowsParameter):
+    """lowrank_down_scale of int8 factors, stored [slots * rank]: one per row of lowrank_down,
+    replicated on every rank (padding rows keep scale 0)."""
+
+    tensor_name = fmt.LOWRANK_DOWN_SCALE
 
 
 class LowRankUpParameter(_LowRankParameter):
@@ -157,6 +183,18 @@ class TwinQuantLinearMethod(LinearMethodBase):
                     data=torch.zeros(n, rank, dtype=spec.lowrank_torch_dtype), weight_loader=wl,
                 ),
             )
+            if spec.lowrank_dtype == "int8":
+                layer.register_parameter(
+                    fmt.LOWRANK_DOWN_SCALE,
+                    LowRankDownScaleParameter(
+                        rank=rank, prefix=self.prefix, data=torch.zeros(slots * rank, dtype=torch.float32),
+                        weight_loader=wl,
+                    ),
+                )
+                layer.register_parameter(
+                    fmt.LOWRANK_UP_SCALE,
+                    ChannelQuantScaleParameter(data=torch.zeros(n, dtype=torch.float32), output_dim=0, weight_loader=wl),
+                )
         hadamard = fmt.hadamard_block_size(input_size) if spec.has_online_hadamard(self.prefix) else 0
         if hadamard and k % hadamard:
             raise ValueError(
@@ -165,17 +203,21 @@ class TwinQuantLinearMethod(LinearMethodBase):
             )
         layer.twinquant_config = TwinQuantLayerConfig(
             in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype,
-            activation_bits=spec.activation_bits, online_hadamard=hadamard,
+            activation_bits=spec.activation_bits, activation_clip=float(spec.activation_clip_ratio),
+            online_hadamard=hadamard,
+            int8_lowrank=bool(rank) and spec.lowrank_dtype == "int8",
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         c: TwinQuantLayerConfig = layer.twinquant_config
         names = [fmt.WEIGHT_PACKED, fmt.WEIGHT_SCALE] + ([fmt.LOWRANK_DOWN, fmt.LOWRANK_UP] if c.rank else [])
+        names += [fmt.LOWRANK_DOWN_SCALE, fmt.LOWRANK_UP_SCALE] if c.int8_lowrank else []
         for name in names:
             data = getattr(layer, name).data
             if name != fmt.WEIGHT_PACKED:
                 fmt.check_finite(data, f"{self.prefix}.{name}")
-            if name in (fmt.LOWRANK_DOWN, fmt.LOWRANK_UP) and data.dtype != c.act_dtype:
+            # float factors are served in the activation dtype; int8 ones stay int8 (the kernels scale them)
+            if name in (fmt.LOWRANK_DOWN, fmt.LOWRANK_UP) and not c.int8_lowrank and data.dtype != c.act_dtype:
                 if c.act_dtype == torch.float16 and float(data.abs().max()) > torch.finfo(torch.float16).max:
                     raise ValueError(f"{self.prefix}.{name}: values exceed the float16 range; serve in bfloat16")
                 data = data.to(c.act_dtype)

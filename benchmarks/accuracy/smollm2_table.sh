@@ -44,4 +44,18 @@ q tq-attn-tune4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smooth
 q twinquant-r4-g64-w4a4 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --activation-bits 4
 q gptq-g64-w4a4 --residual gptq --rank 0 --group-size 64 --activation-bits 4
 q tq-attn-tune4-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4
+# ... the same checkpoint served with activation clipping 0.8 (ratio chosen on calibration text, docs/method.md)
+clip=$runs/tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
+[ -d "$clip" ] || { cp -r "$runs/tq-attn-tune4-r4-g64-c128-w4a4" "$clip" && python3 - "$clip/config.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1])); q = cfg["quantization_config"]
+q["activation_clip_ratio"] = 0.8; q["recipe"] += "+clip0.8-at-serve"
+json.dump(cfg, open(sys.argv[1], "w"), indent=1)
+PY
+}
+twinquant-eval "$clip" --json "$out" --label tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
+# ... and quantized with the clip inside the tuning loop
+q tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4 --activation-clip 0.8
+# int8 low-rank factors: rank 8 at about the bits of bf16 rank 4
+q tq-attn-tune4-r8i8-g64-c128 --rank 8 --lowrank-dtype int8 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
 python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"

@@ -3,7 +3,7 @@ random bf16 weights made on the GPU), quantized on the GPU with `twinquant-quant
 vLLM with its defaults (torch.compile + CUDA graphs, bf16), prompt logprobs compared with a
 float32 transformers model holding the checkpoint's effective weights (U @ D + deq(R)).
 
-    python benchmarks/e2e/cuda_plugin_check.py --workdir /tmp/tqcheck --out $OUT
+    python benchmarks/e2e/cuda_plugin_check.py --workdir /tmp/tqcheck --out $OUT [--lowrank-dtype int8]
 Exits non-zero on a mismatch. Needs vLLM (CUDA build) and this package installed.
 """
 
@@ -57,17 +57,18 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--lowrank-dtype", default="bfloat16", choices=("bfloat16", "int8"))
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     dense, tq = os.path.join(args.workdir, "dense"), os.path.join(args.workdir, "tq")
-    rec = {"layers": args.layers, "rank": args.rank, "group_size": 128}
+    rec = {"layers": args.layers, "rank": args.rank, "group_size": 128, "lowrank_dtype": args.lowrank_dtype}
     t0 = time.time()
     make_model(dense, args.layers, 0)
     rec["make_model_s"] = round(time.time() - t0, 1)
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output", tq,
                     "--random-calibration", "--nsamples", "32", "--seqlen", "256", "--group-size", "128",
-                    "--rank", str(args.rank), "--device", "cuda"], check=True)
+                    "--rank", str(args.rank), "--lowrank-dtype", args.lowrank_dtype, "--device", "cuda"], check=True)
     rec["quantize_s"] = round(time.time() - t0, 1)
 
     from importlib.metadata import entry_points
@@ -114,7 +115,8 @@ def main():
     rec["bs1_ms_per_token_2_blocks"] = round((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids), 3)
     print(json.dumps(rec, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cuda_plugin_check.json"), "w") as f:
+    suffix = "" if args.lowrank_dtype == "bfloat16" else f"_{args.lowrank_dtype}"
+    with open(os.path.join(args.out, f"cuda_plugin_check{suffix}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     ok = worst < 0.15 and rec["greedy_agreement"] >= 0.9 and rec["kernels"] in (["TritonTwinQuantKernel"],) + (
         (rec["kernels"],) if str(rec["kernels"]).startswith("unknown") else ())

@@ -12,7 +12,11 @@ overflow L2, so the numbers are device time with weights streamed from HBM, as i
 Correctness: every case is checked against a float32 reference (TF32 off) on fresh random
 data with the output poisoned first; a mismatch aborts the run.
 
-    python benchmarks/kernels/bench_kernels.py --out DIR [--quick] [--sweep]
+    python benchmarks/kernels/bench_kernels.py --out DIR [--quick] [--sweep] [--int8-factors]
+
+--int8-factors adds a comparison of int8 low-rank factors (format lowrank_dtype "int8": codes
+plus one fp32 scale per row) with bf16 factors of the same rank, as the plugin dispatches them,
+written to kernels_h100_int8_factors.json.
 """
 
 from __future__ import annotations
@@ -159,6 +163,45 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     return rec
 
 
+def int8_factors(factor):
+    """Symmetric int8 rows of a bf16 factor: (codes, fp32 scale per row) -- format.round_lowrank's
+    storage without its rebalancing (the factors here are random)."""
+    s = (factor.float().abs().amax(1) / 127).clamp_min(1e-30)
+    return torch.round(factor.float() / s[:, None]).clamp(-127, 127).to(torch.int8), s.contiguous()
+
+
+def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
+    """tq_linear with int8 factors vs bf16 factors of the same rank (and rank 0), same residual;
+    int8 output checked against a float32 reference of the dequantized factors."""
+    out = []
+    for (name, k, n), m in itertools.product(SHAPES, ms):
+        copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / (n * k // 2))))
+        layers = []
+        for _ in range(copies):
+            qw, sc, down, up = make_layer(k, n, rank, dtype, gen)
+            qd, ds = int8_factors(down)
+            qu, us = int8_factors(up)
+            layers.append((tg.repack(qw, GROUP), sc, down, up, qd, ds, qu, us))
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        L = layers[0]
+        ref = reference(x, tg.unrepack(L[0], GROUP), L[1], (L[4].float() * L[5][:, None]), (L[6].float() * L[7][:, None]))
+        y = tg.tq_linear(x, L[0], L[1], GROUP, L[4], L[6], down_scale=L[5], up_scale=L[7])
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if torch.isnan(y).any().item() or err > 1e-2:
+            raise SystemExit(f"MISMATCH int8 factors {name} M={m}: rel err {err:.2e}")
+        rec = {"name": name, "M": m, "K": k, "N": n, "rank": rank, "group_size": GROUP, "rel_err": err}
+        rec["ms_r0"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP) for L in layers])
+        rec["ms_bf16_factors"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers])
+        rec["ms_int8_factors"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[4], L[6], down_scale=L[5], up_scale=L[7]) for L in layers])
+        rec["bytes_bf16_factors"] = rank * (k + n) * 2
+        rec["bytes_int8_factors"] = rank * (k + n) + 4 * (rank + n)
+        out.append(rec)
+        print(f"int8 factors {name:8s} M={m:5d} r={rank}: r0 {rec['ms_r0']*1e3:7.1f} us  bf16 factors "
+              f"{rec['ms_bf16_factors']*1e3:7.1f}  int8 factors {rec['ms_int8_factors']*1e3:7.1f}  err {err:.1e}", flush=True)
+        del layers
+    return out
+
+
 def tile_candidates(m, modes=(4, 7)):
     """Tile-kernel launch configurations tried at M: (BM, BN, BK, warps, stages, SPLIT_K, MODE).
     (Earlier sweeps also tried MODE 0-3, 5, 6 and BLOCK_K 256/512; see the README.)"""
@@ -288,6 +331,8 @@ def main():
     ap.add_argument("--sweep-ms", type=int, nargs="+", default=[4, 16, 64, 256])
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass (sweeps only)")
     ap.add_argument("--sweep-modes", type=int, nargs="+", default=[4, 7])
+    ap.add_argument("--int8-factors", action="store_true", help="also compare int8 with bf16 low-rank factors")
+    ap.add_argument("--int8-only", action="store_true", help="only the int8-factor comparison")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.bfloat16
@@ -331,6 +376,12 @@ def main():
         print(f"correctness: max ||out-ref||/||ref|| = {worst:.2e} over all checked cases", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
+    if args.int8_factors or args.int8_only:
+        recs = bench_int8_factors(dtype, gen)
+        with open(os.path.join(args.out, "kernels_h100_int8_factors.json"), "w") as f:
+            json.dump({"meta": meta, "records": recs}, f, indent=1)
+    if args.int8_only:
+        return
     if args.sweep or args.sweep_only:
         with open(os.path.join(args.out, "kernels_h100_sweep_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
