@@ -271,7 +271,7 @@ def reference_linear(x, packed, scale, group_size, down=None, up=None, bias=None
 
 
 # -- the low-rank factors ------------------------------------------------------------------
-def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (codes, float32 scales) with scale = max|row| / 127."""
     t = t.float()
     s = (t.abs().amax(1) / INT8_MAX).clamp_min(1e-30)
@@ -290,7 +290,7 @@ def round_lowrank(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> t
     up, down = up.float(), down.float()
     c = up.pow(2).mean(0).sqrt()
     c = torch.where(c > 0, c, torch.ones_like(c))
-    (qu, su), (qd, sd) = _int8_rows(up / c), _int8_rows(down * c[:, None])
+    (qu, su), (qd, sd) = int8_rows(up / c), int8_rows(down * c[:, None])
     return qu.float() * su[:, None], qd.float() * sd[:, None]
 
 
@@ -301,7 +301,7 @@ def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "Tw
                 f"{prefix}.{LOWRANK_UP}": up.to(spec.lowrank_torch_dtype).contiguous()}
     out = {}
     for name, t in ((LOWRANK_DOWN, down), (LOWRANK_UP, up)):
-        q, s = _int8_rows(t)
+        q, s = int8_rows(t)
         back = q.float() * s[:, None]
         if not torch.allclose(back, t.float(), rtol=1e-5, atol=1e-6 * float(t.abs().max().clamp_min(1e-30))):
             raise TwinQuantFormatError(f"{prefix}.{name}: factor is not on its int8 grid (round it with round_lowrank)")

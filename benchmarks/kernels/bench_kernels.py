@@ -36,6 +36,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
+from vllm_twinquant.format import int8_rows  # noqa: E402
 
 SHAPES = [  # (name, K, N)
     ("qkv", 4096, 6144),
@@ -163,13 +164,6 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     return rec
 
 
-def int8_factors(factor):
-    """Symmetric int8 rows of a bf16 factor: (codes, fp32 scale per row) -- format.round_lowrank's
-    storage without its rebalancing (the factors here are random)."""
-    s = (factor.float().abs().amax(1) / 127).clamp_min(1e-30)
-    return torch.round(factor.float() / s[:, None]).clamp(-127, 127).to(torch.int8), s.contiguous()
-
-
 def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
     """tq_linear with int8 factors vs bf16 factors of the same rank (and rank 0), same residual;
     int8 output checked against a float32 reference of the dequantized factors."""
@@ -179,8 +173,7 @@ def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
         layers = []
         for _ in range(copies):
             qw, sc, down, up = make_layer(k, n, rank, dtype, gen)
-            qd, ds = int8_factors(down)
-            qu, us = int8_factors(up)
+            (qd, ds), (qu, us) = int8_rows(down), int8_rows(up)  # the format's rows, unbalanced (random factors)
             layers.append((tg.repack(qw, GROUP), sc, down, up, qd, ds, qu, us))
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         L = layers[0]
