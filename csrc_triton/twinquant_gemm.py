@@ -750,10 +750,11 @@ def tq_linear(
         return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds,
                        down_scale=down_scale, up_scale=up_scale)
     has_lr = down is not None and down.shape[0] > 0
-    if has_lr and down_scale is not None:
+    if has_lr:
         _check_factor(down, down_scale, down.shape[0], "down")
         _check_factor(up, up_scale, n, "up")
-        down, up = dequantize_rows(down, down_scale, x.dtype), dequantize_rows(up, up_scale, x.dtype)
+        if down_scale is not None:
+            down, up = dequantize_rows(down, down_scale, x.dtype), dequantize_rows(up, up_scale, x.dtype)
     extra = down.shape[0] if has_lr else 0
     w = torch.empty((n, k + extra), dtype=x.dtype, device=x.device)
     dequantize(qweight, scales, group_size, x.dtype, out=w)

@@ -290,8 +290,7 @@ def round_lowrank(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> t
     up, down = up.float(), down.float()
     c = up.pow(2).mean(0).sqrt()
     c = torch.where(c > 0, c, torch.ones_like(c))
-    (qu, su), (qd, sd) = int8_rows(up / c), int8_rows(down * c[:, None])
-    return qu.float() * su[:, None], qd.float() * sd[:, None]
+    return dequantize_lowrank(*int8_rows(up / c)), dequantize_lowrank(*int8_rows(down * c[:, None]))
 
 
 def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "TwinQuantSpec") -> dict[str, torch.Tensor]:
@@ -300,13 +299,13 @@ def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "Tw
         return {f"{prefix}.{LOWRANK_DOWN}": down.to(spec.lowrank_torch_dtype).contiguous(),
                 f"{prefix}.{LOWRANK_UP}": up.to(spec.lowrank_torch_dtype).contiguous()}
     out = {}
-    for name, t in ((LOWRANK_DOWN, down), (LOWRANK_UP, up)):
+    for name, scale_name, t in ((LOWRANK_DOWN, LOWRANK_DOWN_SCALE, down), (LOWRANK_UP, LOWRANK_UP_SCALE, up)):
         q, s = int8_rows(t)
-        back = q.float() * s[:, None]
-        if not torch.allclose(back, t.float(), rtol=1e-5, atol=1e-6 * float(t.abs().max().clamp_min(1e-30))):
+        if not torch.allclose(dequantize_lowrank(q, s), t.float(), rtol=1e-5,
+                              atol=1e-6 * float(t.abs().max().clamp_min(1e-30))):
             raise TwinQuantFormatError(f"{prefix}.{name}: factor is not on its int8 grid (round it with round_lowrank)")
         out[f"{prefix}.{name}"] = q.contiguous()
-        out[f"{prefix}.{name}_scale"] = s.contiguous()
+        out[f"{prefix}.{scale_name}"] = s.contiguous()
     return out
 
 
