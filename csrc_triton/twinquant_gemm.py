@@ -18,7 +18,9 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   becomes the mantissa of 1 + q/16; the constant part is removed per word from the sum of
   x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
   and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
-  -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small).
+  -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small). On an
+  H100 with Triton 3.6, wide layers (N >= 16384) at 128 < M <= 256 run MODE 9 instead, the Gluon
+  kernel of `twinquant_wgmma.py` that overlaps dequantization with asynchronous wgmma.
 * ``tq_linear``: what the plugin calls; above `dequant_threshold` tokens (64-256, by layer
   size) it dequantizes into a transient buffer and runs both components as one cuBLAS GEMM.
 
@@ -36,6 +38,7 @@ Measured on the H100: benchmarks/kernels/README.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -498,14 +501,37 @@ _CONFIGS = [  # (max M, min N, min K, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 
     (128, 16384, 0, 128, 128, 64, 8, 4, 7, 1),
     (128, 0, 8192, 128, 64, 64, 8, 4, 7, 4),
     (128, 0, 0, 128, 64, 128, 8, 3, 7, 1),
+    (256, 16384, 0, 256, 128, 64, 8, 3, 9, 1),  # Hopper wgmma kernel (twinquant_wgmma.py) where usable
     (1 << 62, 0, 0, 128, 128, 64, 8, 4, 7, 4),
 ]
 _MIN_PROGRAMS = 264  # two per SM on an H100
+# The Gluon wgmma kernel (MODE 8/9) was written and measured with Triton 3.6 on an H100; other
+# Triton versions compile it (CI checks one) but run MODE 7 unless TWINQUANT_WGMMA=1.
+_WGMMA_TRITON = ("3.6",)
 
 
-def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the tile kernel."""
+@functools.lru_cache(maxsize=None)
+def wgmma_usable(device_index: int) -> bool:
+    """Whether the dispatch may pick MODE 9 on this CUDA device: sm_90, Gluon importable, a
+    Triton version it was measured with (TWINQUANT_WGMMA=0/1 forces it off/on)."""
+    flag = os.environ.get("TWINQUANT_WGMMA")
+    if flag == "0" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        from csrc_triton import twinquant_wgmma  # noqa: F401
+    except Exception:  # noqa: BLE001 -- no (compatible) Gluon in this Triton
+        return False
+    return flag == "1" or triton.__version__.startswith(_WGMMA_TRITON)
+
+
+def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128, wgmma: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the tile kernel. `wgmma`: the
+    Hopper kernel may be chosen (MODE 9 needs 64-column K steps, G = 64 or 128, and BLOCK_N 128)."""
     for max_m, min_n, min_k, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
+        if mode == 9 and not (wgmma and group_size in (64, 128) and max_block_n >= bn):
+            continue
         if m <= max_m and n >= min_n and k >= min_k:
             break
     if mode == 4 and group_size % 128:
@@ -608,7 +634,11 @@ def tq_gemm(
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
     if config is None:
-        config = pick_gemv_config(m, n) if m <= GEMV_MAX_M else pick_config(m, n, k, max_bn, group_size)
+        if m <= GEMV_MAX_M:
+            config = pick_gemv_config(m, n)
+        else:
+            wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
+            config = pick_config(m, n, k, max_bn, group_size, wgmma)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     has_us = has_lr and up_scale is not None
@@ -636,8 +666,19 @@ def tq_gemm(
         return out
     bm, bn, bk, warps, stages, split, mode = config
     bn = min(bn, max_bn)  # a tile never straddles two slots, also with a forced config
-    if mode not in (4, 7):
-        raise ValueError(f"tile kernel MODE {mode}: expected 4 or 7")
+    if mode not in (4, 7, 8, 9):
+        raise ValueError(f"tile kernel MODE {mode}: expected 4, 7, 8 or 9")
+    if mode in (8, 9):  # the Hopper wgmma kernel (csrc_triton/twinquant_wgmma.py), 64-column K steps;
+        # MODE 9 swaps the operands (tokens on the MMA's N side)
+        from csrc_triton import twinquant_wgmma
+        k_per_split = triton.cdiv(triton.cdiv(k, split), 64) * 64
+        split = triton.cdiv(k, k_per_split)
+        y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        twinquant_wgmma.launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
+                               bias is not None, bm, bn, warps, stages, split, k_per_split, br, swap=mode == 9)
+        if split > 1:
+            out.copy_(y)
+        return out
     if group_size % bk or bk % (8 * chunk_words(group_size)) or (mode == 4 and bk % 128):
         raise ValueError(f"BLOCK_K {bk} must divide the group size {group_size}, span whole "
                          f"{8 * chunk_words(group_size)}-column chunks, and (MODE 4) be a multiple of 128")

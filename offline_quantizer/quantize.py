@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from offline_quantizer import transforms as tf
 from offline_quantizer.decompose import attention_mixed_gram, decompose, decompose_refined
-from offline_quantizer.tune import tune_block
+from offline_quantizer.tune import TUNE_LOSSES, tune_block
 from vllm_twinquant import format as fmt
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -111,6 +111,7 @@ def quantize_model(
     tune_epochs: int = 0,
     tune_lr: float = 1e-3,
     attention_aware: bool = False,
+    tune_loss: str = "tensor",
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -125,7 +126,7 @@ def quantize_model(
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
         recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits, tune_epochs,
-                            attention_aware, activation_clip, lowrank_dtype),
+                            attention_aware, activation_clip, lowrank_dtype, tune_loss),
         activation_bits=activation_bits,
         activation_clip_ratio=activation_clip,
         online_hadamard=list(ONLINE_HADAMARD_MODULES) if activation_bits < 16 else [],
@@ -252,7 +253,7 @@ def quantize_model(
             res = tune_block(block, decomposed, inps, fp_inps, [_to(kw, device) for kw in kwargs_list],
                              tune_epochs, lr=tune_lr, norm_dtype=src_dtype,
                              activation_bits=dict.fromkeys(decomposed, spec.activation_bits),
-                             activation_clip=activation_clip)
+                             activation_clip=activation_clip, loss=tune_loss)
             tune_log.append([round(res.heldout_start, 6), round(res.heldout_end, 6)])
             tqdm.write(f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} "
                        f"({res.steps} steps)")
@@ -295,7 +296,8 @@ def quantize_model(
         "transforms": transform_info or None,
         "smoothing": smoothing,
         "attention_aware": attention_aware,
-        "block_tuning": {"epochs": tune_epochs, "lr": tune_lr, "heldout_relative_mse": tune_log} if tune_epochs else None,
+        "block_tuning": {"epochs": tune_epochs, "lr": tune_lr, "loss": tune_loss,
+                         "heldout_relative_mse": tune_log} if tune_epochs else None,
         "calibration": {"file": os.path.basename(calib_path) if calib_path else "random-tokens",
                         "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "effective_bits_per_weight": round(eff_bits, 4),
@@ -318,7 +320,8 @@ def quantize_model(
 
 
 def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16, tune_epochs=0,
-                 attention_aware=False, activation_clip=1.0, lowrank_dtype="bfloat16") -> str:
+                 attention_aware=False, activation_clip=1.0, lowrank_dtype="bfloat16",
+                 tune_loss="tensor") -> str:
     parts = [] if activation_bits == 16 else [f"a{activation_bits}-hadamard"]
     if activation_clip != 1:
         parts.append(f"clip{activation_clip:g}")
@@ -332,7 +335,7 @@ def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_b
     if attention_aware:
         parts.append("attn")
     if tune_epochs:
-        parts.append("tuned")
+        parts.append("tuned" if tune_loss == "tensor" else "tuned-token")
     if rank and lowrank_dtype == "int8":
         parts.append("lrint8")
     return "-".join(parts)
@@ -507,6 +510,10 @@ def main(argv=None) -> None:
                     help="block reconstruction after the split: tune group scales, low-rank factors and norm weights "
                          "so each quantized block reproduces the dense block's output (codes fixed; 0: off)")
     ap.add_argument("--tune-lr", type=float, default=1e-3, help="Adam learning rate of --tune-epochs")
+    ap.add_argument("--tune-loss", choices=TUNE_LOSSES, default="tensor",
+                    help="--tune-epochs objective: relative error over the whole block output (tensor; the first "
+                         "token's massive activation dominates it) or per token, averaged (token; measured slightly "
+                         "worse on SmolLM2, docs/method.md)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -526,6 +533,7 @@ def main(argv=None) -> None:
             refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
             smoothing=args.smoothing, activation_bits=args.activation_bits, activation_clip=args.activation_clip,
             tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, attention_aware=args.attention_aware,
+            tune_loss=args.tune_loss,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

@@ -105,6 +105,55 @@ def test_block_n_respects_slot_boundaries():
         tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, config=(16, 32, 256, 4, 2, 1, 7))
 
 
+def test_dispatch_picks_the_wgmma_kernel_only_where_measured_and_usable():
+    """MODE 9 (Hopper, Gluon) only for 128 < M <= 256 on layers with N >= 16384 (the H100 sweep
+    in benchmarks/kernels/README.md), G 64/128, BLOCK_N 128 possible, and only when allowed."""
+    assert tg.pick_config(200, 28672, 4096, 256, 128, wgmma=True) == (256, 128, 64, 8, 3, 1, 9)
+    assert tg.pick_config(256, 28672, 4096, 256, 64, wgmma=True)[6] == 9
+    assert tg.pick_config(200, 28672, 4096, 256, 128, wgmma=False)[6] == 7  # not on this device
+    assert tg.pick_config(200, 28672, 4096, 256, 32, wgmma=True)[6] == 7  # 32-column chunks
+    assert tg.pick_config(200, 28672, 4096, 64, 128, wgmma=True)[6] == 7  # slots too narrow for BN 128
+    assert tg.pick_config(128, 28672, 4096, 256, 128, wgmma=True)[6] == 7  # measured a tie there
+    assert tg.pick_config(257, 28672, 4096, 256, 128, wgmma=True)[6] == 7
+    assert tg.pick_config(256, 4096, 14336, 256, 128, wgmma=True)[6] == 7  # slower on 4096-wide layers
+    assert not tg.wgmma_usable(0)  # no CUDA here: the dispatch never reaches the Gluon kernel
+
+
+@pytest.mark.parametrize("swap,bm,bn,warps,rank,split,dtype,int8,bias,group", [
+    (True, 256, 128, 8, 0, 1, "bf16", False, False, 128),  # what the dispatch launches
+    (True, 64, 128, 4, 64, 2, "fp16", True, True, 64),
+    (False, 128, 128, 8, 32, 1, "bf16", False, True, 128),
+])
+def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype, int8, bias, group):
+    """The Gluon kernel has no CPU interpreter: here it is compiled for sm_90 (no GPU needed) and
+    the PTX must hold the pipeline it was written for -- asynchronous wgmma retired one step
+    late, cp.async copies. Its numerics are checked on the H100 (bench_kernels.py)."""
+    import inspect
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from csrc_triton import twinquant_wgmma as tw
+
+    fn = tw._tq_gemm_wgmma_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
+            "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": "*fp32" if split > 1 else f"*{dtype}"}
+    consts = dict(GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_R=max(16, rank), GROUP_M=8, SPLIT_K=split, STAGES=3, SWAP=swap,
+                  EXP=0x4300 if dtype == "bf16" else 0x6400, num_warps=warps)
+    signature = {p: "constexpr" if p in consts else ptrs.get(p, "i32") for p in params}
+    aligned = [p for p in params if p.endswith("_ptr") or p.startswith("stride") or p in ("N", "K", "k_per_split")]
+    src = GluonASTSource(fn, signature, constexprs={(params.index(p),): v for p, v in consts.items()},
+                         attrs={(params.index(p),): [["tt.divisibility", 16]] for p in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps}).asm["ptx"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n%d" % (bm if swap else bn), ptx)
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # step i - 1 retired while step i runs
+    assert "cp.async" in ptx and "fence.proxy.async" in ptx
+
+
 def test_custom_op_used_by_the_plugin():
     """torch.ops.twinquant.linear (what TritonTwinQuantKernel calls under CUDA graphs and
     torch.compile) dispatches to the same kernels; here on CPU tensors in the interpreter."""

@@ -58,4 +58,13 @@ twinquant-eval "$clip" --json "$out" --label tq-attn-tune4-r4-g64-c128-w4a4-clip
 q tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4 --activation-clip 0.8
 # int8 low-rank factors: rank 8 at about the bits of bf16 rank 4
 q tq-attn-tune4-r8i8-g64-c128 --rank 8 --lowrank-dtype int8 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
+# block tuning with the per-token loss instead of the whole-tensor one (docs/method.md section 4)
+q tq-attn-tunetok4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --tune-loss token
+# end-to-end tuning of the best block-tuned checkpoint against the dense model (section 6)
+e2e() {  # label, extra args
+  local label=$1; shift
+  [ -d "$runs/$label" ] || twinquant-finetune "$runs/tq-attn-tune4-r4-g64-c128" --dense "$model" --output "$runs/$label" --calib "$calib" "$@"
+  twinquant-eval "$runs/$label" --json "$out" --label "$label"
+}
+E2E_LINES
 python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"

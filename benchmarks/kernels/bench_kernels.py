@@ -109,15 +109,26 @@ def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
     return y
 
 
-def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None):
+def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None, int8=False, bias=False):
+    """One fresh random case through tq_gemm (`config`, or the dispatch's) and tq_linear against
+    the float32 reference, NaN-poisoned output; int8: factors as int8 codes + row scales."""
     qw, sc, down, up = make_layer(k, n, r, dtype, gen, group, len(bounds) + 1)
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-    ref = reference(x, qw, sc, down, up, group, bounds)
+    scales = {}
+    if int8 and r:
+        (down, ds), (up, us) = int8_rows(down), int8_rows(up)
+        scales = {"down_scale": ds, "up_scale": us}
+        ref = reference(x, qw, sc, down.float() * ds[:, None], up.float() * us[:, None], group, bounds)
+    else:
+        ref = reference(x, qw, sc, down, up, group, bounds)
+    b = torch.randn(n, device="cuda", dtype=dtype, generator=gen) if bias else None
+    if bias:
+        ref += b.float()
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     qw = tg.repack(qw, group)  # the layout the plugin builds at load; the reference read the original
-    tg.tq_gemm(x, qw, sc, group, down, up, slot_bounds=bounds, out=out, config=config)
+    tg.tq_gemm(x, qw, sc, group, down, up, b, slot_bounds=bounds, out=out, config=config, **scales)
     e1 = ((out.float() - ref).norm() / ref.norm()).item()
-    y = tg.tq_linear(x, qw, sc, group, down, up, slot_bounds=bounds, large_m_threshold=large_thr)
+    y = tg.tq_linear(x, qw, sc, group, down, up, b, slot_bounds=bounds, large_m_threshold=large_thr, **scales)
     e2 = ((y.float() - ref).norm() / ref.norm()).item()
     bad = torch.isnan(out).any().item() or torch.isnan(y).any().item()
     if bad or not (e1 <= 1e-2 and e2 <= 1e-2):
@@ -195,6 +206,14 @@ def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
     return out
 
 
+def mode8_available() -> bool:
+    try:
+        from csrc_triton import twinquant_wgmma  # noqa: F401
+    except Exception:  # noqa: BLE001 -- no Gluon in this Triton
+        return False
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
 def tile_candidates(m, modes=(4, 7)):
     """Tile-kernel launch configurations tried at M: (BM, BN, BK, warps, stages, SPLIT_K, MODE).
     (Earlier sweeps also tried MODE 0-3, 5, 6 and BLOCK_K 256/512; see the README.)"""
@@ -214,6 +233,14 @@ def tile_candidates(m, modes=(4, 7)):
                     for bk in (64, 128) for w in (4, 8)]
         out += [(*c, 7) for c in grid if c[0] * c[1] <= 256 * 128 and c[0] <= 64 * c[3] // 4 * 2
                 and not (c[0] > 64 and c[3] == 4 and c[1] > 128)]
+    if 8 in modes and m > 16:  # Gluon wgmma kernel: BK 64, one warp per 16 rows of BM
+        grid = [(bm, bn, 64, 4 if bm == 64 else 8, st, sp) for bm in (64, 128, 256) for bn in (64, 128, 256)
+                for st in (2, 3, 4) for sp in ((1, 2, 4) if m <= 256 else (1,))]
+        out += [(*c, 8) for c in grid if c[0] * c[1] <= 256 * 128 and (m > 64 or c[0] <= 128)]
+    if 9 in modes and m > 16:  # ... swapped: BM is the MMA's N (16..256), BN its M (16 rows per warp)
+        grid = [(bm, bn, 64, w, st, sp) for bm in (32, 64, 128, 256) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
+                for st in (3, 4) for sp in ((1, 2, 4) if m <= 256 else (1,))]
+        out += [(*c, 9) for c in grid if c[0] * c[1] <= 256 * 128 and c[0] <= max(32, triton.next_power_of_2(m))]
     return out
 
 
@@ -326,6 +353,7 @@ def main():
     ap.add_argument("--sweep-modes", type=int, nargs="+", default=[4, 7])
     ap.add_argument("--int8-factors", action="store_true", help="also compare int8 with bf16 low-rank factors")
     ap.add_argument("--int8-only", action="store_true", help="only the int8-factor comparison")
+    ap.add_argument("--check-only", action="store_true", help="the correctness pass, then stop")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.bfloat16
@@ -358,15 +386,27 @@ def main():
     tile_cfgs = [(16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4), (128, 128, 128, 8, 3, 1, 4),
                  (16, 64, 64, 4, 4, 3, 7), (64, 64, 64, 4, 4, 2, 7), (64, 64, 128, 8, 3, 4, 7), (128, 128, 64, 8, 4, 1, 7),
                  (128, 64, 128, 8, 3, 1, 7)]
-    for m, cfg in itertools.product([7, 100] if checks else [], tile_cfgs):  # tile kernel modes, split-K
+    if mode8_available():  # the Gluon wgmma kernel (Hopper), MODE 9 = swapped
+        tile_cfgs += [(64, 128, 64, 4, 3, 1, 8), (128, 128, 64, 8, 4, 1, 8), (128, 64, 64, 8, 3, 2, 8),
+                      (256, 128, 64, 8, 3, 1, 8), (128, 256, 64, 8, 2, 4, 8),
+                      (32, 64, 64, 4, 3, 1, 9), (64, 128, 64, 4, 4, 2, 9), (128, 128, 64, 8, 4, 1, 9),
+                      (256, 128, 64, 8, 3, 1, 9), (256, 256, 64, 8, 3, 4, 9)]
+    for m, cfg in itertools.product([7, 100, 300] if checks else [], tile_cfgs):  # tile kernel modes, split-K
+        if m == 300 and cfg[6] < 8:
+            continue
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
-        if cfg[6] == 7 and cfg[2] <= 64:  # group 64 (MODE 4 steps over whole 128-column groups)
+        if cfg[6] in (7, 8, 9) and cfg[2] <= 64:  # group 64 (MODE 4 steps over whole 128-column groups)
             worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
-        if cfg[6] == 7:
+        if cfg[6] in (7, 8, 9):
             worst = max(worst, check(m, 4096, 4096, 32, torch.float16, gen, thr, 128, config=cfg))
+        if cfg[6] in (8, 9):  # int8 factors, bias, rank 128, merged q/k/v
+            worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, thr, 128, (4096, 5120), config=cfg, int8=True, bias=True))
+            worst = max(worst, check(m, 1536, 576, 128, dtype, gen, thr, 64, config=cfg))
     meta["max_rel_err"] = worst
     if checks:
         print(f"correctness: max ||out-ref||/||ref|| = {worst:.2e} over all checked cases", flush=True)
+    if args.check_only:
+        return
 
     os.makedirs(args.out, exist_ok=True)
     if args.int8_factors or args.int8_only:

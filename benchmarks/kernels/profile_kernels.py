@@ -32,7 +32,11 @@ def main():
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--calls", type=int, default=3, help="calls per M (after one warm-up call)")
     ap.add_argument("--bf16", action="store_true", help="also run the BF16 torch.mm of each M (cuBLAS) for comparison")
+    ap.add_argument("--config", type=int, nargs=7, action="append", default=None, metavar="C",
+                    help="tile-kernel launch configuration (BM BN BK warps stages SPLIT_K MODE); repeatable: "
+                         "each is run in turn at every M instead of the dispatch's choice")
     args = ap.parse_args()
+    cfgs = [tuple(c) for c in args.config] if args.config else [None]
     gen = torch.Generator(device="cuda").manual_seed(0)
     k, n, r = args.k, args.n, args.rank
     qw = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
@@ -42,12 +46,14 @@ def main():
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) if args.bf16 else None
     xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) for m in args.ms}
     for m in args.ms:  # warm-up: compile everything before the profiled launches
-        tg.tq_gemm(xs[m], qw, sc, 128, down, up)
+        for cfg in cfgs:
+            tg.tq_gemm(xs[m], qw, sc, 128, down, up, config=cfg)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()  # with `ncu --profile-from-start off`: only what follows is profiled
     for m in args.ms:
         for _ in range(args.calls):
-            tg.tq_gemm(xs[m], qw, sc, 128, down, up)
+            for cfg in cfgs:
+                tg.tq_gemm(xs[m], qw, sc, 128, down, up, config=cfg)
             if w is not None:
                 torch.mm(xs[m], w.t())
     torch.cuda.synchronize()

@@ -1,0 +1,227 @@
+"""Hopper tile kernel for the TwinQuant linear layer (W4A16, 17 <= M <= 256), written in Gluon.
+
+    y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`)
+
+Why a second tile kernel: Triton's MODE 7 (`twinquant_gemm._tq_gemm_kernel`) dequantizes each
+weight tile into a single shared-memory buffer, so every step ends with a wait for its wgmma
+before the next tile may be written: dequantization and tensor cores take turns (ncu: tensor
+pipe 34% busy at M = 256 against cuBLAS's 71%). Gluon states the schedule explicitly:
+
+* x tiles [BM, BK] and code tiles [BN, BK/8] arrive by cp.async in a STAGES-deep ring;
+* the dequantized tile w = (q - 8) * s [BN, BK] goes to one of two shared buffers;
+* the wgmma of step i is issued asynchronously and step i + 1's codes are dequantized while it
+  runs; `warpgroup_mma_wait(1)` then retires step i - 1, whose buffers are refilled.
+
+Same inputs as MODE 7 (codes in the `repack` layout, scales [N, K/G], factors bf16/fp16 or int8
+with fp32 row scales); group sizes 64 and 128 (one 64-column chunk per K step). The epilogue
+adds the low-rank term with one more wgmma (t in registers, U's tile in shared memory), then
+the bias, and stores (fp32 atomics into a zeroed y when split over K).
+Only compiled for sm_90 (Gluon has no CPU interpreter); CI compiles it for sm_90 without a GPU,
+numerics are checked on the H100 by benchmarks/kernels/bench_kernels.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from csrc_triton.twinquant_gemm import _LOW_PTX_BF16, _LOW_PTX_FP16, chunk_words
+
+BLOCK_K = gl.constexpr(64)  # one 64-column chunk of the `repack` layout per step
+# cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.jit
+def _scaled_nibbles(p, s, EXP: gl.constexpr):
+    """(q - 8) * s in the activation dtype for q = bits 0-3 of every word of p (two at a time in PTX,
+    as MODE 7 does); s broadcasts against p."""
+    s = gl.broadcast(s, p)[0]
+    if EXP == 0x4300:
+        w = gl.inline_asm_elementwise(_LOW_PTX_BF16, "=r,r,r,r", [p, s], dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        w = gl.inline_asm_elementwise(_LOW_PTX_FP16, "=r,r,r,r", [p, s], dtype=gl.float16, is_pure=True, pack=2)
+    return w
+
+
+@gluon.jit
+def _issue_loads(x_ptr, qw_ptr, x_buf, q_buf, step, k_lo, k_hi, M, off_m, off_n, N,
+                 stride_xm, stride_qn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 X_LAYOUT: gl.constexpr, Q_LAYOUT: gl.constexpr):
+    """cp.async of step `step`'s x tile [BM, BK] and code tile [BN, BK/8] (masked off past k_hi)."""
+    k0 = k_lo + step * BLOCK_K
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LAYOUT))
+    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, X_LAYOUT))
+    xm = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_k < k_hi, 0)
+    xp = x_ptr + gl.expand_dims(offs_m, 1) * stride_xm + gl.expand_dims(offs_k, 0)
+    _cp_async(x_buf, xp, mask=xm)
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q_LAYOUT))
+    offs_w = k0 // 8 + gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q_LAYOUT))
+    qm = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_w < k_hi // 8, 0)
+    qp = qw_ptr + gl.expand_dims(offs_n, 1) * stride_qn + gl.expand_dims(offs_w, 0)
+    _cp_async(q_buf, qp, mask=qm)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _tq_gemm_wgmma_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, k_per_split,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr,
+    SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SWAP: gl.constexpr, EXP: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    act: gl.constexpr = x_ptr.dtype.element_ty
+    pid = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    k_lo = pid_k * k_per_split
+    k_hi = gl.minimum(k_lo + k_per_split, K)
+    n_steps = gl.cdiv(k_hi - k_lo, BLOCK_K)
+
+    # Register layouts. Codes: each thread owns 4 consecutive words of one row, i.e. (repack
+    # layout) columns j*8 + l of its chunk for l in 4 consecutive values and every nibble j.
+    WORDS: gl.constexpr = BLOCK_K // 8
+    TPR: gl.constexpr = 2  # threads per code row
+    L3: gl.constexpr = gl.BlockedLayout([1, 8, WORDS // TPR], [32 // TPR, 1, TPR], [num_warps, 1, 1], [2, 1, 0])
+    P_LAYOUT: gl.constexpr = gl.SliceLayout(1, L3)  # [BN, WORDS]
+    S_LAYOUT: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))  # [BN]
+    J_LAYOUT: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, L3))  # [8]
+    X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # 16-byte copies
+    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, WORDS // TPR], [32 // TPR, TPR], [num_warps, 1], [1, 0])
+    if SWAP:  # acc^T [BN, BM] = w [BN, BK] @ x^T: the tokens are the MMA's N side
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+    else:
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], act)
+    W_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], act)
+    Q_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    x_bufs = gl.allocate_shared_memory(act, [STAGES, BLOCK_M, BLOCK_K], X_SMEM)
+    q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], Q_SMEM)
+    w_bufs = gl.allocate_shared_memory(act, [2, BLOCK_N, BLOCK_K], W_SMEM)
+
+    for s in gl.static_range(STAGES - 1):
+        _issue_loads(x_ptr, qw_ptr, x_bufs.index(s), q_bufs.index(s), s, k_lo, k_hi, M, off_m, off_n, N,
+                     stride_xm, stride_qn, BLOCK_M, BLOCK_N, X_LAYOUT, Q_LAYOUT)
+
+    offs_sn = off_n + gl.arange(0, BLOCK_N, layout=S_LAYOUT)
+    sn_mask = offs_sn < N
+    s_ptrs = sc_ptr + offs_sn * stride_sn
+    shifts = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=J_LAYOUT) * 4, 0), 2)  # [1, 8, 1]
+    s_cur = gl.load(s_ptrs + k_lo // GROUP, mask=sn_mask, other=0.0).to(act)
+    if SWAP:
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
+    else:
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=MMA)
+    for i in range(n_steps):
+        slot = i % STAGES
+        # the scale of the next step (the same group for half of the steps at G = 128)
+        s_next = gl.load(s_ptrs + (k_lo + (i + 1) * BLOCK_K) // GROUP,
+                         mask=sn_mask & (k_lo + (i + 1) * BLOCK_K < k_hi), other=0.0).to(act)
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed
+        _cta_barrier()  # ... and everyone's
+        p = q_bufs.index(slot).load(P_LAYOUT)
+        w = _scaled_nibbles(gl.expand_dims(p, 1) >> shifts, gl.expand_dims(gl.expand_dims(s_cur, 1), 2), EXP)
+        w_buf = w_bufs.index(i % 2)  # its last reader, the wgmma of step i - 2, has retired
+        w_buf.store(gl.reshape(w, [BLOCK_N, BLOCK_K]))  # [BN, 8, WORDS] -> column j*8 + l
+        fence_async_shared()
+        _cta_barrier()
+        if SWAP:
+            acc = warpgroup_mma(w_buf, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(x_bufs.index(slot), w_buf.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # step i - 1 retired
+        nxt = i + STAGES - 1  # into the slot of step i - 1
+        _issue_loads(x_ptr, qw_ptr, x_bufs.index(nxt % STAGES), q_bufs.index(nxt % STAGES), nxt, k_lo, k_hi, M,
+                     off_m, off_n, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N, X_LAYOUT, Q_LAYOUT)
+        s_cur = s_next
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    async_copy.wait_group(0)
+
+    if SWAP:
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        m_2d = gl.expand_dims(offs_m, 0)
+        n_2d = gl.expand_dims(offs_n, 1)
+    else:
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+        m_2d = gl.expand_dims(offs_m, 1)
+        n_2d = gl.expand_dims(offs_n, 0)
+    n_mask = offs_n < N
+    if pid_k == 0:
+        if HAS_LOWRANK:
+            EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+            slot_id = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
+            tm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, EPI))
+            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
+            t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
+            t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot_id * R + gl.expand_dims(tr, 0)
+            t = gl.zeros([BLOCK_M, BLOCK_R], gl.float32, layout=EPI)
+            for sp in range(NUM_SPLITS):
+                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+            un = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, EPI))
+            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
+                        mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
+            if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
+                us = gl.load(us_ptr + un, mask=un < N, other=0.0)
+                u = u.to(gl.float32) * gl.expand_dims(us, 1)
+            A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+            if SWAP:  # acc^T += U [BN, BR] @ t^T
+                T_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], act)
+                t_buf = gl.allocate_shared_memory(act, [BLOCK_M, BLOCK_R], T_SMEM)
+                t_buf.store(t.to(act))
+                fence_async_shared()
+                _cta_barrier()
+                acc = warpgroup_mma(gl.convert_layout(u.to(act), A_OP), t_buf.permute((1, 0)), acc)
+            else:  # acc += t [BM, BR] @ U^T
+                U_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], act)
+                u_buf = gl.allocate_shared_memory(act, [BLOCK_N, BLOCK_R], U_SMEM)
+                u_buf.store(u.to(act))
+                fence_async_shared()
+                _cta_barrier()
+                acc = warpgroup_mma(gl.convert_layout(t.to(act), A_OP), u_buf.permute((1, 0)), acc)
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)
+            if SWAP:
+                acc += gl.expand_dims(bias, 1)
+            else:
+                acc += gl.expand_dims(bias, 0)
+    y_ptrs = y_ptr + m_2d * stride_ym + n_2d
+    y_mask = (m_2d < M) & (n_2d < N)
+    if SPLIT_K > 1:
+        gl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
+           bm, bn, warps, stages, split, k_per_split, br, swap=False):
+    """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
+    if chunk_words(group_size) * 8 != BLOCK_K.value:
+        raise ValueError(f"the wgmma kernel steps over 64-column chunks: group size {group_size} must be 64 or 128")
+    exp = 0x4300 if operands[0].dtype == torch.bfloat16 else 0x6400
+    _tq_gemm_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+        *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
+        GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_R=br, GROUP_M=8, SPLIT_K=split, STAGES=stages, SWAP=swap, EXP=exp, num_warps=warps,
+    )

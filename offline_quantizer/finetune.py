@@ -1,0 +1,278 @@
+"""End-to-end tuning of a TwinQuant checkpoint against the dense model (`twinquant-finetune`).
+
+Block tuning (`tune.py`) matches each block's output in isolation; what is served is judged on
+the model's next-token distribution. This stage starts from a finished W4A16 checkpoint and
+tunes the same continuous parameters for the whole model at once,
+
+    min  E_tokens KL( p_dense(. | context) || p_quantized(. | context) )
+
+on calibration text: every quantized layer's group scales (scale = scale0 * exp(a)), both
+low-rank factors, and every RMSNorm weight (gamma = gamma0 * exp(b)). The 4-bit codes, the
+embeddings and lm_head stay as stored, so the result is the same format at the same bits.
+Adam with a cosine-decayed rate (factors' rates scaled to their RMS, as in tune.py); the last
+calibration batch is held out, its KL is measured with everything rounded to the stored dtypes
+before tuning and after every `--eval-every` steps, and the best point (the start included) is
+written, so the stage never makes that loss worse. docs/method.md section 6 has the numbers.
+
+Output: a new checkpoint folder (written to a temporary folder beside it, renamed at the end);
+the recipe gains "-e2e" and the metadata an "e2e_tuning" record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from offline_quantizer.decompose import group_dequantize
+from offline_quantizer.quantize import _peak_rss_gib, load_calibration
+from vllm_twinquant import format as fmt
+
+
+class _TunedLinear(torch.nn.Module):
+    """A TwinQuant layer whose scales and factors are trainable: y = x deq(R)^T + (x D^T) U^T + b."""
+
+    def __init__(self, codes, scales, up, down, bias, lowrank_dtype):
+        super().__init__()
+        self.register_buffer("codes", codes.float(), persistent=False)  # [N, K] in [-8, 7]
+        self.register_buffer("s0", scales.float(), persistent=False)
+        self.scale_dtype = scales.dtype
+        self.lowrank_dtype = lowrank_dtype
+        self.a = torch.nn.Parameter(torch.zeros_like(self.s0))
+        self.up = torch.nn.Parameter(up.float()) if up is not None else None
+        self.down = torch.nn.Parameter(down.float()) if down is not None else None
+        self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
+
+    def stored(self):
+        """(scales, up, down) rounded to the dtypes the checkpoint stores."""
+        s = (self.s0 * torch.exp(self.a)).to(self.scale_dtype)
+        if self.up is None:
+            return s, None, None
+        up, down = fmt.round_lowrank(self.up.detach(), self.down.detach(), self.lowrank_dtype)
+        return s, up, down
+
+    def forward(self, x):
+        if getattr(self, "use_stored", False):
+            s, up, down = (t.float() if t is not None else None for t in self.stored())
+        else:
+            s, up, down = self.s0 * torch.exp(self.a), self.up, self.down
+        y = x @ group_dequantize(self.codes, s).t()
+        if up is not None:
+            y = y + (x @ down.t()) @ up.t()
+        return y if self.bias is None else y + self.bias
+
+
+def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec):
+    """transformers' model of the dense checkpoint's architecture holding the TwinQuant
+    checkpoint: its unquantized tensors as they are, each quantized layer as a _TunedLinear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(dense_dir)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg.tie_word_embeddings = json.load(f).get("tie_word_embeddings", cfg.tie_word_embeddings)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    layers = {}
+    for key in tensors:
+        if key.endswith("." + fmt.WEIGHT_PACKED):
+            layers[key[: -len(fmt.WEIGHT_PACKED) - 1]] = None
+    state = {k: v.float() for k, v in tensors.items()
+             if not k.rsplit(".", 1)[-1].startswith(("weight_", "lowrank_")) and k.rsplit(".", 1)[0] not in layers}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise SystemExit(f"{ckpt}: tensors {unexpected[:4]} do not belong to {dense_dir}'s architecture")
+    for name in layers:
+        parent, attr = name.rsplit(".", 1)
+        lin = model.get_submodule(name)
+        k = lin.in_features
+        codes = fmt.unpack_codes(tensors[f"{name}.{fmt.WEIGHT_PACKED}"], k)
+        down = tensors.get(f"{name}.{fmt.LOWRANK_DOWN}")
+        up = tensors.get(f"{name}.{fmt.LOWRANK_UP}")
+        if down is not None:
+            down = fmt.dequantize_lowrank(down, tensors.get(f"{name}.{fmt.LOWRANK_DOWN_SCALE}"))
+            up = fmt.dequantize_lowrank(up, tensors.get(f"{name}.{fmt.LOWRANK_UP_SCALE}"))
+        setattr(model.get_submodule(parent), attr,
+                _TunedLinear(codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"],
+                             up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype))
+    left = [m for m in missing if not (m.endswith(".weight") and m[: -len(".weight")] in layers)
+            and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if left:
+        raise SystemExit(f"{ckpt}: no tensor for {left[:4]}")
+    return model, layers
+
+
+def _kl(student_logits, teacher_logp):
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    return torch.sum(teacher_logp.exp() * (teacher_logp - logq), dim=-1).mean()
+
+
+def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsamples: int = 128, seqlen: int = 256,
+             batch_size: int = 4, epochs: int = 1, lr: float = 1e-4, eval_every: int = 8, seed: int = 0) -> dict:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if os.path.exists(output_dir):
+        raise SystemExit(f"--output {output_dir} already exists; remove it or choose another folder")
+    spec = fmt.validate_checkpoint(ckpt)
+    if spec.activation_bits != 16:
+        raise SystemExit(f"{ckpt}: activation_bits {spec.activation_bits}; twinquant-finetune handles W4A16 checkpoints")
+    path = os.path.join(ckpt, "model.safetensors")
+    if not os.path.exists(path):
+        raise SystemExit(f"{ckpt}: expected one model.safetensors (as twinquant-quantize writes)")
+    tensors = load_file(path)
+    student, layers = _load_student(dense_dir, ckpt, tensors, spec)
+    teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    calib = load_calibration(calib_path, AutoTokenizer.from_pretrained(dense_dir), nsamples, seqlen, seed)
+    batches = list(calib.split(batch_size))
+    if len(batches) < 2:
+        raise SystemExit("end-to-end tuning needs at least 2 calibration batches (one is held out); raise --nsamples")
+    train, held = batches[:-1], batches[-1]
+    with torch.no_grad():
+        held_logp = torch.log_softmax(teacher(input_ids=held).logits.float(), dim=-1)
+
+    tuned = [m for m in student.modules() if isinstance(m, _TunedLinear)]
+    norms = [m for n, m in student.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    g0 = [m.weight.detach().clone() for m in norms]
+    norm_logs = [torch.nn.Parameter(torch.zeros_like(g)) for g in g0]
+    groups = [{"params": [m.a for m in tuned] + norm_logs, "lr": lr}]
+    for m in tuned:
+        for p in (m.up, m.down):
+            if p is not None:
+                groups.append({"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt())})
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    base_lr = [g["lr"] for g in opt.param_groups]
+
+    def set_norms():  # each norm weight as a tensor differentiable in its log-multiplier
+        for m, g, b in zip(norms, g0, norm_logs):
+            m.weight = g * torch.exp(b)
+
+    for m in norms:  # the norm weights become functions of their log-multipliers
+        del m.weight
+
+    def heldout() -> float:
+        for m in tuned:
+            m.use_stored = True
+        try:
+            with torch.no_grad():
+                for m, g, b in zip(norms, g0, norm_logs):
+                    m.weight = (g * torch.exp(b)).to(tensors_dtype(m)).float()
+                return float(_kl(student(input_ids=held).logits, held_logp))
+        finally:
+            for m in tuned:
+                m.use_stored = False
+
+    norm_names = {id(m): n for n, m in student.named_modules()}
+
+    def tensors_dtype(m):
+        return tensors[f"{norm_names[id(m)]}.weight"].dtype
+
+    start = heldout()
+    best = (start, 0, [p.detach().clone() for g in groups for p in g["params"]])
+    total, step, log = max(epochs * len(train), 1), 0, [[0, round(start, 6)]]
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=total, desc="end-to-end tuning", unit="step")
+    try:
+        for _ in range(epochs):
+            for j in torch.randperm(len(train), generator=gen).tolist():
+                for g, b in zip(opt.param_groups, base_lr):
+                    g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / total))
+                with torch.no_grad():
+                    tlogp = torch.log_softmax(teacher(input_ids=train[j]).logits.float(), dim=-1)
+                set_norms()
+                loss = _kl(student(input_ids=train[j]).logits, tlogp)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(kl=f"{loss.item():.4f}")
+                if step % eval_every == 0 or step == total:
+                    val = heldout()
+                    log.append([step, round(val, 6)])
+                    tqdm.write(f"step {step}: held-out KL {val:.5f} (start {start:.5f})")
+                    if val < best[0]:
+                        best = (val, step, [p.detach().clone() for g in groups for p in g["params"]])
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: nothing was written to --output") from None
+    finally:
+        bar.close()
+
+    with torch.no_grad():
+        for p, v in zip([p for g in groups for p in g["params"]], best[2]):
+            p.copy_(v)
+    out = dict(tensors)
+    for name in layers:
+        m = student.get_submodule(name)
+        s, up, down = m.stored()
+        out[f"{name}.{fmt.WEIGHT_SCALE}"] = s.contiguous()
+        if up is not None:
+            out.update(fmt.lowrank_tensors(name, up, down, spec))
+    for m, g, b in zip(norms, g0, norm_logs):
+        key = f"{norm_names[id(m)]}.weight"
+        out[key] = (g * torch.exp(b)).detach().to(tensors[key].dtype).contiguous()
+
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    q = cfg["quantization_config"]
+    q["recipe"] = q.get("recipe", "") + "-e2e"
+    q.setdefault("metadata", {})["e2e_tuning"] = {
+        "objective": "KL(dense || quantized) per token", "epochs": epochs, "lr": lr, "steps": step,
+        "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "heldout_kl": log, "kept_step": best[1], "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
+        "seconds": round(time.time() - t0, 1),
+    }
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    tmp = tempfile.mkdtemp(prefix=".twinquant-finetune-", dir=parent)
+    try:
+        for f in os.listdir(ckpt):
+            if f not in ("model.safetensors", "config.json") and os.path.isfile(os.path.join(ckpt, f)):
+                shutil.copy2(os.path.join(ckpt, f), tmp)
+        save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        fmt.validate_checkpoint(tmp)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
+            "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a W4A16 TwinQuant checkpoint (twinquant-quantize's output)")
+    ap.add_argument("--dense", required=True, help="the dense checkpoint it was quantized from (the teacher)")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--calib", required=True, help=".jsonl with a 'text' field per line, or a .txt file")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-every", type=int, default=8, help="steps between held-out evaluations")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        summary = finetune(args.checkpoint, args.dense, args.output, args.calib, args.nsamples, args.seqlen,
+                           args.batch_size, args.epochs, args.lr, args.eval_every, args.seed)
+    except fmt.TwinQuantFormatError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

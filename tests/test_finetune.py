@@ -1,0 +1,55 @@
+"""twinquant-finetune: end-to-end tuning of a finished checkpoint against the dense model."""
+
+import json
+import os
+
+import pytest
+import torch
+
+TEXT = " ".join(
+    f"Paragraph {i}: the river town of {name} kept its {thing} in the old {place}, and every {season} "
+    f"the council counted {i * 7 % 31} boats, {i * 13 % 17} bridges and one stubborn mill."
+    for i, (name, thing, place, season) in enumerate(
+        [("Arden", "records", "granary", "spring"), ("Bexley", "bells", "chapel", "summer"),
+         ("Corfe", "maps", "tower", "autumn"), ("Dunmore", "ledgers", "mill", "winter")] * 6))
+
+
+def test_finetune_tunes_scales_factors_norms_only_and_never_worsens_heldout(tiny_dense, tiny_tq_int8, tmp_path):
+    from safetensors.torch import load_file
+
+    from offline_quantizer.finetune import finetune
+    from vllm_twinquant import format as fmt
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = str(tmp_path / "ft")
+    summary = finetune(tiny_tq_int8, tiny_dense, out, str(calib), nsamples=8, seqlen=32, batch_size=2, epochs=2,
+                       lr=2e-3, eval_every=1)
+    spec = fmt.validate_checkpoint(out)
+    assert spec.lowrank_dtype == "int8"
+    assert summary["heldout_kl_end"] <= summary["heldout_kl_start"] and summary["steps"] == 6
+    assert summary["kept_step"] > 0, summary  # a rate this large moves the loss on 3 training batches
+    a = load_file(os.path.join(tiny_tq_int8, "model.safetensors"))
+    b = load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys()
+    changed = set()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        if not torch.equal(a[k], b[k]):
+            changed.add(k.rsplit(".", 1)[-1])
+    # codes, embeddings and lm_head as stored; scales, factors (int8 codes + row scales), norms tuned
+    assert changed <= {fmt.WEIGHT_SCALE, fmt.LOWRANK_UP, fmt.LOWRANK_DOWN, fmt.LOWRANK_UP_SCALE,
+                       fmt.LOWRANK_DOWN_SCALE, "weight"}, changed
+    assert fmt.WEIGHT_SCALE in changed and "weight" in changed
+    for k in a:
+        if k.endswith(".weight") and not k.endswith("norm.weight"):
+            assert torch.equal(a[k], b[k]), k
+    with open(os.path.join(out, "config.json")) as f:
+        q = json.load(f)["quantization_config"]
+    assert q["recipe"].endswith("-e2e") and q["metadata"]["e2e_tuning"]["kept_step"] == summary["kept_step"]
+    with pytest.raises(SystemExit, match="already exists"):
+        finetune(tiny_tq_int8, tiny_dense, out, str(calib), nsamples=8, seqlen=32, batch_size=2)
+    with pytest.raises(SystemExit, match="at least 2 calibration batches"):
+        finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ft1"), str(calib), nsamples=2, seqlen=32, batch_size=2)
+    assert not os.path.exists(tmp_path / "ft1")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".twinquant-finetune-")]  # no half-written folder
