@@ -1,8 +1,8 @@
 """End-to-end tuning of a TwinQuant checkpoint against the dense model (`twinquant-finetune`).
 
 Block tuning (`tune.py`) matches each block's output in isolation; what is served is judged on
-the model's next-token distribution. This stage starts from a finished W4A16 checkpoint and
-tunes the same continuous parameters for the whole model at once,
+the model's next-token distribution. This stage starts from a finished checkpoint (W4A16, or W4A4 with
+the served online Hadamard and per-token activation quantizer in the loop) and tunes the same continuous parameters for the whole model at once,
 
     min  E_tokens KL( p_dense(. | context) || p_quantized(. | context) )
 
@@ -39,8 +39,9 @@ from vllm_twinquant import format as fmt
 class _TunedLinear(torch.nn.Module):
     """A TwinQuant layer whose scales and factors are trainable: y = x deq(R)^T + (x D^T) U^T + b."""
 
-    def __init__(self, codes, scales, up, down, bias, lowrank_dtype):
+    def __init__(self, codes, scales, up, down, bias, lowrank_dtype, hadamard=False, act_bits=16, act_clip=1.0):
         super().__init__()
+        self.hadamard, self.act_bits, self.act_clip = hadamard, act_bits, act_clip
         self.register_buffer("codes", codes.float(), persistent=False)  # [N, K] in [-8, 7]
         self.register_buffer("s0", scales.float(), persistent=False)
         self.scale_dtype = scales.dtype
@@ -63,7 +64,12 @@ class _TunedLinear(torch.nn.Module):
             s, up, down = (t.float() if t is not None else None for t in self.stored())
         else:
             s, up, down = self.s0 * torch.exp(self.a), self.up, self.down
-        y = x @ group_dequantize(self.codes, s).t()
+        if self.hadamard:  # as served: the stored weights act on H x
+            x = fmt.apply_online_hadamard(x)
+        xr = x
+        if self.act_bits < 16:  # W4A4: per-token 4-bit input of the residual (straight-through rounding)
+            xr = x + (fmt.quantize_activations(x, self.act_bits, self.act_clip) - x).detach()
+        y = xr @ group_dequantize(self.codes, s).t()
         if up is not None:
             y = y + (x @ down.t()) @ up.t()
         return y if self.bias is None else y + self.bias
@@ -99,7 +105,8 @@ def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantS
             up = fmt.dequantize_lowrank(up, tensors.get(f"{name}.{fmt.LOWRANK_UP_SCALE}"))
         setattr(model.get_submodule(parent), attr,
                 _TunedLinear(codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"],
-                             up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype))
+                             up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype,
+                             spec.has_online_hadamard(name), spec.activation_bits, spec.activation_clip_ratio))
     left = [m for m in missing if not (m.endswith(".weight") and m[: -len(".weight")] in layers)
             and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if left:
@@ -122,8 +129,6 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     if os.path.exists(output_dir):
         raise SystemExit(f"--output {output_dir} already exists; remove it or choose another folder")
     spec = fmt.validate_checkpoint(ckpt)
-    if spec.activation_bits != 16:
-        raise SystemExit(f"{ckpt}: activation_bits {spec.activation_bits}; twinquant-finetune handles W4A16 checkpoints")
     path = os.path.join(ckpt, "model.safetensors")
     if not os.path.exists(path):
         raise SystemExit(f"{ckpt}: expected one model.safetensors (as twinquant-quantize writes)")
@@ -254,7 +259,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a W4A16 TwinQuant checkpoint (twinquant-quantize's output)")
+    ap.add_argument("checkpoint", help="a TwinQuant checkpoint (twinquant-quantize's output)")
     ap.add_argument("--dense", required=True, help="the dense checkpoint it was quantized from (the teacher)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--calib", required=True, help=".jsonl with a 'text' field per line, or a .txt file")

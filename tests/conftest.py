@@ -78,3 +78,13 @@ def tiny_tq_int8(tiny_dense, tmp_path_factory):
 def read_config(path):
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)
+
+
+def checkpoint_layer(tensors, prefix, names=("weight_packed", "weight_scale", "lowrank_down", "lowrank_up")):
+    """A module holding one quantized layer's checkpoint tensors as the plugin's parameters
+    (codes as stored, the rest in float32), for calling a TwinQuant kernel's `apply` directly."""
+    layer = torch.nn.Module()
+    for n in names:
+        t = tensors[f"{prefix}.{n}"]
+        setattr(layer, n, torch.nn.Parameter(t if n == "weight_packed" else t.float(), requires_grad=False))
+    return layer

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import checkpoint_layer
 
 TEXT = " ".join(
     f"Paragraph {i}: the river town of {name} kept its {thing} in the old {place}, and every {season} "
@@ -53,3 +54,41 @@ def test_finetune_tunes_scales_factors_norms_only_and_never_worsens_heldout(tiny
         finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ft1"), str(calib), nsamples=2, seqlen=32, batch_size=2)
     assert not os.path.exists(tmp_path / "ft1")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".twinquant-finetune-")]  # no half-written folder
+
+
+def test_finetune_w4a4_student_computes_what_the_torch_kernel_serves(tiny_dense, tmp_path):
+    """A W4A4 checkpoint: each tuned layer applies the online Hadamard and the per-token 4-bit
+    quantizer exactly as vLLM's torch path does, and the tuned checkpoint keeps its W4A4 config."""
+    from safetensors.torch import load_file
+
+    from offline_quantizer.finetune import _load_student, finetune
+    from offline_quantizer.quantize import quantize_model
+    from vllm_twinquant import format as fmt
+    from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+
+    ckpt = str(tmp_path / "a4")
+    quantize_model(tiny_dense, ckpt, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
+                   random_calibration=True, rotation="random", activation_bits=4, activation_clip=0.9)
+    spec = fmt.load_spec(ckpt)
+    q = load_file(os.path.join(ckpt, "model.safetensors"))
+    student, _ = _load_student(tiny_dense, ckpt, q, spec)
+    pre = "model.layers.1.mlp.down_proj"
+    tuned = student.get_submodule(pre)
+    tuned.use_stored = True
+    layer = checkpoint_layer(q, pre)
+    c = TwinQuantLayerConfig(in_features=1536, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float32,
+                             activation_bits=4, activation_clip=0.9, online_hadamard=fmt.hadamard_block_size(1536))
+    x = torch.randn(5, 1536)
+    with torch.no_grad():
+        want = TorchTwinQuantKernel(c).apply(layer, x, None)
+        got = tuned(x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = str(tmp_path / "a4-ft")
+    summary = finetune(ckpt, tiny_dense, out, str(calib), nsamples=6, seqlen=32, batch_size=2, lr=2e-3, eval_every=1)
+    assert summary["heldout_kl_end"] <= summary["heldout_kl_start"]
+    tuned_spec = fmt.validate_checkpoint(out)
+    assert tuned_spec.activation_bits == 4 and tuned_spec.activation_clip_ratio == 0.9
+    assert tuned_spec.online_hadamard == spec.online_hadamard

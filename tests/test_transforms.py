@@ -3,6 +3,7 @@ and the learned objectives improve on their starting points."""
 
 import pytest
 import torch
+from conftest import checkpoint_layer
 
 from offline_quantizer import transforms as tf
 from offline_quantizer.decompose import decompose, decompose_refined, output_error
@@ -184,10 +185,7 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
 
     q = load_file(os.path.join(out, "model.safetensors"))
     pre = "model.layers.1.mlp.down_proj"
-    layer = torch.nn.Module()
-    for n in ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up"):
-        t = q[f"{pre}.{n}"]
-        setattr(layer, n, torch.nn.Parameter(t if n == "weight_packed" else t.float(), requires_grad=False))
+    layer = checkpoint_layer(q, pre)
     c = TwinQuantLayerConfig(in_features=1536, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float32,
                              activation_bits=4, activation_clip=0.9, online_hadamard=fmt.hadamard_block_size(1536))
     assert c.online_hadamard == 512 and not TritonTwinQuantKernel.can_implement(c)[0]

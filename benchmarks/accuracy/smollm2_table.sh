@@ -60,11 +60,14 @@ q tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation lea
 q tq-attn-tune4-r8i8-g64-c128 --rank 8 --lowrank-dtype int8 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
 # block tuning with the per-token loss instead of the whole-tensor one (docs/method.md section 4)
 q tq-attn-tunetok4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --tune-loss token
-# end-to-end tuning of the best block-tuned checkpoint against the dense model (section 6)
-e2e() {  # label, extra args
-  local label=$1; shift
-  [ -d "$runs/$label" ] || twinquant-finetune "$runs/tq-attn-tune4-r4-g64-c128" --dense "$model" --output "$runs/$label" --calib "$calib" "$@"
+# end-to-end tuning of block-tuned checkpoints against the dense model (section 6)
+e2e() {  # label, source checkpoint's label, extra args
+  local label=$1 src=$2; shift 2
+  [ -d "$runs/$label" ] || twinquant-finetune "$runs/$src" --dense "$model" --output "$runs/$label" --calib "$calib" "$@"
   twinquant-eval "$runs/$label" --json "$out" --label "$label"
 }
-E2E_LINES
+e2e tq-attn-tune4-r4-g64-c128-e2e2 tq-attn-tune4-r4-g64-c128 --nsamples 128 --epochs 2 --lr 5e-4
+e2e tq-attn-tune4-r4-g64-c128-e2e4-lr1e-3 tq-attn-tune4-r4-g64-c128 --nsamples 128 --epochs 4 --lr 1e-3
+e2e tq-attn-tune4-clip0.8-r4-g64-c128-w4a4-e2e2 tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --nsamples 128 --epochs 2 --lr 5e-4
+e2e tq-attn-tune4-r8i8-g64-c128-e2e2 tq-attn-tune4-r8i8-g64-c128 --nsamples 128 --epochs 2 --lr 5e-4
 python3 benchmarks/make_tables.py accuracy-json "$out" "${out%.jsonl}.json"

@@ -92,9 +92,17 @@ def main():
     except Exception as e:  # noqa: BLE001  (older/newer LLM API)
         rec["kernels"] = f"unknown ({type(e).__name__})"
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (1, 7, 64, 300)]
+    # two batches: 372 prompt tokens in one step (the dequant + cuBLAS path), then 230 (129-256
+    # tokens: the Hopper wgmma kernel on gate_up where the dispatch allows it); decode steps in between
+    rounds = [(1, 7, 64, 300), (100, 130)]
     sp = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0, logprobs=0, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    prompts, outs = [], []
+    for lens in rounds:
+        batch = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in lens]
+        prompts += batch
+        outs += llm.generate([{"prompt_token_ids": p} for p in batch], sp)
+    from csrc_triton import twinquant_gemm as tg
+    rec["wgmma_dispatch"] = tg.wgmma_usable(0)
     ref_model = effective_model(dense, tq)
     worst, agree, total = 0.0, 0, 0
     for p, o in zip(prompts, outs):
