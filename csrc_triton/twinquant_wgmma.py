@@ -51,6 +51,18 @@ def _scaled_nibbles(p, s, EXP: gl.constexpr):
 
 
 @gluon.jit
+def _register_smem_mma(a, b, acc, MMA: gl.constexpr):
+    """acc + a @ b^T with a [R1, K] as the register operand and b [R2, K] staged in shared memory."""
+    B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b.shape, b.dtype)
+    b_buf = gl.allocate_shared_memory(b.dtype, b.shape, B_SMEM)
+    b_buf.store(b)
+    fence_async_shared()
+    _cta_barrier()
+    a_op = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+    return warpgroup_mma(a_op, b_buf.permute((1, 0)), acc)
+
+
+@gluon.jit
 def _issue_loads(x_ptr, qw_ptr, x_buf, q_buf, step, k_lo, k_hi, M, off_m, off_n, N,
                  stride_xm, stride_qn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  X_LAYOUT: gl.constexpr, Q_LAYOUT: gl.constexpr):
@@ -185,21 +197,10 @@ def _tq_gemm_wgmma_kernel(
             if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
                 us = gl.load(us_ptr + un, mask=un < N, other=0.0)
                 u = u.to(gl.float32) * gl.expand_dims(us, 1)
-            A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
             if SWAP:  # acc^T += U [BN, BR] @ t^T
-                T_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], act)
-                t_buf = gl.allocate_shared_memory(act, [BLOCK_M, BLOCK_R], T_SMEM)
-                t_buf.store(t.to(act))
-                fence_async_shared()
-                _cta_barrier()
-                acc = warpgroup_mma(gl.convert_layout(u.to(act), A_OP), t_buf.permute((1, 0)), acc)
+                acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
             else:  # acc += t [BM, BR] @ U^T
-                U_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], act)
-                u_buf = gl.allocate_shared_memory(act, [BLOCK_N, BLOCK_R], U_SMEM)
-                u_buf.store(u.to(act))
-                fence_async_shared()
-                _cta_barrier()
-                acc = warpgroup_mma(gl.convert_layout(t.to(act), A_OP), u_buf.permute((1, 0)), acc)
+                acc = _register_smem_mma(t.to(act), u.to(act), acc, MMA)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)
             if SWAP:
