@@ -128,27 +128,17 @@ def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype,
     """The Gluon kernel has no CPU interpreter: here it is compiled for sm_90 (no GPU needed) and
     the PTX must hold the pipeline it was written for -- asynchronous wgmma retired one step
     late, cp.async copies. Its numerics are checked on the H100 (bench_kernels.py)."""
-    import inspect
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from compile_sm90 import compile_sm90
 
-    from csrc_triton import twinquant_wgmma as tw
-
-    fn = tw._tq_gemm_wgmma_kernel
-    params = list(inspect.signature(fn.fn).parameters)
     ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
             "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": "*fp32" if split > 1 else f"*{dtype}"}
     consts = dict(GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_R=max(16, rank), GROUP_M=8, SPLIT_K=split, STAGES=3, SWAP=swap,
-                  EXP=0x4300 if dtype == "bf16" else 0x6400, num_warps=warps)
-    signature = {p: "constexpr" if p in consts else ptrs.get(p, "i32") for p in params}
-    aligned = [p for p in params if p.endswith("_ptr") or p.startswith("stride") or p in ("N", "K", "k_per_split")]
-    src = GluonASTSource(fn, signature, constexprs={(params.index(p),): v for p, v in consts.items()},
-                         attrs={(params.index(p),): [["tt.divisibility", 16]] for p in aligned})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps}).asm["ptx"]
+                  EXP=0x4300 if dtype == "bf16" else 0x6400)
+    ptx = compile_sm90("csrc_triton.twinquant_wgmma", "_tq_gemm_wgmma_kernel", ptrs, consts, warps, gluon=True,
+                       aligned_extra=("N", "K", "k_per_split"))
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n%d" % (bm if swap else bn), ptx)
     assert "wgmma.wait_group.sync.aligned 1;" in ptx  # step i - 1 retired while step i runs
     assert "cp.async" in ptx and "fence.proxy.async" in ptx

@@ -264,25 +264,28 @@ def test_block_tuning_with_4_bit_activations_quantizes_the_residual_input_in_the
     assert a4.heldout_end <= a4.heldout_start
 
 
-def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tiny_tq, tmp_path):
+def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_path):
     """--tune-epochs with --attention-aware on the tiny model: valid checkpoint, per-block
-    held-out errors recorded and never raised, and the served function at least as close to the
-    dense model as SVD+GPTQ."""
+    held-out errors recorded and never raised, and the served function as close to the dense
+    model as the same recipe without the tuning (same calibration, same split). The tuning
+    guarantees only the per-block held-out error (the best epoch is kept); end to end it moves
+    this random-weight model by about 1%, while a wrongly stored tuned tensor gives O(1) errors."""
     import json
     import os
 
     from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
 
-    out = str(tmp_path / "tq-tuned")
-    quantize_model(tiny_dense, out, None, group_size=64, rank=8, nsamples=12, seqlen=64, batch_size=4,
-                   random_calibration=True, rank_overrides={"model.layers.0.self_attn.q_proj": 4},
-                   tune_epochs=2, attention_aware=True)
+    common = dict(group_size=64, rank=8, nsamples=12, seqlen=64, batch_size=4, random_calibration=True,
+                  rank_overrides={"model.layers.0.self_attn.q_proj": 4}, attention_aware=True)
+    out, untuned = str(tmp_path / "tq-tuned"), str(tmp_path / "tq-untuned")
+    quantize_model(tiny_dense, out, None, tune_epochs=4, **common)
+    quantize_model(tiny_dense, untuned, None, **common)
     fmt.validate_checkpoint(out)
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     assert qc["recipe"] == "svd-gptq-attn-tuned" and qc["metadata"]["attention_aware"] is True
     log = qc["metadata"]["block_tuning"]["heldout_relative_mse"]
     assert len(log) == 2 and all(end <= start for start, end in log), log
 
-    errs = _logit_errors(tiny_dense, tuned=out, svd=tiny_tq)
-    assert errs["tuned"] < 1.05 * errs["svd"], errs
+    errs = _logit_errors(tiny_dense, tuned=out, untuned=untuned)
+    assert errs["tuned"] <= 1.02 * errs["untuned"], errs
