@@ -326,11 +326,12 @@ def _unpack_v(p, J: tl.constexpr):
 
 
 @triton.jit
-def _gemv_epilogue(acc, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
+def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
                    R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym,
                    HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_R: tl.constexpr):
-    y = tl.sum(acc, axis=1)
+    """Token row m of a decode program: y [BLOCK_N] (the residual product's row sums) plus the
+    low-rank term from the down projection's workspace and the bias, stored."""
     if HAS_LOWRANK:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = (offs_r < R) & (offs_r * 0 + m < M)
@@ -425,16 +426,149 @@ def _tq_gemv_kernel(
 
     n0 = pid_n * BLOCK_N
     slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
-    _gemv_epilogue(acc0, m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+    _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
                    stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
     if BLOCK_M > 1:
-        _gemv_epilogue(acc1, m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+        _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
                        stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
     if BLOCK_M > 2:
-        _gemv_epilogue(acc2, m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+        _gemv_epilogue(tl.sum(acc2, axis=1), m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
                        stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
-        _gemv_epilogue(acc3, m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
+        _gemv_epilogue(tl.sum(acc3, axis=1), m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
                        stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
+
+
+# Nibble planes J and J + 4 of a word as the two fp16 halves of one register, 1024 + q each
+# (exact): a shift (none for J = 0) and one LOP3 per two nibbles, then fp16 -> fp32 (one
+# HADD2.F32 per value, on the FMA pipe rather than the integer pipe). $0 $1 out, $2 the word.
+_PAIR_F16_PTX = """
+{
+.reg .b32 t;
+SHIFT
+lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+mov.b32 {$0, $1}, t;
+}
+"""
+_PAIR_F16_PTX_0, _PAIR_F16_PTX_1, _PAIR_F16_PTX_2, _PAIR_F16_PTX_3 = (
+    tl.constexpr(_PAIR_F16_PTX.replace("SHIFT", "mov.b32 t, $2;" if j == 0 else f"shr.u32 t, $2, {4 * j};"))
+    for j in range(4))
+
+
+@triton.jit
+def _unpack_pair_f32(p, J: tl.constexpr, ASM: tl.constexpr):
+    """Nibbles J and J + 4 (J < 4) of every word of p as float32 1024 + q."""
+    if ASM:
+        if J == 0:
+            asm: tl.constexpr = _PAIR_F16_PTX_0
+        elif J == 1:
+            asm: tl.constexpr = _PAIR_F16_PTX_1
+        elif J == 2:
+            asm: tl.constexpr = _PAIR_F16_PTX_2
+        else:
+            asm: tl.constexpr = _PAIR_F16_PTX_3
+        lo, hi = tl.inline_asm_elementwise(asm, "=h,=h,r", [p], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return lo.to(tl.float32), hi.to(tl.float32)
+    lo = ((p >> (4 * J)) & 0xF).to(tl.float32) + 1024.0
+    hi = ((p >> (4 * J + 16)) & 0xF).to(tl.float32) + 1024.0
+    return lo, hi
+
+
+@triton.jit
+def _tq_gemv_vec_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr,
+):
+    """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
+    2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_W/4, BLOCK_N, 4]
+    tensor, so a thread holds 4 consecutive words (one 16-byte load) of each of its rows; the 4
+    words lie in one scale group (G >= 32), so the thread reduces them and the 8 activations each
+    nibble plane meets in registers, and loads each row's scale once per step. The activations
+    of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
+    token row, shared by the thread's BLOCK_N output rows.
+    UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
+      sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0: as `_tq_gemv_kernel`, v = 1 + q/16.
+    EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales."""
+    m0 = tl.program_id(0) * BLOCK_M
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kw = K // 8
+    CHUNK: tl.constexpr = 8 * CHUNK_W
+    W4: tl.constexpr = BLOCK_W // 4
+    # The codes of a step are loaded as a 2-D [BLOCK_N * W4, 4] tensor (row-major over (row,
+    # word group)) and reshaped to [BLOCK_N, W4, 4]: a 2-D load with one contiguous dimension
+    # gets the same layout from every Triton version (threads over the flattened dimension,
+    # word groups fastest), so each thread holds one word group of every row, and the
+    # activations [1, W4, 4] (one row: threads can only go over the word groups) broadcast
+    # over the output rows without a layout conversion.
+    flat = tl.arange(0, BLOCK_N * W4)
+    frow = flat // W4
+    fw = (flat % W4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BN*W4, 4] word offsets within a step
+    q_rows = qw_ptr + (pid_n * BLOCK_N + frow)[:, None] * stride_qn
+    qmask_rows = (pid_n * BLOCK_N + frow < N)[:, None]
+    s_rows = sc_ptr + (pid_n * BLOCK_N + frow) * stride_sn
+    wv = tl.arange(0, W4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [1, W4, 4]
+    acc0 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)  # second token row (BLOCK_M 2; else unused)
+    row = tl.zeros((1, W4, 4), dtype=tl.int32) + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
+    for w0 in range(0, kw, BLOCK_W):
+        w = w0 + wv
+        g = (w0 + (flat % W4) * 4) * 8 // GROUP  # [BN*W4]: scale group of each thread's 4 words
+        xcol = (w // CHUNK_W) * CHUNK + w % CHUNK_W  # column of nibble 0 of each word
+        xcol = tl.max_contiguous(tl.multiple_of(xcol, [1, 1, 4]), [1, 1, 4])
+        xr = x_ptr + m0 * stride_xm + xcol
+        if EVEN:
+            p = tl.load(q_rows + (w0 + fw))
+            s = tl.load(s_rows + g)
+            xmask = row < M
+        else:
+            p = tl.load(q_rows + (w0 + fw), mask=qmask_rows & (w0 + fw < kw), other=0)
+            s = tl.load(s_rows + g, mask=(pid_n * BLOCK_N + frow < N) & (g < K // GROUP), other=0.0)
+            xmask = (w < kw) & (row < M)
+        p = tl.reshape(p, (BLOCK_N, W4, 4))
+        s = tl.reshape(s, (BLOCK_N, W4)).to(tl.float32)
+        sv0 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+        xs0 = tl.zeros((1, W4, 4), dtype=tl.float32)
+        sv1 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+        xs1 = tl.zeros((1, W4, 4), dtype=tl.float32)
+        for jj in tl.static_range(8 if UNPACK == 0 else 4):
+            if UNPACK == 0:
+                va = _unpack_v(p, jj)
+                vb = va
+            else:  # planes jj and jj + 4 from one LOP3
+                va, vb = _unpack_pair_f32(p, jj, ASM)
+            for h in tl.static_range(1 if UNPACK == 0 else 2):
+                v = va if h == 0 else vb
+                xp = xr + (jj + 4 * h) * CHUNK_W
+                if EVEN and BLOCK_M == 1:
+                    xj = tl.load(xp).to(tl.float32)
+                else:
+                    xj = tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
+                sv0 += v * xj
+                xs0 += xj
+                if BLOCK_M > 1:
+                    xj = tl.load(xp + stride_xm, mask=xmask & (row + 1 < M), other=0.0).to(tl.float32)
+                    sv1 += v * xj
+                    xs1 += xj
+        VS: tl.constexpr = 16.0 if UNPACK == 0 else 1.0
+        XS: tl.constexpr = 24.0 if UNPACK == 0 else 1032.0
+        acc0 += s * (VS * tl.sum(sv0, axis=2) - XS * tl.sum(xs0, axis=2))
+        if BLOCK_M > 1:
+            acc1 += s * (VS * tl.sum(sv1, axis=2) - XS * tl.sum(xs1, axis=2))
+
+    n0 = pid_n * BLOCK_N
+    slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+    _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R,
+                   slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS,
+                   BLOCK_R)
+    if BLOCK_M > 1:
+        _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr,
+                       y_ptr, R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK,
+                       HAS_US, HAS_BIAS, BLOCK_R)
 
 
 # -- code layout ------------------------------------------------------------------------------
@@ -475,19 +609,19 @@ def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 # -- launch configuration ---------------------------------------------------------------------
 # From the H100 sweeps recorded in benchmarks/kernels/README.md.
 GEMV_MAX_M = 2  # from M = 4 the tile kernel is faster (sweep in benchmarks/results)
-GEMV_CONFIGS = [  # (max M, max N, BLOCK_M, BLOCK_N, BLOCK_W, num_warps)
-    (1, 4096, 1, 8, 256, 4),
-    (1, 8192, 1, 8, 128, 2),
-    (1, 1 << 62, 1, 8, 64, 1),
-    (2, 8192, 1, 4, 128, 1),
-    (2, 1 << 62, 2, 32, 32, 2),
+GEMV_CONFIGS = [  # (max M, max N, min K, config): first match; 4 fields: the row kernel
+    (1, 4096, 0, (1, 8, 256, 4)),
+    (1, 8192, 0, (1, 8, 128, 2)),
+    (1, 1 << 62, 0, (1, 8, 64, 1)),
+    (2, 8192, 0, (1, 4, 128, 1)),
+    (2, 1 << 62, 0, (2, 32, 32, 2)),
 ]
 
 
-def pick_gemv_config(m: int, n: int) -> tuple[int, int, int, int]:
-    for max_m, max_n, bm, bn, bw, warps in GEMV_CONFIGS:
-        if m <= max_m and n <= max_n:
-            return bm, bn, bw, warps
+def pick_gemv_config(m: int, n: int, k: int = 0) -> tuple:
+    for max_m, max_n, min_k, cfg in GEMV_CONFIGS:
+        if m <= max_m and n <= max_n and k >= min_k:
+            return cfg
     raise AssertionError("unreachable")
 
 
@@ -621,8 +755,9 @@ def tq_gemm(
     down [slots*R, K] and up [N, R] in x's dtype, or int8 with fp32 row scales down_scale
     [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
-    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the decode
-    kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
+    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the row
+    decode kernel, (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector decode kernel,
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
     n = qweight.shape[0]
@@ -635,7 +770,7 @@ def tq_gemm(
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
     if config is None:
         if m <= GEMV_MAX_M:
-            config = pick_gemv_config(m, n)
+            config = pick_gemv_config(m, n, k)
         else:
             wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
             config = pick_config(m, n, k, max_bn, group_size, wgmma)
@@ -662,6 +797,18 @@ def tq_gemm(
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
+        )
+        return out
+    if len(config) == 5:
+        bm, bn, bw, warps, unpack = config
+        bn = min(bn, max_bn)
+        if bm not in (1, 2) or bw % 4 or unpack not in (0, 1):
+            raise ValueError(f"vector decode config {config}: BLOCK_M 1 or 2, BLOCK_W a multiple of 4, UNPACK 0 or 1")
+        _tq_gemv_vec_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
+            GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br,
+            EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack, ASM=not _INTERPRETED, num_warps=warps,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config

@@ -194,6 +194,47 @@ def test_decode_kernel_row_blocking(m, bm):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
+@pytest.mark.parametrize("m,n,k,g,r,bounds,cfg,dtype,bias", [
+    (1, 64, 1024, 128, 0, (), (1, 8, 128, 1, 1), torch.bfloat16, False),  # EVEN: no masks on codes/scales
+    (1, 576, 1536, 64, 16, (), (1, 8, 128, 1, 1), torch.bfloat16, True),  # K % (8 BLOCK_W) != 0, 576 rows
+    (1, 960, 576, 64, 8, (576, 768), (1, 8, 32, 1, 1), torch.float16, False),  # merged q/k/v, fp16
+    (2, 100, 640, 32, 8, (), (2, 8, 64, 2, 1), torch.bfloat16, True),  # two token rows, N % BLOCK_N != 0, G 32
+    (1, 96, 1024, 128, 8, (), (2, 4, 64, 2, 1), torch.bfloat16, False),  # BLOCK_M 2 with one token
+    (2, 64, 512, 64, 4, (), (1, 4, 64, 1, 0), torch.bfloat16, False),  # UNPACK 0 (v = 1 + q/16)
+])
+def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
+    """The 16-byte-vector decode kernel (5-field config) in both unpack modes, both row counts,
+    masked and unmasked steps, against float64; the PTX nibble conversion is replaced by plain
+    Triton here (its sm_90 code is checked in test_vector_decode_kernel_ptx)."""
+    qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=m * 1000 + n + k)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    tg.tq_gemm(x, tg.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=cfg)
+    assert not torch.isnan(out).any()
+    ref = _reference(x, qw, sc, g, down, up, b, bounds)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+def test_vector_decode_kernel_ptx():
+    """On sm_90 the vector decode kernel reads each thread's codes as 16-byte vectors and makes
+    two nibbles per LOP3 (UNPACK 1); up to its last nibble conversion (the main loop) there is
+    no shared memory, shuffle or local memory: layouts need no conversion there."""
+    from compile_sm90 import compile_sm90
+
+    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
+            "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
+                  BLOCK_W=128, BLOCK_R=16, EVEN=True, UNPACK=1, ASM=True)
+    ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1, aligned_extra=("N", "K"))
+    assert "ld.global.v4.b32" in ptx or "ld.global.v4.u32" in ptx
+    # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s)
+    assert ptx.count("lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;") == 8 * 4 * 4
+    loop = ptx[: ptx.rindex("0x64006400")]
+    assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
+
+
 def test_dequantize_returns_checkpoint_column_order():
     for g in (32, 64, 128):
         qw, sc, _, _ = _layer(16, 384, g, 0, 1, torch.float32, seed=g)

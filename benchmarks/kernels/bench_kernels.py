@@ -341,6 +341,87 @@ def sweep(dtype, gen, out_path, ms=(4, 16, 64, 256), modes=(4, 7)):
     return out
 
 
+DECODE_MS = (1, 2, 3, 4, 8)
+
+
+def decode_candidates(m):
+    """Vector decode kernel configs tried at M: (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK)."""
+    if m == 1:
+        return [(1, bn, bw, w, 1) for bn, bw, w in ((2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 256, 2), (8, 256, 2),
+                                                      (8, 128, 1), (4, 128, 1))] + [(1, 4, 512, 4, 0), (1, 8, 128, 1, 0)]
+    return [(2, bn, bw, w, 1) for bn, bw, w in ((2, 512, 4), (4, 512, 4), (4, 256, 2), (8, 128, 1))] + \
+        ([(1, 4, 512, 4, 1), (1, 8, 128, 1, 1)] if m == 2 else [])
+
+
+def decode_sweep(dtype, gen, out_path):
+    """The vector decode kernel's configs at M in DECODE_MS on every shape (rank 0), next to
+    what the dispatch ran before (row decode kernel at M <= 2, tile kernel above) and BF16.
+    Each config is checked against a float32 reference on the timed shape first. Returns
+    {(name, M): (ms, config)} of the fastest vector config and writes every record."""
+    out, best = [], {}
+    t0 = time.time()
+    cfgs = sorted({c for m in DECODE_MS for c in decode_candidates(m)})
+    for k in sorted({k for _, k, _ in SHAPES}):  # compile each (config, EVEN) once before timing
+        qw, sc, _, _ = make_layer(k, 64, 0, dtype, gen)
+        for c in cfgs:
+            tg.tq_gemm(torch.randn(c[0], k, device="cuda", dtype=dtype, generator=gen), qw, sc, GROUP, config=c)
+    torch.cuda.synchronize()
+    print(f"decode sweep: compiled {len(cfgs)} configs in {time.time() - t0:.0f} s", flush=True)
+    for (name, k, n), m in itertools.product(SHAPES, DECODE_MS):
+        copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / (n * k // 2))))
+        layers = [make_layer(k, n, 0, dtype, gen) for _ in range(copies)]
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        qw0, sc0 = layers[0][0], layers[0][1]
+        ref = reference(x, qw0, sc0, None, None)
+        layers = [(tg.repack(L[0], GROUP), L[1]) for L in layers]
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for _ in range(max(1, min(16, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))))]
+        bf16 = graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in dense])
+        del dense
+        before = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP) for L in layers])
+        rec = {"name": name, "K": k, "N": n, "M": m, "ms_bf16": bf16, "ms_before": before,
+               "config_before": list(tg.pick_gemv_config(m, n, k) if m <= tg.GEMV_MAX_M else
+                                     tg.pick_config(m, n, k, 256, GROUP, tg.wgmma_usable(0))), "configs": []}
+        for cfg in decode_candidates(m):
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            tg.tq_gemm(x, layers[0][0], layers[0][1], GROUP, config=cfg, out=y)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err <= 1e-2:
+                raise SystemExit(f"MISMATCH decode sweep {name} M={m} {cfg}: rel err {err:.3e}")
+            ms_ = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, config=cfg) for L in layers])
+            rec["configs"].append({"config": list(cfg), "ms": ms_, "rel_err": err})
+            if (name, m) not in best or ms_ < best[(name, m)][0]:
+                best[(name, m)] = (ms_, cfg)
+        out.append(rec)
+        t, c = best[(name, m)]
+        print(f"decode {name:8s} M={m}: bf16 {bf16 * 1e3:6.1f} us  before {before * 1e3:6.1f}  best vector {t * 1e3:6.1f} {c}",
+              flush=True)
+        del layers
+        with open(out_path, "w") as f:
+            json.dump(out, f, indent=1)
+    return best, out
+
+
+def apply_decode_sweep(best, recs):
+    """The dispatch the sweep implies, installed in tg for the rest of the run: for each M up
+    to the largest one where the vector kernel beat what ran before on at least one shape (and
+    on one at every smaller M), each layer shape (down: N <= 4096, K >= 8192; o: N <= 4096;
+    qkv: N <= 8192; gate_up: wider) gets its fastest vector config where that was faster, else
+    the config that ran before. Returns (GEMV_MAX_M, GEMV_CONFIGS)."""
+    before = {(r["name"], r["M"]): (r["ms_before"], tuple(r["config_before"])) for r in recs}
+    rules = {"down": (4096, 8192), "o": (4096, 0), "qkv": (8192, 0), "gate_up": (1 << 62, 0)}
+    table, max_m = [], 0
+    for m in DECODE_MS:
+        if not any(best[(name, m)][0] < before[(name, m)][0] for name in rules):
+            break
+        max_m = m
+        for name, (max_n, min_k) in rules.items():
+            t, cfg = best[(name, m)]
+            table.append((m, max_n, min_k, tuple(cfg) if t < before[(name, m)][0] else before[(name, m)][1]))
+    if max_m:
+        tg.GEMV_MAX_M, tg.GEMV_CONFIGS = max(max_m, tg.GEMV_MAX_M), table + tg.GEMV_CONFIGS
+    return tg.GEMV_MAX_M, tg.GEMV_CONFIGS
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -354,6 +435,11 @@ def main():
     ap.add_argument("--int8-factors", action="store_true", help="also compare int8 with bf16 low-rank factors")
     ap.add_argument("--int8-only", action="store_true", help="only the int8-factor comparison")
     ap.add_argument("--check-only", action="store_true", help="the correctness pass, then stop")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="time the vector decode kernel's configs at M 1-8 first and run the table with the "
+                         "dispatch they imply (printed and stored in the output's meta)")
+    ap.add_argument("--tag", default="h100", help="file name tag of the outputs (kernels_TAG.json)")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop the table after this many seconds (0: none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.bfloat16
@@ -383,6 +469,11 @@ def main():
     for m, cfg in itertools.product([2, 7, 16] if checks else [], [(1, 4, 256, 2), (2, 16, 64, 4), (4, 32, 128, 8), (4, 8, 64, 1)]):  # decode kernel at M > 1
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
         worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
+    for m, cfg in itertools.product([1, 2, 3] if checks else [], [(1, 4, 512, 4, 1), (2, 8, 128, 1, 1), (1, 8, 128, 1, 0)]):
+        worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))  # masked steps
+        worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
+        worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))
+        worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, thr, 128, (4096, 5120), config=cfg, int8=True, bias=True))
     tile_cfgs = [(16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4), (128, 128, 128, 8, 3, 1, 4),
                  (16, 64, 64, 4, 4, 3, 7), (64, 64, 64, 4, 4, 2, 7), (64, 64, 128, 8, 3, 4, 7), (128, 128, 64, 8, 4, 1, 7),
                  (128, 64, 128, 8, 3, 1, 7)]
@@ -411,31 +502,45 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.int8_factors or args.int8_only:
         recs = bench_int8_factors(dtype, gen)
-        with open(os.path.join(args.out, "kernels_h100_int8_factors.json"), "w") as f:
+        with open(os.path.join(args.out, f"kernels_{args.tag}_int8_factors.json"), "w") as f:
             json.dump({"meta": meta, "records": recs}, f, indent=1)
     if args.int8_only:
         return
     if args.sweep or args.sweep_only:
-        with open(os.path.join(args.out, "kernels_h100_sweep_meta.json"), "w") as f:
+        with open(os.path.join(args.out, f"kernels_{args.tag}_sweep_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        sweep(dtype, gen, os.path.join(args.out, "kernels_h100_sweep.json"), args.sweep_ms, tuple(args.sweep_modes))
+        sweep(dtype, gen, os.path.join(args.out, f"kernels_{args.tag}_sweep.json"), args.sweep_ms, tuple(args.sweep_modes))
     if args.sweep_only:
         return
+    if args.decode_sweep:
+        best, drecs = decode_sweep(dtype, gen, os.path.join(args.out, f"kernels_{args.tag}_decode_sweep.json"))
+        max_m, table = apply_decode_sweep(best, drecs)
+        meta["decode_dispatch"] = {"GEMV_MAX_M": max_m, "GEMV_CONFIGS": table}
+        print(f"decode dispatch for the table: GEMV_MAX_M = {max_m}, GEMV_CONFIGS = {table}", flush=True)
+        for (name, k, n), m in itertools.product(SHAPES, [m for m in DECODE_MS if m <= max_m]):  # the new
+            for r, int8 in ((64, False), (128, True)):  # dispatch with factors, as the table will run it
+                worst = max(worst, check(m, k, n, r, dtype, gen, thr, int8=int8, bias=int8))
+        meta["max_rel_err"] = worst
+        print(f"correctness with the decode dispatch: max ||out-ref||/||ref|| = {worst:.2e}", flush=True)
     recs = []
     for (name, k, n), m, r in itertools.product(SHAPES, ms_list, ranks):
+        if args.time_limit and time.time() - t0 > args.time_limit:
+            print(f"time limit: stopped before {name} M={m} r={r}", flush=True)
+            meta["stopped_early"] = f"before {name} M={m} r={r}"
+            break
         rec = bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak, thr)
         recs.append(rec)
         print(f"{name:8s} M={m:5d} r={r:3d}  {rec['ms']*1e3:8.1f} us  fused {rec['ms_fused_kernel']*1e3:8.1f}  "
               f"deq+cublas {rec['ms_dequant_cublas']*1e3:8.1f}  unfused {rec['ms_unfused']*1e3:8.1f}  "
               f"bf16 {rec['ms_bf16']*1e3:8.1f}  x{rec['speedup_vs_bf16']:.2f} vs bf16  "
               f"{rec['pct_of_floor']:5.1f}% of floor", flush=True)
-        with open(os.path.join(args.out, "kernels_h100.partial.json"), "w") as f:  # kept if the run is cut short
+        with open(os.path.join(args.out, f"kernels_{args.tag}.partial.json"), "w") as f:  # kept if the run is cut short
             json.dump({"meta": meta, "records": recs}, f)
     meta["seconds"] = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
+    with open(os.path.join(args.out, f"kernels_{args.tag}.json"), "w") as f:
         json.dump({"meta": meta, "records": recs}, f, indent=1)
-    print(f"wrote {args.out}/kernels_h100.json in {meta['seconds']:.0f} s")
+    print(f"wrote {args.out}/kernels_{args.tag}.json in {meta['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
