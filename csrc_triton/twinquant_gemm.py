@@ -13,10 +13,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
 * ``lowrank_down``: t = x @ D^T for every slot of a (possibly merged) layer at once, split
   over K into a small fp32 workspace [S, M, slots*R]; it reads x and D once.
 * ``tq_gemm``: the residual product with the low-rank up projection, bias and store in one
-  epilogue. Decode (M <= GEMV_MAX_M) uses a one-row-per-program kernel that streams whole
-  int32 words and turns a nibble into a float with one shift and one bit-select (the code
-  becomes the mantissa of 1 + q/16; the constant part is removed per word from the sum of
-  x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
+  epilogue. Decode (M <= GEMV_MAX_M, by layer shape) uses `_tq_gemv_vec_kernel`: each thread
+  streams 16-byte vectors of codes for a few output rows, turns two nibbles into fp16 1024 + q
+  with one LOP3, and accumulates in fp32 (the constant part is removed per scale group from
+  the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
   and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
   -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small). On an
   H100 with Triton 3.6, wide layers (N >= 16384) at 128 < M <= 256 run MODE 9 instead, the Gluon
@@ -33,7 +33,7 @@ Merged layers (q/k/v, gate/up) keep one factor pair per sub-layer ("slot"): outp
 slot s use t[:, s*R:(s+1)*R]. Every output tile lies inside one slot (BLOCK_N divides the
 slot boundaries), so a tile finds its slot from two boundaries.
 
-Measured on the H100: benchmarks/kernels/README.md.
+Measured on the H100 and the H200: benchmarks/kernels/README.md.
 """
 
 from __future__ import annotations
@@ -351,93 +351,6 @@ def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask & (offs_n * 0 + m < M))
 
 
-@triton.jit
-def _tq_gemv_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
-    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """Decode kernel (M <= GEMV_MAX_M): BLOCK_M (1, 2 or 4) token rows and BLOCK_N output rows
-    per program; the codes are unpacked once for all BLOCK_M rows. (Loading the next tile of
-    codes before using the current one measured ~8% slower on the H100, so it is not done.)
-
-    Codes are in the `repack` layout: nibble j of the words [w0, w0 + BLOCK_W) multiplies
-    x[base(w) + j * CHUNK_W], consecutive for consecutive words of a chunk. A nibble q becomes
-    the float v = 1 + q/16 by placing it in the mantissa of 1.0 (one shift, one bit-select), so
-    sum_j (q_j - 8) x_j = 16 sum_j v_j x_j - 24 sum_j x_j, the second sum shared by all rows."""
-    m0 = tl.program_id(0) * BLOCK_M
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    kw = K // 8
-    CHUNK: tl.constexpr = 8 * CHUNK_W
-    q_rows = qw_ptr + offs_n[:, None] * stride_qn
-    s_rows = sc_ptr + offs_n[:, None] * stride_sn
-    acc0 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    for w0 in range(0, kw, BLOCK_W):
-        offs_w = w0 + tl.arange(0, BLOCK_W)
-        w_mask = offs_w < kw
-        mask = n_mask[:, None] & w_mask[None, :]
-        p = tl.load(q_rows + offs_w[None, :], mask=mask, other=0)
-        s = tl.load(s_rows + (offs_w * 8 // GROUP)[None, :], mask=mask, other=0.0)
-        xcol = (offs_w // CHUNK_W) * CHUNK + offs_w % CHUNK_W
-        xcol = tl.max_contiguous(tl.multiple_of(xcol, CHUNK_W), CHUNK_W)
-        xr = x_ptr + m0 * stride_xm + xcol
-        row = offs_w * 0 + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
-        sf = s.to(tl.float32)
-        sv0 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-        xs0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        if BLOCK_M > 1:
-            sv1 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-            xs1 = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        if BLOCK_M > 2:
-            sv2 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-            xs2 = tl.zeros((BLOCK_W,), dtype=tl.float32)
-            sv3 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-            xs3 = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            v = _unpack_v(p, j)
-            xj = tl.load(xr + j * CHUNK_W, mask=w_mask & (row < M), other=0.0).to(tl.float32)
-            sv0 += v * xj[None, :]
-            xs0 += xj
-            if BLOCK_M > 1:
-                xj = tl.load(xr + stride_xm + j * CHUNK_W, mask=w_mask & (row + 1 < M), other=0.0).to(tl.float32)
-                sv1 += v * xj[None, :]
-                xs1 += xj
-            if BLOCK_M > 2:
-                xj = tl.load(xr + 2 * stride_xm + j * CHUNK_W, mask=w_mask & (row + 2 < M), other=0.0).to(tl.float32)
-                sv2 += v * xj[None, :]
-                xs2 += xj
-                xj = tl.load(xr + 3 * stride_xm + j * CHUNK_W, mask=w_mask & (row + 3 < M), other=0.0).to(tl.float32)
-                sv3 += v * xj[None, :]
-                xs3 += xj
-        acc0 += sf * (16.0 * sv0 - 24.0 * xs0[None, :])
-        if BLOCK_M > 1:
-            acc1 += sf * (16.0 * sv1 - 24.0 * xs1[None, :])
-        if BLOCK_M > 2:
-            acc2 += sf * (16.0 * sv2 - 24.0 * xs2[None, :])
-            acc3 += sf * (16.0 * sv3 - 24.0 * xs3[None, :])
-
-    n0 = pid_n * BLOCK_N
-    slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
-    _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                   stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
-    if BLOCK_M > 1:
-        _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
-    if BLOCK_M > 2:
-        _gemv_epilogue(tl.sum(acc2, axis=1), m0 + 2, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
-        _gemv_epilogue(tl.sum(acc3, axis=1), m0 + 3, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot, NUM_SPLITS,
-                       stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R)
-
-
 # Nibble planes J and J + 4 of a word as the two fp16 halves of one register, 1024 + q each
 # (exact): a shift (none for J = 0) and one LOP3 per two nibbles, then fp16 -> fp32 (one
 # HADD2.F32 per value, on the FMA pipe rather than the integer pipe). $0 $1 out, $2 the word.
@@ -490,7 +403,8 @@ def _tq_gemv_vec_kernel(
     of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
     token row, shared by the thread's BLOCK_N output rows.
     UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
-      sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0: as `_tq_gemv_kernel`, v = 1 + q/16.
+      sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0 (`_unpack_v`): v = 1 + q/16 from a shift and
+      a bit-select per nibble, sum (q - 8) x = 16 sum v x - 24 sum x (slower on the H200).
     EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales."""
     m0 = tl.program_id(0) * BLOCK_M
     pid_n = tl.program_id(1)
@@ -608,17 +522,29 @@ def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 # -- launch configuration ---------------------------------------------------------------------
 # From the H100 sweeps recorded in benchmarks/kernels/README.md.
-GEMV_MAX_M = 2  # from M = 4 the tile kernel is faster (sweep in benchmarks/results)
-GEMV_CONFIGS = [  # (max M, max N, min K, config): first match; 4 fields: the row kernel
-    (1, 4096, 0, (1, 8, 256, 4)),
-    (1, 8192, 0, (1, 8, 128, 2)),
-    (1, 1 << 62, 0, (1, 8, 64, 1)),
-    (2, 8192, 0, (1, 4, 128, 1)),
-    (2, 1 << 62, 0, (2, 32, 32, 2)),
+# Decode dispatch (M <= GEMV_MAX_M), from the H200 decode sweep (bench_kernels.py --decode-sweep,
+# benchmarks/results/kernels_h200_decode_sweep.json): per M, one config per Llama layer shape --
+# down (N <= 4096, K >= 8192), o (N <= 4096), q/k/v (N <= 8192), gate/up (wider). 5 fields: the
+# vector decode kernel; None: the tile kernel as `pick_config` chooses it, where that stayed
+# faster (M 3-4 on three of the four shapes).
+GEMV_MAX_M = 4
+GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
+    (1, 4096, 8192, (1, 4, 256, 2, 1)),
+    (1, 4096, 0, (1, 4, 256, 2, 1)),
+    (1, 8192, 0, (1, 8, 256, 2, 1)),
+    (1, 1 << 62, 0, (1, 8, 256, 2, 1)),
+    (2, 4096, 8192, (2, 4, 256, 2, 1)),
+    (2, 4096, 0, (2, 4, 256, 2, 1)),
+    (2, 8192, 0, (2, 8, 128, 1, 1)),
+    (2, 1 << 62, 0, (2, 8, 128, 1, 1)),
+    (4, 4096, 8192, None),
+    (4, 4096, 0, (2, 8, 128, 1, 1)),
+    (4, 1 << 62, 0, None),
 ]
 
 
-def pick_gemv_config(m: int, n: int, k: int = 0) -> tuple:
+def pick_gemv_config(m: int, n: int, k: int = 0) -> tuple | None:
+    """The decode config for M <= GEMV_MAX_M tokens (None: the tile kernel's `pick_config`)."""
     for max_m, max_n, min_k, cfg in GEMV_CONFIGS:
         if m <= max_m and n <= max_n and k >= min_k:
             return cfg
@@ -755,9 +681,9 @@ def tq_gemm(
     down [slots*R, K] and up [N, R] in x's dtype, or int8 with fp32 row scales down_scale
     [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
-    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps) selects the row
-    decode kernel, (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector decode kernel,
-    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
+    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) selects the
+    decode kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the
+    tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
     n = qweight.shape[0]
@@ -768,12 +694,11 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
+    if config is None and m <= GEMV_MAX_M:
+        config = pick_gemv_config(m, n, k)
     if config is None:
-        if m <= GEMV_MAX_M:
-            config = pick_gemv_config(m, n, k)
-        else:
-            wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
-            config = pick_config(m, n, k, max_bn, group_size, wgmma)
+        wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
+        config = pick_config(m, n, k, max_bn, group_size, wgmma)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     has_us = has_lr and up_scale is not None
@@ -790,15 +715,6 @@ def tq_gemm(
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
     )  # then y's
     br = max(16, _next_pow2(r)) if has_lr else 16
-    if len(config) == 4:
-        bm, bn, bw, warps = config
-        bn = min(bn, max_bn)
-        _tq_gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
-            GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
-            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br, num_warps=warps,
-        )
-        return out
     if len(config) == 5:
         bm, bn, bw, warps, unpack = config
         bn = min(bn, max_bn)

@@ -69,7 +69,7 @@ def test_tq_gemm_matches_float64(m, n, k, g, r, bounds, dtype, bias):
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    cfg = (2, 16, 32, 4) if m == 2 else None
+    cfg = (2, 16, 32, 1, 1) if m == 2 else None
     tg.tq_gemm(x, tg.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=cfg)
     assert not torch.isnan(out).any(), "some outputs were never written"
     ref = _reference(x, qw, sc, g, down, up, b, bounds)
@@ -182,13 +182,13 @@ def test_triton_kernel_class_repacks_at_load_and_matches_torch_kernel():
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
-@pytest.mark.parametrize("m,bm", [(1, 1), (3, 2), (4, 4), (6, 4)])
-def test_decode_kernel_row_blocking(m, bm):
-    """The decode kernel with 1, 2 or 4 token rows per program (rows past M masked)."""
+@pytest.mark.parametrize("m,cfg", [(1, (1, 16, 16, 1, 1)), (3, (2, 16, 16, 1, 1)), (5, (2, 16, 32, 1, 0))])
+def test_decode_kernel_row_blocking(m, cfg):
+    """The decode kernel with 1 or 2 token rows per program (rows past M masked)."""
     qw, sc, down, up = _layer(48, 384, 128, 8, 1, torch.bfloat16, seed=m)
     x = torch.randn(m, 384).to(torch.bfloat16)
     out = torch.full((m, 48), float("nan"), dtype=torch.bfloat16)
-    tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, down, up, out=out, config=(bm, 16, 16, 1))
+    tg.tq_gemm(x, tg.repack(qw, 128), sc, 128, down, up, out=out, config=cfg)
     assert not torch.isnan(out).any()
     ref = _reference(x, qw, sc, 128, down, up, None, ())
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
@@ -285,7 +285,7 @@ def _int8_factor(rows, cols, gen):
 
 INT8_CASES = [  # M, N, K, group, rank, slot bounds, forced config
     (1, 576, 1536, 64, 16, (), None),  # decode kernel
-    (2, 40, 384, 128, 4, (), (2, 16, 32, 4)),  # decode kernel, two rows per program
+    (2, 40, 384, 128, 4, (), (2, 8, 32, 1, 1)),  # decode kernel, two rows per program
     (17, 192, 576, 64, 8, (64, 128), None),  # tile kernel MODE 7, merged
     (5, 192, 640, 128, 8, (64, 128), (16, 64, 128, 4, 2, 2, 4)),  # MODE 4, split-K
 ]

@@ -355,7 +355,8 @@ def decode_candidates(m):
 
 def decode_sweep(dtype, gen, out_path):
     """The vector decode kernel's configs at M in DECODE_MS on every shape (rank 0), next to
-    what the dispatch ran before (row decode kernel at M <= 2, tile kernel above) and BF16.
+    what the dispatch runs now and BF16 (the first H200 run compared with the row decode kernel
+    it replaced, kernels_h200_decode_sweep.json).
     Each config is checked against a float32 reference on the timed shape first. Returns
     {(name, M): (ms, config)} of the fastest vector config and writes every record."""
     out, best = [], {}
@@ -378,9 +379,10 @@ def decode_sweep(dtype, gen, out_path):
         bf16 = graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in dense])
         del dense
         before = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP) for L in layers])
+        cfg_before = tg.pick_gemv_config(m, n, k) if m <= tg.GEMV_MAX_M else None
         rec = {"name": name, "K": k, "N": n, "M": m, "ms_bf16": bf16, "ms_before": before,
-               "config_before": list(tg.pick_gemv_config(m, n, k) if m <= tg.GEMV_MAX_M else
-                                     tg.pick_config(m, n, k, 256, GROUP, tg.wgmma_usable(0))), "configs": []}
+               "config_before": list(cfg_before or tg.pick_config(m, n, k, 256, GROUP, tg.wgmma_usable(0))),
+               "configs": []}
         for cfg in decode_candidates(m):
             y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             tg.tq_gemm(x, layers[0][0], layers[0][1], GROUP, config=cfg, out=y)
@@ -406,7 +408,7 @@ def apply_decode_sweep(best, recs):
     to the largest one where the vector kernel beat what ran before on at least one shape (and
     on one at every smaller M), each layer shape (down: N <= 4096, K >= 8192; o: N <= 4096;
     qkv: N <= 8192; gate_up: wider) gets its fastest vector config where that was faster, else
-    the config that ran before. Returns (GEMV_MAX_M, GEMV_CONFIGS)."""
+    what ran before (None where that was the tile kernel). Returns (GEMV_MAX_M, GEMV_CONFIGS)."""
     before = {(r["name"], r["M"]): (r["ms_before"], tuple(r["config_before"])) for r in recs}
     rules = {"down": (4096, 8192), "o": (4096, 0), "qkv": (8192, 0), "gate_up": (1 << 62, 0)}
     table, max_m = [], 0
@@ -416,7 +418,8 @@ def apply_decode_sweep(best, recs):
         max_m = m
         for name, (max_n, min_k) in rules.items():
             t, cfg = best[(name, m)]
-            table.append((m, max_n, min_k, tuple(cfg) if t < before[(name, m)][0] else before[(name, m)][1]))
+            prev = before[(name, m)][1]
+            table.append((m, max_n, min_k, tuple(cfg) if t < before[(name, m)][0] else (prev if len(prev) == 5 else None)))
     if max_m:
         tg.GEMV_MAX_M, tg.GEMV_CONFIGS = max(max_m, tg.GEMV_MAX_M), table + tg.GEMV_CONFIGS
     return tg.GEMV_MAX_M, tg.GEMV_CONFIGS
@@ -466,10 +469,7 @@ def main():
         worst = max(worst, check(m, 4096, 6144, r or 16, dtype, gen, thr, 128, (4096, 5120)))  # merged q/k/v
         worst = max(worst, check(m, 576, 960, r or 16, dtype, gen, thr, 64, (576, 768)))  # SmolLM2 q/k/v
     worst = max(worst, check(5, 4096, 4096, 0, torch.float16, gen, thr))
-    for m, cfg in itertools.product([2, 7, 16] if checks else [], [(1, 4, 256, 2), (2, 16, 64, 4), (4, 32, 128, 8), (4, 8, 64, 1)]):  # decode kernel at M > 1
-        worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
-        worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
-    for m, cfg in itertools.product([1, 2, 3] if checks else [], [(1, 4, 512, 4, 1), (2, 8, 128, 1, 1), (1, 8, 128, 1, 0)]):
+    for m, cfg in itertools.product([1, 2, 3, 7] if checks else [], [(1, 4, 512, 4, 1), (2, 8, 128, 1, 1), (1, 8, 128, 1, 0), (2, 4, 256, 2, 1)]):  # decode kernel
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))  # masked steps
         worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
         worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))
