@@ -353,7 +353,7 @@ def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_
 
 # Nibble planes J and J + 4 of a word as the two fp16 halves of one register, 1024 + q each
 # (exact): a shift (none for J = 0) and one LOP3 per two nibbles, then fp16 -> fp32 (one
-# HADD2.F32 per value, on the FMA pipe rather than the integer pipe). $0 $1 out, $2 the word.
+# HADD2.F32 per value in the sm_90 SASS). $0 $1 out, $2 the word.
 _PAIR_F16_PTX = """
 {
 .reg .b32 t;
@@ -396,8 +396,8 @@ def _tq_gemv_vec_kernel(
     BLOCK_R: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr,
 ):
     """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
-    2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_W/4, BLOCK_N, 4]
-    tensor, so a thread holds 4 consecutive words (one 16-byte load) of each of its rows; the 4
+    2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
+    BLOCK_W/4, 4] tensor (loaded flat, below), so a thread holds 4 consecutive words (one 16-byte load) of each of its rows; the 4
     words lie in one scale group (G >= 32), so the thread reduces them and the 8 activations each
     nibble plane meets in registers, and loads each row's scale once per step. The activations
     of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
