@@ -16,8 +16,8 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   epilogue. Decode (M <= GEMV_MAX_M, by layer shape) uses `_tq_gemv_vec_kernel`: each thread
   streams 16-byte vectors of codes for a few output rows, turns two nibbles into fp16 1024 + q
   with one LOP3, and accumulates in fp32 (the constant part is removed per scale group from
-  the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the operands swapped
-  and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
+  the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the
+  operands swapped and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
   -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small). On an
   H100 with Triton 3.6, wide layers (N >= 16384) at 128 < M <= 256 run MODE 9 instead, the Gluon
   kernel of `twinquant_wgmma.py` that overlaps dequantization with asynchronous wgmma.
@@ -397,9 +397,10 @@ def _tq_gemv_vec_kernel(
 ):
     """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
     2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
-    BLOCK_W/4, 4] tensor (loaded flat, below), so a thread holds 4 consecutive words (one 16-byte load) of each of its rows; the 4
-    words lie in one scale group (G >= 32), so the thread reduces them and the 8 activations each
-    nibble plane meets in registers, and loads each row's scale once per step. The activations
+    BLOCK_W/4, 4] tensor (loaded flat, below), so a thread holds 4 consecutive words (one
+    16-byte load) of each of its rows; the 4 words lie in one scale group (G >= 32), so the
+    thread reduces them and the 8 activations each nibble plane meets in registers, and loads
+    each row's scale once per step. The activations
     of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
     token row, shared by the thread's BLOCK_N output rows.
     UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
