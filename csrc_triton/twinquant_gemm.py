@@ -544,7 +544,7 @@ GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
 ]
 
 
-def pick_gemv_config(m: int, n: int, k: int = 0) -> tuple | None:
+def pick_gemv_config(m: int, n: int, k: int) -> tuple | None:
     """The decode config for M <= GEMV_MAX_M tokens (None: the tile kernel's `pick_config`)."""
     for max_m, max_n, min_k, cfg in GEMV_CONFIGS:
         if m <= max_m and n <= max_n and k >= min_k:
