@@ -63,6 +63,7 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-learned-smooth-svd-gptq-attn-tuned-token": "TwinQuant (transforms, attention-aware GPTQ, block tuning, per-token loss)",
     "rot-learned-smooth-svd-gptq-attn-tuned-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + end-to-end tuning",
     "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + two rounds of end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + three rounds of end-to-end tuning",
     "rot-learned-smooth-svd-gptq-attn-tuned-lrint8": "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors",
     "a4-hadamard-rot-learned-svd-gptq-attn-tuned+clip0.8-at-serve": "TwinQuant W4A4 (as above) served with activation clip 0.8",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, block tuning with activation clip 0.8)",

@@ -13,7 +13,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
 * ``lowrank_down``: t = x @ D^T for every slot of a (possibly merged) layer at once, split
   over K into a small fp32 workspace [S, M, slots*R]; it reads x and D once.
 * ``tq_gemm``: the residual product with the low-rank up projection, bias and store in one
-  epilogue. Decode (M <= GEMV_MAX_M, by layer shape) uses `_tq_gemv_vec_kernel`: each thread
+  epilogue. On CUDA (sm_80+, G 64/128), 2 <= M <= 16 tokens go to the tensor-core decode
+  kernel of `twinquant_mma.py` (Gluon, mma.sync with the codes turned into the MMA's register
+  operand in place, split over K with an in-kernel fix-up). Otherwise decode (M <= GEMV_MAX_M,
+  by layer shape) uses `_tq_gemv_vec_kernel`: each thread
   streams 16-byte vectors of codes for a few output rows, turns two nibbles into fp16 1024 + q
   with one LOP3, and accumulates in fp32 (the constant part is removed per scale group from
   the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the
@@ -544,6 +547,51 @@ GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
 ]
 
 
+# Tensor-core decode kernel (csrc_triton/twinquant_mma.py, (MT, warps, SPLIT_K)) for 2 <= M <= 16
+# where it is usable (`mma_usable`), from the H200 sweep (benchmarks/kernels/bench_mma.py,
+# benchmarks/results/kernels_h200_mma.json): same shape rules as GEMV_CONFIGS. At M = 1 the vector
+# kernel stayed faster (by 1-10%) and keeps it.
+MMA_MAX_M = 16
+MMA_CONFIGS = [  # (max M, max N, min K, config): first match
+    (1, 1 << 62, 0, None),
+    (8, 4096, 8192, (1, 8, 8)),
+    (8, 8192, 0, (1, 8, 8)),
+    (8, 1 << 62, 0, (2, 8, 2)),
+    (16, 4096, 8192, (2, 8, 16)),
+    (16, 8192, 0, (1, 4, 8)),
+    (16, 1 << 62, 0, (2, 8, 4)),
+]
+
+
+def pick_mma_config(m: int, n: int, k: int) -> tuple | None:
+    """The tensor-core decode config for M <= MMA_MAX_M tokens (None: not this kernel)."""
+    for max_m, max_n, min_k, cfg in MMA_CONFIGS:
+        if m <= max_m and n <= max_n and k >= min_k:
+            return cfg
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_device_ok(device_index: int) -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index) < (8, 0):
+        return False
+    try:
+        from csrc_triton import twinquant_mma  # noqa: F401
+    except Exception:  # noqa: BLE001 -- no (compatible) Gluon in this Triton
+        return False
+    return True
+
+
+def mma_usable(x: torch.Tensor, group_size: int, k: int) -> bool:
+    """Whether the dispatch may pick the tensor-core decode kernel: CUDA sm_80+, Gluon importable,
+    bf16/fp16 activations, G = 64 or 128 (TWINQUANT_MMA=0 turns it off)."""
+    if _INTERPRETED or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if group_size not in (64, 128) or k % group_size or os.environ.get("TWINQUANT_MMA") == "0":
+        return False
+    return _mma_device_ok(x.device.index or 0)
+
+
 def pick_gemv_config(m: int, n: int, k: int) -> tuple | None:
     """The decode config for M <= GEMV_MAX_M tokens (None: the tile kernel's `pick_config`)."""
     for max_m, max_n, min_k, cfg in GEMV_CONFIGS:
@@ -682,9 +730,9 @@ def tq_gemm(
     down [slots*R, K] and up [N, R] in x's dtype, or int8 with fp32 row scales down_scale
     [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
-    overrides the launch configuration: (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) selects the
-    decode kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the
-    tile kernel."""
+    overrides the launch configuration: (MT, warps, SPLIT_K) selects the tensor-core decode
+    kernel (M <= 16, twinquant_mma.py), (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector
+    decode kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
     n = qweight.shape[0]
@@ -695,6 +743,13 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
+    if config is None and m <= MMA_MAX_M and mma_usable(x, group_size, k):
+        config = pick_mma_config(m, n, k)
+        if config is not None and 16 * config[0] * config[1] > max_bn:  # fewer rows per tile for the slots
+            mt, warps = config[0], config[1]
+            while 16 * mt * warps > max_bn and warps > 1:
+                warps //= 2
+            config = (mt, warps, config[2]) if 16 * mt * warps <= max_bn else None
     if config is None and m <= GEMV_MAX_M:
         config = pick_gemv_config(m, n, k)
     if config is None:
@@ -705,7 +760,9 @@ def tq_gemm(
     has_us = has_lr and up_scale is not None
     if has_lr:
         _check_factor(up, up_scale, n, "up")
-        ws = lowrank_down(x, down, reduce=len(config) == 7 and m > 16, down_scale=down_scale)
+        # one reduced slice for the tile kernel from 17 tokens on and for the mma decode kernel,
+        # whose one finishing program per column tile would otherwise add up every K-slice of t
+        ws = lowrank_down(x, down, reduce=(len(config) == 7 and m > 16) or len(config) == 3, down_scale=down_scale)
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
@@ -716,6 +773,16 @@ def tq_gemm(
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
     )  # then y's
     br = max(16, _next_pow2(r)) if has_lr else 16
+    if len(config) == 3:  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
+        from csrc_triton import twinquant_mma
+        mt, warps, split = config
+        while 16 * mt * warps > max_bn and (mt > 1 or warps > 1):  # a tile never straddles two slots
+            mt, warps = (mt // 2, warps) if mt > 1 else (mt, warps // 2)
+        if 16 * mt * warps > max_bn:
+            raise ValueError(f"mma decode config {config}: 16 * MT * warps rows must divide the slot bounds {slot_bounds}")
+        twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
+                             bias is not None, mt, warps, split, br)
+        return out
     if len(config) == 5:
         bm, bn, bw, warps, unpack = config
         bn = min(bn, max_bn)

@@ -217,6 +217,55 @@ def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
+def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
+    """The tensor-core decode kernel (twinquant_mma.py) for 2 <= M <= 16 by layer shape (the H200
+    sweep, benchmarks/results/kernels_h200_mma.json), never at M = 1 (the vector kernel measured
+    faster), and never without CUDA, under the interpreter, for G = 32 or fp32 activations."""
+    assert tg.pick_mma_config(1, 28672, 4096) is None
+    assert tg.pick_mma_config(2, 4096, 14336) == (1, 8, 8)  # down
+    assert tg.pick_mma_config(8, 6144, 4096) == (1, 8, 8)  # q/k/v
+    assert tg.pick_mma_config(4, 28672, 4096) == (2, 8, 2)  # gate/up
+    assert tg.pick_mma_config(16, 4096, 14336) == (2, 8, 16)
+    assert tg.pick_mma_config(16, 28672, 4096) == (2, 8, 4)
+    assert tg.MMA_MAX_M == 16
+    x = torch.empty(4, 4096, dtype=torch.bfloat16)
+    assert not tg.mma_usable(x, 128, 4096)  # no CUDA here (and the interpreter is on)
+
+
+@pytest.mark.parametrize("mt,warps,tok,rank,split,dtype,int8,bias,group,ks", [
+    (1, 8, 8, 0, True, "bf16", False, False, 128, 512),  # the dispatch's q/k/v, o and down configs
+    (2, 8, 8, 64, True, "bf16", False, True, 128, 2048),  # gate/up
+    (2, 4, 16, 64, True, "fp16", True, True, 64, 576),  # M 9-16, int8 factors, SmolLM2-wide K
+    (1, 1, 8, 4, False, "bf16", False, False, 64, 576),
+])
+def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype, int8, bias, group, ks):
+    """The Gluon tensor-core decode kernel has no CPU interpreter: here it is compiled for sm_90.
+    Compiling proves the layout claim the kernel is built on -- its `convert_layout(...,
+    assert_trivial=True)` of the unpacked codes into the MMA's A fragment (and of x into the B
+    fragment) fails to compile if any data would move. The PTX must hold mma.sync m16n8k16 with
+    two codes per LOP3 in the main loop, no local memory, and (split) the ticket atomics.
+    Numerics are checked on the GPU (benchmarks/kernels/bench_mma.py, bench_kernels.py)."""
+    import re
+
+    from compile_sm90 import compile_sm90
+
+    ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
+            "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+    consts = dict(KS=ks, GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
+                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400)
+    ptx = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
+                       aligned_extra=("N", "K"))
+    kind = "bf16" if dtype == "bf16" else "f16"
+    assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{kind}\.{kind}\.f32", ptx)
+    exp = "0x43004300" if dtype == "bf16" else "0x64006400"
+    # two steps per loop iteration; per step and 64-column chunk a lane unpacks 2 words of each of
+    # its 2 rows per 16-row tile: 16 codes, 8 LOP3s
+    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 2 * mt * 2 * (group // 64) * 8
+    assert ".local" not in ptx
+    assert (".acq_rel.add" in ptx) == split  # the ticket (the partial sums go in as relaxed reductions)
+
+
 def test_vector_decode_kernel_ptx():
     """On sm_90 the vector decode kernel reads each thread's codes as 16-byte vectors and makes
     two nibbles per LOP3 (UNPACK 1); up to its last nibble conversion (the main loop) there is

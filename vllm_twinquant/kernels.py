@@ -125,6 +125,16 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         from csrc_triton.twinquant_gemm import repack
 
         layer.weight_packed.data = repack(layer.weight_packed.data, self.config.group_size)
+        # the tensor-core decode kernel's split-K scratch, allocated now rather than during
+        # CUDA-graph capture (shared by the layers of a device; all zero between calls)
+        from csrc_triton.twinquant_gemm import mma_usable
+
+        n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * 8
+        device = layer.weight_packed.device
+        if mma_usable(torch.empty(0, dtype=self.config.act_dtype, device=device), self.config.group_size, k):
+            from csrc_triton.twinquant_mma import scratch
+
+            scratch(device, n, -(-n // 16))
 
     def apply(self, layer, x, bias):
         c = self.config

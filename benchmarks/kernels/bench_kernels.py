@@ -206,6 +206,10 @@ def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
     return out
 
 
+def mma_available() -> bool:
+    return tg.mma_usable(torch.empty(0, dtype=torch.bfloat16, device="cuda"), 128, 4096)
+
+
 def mode8_available() -> bool:
     try:
         from csrc_triton import twinquant_wgmma  # noqa: F401
@@ -474,6 +478,13 @@ def main():
         worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
         worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))
         worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, thr, 128, (4096, 5120), config=cfg, int8=True, bias=True))
+    if checks and mma_available():  # tensor-core decode kernel (csrc_triton/twinquant_mma.py)
+        for m, cfg in itertools.product([2, 5, 16], [(1, 8, 8), (2, 4, 2), (1, 1, 3)]):
+            worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
+            worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
+            worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))
+            worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, thr, 128, (4096, 5120), config=cfg, int8=True,
+                                     bias=True))
     tile_cfgs = [(16, 64, 128, 4, 3, 4, 4), (32, 64, 128, 4, 3, 3, 4), (128, 128, 128, 8, 3, 1, 4),
                  (16, 64, 64, 4, 4, 3, 7), (64, 64, 64, 4, 4, 2, 7), (64, 64, 128, 8, 3, 4, 7), (128, 128, 64, 8, 4, 1, 7),
                  (128, 64, 128, 8, 3, 1, 7)]

@@ -1,0 +1,273 @@
+"""Tensor-core decode kernel for the TwinQuant linear layer (W4A16, 2 <= M <= 16), written in Gluon.
+
+    y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`, one slice)
+
+Why: the CUDA-core decode kernel (`twinquant_gemm._tq_gemv_vec_kernel`) spends about 4
+instructions per 4-bit code (unpack, convert to fp32, FMA). Here the multiply-adds go to
+mma.sync m16n8k16: acc^T [BN, tokens] = deq(R) [BN, K] @ x^T, the weights as the 16-row
+register operand A, the tokens (padded to 8 or 16) as the 8-column side. That needs the codes
+in registers exactly as the A fragment wants them, with no shared-memory round trip:
+
+* A fragment of m16n8k16 (k_width 2): lane (g, t) = (lane // 4, lane % 4) holds rows g and g + 8
+  of each 16-row tile, columns 2t, 2t + 1, 2t + 8, 2t + 9 of each 16-column block.
+* `repack` layout (64-column chunks, G >= 64): nibble j of word l holds column 8j + l. Lane t
+  takes words 2t and 2t + 1 of every chunk of its rows: nibble j of the pair is columns
+  8j + 2t and 8j + 2t + 1 -- one register of the fragment. One PRMT gathers the low (high)
+  halves of the two words, LOP3 puts nibble j of both under the exponent of 128 (bf16 0x4300;
+  fp16 1024, 0x6400), the pair of floats E + q, and an FMA subtracts E + 8 exactly: 16 codes in
+  2 PRMT + 6 shifts + 8 LOP3 + 8 FMA.
+* The layout of the word tensor is derived in the kernel from the A fragment's own layout
+  (reshaped, nibble bits moved last and split off), so joining the eight nibble planes back
+  gives the fragment layout itself: `convert_layout(..., assert_trivial=True)` makes the
+  compiler prove that no data moves (compiling fails otherwise).
+
+x for the program's K-slice is copied once into shared memory (16-byte cp.async) and read per
+step as the B fragment (ldmatrix). Codes go from global memory straight into registers, two
+steps ahead (two steps per loop iteration). One K step is one scale group (G = 64 or 128),
+whose MMA result is scaled in fp32 and accumulated.
+Split over K (so that every SM gets work at decode sizes): each program adds its partial sums
+into an fp32 workspace (relaxed reductions), synchronises its CTA and takes a ticket (acq_rel
+atomic); the last program of a column tile reads the sum back with exchanges that zero it, adds
+the low-rank term (one more MMA) and the bias, stores y and resets the ticket, so the workspace
+is all zero again between calls (CUDA graphs stay valid).
+Only compiled for sm_80+ (Gluon has no CPU interpreter); CI compiles it for sm_90, numerics are
+checked on the GPU by benchmarks/kernels/bench_mma.py, bench_kernels.py and graph_check.py.
+Measured: benchmarks/kernels/README.md (v8).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from csrc_triton.twinquant_gemm import chunk_words
+
+# CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+MAX_M = gl.constexpr(16)  # tokens per program (the MMA's 8-column side, twice at most)
+X_SMEM_MAX = 64 << 10  # bytes of the x K-slice a program keeps in shared memory
+
+# Two words a (lanes' word 2t) and b (word 2t + 1) -> nibble planes 0-7 as pairs (a, b) of
+# floats q - 8, exact. $0-$7 out (plane j), $8 $9 the words.
+_PLANES_PTX = """
+{
+.reg .b32 lo, hi, t, one, off;
+mov.b32 one, ONE2;
+mov.b32 off, OFF2;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+""" + "".join(
+    (f"lop3.b32 t, {src}, 0x000F000F, EXP2, 0xEA;\n" if j % 4 == 0 else
+     f"shr.u32 t, {src}, {4 * (j % 4)};\nlop3.b32 t, t, 0x000F000F, EXP2, 0xEA;\n")
+    + f"fma.rn.TYPE ${j}, t, one, off;\n"
+    for j, src in ((j, "lo" if j < 4 else "hi") for j in range(8))) + "}\n"
+_PLANES_BF16 = gl.constexpr(_PLANES_PTX.replace("TYPE", "bf16x2").replace("ONE2", "0x3F803F80")
+                            .replace("OFF2", "0xC308C308").replace("EXP2", "0x43004300"))
+_PLANES_FP16 = gl.constexpr(_PLANES_PTX.replace("TYPE", "f16x2").replace("ONE2", "0x3C003C00")
+                            .replace("OFF2", "0xE408E408").replace("EXP2", "0x64006400"))
+
+
+@gluon.jit
+def _planes(p, EXP: gl.constexpr):
+    """The eight nibble planes of the word pairs of p (pairs along the last dimension)."""
+    C: gl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r"
+    if EXP == 0x4300:
+        v = gl.inline_asm_elementwise(_PLANES_BF16, C, [p], dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16,
+                                      gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                      is_pure=True, pack=2)
+    else:
+        v = gl.inline_asm_elementwise(_PLANES_FP16, C, [p], dtype=(gl.float16, gl.float16, gl.float16,
+                                      gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+                                      is_pure=True, pack=2)
+    return v
+
+
+@gluon.jit
+def _mma_step(p, xb, s, acc, BN: gl.constexpr, BK: gl.constexpr, TOK: gl.constexpr, A_L: gl.constexpr,
+              MMA: gl.constexpr, EXP: gl.constexpr):
+    """acc + s * (deq(codes p) [BN, BK] @ xb [BK, TOK]) for one group-wide K step."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _planes(p, EXP)  # plane j: column 64c + 8j + 2t + e
+    w = gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    w = w.permute((0, 1, 6, 5, 4, 2, 3)).reshape([BN, BK])
+    w = gl.convert_layout(w, A_L, assert_trivial=True)
+    part = mma_v2(w, xb, gl.zeros([BN, TOK], gl.float32, layout=MMA))
+    return acc + part * gl.expand_dims(s, 1)
+
+
+@gluon.jit
+def _tq_decode_mma_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    KS: gl.constexpr, GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
+    MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Program (pid_n, pid_k): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps) over the
+    K-slice pid_k, for M <= TOK tokens (TOK 8 or 16). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
+    weights are the MMA's register A operand (16 rows per tile), the tokens its 8-column side."""
+    act: gl.constexpr = x_ptr.dtype.element_ty
+    BK: gl.constexpr = GROUP  # one scale group per step
+    CH: gl.constexpr = BK // 64  # 64-column chunks per step
+    BN: gl.constexpr = 16 * MT * num_warps
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    off_n = pid_n * BN
+    k_lo = pid_k * KS
+    k_hi = gl.minimum(k_lo + KS, K)
+    n_steps = gl.cdiv(k_hi - k_lo, BK)
+
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, 8])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    # The word layout: A's layout on [BN, BK] seen as [BN, CH, 2 (j2), 2 (j1), 2 (j0), 4 (t), 2 (e)]
+    # (column 64c + 8j + 2t + e, word 8c + 2t + e, nibble j), nibble bits moved last and split off.
+    w7 = gl.full([BN, BK], 0, gl.int32, A_L).reshape([BN, CH, 2, 2, 2, 4, 2]).permute((0, 1, 5, 6, 4, 3, 2))
+    w6, _ = gl.split(w7)
+    w5, _ = gl.split(w6)
+    w4, _ = gl.split(w5)
+    P_L: gl.constexpr = w4.type.layout  # [BN, CH, 4 (t), 2 (e)]
+
+    # code pointers [BN, CH, 4, 2]: row off_n + n (rows past N read row N - 1, never stored),
+    # word 8c + 2t + e of the step; the codes go straight from global memory into registers
+    n4 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
+    c4 = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
+    t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, P_L))))
+    e4 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P_L))))
+    rows4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.minimum(off_n + n4, N - 1), 1), 2), 3)
+    word4 = (gl.expand_dims(gl.expand_dims(gl.expand_dims(c4 * 8, 0), 2), 3)
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 3)
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(e4, 0), 1), 2))
+    q_ptrs = qw_ptr + rows4 * stride_qn + word4
+    # the K-slice of x, [steps, TOK, BK], copied once into shared memory (16-byte cp.async;
+    # tokens past M copy row M - 1, never stored) and read per step as the B fragment (ldmatrix)
+    VX: gl.constexpr = BK // 8  # 16-byte vectors per x row of a step
+    CX: gl.constexpr = gl.BlockedLayout([1, 8], [32 // VX, VX], [num_warps, 1], [1, 0])
+    x_smem = gl.allocate_shared_memory(act, [KS // BK, TOK, BK], gl.NVMMASharedLayout.get_default_for([TOK, BK], act))
+    xm = gl.arange(0, TOK, layout=gl.SliceLayout(1, CX))
+    xk = gl.arange(0, BK, layout=gl.SliceLayout(0, CX))
+    x_ptrs = x_ptr + gl.expand_dims(gl.minimum(xm, M - 1), 1) * stride_xm + gl.expand_dims(k_lo + xk, 0)
+    for st in range(n_steps):
+        _cp_async(x_smem.index(st), x_ptrs + st * BK)
+    async_copy.commit_group()
+    # scales [BN] along the accumulator's rows
+    sn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    s_ptrs = sc_ptr + gl.minimum(sn, N - 1) * stride_sn
+    s_nmask = sn < N
+
+    # Two steps per iteration; the codes of the next two are loaded at its top (two steps of
+    # loads in flight per warp). Steps past the slice re-read its last codes (clamped address)
+    # with a zero scale.
+    k_last = k_hi - BK  # slices are whole groups, so steps are whole
+    p_a = gl.load(q_ptrs + k_lo // 8)
+    p_b = gl.load(q_ptrs + gl.minimum(k_lo + BK, k_last) // 8)
+    s_a = gl.load(s_ptrs + k_lo // GROUP).to(gl.float32)
+    s_b = gl.load(s_ptrs + (k_lo + BK) // GROUP, mask=s_nmask & (k_lo + BK < k_hi), other=0.0).to(gl.float32)
+    acc = gl.zeros([BN, TOK], gl.float32, layout=MMA)
+    async_copy.wait_group(0)
+    _cta_barrier()
+    for j in range(gl.cdiv(n_steps, 2)):
+        kn = k_lo + (2 * j + 2) * BK
+        p_a2 = gl.load(q_ptrs + gl.minimum(kn, k_last) // 8)
+        p_b2 = gl.load(q_ptrs + gl.minimum(kn + BK, k_last) // 8)
+        s_a2 = gl.load(s_ptrs + kn // GROUP, mask=s_nmask & (kn < k_hi), other=0.0).to(gl.float32)
+        s_b2 = gl.load(s_ptrs + (kn + BK) // GROUP, mask=s_nmask & (kn + BK < k_hi), other=0.0).to(gl.float32)
+        xb = x_smem.index(2 * j).permute((1, 0)).load(B_L)
+        acc = _mma_step(p_a, xb, s_a, acc, BN, BK, TOK, A_L, MMA, EXP)
+        xb = x_smem.index(gl.minimum(2 * j + 1, n_steps - 1)).permute((1, 0)).load(B_L)
+        acc = _mma_step(p_b, xb, s_b, acc, BN, BK, TOK, A_L, MMA, EXP)
+        p_a = p_a2
+        p_b = p_b2
+        s_a = s_a2
+        s_b = s_b2
+
+    om = gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+    om2 = gl.expand_dims(om, 0)
+    on2 = gl.expand_dims(sn, 1)
+    out_mask = (om2 < M) & (on2 < N)
+    last = True
+    if SPLIT:  # the last of the gl.num_programs(1) programs of this column tile finishes it
+        part_ptrs = part_ptr + om2 * N + on2
+        gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
+        _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
+        ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
+        last = ticket == gl.num_programs(1) - 1
+        if last:
+            acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
+            gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
+    if last:
+        if HAS_LOWRANK:
+            slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
+            # acc^T += U [BN, BR] @ t^T [BR, TOK] (t: the sum of the down projection's K-slices)
+            ur = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, A_L))
+            un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L))
+            u_mask = gl.expand_dims(un < N, 1) & gl.expand_dims(ur < R, 0)
+            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(ur, 0), mask=u_mask, other=0)
+            if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
+                us = gl.load(us_ptr + un, mask=un < N, other=0.0)
+                u = u.to(gl.float32) * gl.expand_dims(us, 1)
+            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, B_L))
+            tm = gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
+            t_mask = gl.expand_dims(tr < R, 1) & gl.expand_dims(tm < M, 0)
+            t_ptrs = ws_ptr + gl.expand_dims(tm, 0) * stride_ws_m + slot * R + gl.expand_dims(tr, 1)
+            t = gl.zeros([BLOCK_R, TOK], gl.float32, layout=B_L)
+            for sp in range(NUM_SPLITS):
+                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+            acc = mma_v2(u.to(act), t.to(act), acc)
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + sn, mask=s_nmask, other=0.0).to(gl.float32)
+            acc += gl.expand_dims(bias, 1)
+        gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# -- launch ---------------------------------------------------------------------------------------
+_SCRATCH: dict = {}
+
+
+def scratch(device: torch.device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of a device: fp32 partial sums [16, n] and one ticket per column
+    tile, all zero between calls (the kernel leaves them so). Shared by the layers of a device,
+    which vLLM runs one after another on one stream."""
+    key = (device.type, device.index)
+    part, ticket = _SCRATCH.get(key, (None, None))
+    if part is None or part.numel() < MAX_M.value * n or ticket.numel() < tiles:
+        size = max(MAX_M.value * n, 0 if part is None else part.numel())
+        part = torch.zeros(size, dtype=torch.float32, device=device)
+        ticket = torch.zeros(max(tiles, 0 if ticket is None else ticket.numel()), dtype=torch.int32, device=device)
+        _SCRATCH[key] = (part, ticket)
+    return part, ticket
+
+
+def usable(m: int, group_size: int, k: int) -> bool:
+    """Shapes this kernel takes: M <= 16, one 64-column chunk multiple per group, K whole groups."""
+    return m <= MAX_M.value and group_size in (64, 128) and k % group_size == 0 and chunk_words(group_size) == 8
+
+
+def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
+           mt, warps, split, br):
+    """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
+    if not usable(m, group_size, k):
+        raise ValueError(f"the mma decode kernel takes M <= {MAX_M.value}, group size 64 or 128 and K a multiple "
+                         f"of it; got M={m}, G={group_size}, K={k}")
+    bn = 16 * mt * warps
+    tiles = triton.cdiv(n, bn)
+    tok = 8 if m <= 8 else 16
+    groups = k // group_size
+    split = max(1, min(split, groups))
+    while triton.cdiv(groups, split) * group_size * tok * 2 > X_SMEM_MAX and split < groups:
+        split += 1  # the K-slice of x must fit in shared memory
+    k_per_split = triton.cdiv(groups, split) * group_size
+    split = triton.cdiv(k, k_per_split)
+    part, ticket = scratch(y.device, n, tiles)
+    exp = 0x4300 if operands[0].dtype == torch.bfloat16 else 0x6400
+    _tq_decode_mma_kernel[(tiles, split)](
+        *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
+        KS=k_per_split, GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
+        BLOCK_R=br, SPLIT=split > 1, EXP=exp, num_warps=warps,
+    )
