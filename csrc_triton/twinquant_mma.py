@@ -145,16 +145,18 @@ def _tq_decode_mma_kernel(
              + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 3)
              + gl.expand_dims(gl.expand_dims(gl.expand_dims(e4, 0), 1), 2))
     q_ptrs = qw_ptr + rows4 * stride_qn + word4
-    # the K-slice of x, [steps, TOK, BK], copied once into shared memory (16-byte cp.async;
-    # tokens past M copy row M - 1, never stored) and read per step as the B fragment (ldmatrix)
+    # the K-slice of x, [steps, TOK, BK], copied once into shared memory (16-byte cp.async of the
+    # M real tokens; the padding rows' MMA columns are never stored) and read per step as the B
+    # fragment (ldmatrix)
     VX: gl.constexpr = BK // 8  # 16-byte vectors per x row of a step
     CX: gl.constexpr = gl.BlockedLayout([1, 8], [32 // VX, VX], [num_warps, 1], [1, 0])
     x_smem = gl.allocate_shared_memory(act, [KS // BK, TOK, BK], gl.NVMMASharedLayout.get_default_for([TOK, BK], act))
     xm = gl.arange(0, TOK, layout=gl.SliceLayout(1, CX))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, CX))
     x_ptrs = x_ptr + gl.expand_dims(gl.minimum(xm, M - 1), 1) * stride_xm + gl.expand_dims(k_lo + xk, 0)
+    x_rows = gl.expand_dims(xm < M, 1) & gl.expand_dims(xk >= 0, 0)  # only real tokens are copied
     for st in range(n_steps):
-        _cp_async(x_smem.index(st), x_ptrs + st * BK)
+        _cp_async(x_smem.index(st), x_ptrs + st * BK, mask=x_rows)
     async_copy.commit_group()
     # scales [BN] along the accumulator's rows
     sn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))

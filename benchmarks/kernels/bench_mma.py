@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--time-limit", type=float, default=0)
     ap.add_argument("--ranks", type=int, nargs="+", default=[0, 64])
+    ap.add_argument("--dispatch-only", action="store_true",
+                    help="time only the dispatch's mma config per shape and M (at M = 1 the M = 2 one)")
     args = ap.parse_args()
     t0 = time.time()
     gen = torch.Generator(device="cuda")
@@ -121,7 +123,9 @@ def main():
                 rec = {"name": name, "K": k, "N": n, "M": m, "rank": r, "ms_bf16": bf16, "ms_dispatch": now,
                        "configs": []}
                 best = None
-                if r == args.ranks[0]:
+                if args.dispatch_only:
+                    cands = [tg.pick_mma_config(max(m, 2), n, k)]
+                elif r == args.ranks[0]:
                     cands = [(mt, w, sp) for mt, w in TILES for sp in SPLITS
                              if sp == 1 or (n // (16 * mt * w)) * sp <= 132 * 12]  # else many programs already
                 else:  # the three fastest of the first rank's sweep
@@ -139,7 +143,7 @@ def main():
                     rec["configs"].append({"config": list(cfg), "ms": ms_, "rel_err_vs_dispatch": err})
                     if best is None or ms_ < best[0]:
                         best = (ms_, cfg)
-                if r == args.ranks[0]:
+                if r == args.ranks[0] and not args.dispatch_only:
                     top[(name, m)] = [tuple(c["config"]) for c in sorted(rec["configs"], key=lambda c: c["ms"])[:3]]
                 bytes_ = n * k // 2 + n * (k // 128) * 2 + r * (k + n) * 2 + m * (k + n) * 2
                 floor = bytes_ / copy_gbps / 1e6
