@@ -109,9 +109,9 @@ def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
     return y
 
 
-def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None, int8=False, bias=False):
-    """One fresh random case through tq_gemm (`config`, or the dispatch's) and tq_linear against
-    the float32 reference, NaN-poisoned output; int8: factors as int8 codes + row scales."""
+def fresh_case(m, k, n, r, dtype, gen, group=GROUP, bounds=(), int8=False, bias=False):
+    """A fresh random layer and input with its float32 reference: (x, repacked codes, scales,
+    down, up, bias, factor-scale kwargs, ref); int8: factors as int8 codes + row scales."""
     qw, sc, down, up = make_layer(k, n, r, dtype, gen, group, len(bounds) + 1)
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     scales = {}
@@ -124,8 +124,15 @@ def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None
     b = torch.randn(n, device="cuda", dtype=dtype, generator=gen) if bias else None
     if bias:
         ref += b.float()
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     qw = tg.repack(qw, group)  # the layout the plugin builds at load; the reference read the original
+    return x, qw, sc, down, up, b, scales, ref
+
+
+def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None, int8=False, bias=False):
+    """One fresh random case through tq_gemm (`config`, or the dispatch's) and tq_linear against
+    the float32 reference, NaN-poisoned output; int8: factors as int8 codes + row scales."""
+    x, qw, sc, down, up, b, scales, ref = fresh_case(m, k, n, r, dtype, gen, group, bounds, int8, bias)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     tg.tq_gemm(x, qw, sc, group, down, up, b, slot_bounds=bounds, out=out, config=config, **scales)
     e1 = ((out.float() - ref).norm() / ref.norm()).item()
     y = tg.tq_linear(x, qw, sc, group, down, up, b, slot_bounds=bounds, large_m_threshold=large_thr, **scales)

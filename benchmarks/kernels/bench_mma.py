@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench_kernels import L2_FLUSH_BYTES, SHAPES, graph_time_ms, make_layer, measure_peaks, reference  # noqa: E402
+from bench_kernels import L2_FLUSH_BYTES, SHAPES, fresh_case, graph_time_ms, make_layer, measure_peaks  # noqa: E402
 
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
-from vllm_twinquant.format import int8_rows  # noqa: E402
 
 MS = (1, 2, 4, 8, 16)
 TILES = ((1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8))  # (MT, warps): 16 * MT * warps rows
@@ -37,20 +36,9 @@ SPLITS = (1, 2, 4, 8, 16)
 
 
 def one_case(m, k, n, r, dtype, gen, group, config, bounds=(), bias=False, int8=False):
-    qw, sc, down, up = make_layer(k, n, r, dtype, gen, group, len(bounds) + 1)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-    kw = {}
-    if int8 and r:
-        (down, ds), (up, us) = int8_rows(down), int8_rows(up)
-        kw = {"down_scale": ds, "up_scale": us}
-        ref = reference(x, qw, sc, down.float() * ds[:, None], up.float() * us[:, None], group, bounds)
-    else:
-        ref = reference(x, qw, sc, down, up, group, bounds)
-    b = torch.randn(n, device="cuda", dtype=dtype, generator=gen) if bias else None
-    if bias:
-        ref += b.float()
+    x, qw, sc, down, up, b, kw, ref = fresh_case(m, k, n, r, dtype, gen, group, bounds, int8, bias)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    tg.tq_gemm(x, tg.repack(qw, group), sc, group, down, up, b, slot_bounds=bounds, out=out, config=config, **kw)
+    tg.tq_gemm(x, qw, sc, group, down, up, b, slot_bounds=bounds, out=out, config=config, **kw)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     if torch.isnan(out).any().item() or not err <= 1e-2:
         raise SystemExit(f"MISMATCH mma M={m} K={k} N={n} r={r} G={group} {config} bounds={bounds} bias={bias} "
