@@ -582,14 +582,23 @@ def _mma_device_ok(device_index: int) -> bool:
     return True
 
 
-def mma_usable(x: torch.Tensor, group_size: int, k: int) -> bool:
-    """Whether the dispatch may pick the tensor-core decode kernel: CUDA sm_80+, Gluon importable,
-    bf16/fp16 activations, G = 64 or 128 (TWINQUANT_MMA=0 turns it off)."""
-    if _INTERPRETED or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+def mma_usable(device: torch.device, dtype: torch.dtype, group_size: int, k: int) -> bool:
+    """Whether the dispatch may pick the tensor-core decode kernel for activations of `dtype` on
+    `device`: CUDA sm_80+, Gluon importable, bf16/fp16, G = 64 or 128 (TWINQUANT_MMA=0 turns it off)."""
+    if _INTERPRETED or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     if group_size not in (64, 128) or k % group_size or os.environ.get("TWINQUANT_MMA") == "0":
         return False
-    return _mma_device_ok(x.device.index or 0)
+    return _mma_device_ok(device.index or 0)
+
+
+def fit_mma_tile(config: tuple, max_bn: int) -> tuple | None:
+    """(MT, warps, SPLIT_K) with fewer 16-row tiles (MT first, then warps) until a program's
+    16 * MT * warps rows divide the slot bounds (`max_bn`); None if even 16 rows do not."""
+    mt, warps, split = config
+    while 16 * mt * warps > max_bn and (mt > 1 or warps > 1):
+        mt, warps = (mt // 2, warps) if mt > 1 else (mt, warps // 2)
+    return (mt, warps, split) if 16 * mt * warps <= max_bn else None
 
 
 def pick_gemv_config(m: int, n: int, k: int) -> tuple | None:
@@ -743,13 +752,9 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
-    if config is None and m <= MMA_MAX_M and mma_usable(x, group_size, k):
+    if config is None and m <= MMA_MAX_M and mma_usable(x.device, x.dtype, group_size, k):
         config = pick_mma_config(m, n, k)
-        if config is not None and 16 * config[0] * config[1] > max_bn:  # fewer rows per tile for the slots
-            mt, warps = config[0], config[1]
-            while 16 * mt * warps > max_bn and warps > 1:
-                warps //= 2
-            config = (mt, warps, config[2]) if 16 * mt * warps <= max_bn else None
+        config = fit_mma_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
     if config is None and m <= GEMV_MAX_M:
         config = pick_gemv_config(m, n, k)
     if config is None:
@@ -775,11 +780,10 @@ def tq_gemm(
     br = max(16, _next_pow2(r)) if has_lr else 16
     if len(config) == 3:  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
         from csrc_triton import twinquant_mma
-        mt, warps, split = config
-        while 16 * mt * warps > max_bn and (mt > 1 or warps > 1):  # a tile never straddles two slots
-            mt, warps = (mt // 2, warps) if mt > 1 else (mt, warps // 2)
-        if 16 * mt * warps > max_bn:
+        fitted = fit_mma_tile(config, max_bn)  # a tile never straddles two slots
+        if fitted is None:
             raise ValueError(f"mma decode config {config}: 16 * MT * warps rows must divide the slot bounds {slot_bounds}")
+        mt, warps, split = fitted
         twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
                              bias is not None, mt, warps, split, br)
         return out

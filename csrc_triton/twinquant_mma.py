@@ -43,7 +43,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from csrc_triton.twinquant_gemm import chunk_words
 
 # CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -247,8 +246,9 @@ def scratch(device: torch.device, n: int, tiles: int) -> tuple[torch.Tensor, tor
 
 
 def usable(m: int, group_size: int, k: int) -> bool:
-    """Shapes this kernel takes: M <= 16, one 64-column chunk multiple per group, K whole groups."""
-    return m <= MAX_M.value and group_size in (64, 128) and k % group_size == 0 and chunk_words(group_size) == 8
+    """Shapes this kernel takes: M <= 16, G 64 or 128 (whole 64-column chunks of the `repack`
+    layout per group), K whole groups."""
+    return m <= MAX_M.value and group_size in (64, 128) and k % group_size == 0
 
 
 def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,

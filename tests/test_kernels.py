@@ -228,8 +228,10 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
     assert tg.pick_mma_config(16, 4096, 14336) == (2, 8, 16)
     assert tg.pick_mma_config(16, 28672, 4096) == (2, 8, 4)
     assert tg.MMA_MAX_M == 16
-    x = torch.empty(4, 4096, dtype=torch.bfloat16)
-    assert not tg.mma_usable(x, 128, 4096)  # no CUDA here (and the interpreter is on)
+    assert not tg.mma_usable(torch.device("cpu"), torch.bfloat16, 128, 4096)  # no CUDA here (and the interpreter is on)
+    assert tg.fit_mma_tile((1, 8, 8), 256) == (1, 8, 8)
+    assert tg.fit_mma_tile((2, 8, 2), 64) == (1, 4, 2)  # SmolLM2's q/k/v slots: 64-row tiles at most
+    assert tg.fit_mma_tile((1, 1, 4), 0) is None
 
 
 @pytest.mark.parametrize("mt,warps,tok,rank,split,dtype,int8,bias,group,ks", [

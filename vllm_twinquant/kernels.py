@@ -131,7 +131,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
 
         n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * 8
         device = layer.weight_packed.device
-        if mma_usable(torch.empty(0, dtype=self.config.act_dtype, device=device), self.config.group_size, k):
+        if mma_usable(device, self.config.act_dtype, self.config.group_size, k):
             from csrc_triton.twinquant_mma import scratch
 
             scratch(device, n, -(-n // 16))

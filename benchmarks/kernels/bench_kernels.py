@@ -214,7 +214,7 @@ def bench_int8_factors(dtype, gen, ms=(1, 4, 16, 64, 256, 1024), rank=64):
 
 
 def mma_available() -> bool:
-    return tg.mma_usable(torch.empty(0, dtype=torch.bfloat16, device="cuda"), 128, 4096)
+    return tg.mma_usable(torch.device("cuda", 0), torch.bfloat16, 128, 4096)
 
 
 def mode8_available() -> bool:

@@ -118,11 +118,11 @@ def main():
                              if sp == 1 or (n // (16 * mt * w)) * sp <= 132 * 12]  # else many programs already
                 else:  # the three fastest of the first rank's sweep
                     cands = top[(name, m)]
+                L = layers[0]
+                ref = tg.tq_gemm(x, L[0], L[1], 128, L[2], L[3]).float()  # the dispatch's kernel
                 for cfg in cands:
                     y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    L = layers[0]
                     tg.tq_gemm(x, L[0], L[1], 128, L[2], L[3], config=cfg, out=y)
-                    ref = tg.tq_gemm(x, L[0], L[1], 128, L[2], L[3]).float()  # the dispatch's kernel
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     if torch.isnan(y).any().item() or not err <= 1e-2:
                         raise SystemExit(f"MISMATCH sweep {name} M={m} r={r} {cfg}: {err:.3e} vs the dispatch")
