@@ -13,9 +13,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
 * ``lowrank_down``: t = x @ D^T for every slot of a (possibly merged) layer at once, split
   over K into a small fp32 workspace [S, M, slots*R]; it reads x and D once.
 * ``tq_gemm``: the residual product with the low-rank up projection, bias and store in one
-  epilogue. On CUDA (sm_80+, G 64/128), 2 <= M <= 16 tokens go to the tensor-core decode
-  kernel of `twinquant_mma.py` (Gluon, mma.sync with the codes turned into the MMA's register
-  operand in place, split over K with an in-kernel fix-up). Otherwise decode (M <= GEMV_MAX_M,
+  epilogue. On CUDA (sm_80+, G 64/128), 2 <= M <= 32 tokens (up to 64 or 128 on the layer
+  shapes where it measured faster, `MMA_CONFIGS`) go to the tensor-core decode kernel of
+  `twinquant_mma.py` (Gluon, mma.sync with the codes turned into the MMA's register operand in
+  place, split over K with an in-kernel fix-up). Otherwise decode (M <= GEMV_MAX_M,
   by layer shape) uses `_tq_gemv_vec_kernel`: each thread
   streams 16-byte vectors of codes for a few output rows, turns two nibbles into fp16 1024 + q
   with one LOP3, and accumulates in fp32 (the constant part is removed per scale group from
@@ -547,11 +548,14 @@ GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
 ]
 
 
-# Tensor-core decode kernel (csrc_triton/twinquant_mma.py, (MT, warps, SPLIT_K)) for 2 <= M <= 16
-# where it is usable (`mma_usable`), from the H200 sweep (benchmarks/kernels/bench_mma.py,
-# benchmarks/results/kernels_h200_mma.json): same shape rules as GEMV_CONFIGS. At M = 1 the vector
-# kernel stayed faster (by 1-10%) and keeps it.
-MMA_MAX_M = 16
+# Tensor-core decode kernel (csrc_triton/twinquant_mma.py, (MT, warps, SPLIT_K[, tokens per
+# program])) for 2 <= M <= 128 where it is usable (`mma_usable`), from the H200 sweeps
+# (benchmarks/kernels/bench_mma.py; benchmarks/results/kernels_h200_mma.json for M <= 16,
+# kernels_h200_mma_wide.json above): same shape rules as GEMV_CONFIGS; None: not this kernel (the
+# vector kernel at M = 1, which stayed 1-10% faster there, the tile kernel where it was faster).
+# SPLIT_K is the number of programs along K the sweep ran (the x slice then fits in 64 KB, except
+# down at 17-64 tokens: 112 KB).
+MMA_MAX_M = 128
 MMA_CONFIGS = [  # (max M, max N, min K, config): first match
     (1, 1 << 62, 0, None),
     (8, 4096, 8192, (1, 8, 8)),
@@ -560,6 +564,16 @@ MMA_CONFIGS = [  # (max M, max N, min K, config): first match
     (16, 4096, 8192, (2, 8, 16)),
     (16, 8192, 0, (1, 4, 8)),
     (16, 1 << 62, 0, (2, 8, 4)),
+    (32, 4096, 8192, (1, 8, 8, 32)),  # down
+    (32, 4096, 0, (1, 8, 8, 32)),  # o
+    (32, 8192, 0, (1, 4, 4, 32)),  # q/k/v
+    (32, 1 << 62, 0, (1, 8, 4, 32)),  # gate/up
+    (64, 4096, 8192, (2, 4, 16, 64)),
+    (64, 4096, 0, (1, 8, 4, 64)),
+    (64, 1 << 62, 0, None),  # q/k/v, gate/up: the tile kernel (as fast or faster)
+    (128, 4096, 8192, None),
+    (128, 4096, 0, (2, 8, 4, 64)),
+    (128, 1 << 62, 0, None),
 ]
 
 
@@ -593,12 +607,12 @@ def mma_usable(device: torch.device, dtype: torch.dtype, group_size: int, k: int
 
 
 def fit_mma_tile(config: tuple, max_bn: int) -> tuple | None:
-    """(MT, warps, SPLIT_K) with fewer 16-row tiles (MT first, then warps) until a program's
-    16 * MT * warps rows divide the slot bounds (`max_bn`); None if even 16 rows do not."""
-    mt, warps, split = config
+    """(MT, warps, SPLIT_K[, tokens]) with fewer 16-row tiles (MT first, then warps) until a
+    program's 16 * MT * warps rows divide the slot bounds (`max_bn`); None if even 16 rows do not."""
+    mt, warps, split, *rest = config
     while 16 * mt * warps > max_bn and (mt > 1 or warps > 1):
         mt, warps = (mt // 2, warps) if mt > 1 else (mt, warps // 2)
-    return (mt, warps, split) if 16 * mt * warps <= max_bn else None
+    return (mt, warps, split, *rest) if 16 * mt * warps <= max_bn else None
 
 
 def pick_gemv_config(m: int, n: int, k: int) -> tuple | None:
@@ -739,8 +753,8 @@ def tq_gemm(
     down [slots*R, K] and up [N, R] in x's dtype, or int8 with fp32 row scales down_scale
     [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
-    overrides the launch configuration: (MT, warps, SPLIT_K) selects the tensor-core decode
-    kernel (M <= 16, twinquant_mma.py), (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector
+    overrides the launch configuration: (MT, warps, SPLIT_K[, tokens per program]) selects the
+    tensor-core decode kernel (twinquant_mma.py), (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector
     decode kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
@@ -767,7 +781,7 @@ def tq_gemm(
         _check_factor(up, up_scale, n, "up")
         # one reduced slice for the tile kernel from 17 tokens on and for the mma decode kernel,
         # whose one finishing program per column tile would otherwise add up every K-slice of t
-        ws = lowrank_down(x, down, reduce=(len(config) == 7 and m > 16) or len(config) == 3, down_scale=down_scale)
+        ws = lowrank_down(x, down, reduce=(len(config) == 7 and m > 16) or len(config) in (3, 4), down_scale=down_scale)
         num_splits = ws.shape[0]
     else:
         ws, num_splits = x, 0
@@ -778,14 +792,14 @@ def tq_gemm(
         ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
     )  # then y's
     br = max(16, _next_pow2(r)) if has_lr else 16
-    if len(config) == 3:  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
+    if len(config) in (3, 4):  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
         from csrc_triton import twinquant_mma
         fitted = fit_mma_tile(config, max_bn)  # a tile never straddles two slots
         if fitted is None:
             raise ValueError(f"mma decode config {config}: 16 * MT * warps rows must divide the slot bounds {slot_bounds}")
-        mt, warps, split = fitted
+        mt, warps, split, *tok = fitted
         twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
-                             bias is not None, mt, warps, split, br)
+                             bias is not None, mt, warps, split, br, *tok)
         return out
     if len(config) == 5:
         bm, bn, bw, warps, unpack = config

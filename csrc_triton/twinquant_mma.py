@@ -1,11 +1,11 @@
-"""Tensor-core decode kernel for the TwinQuant linear layer (W4A16, 2 <= M <= 16), written in Gluon.
+"""Tensor-core decode kernel for the TwinQuant linear layer (W4A16, 2 <= M <= 128), written in Gluon.
 
     y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`, one slice)
 
 Why: the CUDA-core decode kernel (`twinquant_gemm._tq_gemv_vec_kernel`) spends about 4
 instructions per 4-bit code (unpack, convert to fp32, FMA). Here the multiply-adds go to
 mma.sync m16n8k16: acc^T [BN, tokens] = deq(R) [BN, K] @ x^T, the weights as the 16-row
-register operand A, the tokens (padded to 8 or 16) as the 8-column side. That needs the codes
+register operand A, the tokens (padded to 8, 16, 32 or 64) as the 8-column side. That needs the codes
 in registers exactly as the A fragment wants them, with no shared-memory round trip:
 
 * A fragment of m16n8k16 (k_width 2): lane (g, t) = (lane // 4, lane % 4) holds rows g and g + 8
@@ -23,19 +23,25 @@ in registers exactly as the A fragment wants them, with no shared-memory round t
 
 x for the program's K-slice is copied once into shared memory (16-byte cp.async) and read per
 step as the B fragment (ldmatrix). Codes go from global memory straight into registers, two
-steps ahead (two steps per loop iteration). One K step is one scale group (G = 64 or 128),
-whose MMA result is scaled in fp32 and accumulated.
+steps ahead (two steps per loop iteration). One K step is one scale group (G = 64 or 128) for
+up to 16 tokens, one 64-column chunk from 32 tokens on (so that the x fragment of a step, which
+every warp holds whole, stays at 64 registers); the step's MMA result is scaled in fp32 and
+accumulated.
 Split over K (so that every SM gets work at decode sizes): each program adds its partial sums
 into an fp32 workspace (relaxed reductions), synchronises its CTA and takes a ticket (acq_rel
 atomic); the last program of a column tile reads the sum back with exchanges that zero it, adds
 the low-rank term (one more MMA) and the bias, stores y and resets the ticket, so the workspace
 is all zero again between calls (CUDA graphs stay valid).
+A program takes up to 64 tokens (TOK 8, 16, 32 or 64); more run as token tiles along grid
+axis 2, each reading the weights again (mostly from L2).
 Only compiled for sm_80+ (Gluon has no CPU interpreter); CI compiles it for sm_90, numerics are
 checked on the GPU by benchmarks/kernels/bench_mma.py, bench_kernels.py and graph_check.py.
-Measured: benchmarks/kernels/README.md (v8).
+Measured: benchmarks/kernels/README.md (v8: 2-16 tokens, v9: 17-128).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -48,8 +54,10 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 # cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-MAX_M = gl.constexpr(16)  # tokens per program (the MMA's 8-column side, twice at most)
-X_SMEM_MAX = 64 << 10  # bytes of the x K-slice a program keeps in shared memory
+MAX_M = gl.constexpr(64)  # tokens per program (the MMA's 8-column side, 8 times at most)
+MAX_TOKENS = 128  # tokens per launch (programs along grid axis 2 take MAX_M each); sizes the scratch
+X_SMEM_MAX = 128 << 10  # bytes of the x K-slice a program keeps in shared memory (at most; the
+# configs' SPLIT_K keep the measured decode ones at <= 64 KB; capped by the device's opt-in limit)
 
 # Two words a (lanes' word 2t) and b (word 2t + 1) -> nibble planes 0-7 as pairs (a, b) of
 # floats q - 8, exact. $0-$7 out (plane j), $8 $9 the words.
@@ -103,19 +111,27 @@ def _tq_decode_mma_kernel(
     x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    KS: gl.constexpr, GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
+    KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
-    num_warps: gl.constexpr,
+    TILED: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Program (pid_n, pid_k): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps) over the
-    K-slice pid_k, for M <= TOK tokens (TOK 8 or 16). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
-    weights are the MMA's register A operand (16 rows per tile), the tokens its 8-column side."""
+    """Program (pid_n, pid_k, pid_m): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps)
+    over the K-slice pid_k, for tokens [pid_m * TOK, +TOK) (TOK 8-64). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
+    weights are the MMA's register A operand (16 rows per tile), the tokens its 8-column side.
+    A step of BK columns (64 or GROUP) lies in one scale group."""
     act: gl.constexpr = x_ptr.dtype.element_ty
-    BK: gl.constexpr = GROUP  # one scale group per step
     CH: gl.constexpr = BK // 64  # 64-column chunks per step
     BN: gl.constexpr = 16 * MT * num_warps
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
+    # token tiles along grid axis 2 (M > TOK). Else m0 is the constant 0: at 8-16 tokens that
+    # saves registers (gate/up (2, 8, 4): 128 instead of 148, two programs per SM), while at 64
+    # tokens the constant made (2, 4, 16) spill (80 bytes of stack) and run 52.6 instead of 41.9 us
+    # on down at M = 64, so from 32 tokens per program the launch always passes TILED.
+    if TILED:
+        m0 = gl.program_id(2) * TOK
+    else:
+        m0 = 0
     off_n = pid_n * BN
     k_lo = pid_k * KS
     k_hi = gl.minimum(k_lo + KS, K)
@@ -152,8 +168,8 @@ def _tq_decode_mma_kernel(
     x_smem = gl.allocate_shared_memory(act, [KS // BK, TOK, BK], gl.NVMMASharedLayout.get_default_for([TOK, BK], act))
     xm = gl.arange(0, TOK, layout=gl.SliceLayout(1, CX))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, CX))
-    x_ptrs = x_ptr + gl.expand_dims(gl.minimum(xm, M - 1), 1) * stride_xm + gl.expand_dims(k_lo + xk, 0)
-    x_rows = gl.expand_dims(xm < M, 1) & gl.expand_dims(xk >= 0, 0)  # only real tokens are copied
+    x_ptrs = x_ptr + gl.expand_dims(gl.minimum(m0 + xm, M - 1), 1) * stride_xm + gl.expand_dims(k_lo + xk, 0)
+    x_rows = gl.expand_dims(m0 + xm < M, 1) & gl.expand_dims(xk >= 0, 0)  # only real tokens are copied
     for st in range(n_steps):
         _cp_async(x_smem.index(st), x_ptrs + st * BK, mask=x_rows)
     async_copy.commit_group()
@@ -165,7 +181,7 @@ def _tq_decode_mma_kernel(
     # Two steps per iteration; the codes of the next two are loaded at its top (two steps of
     # loads in flight per warp). Steps past the slice re-read its last codes (clamped address)
     # with a zero scale.
-    k_last = k_hi - BK  # slices are whole groups, so steps are whole
+    k_last = k_hi - BK  # slices are whole groups, so whole steps
     p_a = gl.load(q_ptrs + k_lo // 8)
     p_b = gl.load(q_ptrs + gl.minimum(k_lo + BK, k_last) // 8)
     s_a = gl.load(s_ptrs + k_lo // GROUP).to(gl.float32)
@@ -188,7 +204,7 @@ def _tq_decode_mma_kernel(
         s_a = s_a2
         s_b = s_b2
 
-    om = gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+    om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
     om2 = gl.expand_dims(om, 0)
     on2 = gl.expand_dims(sn, 1)
     out_mask = (om2 < M) & (on2 < N)
@@ -197,30 +213,37 @@ def _tq_decode_mma_kernel(
         part_ptrs = part_ptr + om2 * N + on2
         gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
         _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
-        ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
+        tk = ticket_ptr + pid_n
+        if TILED:
+            tk += gl.program_id(2) * gl.num_programs(0)
+        ticket = gl.atomic_add(tk, 1, sem="acq_rel")
         last = ticket == gl.num_programs(1) - 1
         if last:
             acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
-            gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
+            gl.atomic_xchg(tk, 0, sem="relaxed")
     if last:
         if HAS_LOWRANK:
             slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
-            # acc^T += U [BN, BR] @ t^T [BR, TOK] (t: the sum of the down projection's K-slices)
-            ur = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, A_L))
+            # acc^T += U [BN, BR] @ t^T [BR, TOK] (t: the sum of the down projection's K-slices),
+            # RC ranks at a time (from 32 tokens on 16, so that t's fragment stays small)
+            RC: gl.constexpr = BLOCK_R if TOK <= 16 else 16
             un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L))
-            u_mask = gl.expand_dims(un < N, 1) & gl.expand_dims(ur < R, 0)
-            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(ur, 0), mask=u_mask, other=0)
             if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
                 us = gl.load(us_ptr + un, mask=un < N, other=0.0)
-                u = u.to(gl.float32) * gl.expand_dims(us, 1)
-            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, B_L))
-            tm = gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
-            t_mask = gl.expand_dims(tr < R, 1) & gl.expand_dims(tm < M, 0)
-            t_ptrs = ws_ptr + gl.expand_dims(tm, 0) * stride_ws_m + slot * R + gl.expand_dims(tr, 1)
-            t = gl.zeros([BLOCK_R, TOK], gl.float32, layout=B_L)
-            for sp in range(NUM_SPLITS):
-                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
-            acc = mma_v2(u.to(act), t.to(act), acc)
+            tm = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
+            for r0 in gl.static_range(0, BLOCK_R, RC):
+                ur = r0 + gl.arange(0, RC, layout=gl.SliceLayout(0, A_L))
+                u_mask = gl.expand_dims(un < N, 1) & gl.expand_dims(ur < R, 0)
+                u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(ur, 0), mask=u_mask, other=0)
+                if HAS_US:
+                    u = u.to(gl.float32) * gl.expand_dims(us, 1)
+                tr = r0 + gl.arange(0, RC, layout=gl.SliceLayout(1, B_L))
+                t_mask = gl.expand_dims(tr < R, 1) & gl.expand_dims(tm < M, 0)
+                t_ptrs = ws_ptr + gl.expand_dims(tm, 0) * stride_ws_m + slot * R + gl.expand_dims(tr, 1)
+                t = gl.zeros([RC, TOK], gl.float32, layout=B_L)
+                for sp in range(NUM_SPLITS):
+                    t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+                acc = mma_v2(u.to(act), t.to(act), acc)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + sn, mask=s_nmask, other=0.0).to(gl.float32)
             acc += gl.expand_dims(bias, 1)
@@ -231,45 +254,70 @@ def _tq_decode_mma_kernel(
 _SCRATCH: dict = {}
 
 
-def scratch(device: torch.device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K workspace of a device: fp32 partial sums [16, n] and one ticket per column
-    tile, all zero between calls (the kernel leaves them so). Shared by the layers of a device,
-    which vLLM runs one after another on one stream."""
+def scratch(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of a device for layers up to n outputs: fp32 partial sums
+    [MAX_TOKENS, n] and one ticket per (16-row column tile, 8-token tile), all zero between calls
+    (the kernel leaves them so). Shared by the layers of a device, which vLLM runs one after
+    another on one stream; allocated at layer load (vllm_twinquant/kernels.py), not in a capture."""
     key = (device.type, device.index)
     part, ticket = _SCRATCH.get(key, (None, None))
-    if part is None or part.numel() < MAX_M.value * n or ticket.numel() < tiles:
-        size = max(MAX_M.value * n, 0 if part is None else part.numel())
+    tickets = triton.cdiv(n, 16) * triton.cdiv(MAX_TOKENS, 8)
+    if part is None or part.numel() < MAX_TOKENS * n or ticket.numel() < tickets:
+        size = max(MAX_TOKENS * n, 0 if part is None else part.numel())
         part = torch.zeros(size, dtype=torch.float32, device=device)
-        ticket = torch.zeros(max(tiles, 0 if ticket is None else ticket.numel()), dtype=torch.int32, device=device)
+        ticket = torch.zeros(max(tickets, 0 if ticket is None else ticket.numel()), dtype=torch.int32, device=device)
         _SCRATCH[key] = (part, ticket)
     return part, ticket
 
 
 def usable(m: int, group_size: int, k: int) -> bool:
-    """Shapes this kernel takes: M <= 16, G 64 or 128 (whole 64-column chunks of the `repack`
-    layout per group), K whole groups."""
-    return m <= MAX_M.value and group_size in (64, 128) and k % group_size == 0
+    """Shapes this kernel takes: M <= MAX_TOKENS, G 64 or 128 (whole 64-column chunks of the
+    `repack` layout per group), K whole groups."""
+    return m <= MAX_TOKENS and group_size in (64, 128) and k % group_size == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device_index: int) -> int:
+    """Shared memory a program may opt into on this device (227 KB on an H100, 99 KB on sm_86/89)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 48 << 10)
+
+
+def plan(m: int, k: int, group_size: int, split: int, max_tok: int = MAX_M.value,
+         device_index: int | None = None) -> tuple[int, int, int, int]:
+    """(tokens per program, K step, programs along K, K per program) of a launch asked for
+    `split` programs along K and at most `max_tok` tokens per program (8-64, a power of two): more
+    programs along K where the x K-slice would not fit in X_SMEM_MAX bytes (or the device's limit)."""
+    if max_tok not in (8, 16, 32, 64):
+        raise ValueError(f"tokens per program must be 8, 16, 32 or 64, got {max_tok}")
+    tok = min(max_tok, max(8, 1 << (m - 1).bit_length()))
+    bk = group_size if tok <= 16 else 64
+    groups = k // group_size
+    split = max(1, min(split, groups))
+    budget = X_SMEM_MAX
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device() if device_index is None else device_index
+        budget = min(budget, _smem_optin(dev) - (8 << 10))
+    while triton.cdiv(groups, split) * group_size * tok * 2 > budget and split < groups:
+        split += 1  # the K-slice of x must fit in shared memory
+    k_per_split = triton.cdiv(groups, split) * group_size
+    return tok, bk, triton.cdiv(k, k_per_split), k_per_split
 
 
 def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
-           mt, warps, split, br):
+           mt, warps, split, br, max_tok=MAX_M.value):
     """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
     if not usable(m, group_size, k):
-        raise ValueError(f"the mma decode kernel takes M <= {MAX_M.value}, group size 64 or 128 and K a multiple "
+        raise ValueError(f"the mma decode kernel takes M <= {MAX_TOKENS}, group size 64 or 128 and K a multiple "
                          f"of it; got M={m}, G={group_size}, K={k}")
     bn = 16 * mt * warps
     tiles = triton.cdiv(n, bn)
-    tok = 8 if m <= 8 else 16
-    groups = k // group_size
-    split = max(1, min(split, groups))
-    while triton.cdiv(groups, split) * group_size * tok * 2 > X_SMEM_MAX and split < groups:
-        split += 1  # the K-slice of x must fit in shared memory
-    k_per_split = triton.cdiv(groups, split) * group_size
-    split = triton.cdiv(k, k_per_split)
-    part, ticket = scratch(y.device, n, tiles)
+    tok, bk, split, k_per_split = plan(m, k, group_size, split, max_tok, y.device.index)
+    part, ticket = scratch(y.device, n)
+    assert tiles * triton.cdiv(m, tok) <= ticket.numel() and m * n <= part.numel()
     exp = 0x4300 if operands[0].dtype == torch.bfloat16 else 0x6400
-    _tq_decode_mma_kernel[(tiles, split)](
+    _tq_decode_mma_kernel[(tiles, split, triton.cdiv(m, tok))](
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
-        KS=k_per_split, GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
-        BLOCK_R=br, SPLIT=split > 1, EXP=exp, num_warps=warps,
+        KS=k_per_split, GROUP=group_size, BK=bk, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
+        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=m > tok or tok >= 32, num_warps=warps,
     )

@@ -7,8 +7,11 @@ the served online Hadamard and per-token activation quantizer in the loop) and t
     min  E_tokens KL( p_dense(. | context) || p_quantized(. | context) )
 
 on calibration text: every quantized layer's group scales (scale = scale0 * exp(a)), both
-low-rank factors, and every RMSNorm weight (gamma = gamma0 * exp(b)). The 4-bit codes, the
-embeddings and lm_head stay as stored, so the result is the same format at the same bits.
+low-rank factors, and every RMSNorm weight (gamma = gamma0 * exp(b)). The embeddings and
+lm_head stay as stored, and so do the 4-bit codes unless `--code-lr` is given: then each code
+also has a latent real value z (starting at the stored code), the forward pass uses
+round(clamp(z, -8, 7)) with a straight-through gradient, and the rounded codes are written.
+Either way the result is the same format at the same bits.
 Adam with a cosine-decayed rate (factors' rates scaled to their RMS, as in tune.py); the last
 calibration batch is held out, its KL is measured with everything rounded to the stored dtypes
 before tuning and after every `--eval-every` steps, and the best point (the start included) is
@@ -39,10 +42,14 @@ from vllm_twinquant import format as fmt
 class _TunedLinear(torch.nn.Module):
     """A TwinQuant layer whose scales and factors are trainable: y = x deq(R)^T + (x D^T) U^T + b."""
 
-    def __init__(self, codes, scales, up, down, bias, lowrank_dtype, hadamard=False, act_bits=16, act_clip=1.0):
+    def __init__(self, codes, scales, up, down, bias, lowrank_dtype, hadamard=False, act_bits=16, act_clip=1.0,
+                 train_codes=False):
         super().__init__()
         self.hadamard, self.act_bits, self.act_clip = hadamard, act_bits, act_clip
-        self.register_buffer("codes", codes.float(), persistent=False)  # [N, K] in [-8, 7]
+        if train_codes:  # latent codes z; the forward pass rounds them (straight-through)
+            self.codes = torch.nn.Parameter(codes.float())
+        else:
+            self.register_buffer("codes", codes.float(), persistent=False)  # [N, K] in [-8, 7]
         self.register_buffer("s0", scales.float(), persistent=False)
         self.scale_dtype = scales.dtype
         self.lowrank_dtype = lowrank_dtype
@@ -50,6 +57,14 @@ class _TunedLinear(torch.nn.Module):
         self.up = torch.nn.Parameter(up.float()) if up is not None else None
         self.down = torch.nn.Parameter(down.float()) if down is not None else None
         self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
+
+    def rounded_codes(self):
+        """The codes the forward pass uses: the stored ones, or round(clamp(z)) with a
+        straight-through gradient to z when they are trained."""
+        if not isinstance(self.codes, torch.nn.Parameter):
+            return self.codes
+        z = self.codes.clamp(-8, 7)
+        return z + (torch.round(z) - z).detach()
 
     def stored(self):
         """(scales, up, down) rounded to the dtypes the checkpoint stores."""
@@ -69,13 +84,13 @@ class _TunedLinear(torch.nn.Module):
         xr = x
         if self.act_bits < 16:  # W4A4: per-token 4-bit input of the residual (straight-through rounding)
             xr = x + (fmt.quantize_activations(x, self.act_bits, self.act_clip) - x).detach()
-        y = xr @ group_dequantize(self.codes, s).t()
+        y = xr @ group_dequantize(self.rounded_codes(), s).t()
         if up is not None:
             y = y + (x @ down.t()) @ up.t()
         return y if self.bias is None else y + self.bias
 
 
-def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec):
+def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec, train_codes: bool = False):
     """transformers' model of the dense checkpoint's architecture holding the TwinQuant
     checkpoint: its unquantized tensors as they are, each quantized layer as a _TunedLinear."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -106,7 +121,8 @@ def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantS
         setattr(model.get_submodule(parent), attr,
                 _TunedLinear(codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"],
                              up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype,
-                             spec.has_online_hadamard(name), spec.activation_bits, spec.activation_clip_ratio))
+                             spec.has_online_hadamard(name), spec.activation_bits, spec.activation_clip_ratio,
+                             train_codes))
     left = [m for m in missing if not (m.endswith(".weight") and m[: -len(".weight")] in layers)
             and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if left:
@@ -120,7 +136,8 @@ def _kl(student_logits, teacher_logp):
 
 
 def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsamples: int = 128, seqlen: int = 256,
-             batch_size: int = 4, epochs: int = 1, lr: float = 1e-4, eval_every: int = 8, seed: int = 0) -> dict:
+             batch_size: int = 4, epochs: int = 1, lr: float = 1e-4, eval_every: int = 8, seed: int = 0,
+             code_lr: float = 0.0) -> dict:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,7 +150,9 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     if not os.path.exists(path):
         raise SystemExit(f"{ckpt}: expected one model.safetensors (as twinquant-quantize writes)")
     tensors = load_file(path)
-    student, layers = _load_student(dense_dir, ckpt, tensors, spec)
+    if code_lr < 0:
+        raise SystemExit(f"--code-lr must be >= 0 (0 keeps the stored codes); got {code_lr}")
+    student, layers = _load_student(dense_dir, ckpt, tensors, spec, train_codes=code_lr > 0)
     teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     calib = load_calibration(calib_path, AutoTokenizer.from_pretrained(dense_dir), nsamples, seqlen, seed)
     batches = list(calib.split(batch_size))
@@ -152,6 +171,8 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         for p in (m.up, m.down):
             if p is not None:
                 groups.append({"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt())})
+    if code_lr > 0:  # latent codes, in code units (a step of code_lr moves z by about that much)
+        groups.append({"params": [m.codes for m in tuned], "lr": code_lr})
     for p in student.parameters():
         p.requires_grad_(False)
     for g in groups:
@@ -219,10 +240,17 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         for p, v in zip([p for g in groups for p in g["params"]], best[2]):
             p.copy_(v)
     out = dict(tensors)
+    flipped = total_codes = 0
     for name in layers:
         m = student.get_submodule(name)
         s, up, down = m.stored()
         out[f"{name}.{fmt.WEIGHT_SCALE}"] = s.contiguous()
+        if code_lr > 0:
+            key = f"{name}.{fmt.WEIGHT_PACKED}"
+            codes = m.rounded_codes().detach().to(torch.int8)
+            flipped += int((codes != fmt.unpack_codes(tensors[key], codes.shape[1])).sum())
+            total_codes += codes.numel()
+            out[key] = fmt.pack_codes(codes).contiguous()
         if up is not None:
             out.update(fmt.lowrank_tensors(name, up, down, spec))
     for m, g, b in zip(norms, g0, norm_logs):
@@ -236,7 +264,8 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     q.setdefault("metadata", {})["e2e_tuning"] = {
         "objective": "KL(dense || quantized) per token", "epochs": epochs, "lr": lr, "steps": step,
         "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-        "heldout_kl": log, "kept_step": best[1], "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
+        "heldout_kl": log, "kept_step": best[1], "code_lr": code_lr,
+        "codes_changed": round(flipped / max(total_codes, 1), 6), "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
         "seconds": round(time.time() - t0, 1),
     }
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
@@ -254,6 +283,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
+            "codes_changed": round(flipped / max(total_codes, 1), 6),
             "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
 
 
@@ -270,10 +300,13 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--eval-every", type=int, default=8, help="steps between held-out evaluations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--code-lr", type=float, default=0.0,
+                    help="also learn the 4-bit codes (latent values, straight-through rounding) at this Adam rate, "
+                         "in code units; 0 (default) keeps the stored codes")
     args = ap.parse_args(argv)
     try:
         summary = finetune(args.checkpoint, args.dense, args.output, args.calib, args.nsamples, args.seqlen,
-                           args.batch_size, args.epochs, args.lr, args.eval_every, args.seed)
+                           args.batch_size, args.epochs, args.lr, args.eval_every, args.seed, args.code_lr)
     except fmt.TwinQuantFormatError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary, indent=2))

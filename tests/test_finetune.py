@@ -1,6 +1,7 @@
 """twinquant-finetune: end-to-end tuning of a finished checkpoint against the dense model."""
 
 import json
+import math
 import os
 
 import pytest
@@ -92,3 +93,60 @@ def test_finetune_w4a4_student_computes_what_the_torch_kernel_serves(tiny_dense,
     tuned_spec = fmt.validate_checkpoint(out)
     assert tuned_spec.activation_bits == 4 and tuned_spec.activation_clip_ratio == 0.9
     assert tuned_spec.online_hadamard == spec.online_hadamard
+
+
+def test_finetune_code_lr_learns_codes_straight_through(tiny_dense, tiny_tq_int8, tmp_path):
+    """--code-lr: the codes become latent values rounded in the forward pass; the rounded ones
+    are written (same format, same bits), and the held-out loss still never gets worse."""
+    from safetensors.torch import load_file
+
+    from offline_quantizer.finetune import finetune
+    from vllm_twinquant import format as fmt
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = str(tmp_path / "ftc")
+    summary = finetune(tiny_tq_int8, tiny_dense, out, str(calib), nsamples=8, seqlen=32, batch_size=2, epochs=2,
+                       lr=2e-3, eval_every=1, code_lr=0.6)
+    fmt.validate_checkpoint(out)
+    assert summary["heldout_kl_end"] <= summary["heldout_kl_start"]
+    a = load_file(os.path.join(tiny_tq_int8, "model.safetensors"))
+    b = load_file(os.path.join(out, "model.safetensors"))
+    packed = [k for k in a if k.endswith("." + fmt.WEIGHT_PACKED)]
+    changed = sum(int((fmt.unpack_codes(a[k], a[k].shape[1] * 8) != fmt.unpack_codes(b[k], b[k].shape[1] * 8)).sum())
+                  for k in packed)
+    total = sum(a[k].numel() * 8 for k in packed)
+    # Adam's first step moves each latent code by about 0.6, so it rounds elsewhere: codes differ
+    # exactly when a tuned point was kept (here the start usually wins, and then the stored codes
+    # must come back unchanged)
+    assert (changed > 0) == (summary["kept_step"] > 0), (changed, summary)
+    assert summary["codes_changed"] == round(changed / total, 6)
+    with open(os.path.join(out, "config.json")) as f:
+        meta = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"]
+    assert meta["code_lr"] == 0.6
+    with pytest.raises(SystemExit, match="--code-lr must be >= 0"):
+        finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ftn"), str(calib), nsamples=8, seqlen=32, code_lr=-1)
+
+
+def test_tuned_linear_straight_through_codes_reach_a_shifted_grid():
+    """The latent codes of _TunedLinear move under the straight-through gradient until they round
+    to the codes that reproduce a target layer (here: every code shifted by +1 or -1)."""
+    from offline_quantizer.finetune import _TunedLinear
+
+    torch.manual_seed(0)
+    codes = torch.randint(-7, 7, (32, 128)).float()
+    target = (codes + torch.randint(0, 2, codes.shape) * 2 - 1).clamp(-8, 7)
+    s = torch.rand(32, 2) + 0.5
+    m = _TunedLinear(codes, s, None, None, None, torch.bfloat16, train_codes=True)
+    m.a.requires_grad_(False)
+    opt = torch.optim.Adam([m.codes], lr=0.05)
+    x = torch.randn(512, 128)
+    w_t = (target.view(32, 2, 64) * s[:, :, None]).view(32, 128)
+    for i in range(150):  # cosine-decayed rate, as finetune() uses
+        opt.param_groups[0]["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * i / 150))
+        loss = (m(x) - x @ w_t.t()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(m.rounded_codes().detach(), target)
+    assert not torch.equal(target, codes)

@@ -218,20 +218,31 @@ def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
 
 
 def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
-    """The tensor-core decode kernel (twinquant_mma.py) for 2 <= M <= 16 by layer shape (the H200
-    sweep, benchmarks/results/kernels_h200_mma.json), never at M = 1 (the vector kernel measured
-    faster), and never without CUDA, under the interpreter, for G = 32 or fp32 activations."""
+    """The tensor-core decode kernel (twinquant_mma.py) for 2 <= M <= 128 by layer shape where the
+    H200 sweeps measured it faster (benchmarks/results/kernels_h200_mma*.json), never at M = 1 (the
+    vector kernel measured faster), and never without CUDA, under the interpreter, for G = 32 or
+    fp32 activations."""
     assert tg.pick_mma_config(1, 28672, 4096) is None
     assert tg.pick_mma_config(2, 4096, 14336) == (1, 8, 8)  # down
     assert tg.pick_mma_config(8, 6144, 4096) == (1, 8, 8)  # q/k/v
     assert tg.pick_mma_config(4, 28672, 4096) == (2, 8, 2)  # gate/up
     assert tg.pick_mma_config(16, 4096, 14336) == (2, 8, 16)
     assert tg.pick_mma_config(16, 28672, 4096) == (2, 8, 4)
-    assert tg.MMA_MAX_M == 16
+    assert tg.pick_mma_config(32, 6144, 4096) == (1, 4, 4, 32)  # 17-32 tokens: 32 per program
+    assert tg.pick_mma_config(64, 4096, 14336) == (2, 4, 16, 64)
+    assert tg.pick_mma_config(64, 28672, 4096) is None  # the tile kernel was as fast or faster
+    assert tg.pick_mma_config(100, 4096, 4096) == (2, 8, 4, 64)  # o only
+    assert tg.pick_mma_config(128, 4096, 14336) is None
+    assert tg.MMA_MAX_M == 128
     assert not tg.mma_usable(torch.device("cpu"), torch.bfloat16, 128, 4096)  # no CUDA here (and the interpreter is on)
     assert tg.fit_mma_tile((1, 8, 8), 256) == (1, 8, 8)
     assert tg.fit_mma_tile((2, 8, 2), 64) == (1, 4, 2)  # SmolLM2's q/k/v slots: 64-row tiles at most
     assert tg.fit_mma_tile((1, 1, 4), 0) is None
+    assert tg.fit_mma_tile((2, 8, 4, 64), 64) == (1, 4, 4, 64)  # tokens per program kept
+    from csrc_triton import twinquant_mma as tm
+    assert tm.plan(24, 4096, 128, 1, 64) == (32, 64, 2, 2048)  # 32 tokens x 2048 columns x 2 B = 128 KB
+    assert tm.plan(100, 14336, 128, 16, 64) == (64, 64, 16, 896)  # 2 token tiles of 64, 112 KB each
+    assert tm.plan(4, 4096, 128, 8, 64) == (8, 128, 8, 512)
 
 
 @pytest.mark.parametrize("mt,warps,tok,rank,split,dtype,int8,bias,group,ks", [
@@ -239,6 +250,8 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
     (2, 8, 8, 64, True, "bf16", False, True, 128, 2048),  # gate/up
     (2, 4, 16, 64, True, "fp16", True, True, 64, 576),  # M 9-16, int8 factors, SmolLM2-wide K
     (1, 1, 8, 4, False, "bf16", False, False, 64, 576),
+    (1, 8, 64, 128, True, "bf16", False, True, 128, 512),  # 33-128 tokens: 64-column steps, ranks 16 at a time
+    (2, 4, 32, 4, False, "fp16", True, False, 64, 576),
 ])
 def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype, int8, bias, group, ks):
     """The Gluon tensor-core decode kernel has no CPU interpreter: here it is compiled for sm_90.
@@ -254,7 +267,8 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
     ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
             "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
             "part_ptr": "*fp32", "ticket_ptr": "*i32"}
-    consts = dict(KS=ks, GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
+    bk = group if tok <= 16 else 64  # as twinquant_mma.plan chooses
+    consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
                   BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400)
     ptx = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
                        aligned_extra=("N", "K"))
@@ -263,7 +277,7 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
     exp = "0x43004300" if dtype == "bf16" else "0x64006400"
     # two steps per loop iteration; per step and 64-column chunk a lane unpacks 2 words of each of
     # its 2 rows per 16-row tile: 16 codes, 8 LOP3s
-    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 2 * mt * 2 * (group // 64) * 8
+    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 2 * mt * 2 * (bk // 64) * 8
     assert ".local" not in ptx
     assert (".acq_rel.add" in ptx) == split  # the ticket (the partial sums go in as relaxed reductions)
 

@@ -134,7 +134,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         if mma_usable(device, self.config.act_dtype, self.config.group_size, k):
             from csrc_triton.twinquant_mma import scratch
 
-            scratch(device, n, -(-n // 16))
+            scratch(device, n)
 
     def apply(self, layer, x, bias):
         c = self.config

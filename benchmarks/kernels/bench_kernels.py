@@ -486,7 +486,9 @@ def main():
         worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))
         worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, thr, 128, (4096, 5120), config=cfg, int8=True, bias=True))
     if checks and mma_available():  # tensor-core decode kernel (csrc_triton/twinquant_mma.py)
-        for m, cfg in itertools.product([2, 5, 16], [(1, 8, 8), (2, 4, 2), (1, 1, 3)]):
+        mma_cases = list(itertools.product([2, 5, 16], [(1, 8, 8), (2, 4, 2), (1, 1, 3)]))
+        mma_cases += list(itertools.product([24, 64, 100], [(1, 8, 8, 32), (2, 4, 4, 64), (1, 4, 2, 32)]))
+        for m, cfg in mma_cases:
             worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, thr, 128, config=cfg))
             worst = max(worst, check(m, 576, 960, 16, dtype, gen, thr, 64, (576, 768), config=cfg))
             worst = max(worst, check(m, 4096, 4096, 0, torch.float16, gen, thr, 128, config=cfg))

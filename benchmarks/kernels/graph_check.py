@@ -4,7 +4,7 @@
 
 vLLM captures decode steps in CUDA graphs (and compiles the model with torch.compile); the
 tensor-core decode kernel keeps state between calls (its split-K workspace and tickets must be
-all zero again after every call). For decode-sized batches (M = 1, 2, 4, 9, 16) on merged q/k/v
+all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100 tokens on merged q/k/v
 (slots) and gate/up shapes, rank 0 and 64, the op is captured in one CUDA graph, replayed five
 times with fresh inputs copied into the captured buffer, and each replay's output is compared
 with a float32 reference; at M = 4 and rank 64 also through torch.compile(fullgraph=True,
@@ -28,7 +28,8 @@ from bench_kernels import make_layer, reference  # noqa: E402
 import vllm_twinquant.kernels  # noqa: E402, F401  (registers torch.ops.twinquant.linear)
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
-CASES = [("qkv", 4096, 6144, (4096, 5120)), ("gate_up", 4096, 28672, (14336,)), ("down", 14336, 4096, ())]
+CASES = [("qkv", 4096, 6144, (4096, 5120)), ("o", 4096, 4096, ()), ("gate_up", 4096, 28672, (14336,)),
+         ("down", 14336, 4096, ())]
 
 
 def rel(y, ref):
@@ -42,7 +43,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     recs, worst = [], 0.0
-    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16) for r in (0, 64)]:
+    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100) for r in (0, 64)]:
         qw, sc, down, up = make_layer(k, n, r, dtype, gen, 128, len(bounds) + 1)
         qwr = tg.repack(qw, 128)
         op = torch.ops.twinquant.linear
