@@ -21,10 +21,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, num_warps: int,
-                 gluon: bool = False, aligned_extra: tuple[str, ...] = ()) -> str:
+                 gluon: bool = False, aligned_extra: tuple[str, ...] = (), want_resources: bool = False):
     """PTX of `module.kernel` compiled for sm_90. ptrs: pointer parameter -> Triton type
     ("*bf16"); consts: constexpr parameters; every other parameter is an i32. Pointers,
-    strides and `aligned_extra` are declared 16-divisible, as the launches make them."""
+    strides and `aligned_extra` are declared 16-divisible, as the launches make them.
+    want_resources: return (ptx, {"REG": .., "STACK": .., "LOCAL": .., ...}) read from the
+    cubin by the cuobjdump that ships with Triton."""
     spec = dict(module=module, kernel=kernel, ptrs=ptrs, consts=consts, num_warps=num_warps, gluon=gluon,
                 aligned_extra=list(aligned_extra))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -36,7 +38,11 @@ def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, n
         if proc.returncode:
             raise RuntimeError(f"compiling {module}.{kernel} for sm_90 failed:\n{proc.stderr[-4000:]}")
         with open(os.path.join(out, "kernel.ptx")) as f:
-            return f.read()
+            ptx = f.read()
+        if want_resources:
+            with open(os.path.join(out, "kernel.res")) as f:
+                return ptx, json.load(f)
+        return ptx
 
 
 def _main(spec_json: str, out: str) -> None:
@@ -70,6 +76,16 @@ def _main(spec_json: str, out: str) -> None:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": spec["num_warps"]})
     with open(os.path.join(out, "kernel.ptx"), "w") as f:
         f.write(compiled.asm["ptx"])
+    cubin = os.path.join(out, "kernel.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tool):
+        text = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+        line = next(ln for ln in text.splitlines() if "REG:" in ln)
+        res = {k: int(v) for k, v in (item.split(":") for item in line.split() if ":" in item and item.split(":")[1].isdigit())}
+        with open(os.path.join(out, "kernel.res"), "w") as f:
+            json.dump(res, f)
 
 
 if __name__ == "__main__":

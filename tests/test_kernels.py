@@ -269,7 +269,7 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
             "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     bk = group if tok <= 16 else 64  # as twinquant_mma.plan chooses
     consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
-                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400)
+                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tok >= 32)
     ptx = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
                        aligned_extra=("N", "K"))
     kind = "bf16" if dtype == "bf16" else "f16"
@@ -385,3 +385,40 @@ def test_int8_lowrank_factors_match_float64(m, n, k, g, r, bounds, cfg):
     with pytest.raises(ValueError, match="int8 factors need a up_scale"):
         tg.tq_gemm(x, tg.repack(qw, g), sc, g, qd, qu, slot_bounds=bounds, down_scale=ds)
 
+
+
+def _mma_dispatch_launches():
+    """(m, n, k, config) for every MMA_CONFIGS row that picks the mma kernel: its largest M on a
+    layer shape the row covers (Llama-3-8B's down, q/k/v or gate/up)."""
+    out = []
+    for max_m, max_n, min_k, cfg in tg.MMA_CONFIGS:
+        if cfg is None:
+            continue
+        n = 28672 if max_n > 8192 else (6144 if max_n == 8192 else 4096)
+        k = 14336 if min_k >= 8192 else 4096
+        out.append((max_m, n, k, cfg))
+    return out
+
+
+@pytest.mark.parametrize("m,n,k,cfg", _mma_dispatch_launches())
+def test_mma_dispatch_configs_do_not_spill(m, n, k, cfg):
+    """Every launch the dispatch makes of the mma kernel compiles for sm_90 with no local memory
+    and at most a small stack frame (<= 32 bytes), at rank 0 and rank 64. A coarse guard: frame
+    sizes depend on the Triton/ptxas version. With Triton 3.6 (the GPU image) the 64-token MT 2
+    configs keep 16 bytes at rank 64 and (1, 4, 8) 8 bytes (all measured by the sweeps), while
+    the variant that cost 25% on down at 64 tokens had 80 (benchmarks/kernels/README.md, v9);
+    this CI's newer Triton gives 24 bytes for the committed configs and 32 for that variant."""
+    from compile_sm90 import compile_sm90
+
+    from csrc_triton import twinquant_mma as tm
+
+    mt, warps, split, *tok = cfg
+    tok_, bk, split, ks = tm.plan(m, k, 128, split, *tok)
+    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
+            "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+    for rank in (0, 64):
+        consts = dict(KS=ks, GROUP=128, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=False, HAS_BIAS=False, MT=mt, TOK=tok_,
+                      BLOCK_R=max(16, rank), SPLIT=split > 1, EXP=0x4300, TILED=m > tok_ or tok_ >= 32)
+        _, res = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
+                              aligned_extra=("N", "K"), want_resources=True)
+        assert res["STACK"] <= 32 and res["LOCAL"] == 0, (m, n, k, cfg, rank, res)
