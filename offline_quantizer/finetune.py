@@ -18,7 +18,7 @@ before tuning and after every `--eval-every` steps, and the best point (the star
 written, so the stage never makes that loss worse. docs/method.md section 6 has the numbers.
 
 Output: a new checkpoint folder (written to a temporary folder beside it, renamed at the end);
-the recipe gains "-e2e" and the metadata an "e2e_tuning" record.
+the recipe gains "-e2e" ("-e2e-codes" with `--code-lr`) and the metadata an "e2e_tuning" record.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = json.load(f)
     q = cfg["quantization_config"]
-    q["recipe"] = q.get("recipe", "") + "-e2e"
+    q["recipe"] = q.get("recipe", "") + ("-e2e-codes" if code_lr > 0 else "-e2e")
     q.setdefault("metadata", {})["e2e_tuning"] = {
         "objective": "KL(dense || quantized) per token", "epochs": epochs, "lr": lr, "steps": step,
         "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},

@@ -124,6 +124,8 @@ def test_finetune_code_lr_learns_codes_straight_through(tiny_dense, tiny_tq_int8
     with open(os.path.join(out, "config.json")) as f:
         meta = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"]
     assert meta["code_lr"] == 0.6
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["quantization_config"]["recipe"].endswith("-e2e-codes")
     with pytest.raises(SystemExit, match="--code-lr must be >= 0"):
         finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ftn"), str(calib), nsamples=8, seqlen=32, code_lr=-1)
 
