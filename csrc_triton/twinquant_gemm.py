@@ -554,7 +554,7 @@ GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
 # kernels_h200_mma_wide.json above): same shape rules as GEMV_CONFIGS; None: not this kernel (the
 # vector kernel at M = 1, which stayed 1-10% faster there, the tile kernel where it was faster).
 # SPLIT_K is the number of programs along K the sweep ran (the x slice then fits in 64 KB, except
-# down at 17-64 tokens: 112 KB).
+# down at 17-64 tokens: 112 KB, and o at 33-128: 128 KB).
 MMA_MAX_M = 128
 MMA_CONFIGS = [  # (max M, max N, min K, config): first match
     (1, 1 << 62, 0, None),
