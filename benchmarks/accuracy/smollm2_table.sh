@@ -75,6 +75,7 @@ e2e tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4 tq-attn-tune4-r4-g64-
 e2e tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4-e2e4-lr5e-4s2 tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4 --nsamples 256 --epochs 4 --lr 5e-4 --seed 2
 # a fourth round that may also move the 4-bit codes (--code-lr, straight-through; at 1e-2 it moved 0.0007% of them)
 e2e tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4-e2e4-lr5e-4s2-e2e4-codes1e-2s3 tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4-e2e4-lr5e-4s2 --nsamples 256 --epochs 4 --lr 5e-4 --seed 3 --code-lr 1e-2
+e2e tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4-e2e4-lr5e-4s2-e2e4-codes1e-2s3-e2e4-n128s4 tq-attn-tune4-r4-g64-c128-e2e4-n256-lr1e-3-e2e4-lr5e-4-e2e4-lr5e-4s2-e2e4-codes1e-2s3 --nsamples 128 --epochs 4 --lr 5e-4 --seed 4
 e2e tq-attn-tune4-clip0.8-r4-g64-c128-w4a4-e2e2 tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --nsamples 128 --epochs 2 --lr 5e-4
 e2e tq-attn-tune4-clip0.8-r4-g64-c128-w4a4-e2e4-n256-lr1e-3 tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --nsamples 256 --epochs 4 --lr 1e-3
 e2e tq-attn-tune4-clip0.8-r4-g64-c128-w4a4-e2e4-n256-lr1e-3-e2e4-lr5e-4 tq-attn-tune4-clip0.8-r4-g64-c128-w4a4-e2e4-n256-lr1e-3 --nsamples 256 --epochs 4 --lr 5e-4 --seed 1
