@@ -283,6 +283,18 @@ def _smem_optin(device_index: int) -> int:
     return getattr(props, "shared_memory_per_block_optin", 48 << 10)
 
 
+def step_k(tok: int, group_size: int) -> int:
+    """Columns per K step for `tok` tokens per program: one scale group up to 16 tokens, one
+    64-column chunk from 32 on (the x fragment every warp holds stays at 64 registers)."""
+    return group_size if tok <= 16 else 64
+
+
+def token_offset_runtime(m: int, tok: int) -> bool:
+    """The kernel's TILED: the token offset is a runtime value when M spans several token tiles,
+    and always from 32 tokens per program (there the compile-time 0 made (2, 4, 16) spill)."""
+    return m > tok or tok >= 32
+
+
 def plan(m: int, k: int, group_size: int, split: int, max_tok: int = MAX_M.value,
          device_index: int | None = None) -> tuple[int, int, int, int]:
     """(tokens per program, K step, programs along K, K per program) of a launch asked for
@@ -291,7 +303,7 @@ def plan(m: int, k: int, group_size: int, split: int, max_tok: int = MAX_M.value
     if max_tok not in (8, 16, 32, 64):
         raise ValueError(f"tokens per program must be 8, 16, 32 or 64, got {max_tok}")
     tok = min(max_tok, max(8, 1 << (m - 1).bit_length()))
-    bk = group_size if tok <= 16 else 64
+    bk = step_k(tok, group_size)
     groups = k // group_size
     split = max(1, min(split, groups))
     budget = X_SMEM_MAX
@@ -319,5 +331,5 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
     _tq_decode_mma_kernel[(tiles, split, triton.cdiv(m, tok))](
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
         KS=k_per_split, GROUP=group_size, BK=bk, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
-        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=m > tok or tok >= 32, num_warps=warps,
+        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), num_warps=warps,
     )

@@ -253,6 +253,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
             out[key] = fmt.pack_codes(codes).contiguous()
         if up is not None:
             out.update(fmt.lowrank_tensors(name, up, down, spec))
+    codes_changed = round(flipped / max(total_codes, 1), 6)
     for m, g, b in zip(norms, g0, norm_logs):
         key = f"{norm_names[id(m)]}.weight"
         out[key] = (g * torch.exp(b)).detach().to(tensors[key].dtype).contiguous()
@@ -265,7 +266,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         "objective": "KL(dense || quantized) per token", "epochs": epochs, "lr": lr, "steps": step,
         "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "heldout_kl": log, "kept_step": best[1], "code_lr": code_lr,
-        "codes_changed": round(flipped / max(total_codes, 1), 6), "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
+        "codes_changed": codes_changed, "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
         "seconds": round(time.time() - t0, 1),
     }
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
@@ -283,7 +284,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
-            "codes_changed": round(flipped / max(total_codes, 1), 6),
+            "codes_changed": codes_changed,
             "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
 
 

@@ -245,6 +245,20 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
     assert tm.plan(4, 4096, 128, 8, 64) == (8, 128, 8, 512)
 
 
+def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16", int8=False, bias=False,
+                 want_resources=False):
+    """twinquant_mma's kernel compiled for sm_90 with the constexprs a launch would pass."""
+    from compile_sm90 import compile_sm90
+
+    ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
+            "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+    consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
+                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled)
+    return compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
+                        aligned_extra=("N", "K"), want_resources=want_resources)
+
+
 @pytest.mark.parametrize("mt,warps,tok,rank,split,dtype,int8,bias,group,ks", [
     (1, 8, 8, 0, True, "bf16", False, False, 128, 512),  # the dispatch's q/k/v, o and down configs
     (2, 8, 8, 64, True, "bf16", False, True, 128, 2048),  # gate/up
@@ -262,16 +276,11 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
     Numerics are checked on the GPU (benchmarks/kernels/bench_mma.py, bench_kernels.py)."""
     import re
 
-    from compile_sm90 import compile_sm90
+    from csrc_triton import twinquant_mma as tm
 
-    ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
-            "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-            "part_ptr": "*fp32", "ticket_ptr": "*i32"}
-    bk = group if tok <= 16 else 64  # as twinquant_mma.plan chooses
-    consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
-                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tok >= 32)
-    ptx = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
-                       aligned_extra=("N", "K"))
+    bk = tm.step_k(tok, group)
+    ptx = _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tm.token_offset_runtime(tok, tok), dtype,
+                       int8, bias)
     kind = "bf16" if dtype == "bf16" else "f16"
     assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{kind}\.{kind}\.f32", ptx)
     exp = "0x43004300" if dtype == "bf16" else "0x64006400"
@@ -408,17 +417,11 @@ def test_mma_dispatch_configs_do_not_spill(m, n, k, cfg):
     configs keep 16 bytes at rank 64 and (1, 4, 8) 8 bytes (all measured by the sweeps), while
     the variant that cost 25% on down at 64 tokens had 80 (benchmarks/kernels/README.md, v9);
     this CI's newer Triton gives 24 bytes for the committed configs and 32 for that variant."""
-    from compile_sm90 import compile_sm90
-
     from csrc_triton import twinquant_mma as tm
 
     mt, warps, split, *tok = cfg
     tok_, bk, split, ks = tm.plan(m, k, 128, split, *tok)
-    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
-            "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     for rank in (0, 64):
-        consts = dict(KS=ks, GROUP=128, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=False, HAS_BIAS=False, MT=mt, TOK=tok_,
-                      BLOCK_R=max(16, rank), SPLIT=split > 1, EXP=0x4300, TILED=m > tok_ or tok_ >= 32)
-        _, res = compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
-                              aligned_extra=("N", "K"), want_resources=True)
+        _, res = _compile_mma(mt, warps, tok_, bk, ks, 128, rank, split > 1, tm.token_offset_runtime(m, tok_),
+                              want_resources=True)
         assert res["STACK"] <= 32 and res["LOCAL"] == 0, (m, n, k, cfg, rank, res)
