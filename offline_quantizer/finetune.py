@@ -137,7 +137,7 @@ def _kl(student_logits, teacher_logp):
 
 def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsamples: int = 128, seqlen: int = 256,
              batch_size: int = 4, epochs: int = 1, lr: float = 1e-4, eval_every: int = 8, seed: int = 0,
-             code_lr: float = 0.0) -> dict:
+             code_lr: float = 0.0, device: str = "cpu", max_minutes: float = 0.0) -> dict:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,8 +153,9 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     if code_lr < 0:
         raise SystemExit(f"--code-lr must be >= 0 (0 keeps the stored codes); got {code_lr}")
     student, layers = _load_student(dense_dir, ckpt, tensors, spec, train_codes=code_lr > 0)
-    teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
-    calib = load_calibration(calib_path, AutoTokenizer.from_pretrained(dense_dir), nsamples, seqlen, seed)
+    student.to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval().to(device)
+    calib = load_calibration(calib_path, AutoTokenizer.from_pretrained(dense_dir), nsamples, seqlen, seed).to(device)
     batches = list(calib.split(batch_size))
     if len(batches) < 2:
         raise SystemExit("end-to-end tuning needs at least 2 calibration batches (one is held out); raise --nsamples")
@@ -210,9 +211,20 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     total, step, log = max(epochs * len(train), 1), 0, [[0, round(start, 6)]]
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=total, desc="end-to-end tuning", unit="step")
+    deadline = t0 + 60 * max_minutes if max_minutes > 0 else math.inf
     try:
         for _ in range(epochs):
+            if time.time() > deadline:
+                break
             for j in torch.randperm(len(train), generator=gen).tolist():
+                if time.time() > deadline:  # stop on time; the best held-out point so far is written
+                    if step % eval_every:
+                        val = heldout()
+                        log.append([step, round(val, 6)])
+                        if val < best[0]:
+                            best = (val, step, [p.detach().clone() for g in groups for p in g["params"]])
+                    tqdm.write(f"--max-minutes {max_minutes}: stopped at step {step} of {total}")
+                    break
                 for g, b in zip(opt.param_groups, base_lr):
                     g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / total))
                 with torch.no_grad():
@@ -243,11 +255,11 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     flipped = total_codes = 0
     for name in layers:
         m = student.get_submodule(name)
-        s, up, down = m.stored()
+        s, up, down = (t.cpu() if t is not None else None for t in m.stored())
         out[f"{name}.{fmt.WEIGHT_SCALE}"] = s.contiguous()
         if code_lr > 0:
             key = f"{name}.{fmt.WEIGHT_PACKED}"
-            codes = m.rounded_codes().detach().to(torch.int8)
+            codes = m.rounded_codes().detach().to("cpu", torch.int8)
             flipped += int((codes != fmt.unpack_codes(tensors[key], codes.shape[1])).sum())
             total_codes += codes.numel()
             out[key] = fmt.pack_codes(codes).contiguous()
@@ -256,7 +268,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     codes_changed = round(flipped / max(total_codes, 1), 6)
     for m, g, b in zip(norms, g0, norm_logs):
         key = f"{norm_names[id(m)]}.weight"
-        out[key] = (g * torch.exp(b)).detach().to(tensors[key].dtype).contiguous()
+        out[key] = (g * torch.exp(b)).detach().to("cpu", tensors[key].dtype).contiguous()
 
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = json.load(f)
@@ -267,7 +279,8 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "heldout_kl": log, "kept_step": best[1], "code_lr": code_lr,
         "codes_changed": codes_changed, "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1), "device": torch.device(device).type,
+        "planned_steps": total, "max_minutes": max_minutes or None,
     }
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
     tmp = tempfile.mkdtemp(prefix=".twinquant-finetune-", dir=parent)
@@ -285,7 +298,9 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         raise
     return {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
             "codes_changed": codes_changed,
-            "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
+            "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2),
+            **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+               if torch.device(device).type == "cuda" else {})}
 
 
 def main(argv=None) -> None:
@@ -304,10 +319,16 @@ def main(argv=None) -> None:
     ap.add_argument("--code-lr", type=float, default=0.0,
                     help="also learn the 4-bit codes (latent values, straight-through rounding) at this Adam rate, "
                          "in code units; 0 (default) keeps the stored codes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the student and the teacher run (default: cuda when available)")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="stop after this much wall time (the schedule stays the planned one; the best held-out "
+                         "point so far is written); 0 (default): no limit")
     args = ap.parse_args(argv)
     try:
         summary = finetune(args.checkpoint, args.dense, args.output, args.calib, args.nsamples, args.seqlen,
-                           args.batch_size, args.epochs, args.lr, args.eval_every, args.seed, args.code_lr)
+                           args.batch_size, args.epochs, args.lr, args.eval_every, args.seed, args.code_lr,
+                           args.device, args.max_minutes)
     except fmt.TwinQuantFormatError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary, indent=2))

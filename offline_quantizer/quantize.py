@@ -112,6 +112,7 @@ def quantize_model(
     tune_lr: float = 1e-3,
     attention_aware: bool = False,
     tune_loss: str = "tensor",
+    save_rotation: str | None = None,
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -148,9 +149,14 @@ def quantize_model(
         t_rot = time.time()
         steps = rotation_steps if rotation == "learned" else 0  # "random": the initial point only
         readers, writers = tf.rotation_targets(model)
-        q, hist = tf.learn_rotation(readers, writers, group_size, "random", steps, seed=seed)
+        q, hist = tf.learn_rotation(readers, writers, group_size, "random", steps, seed=seed, device=device)
         del readers, writers
         tf.rotate_residual_stream(model, q)
+        if save_rotation:  # the learned Q itself, outside the checkpoint (which holds it folded)
+            from safetensors.torch import save_file
+
+            save_file({"rotation": q.float().contiguous()}, save_rotation,
+                      metadata={"source": os.path.basename(os.path.normpath(model_dir)), "kind": rotation})
         transform_info["rotation"] = {"kind": rotation, "steps": steps,
                                       "rtn_error_start": round(hist[0], 6), "rtn_error_end": round(min(hist), 6),
                                       "seconds": round(time.time() - t_rot, 1)}
@@ -519,7 +525,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--save-rotation", metavar="FILE",
+                    help="also write the residual-stream rotation Q (float32 [d, d], safetensors key 'rotation') to "
+                         "FILE, outside the checkpoint: the rotated embeddings are bf16(E Q), E the dense ones")
     args = ap.parse_args(argv)
+    if args.save_rotation and args.rotation == "none" and not args.twinquant:
+        raise SystemExit("--save-rotation needs --rotation random|learned (or --twinquant)")
     if args.rank < 0:
         raise SystemExit("--rank must be >= 0")
     if args.twinquant:
@@ -533,7 +544,7 @@ def main(argv=None) -> None:
             refine_iters=args.refine_iters, rotation=args.rotation, rotation_steps=args.rotation_steps,
             smoothing=args.smoothing, activation_bits=args.activation_bits, activation_clip=args.activation_clip,
             tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, attention_aware=args.attention_aware,
-            tune_loss=args.tune_loss,
+            tune_loss=args.tune_loss, save_rotation=args.save_rotation,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

@@ -133,6 +133,7 @@ def learn_rotation(
     steps: int = 100,
     lr: float = 0.05,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Q on the Stiefel manifold O(d) minimising the relative 4-bit RTN error of every reader
     (W Q, groups along its input) and writer (Q^T W, rows mixed, groups along its own input).
@@ -140,31 +141,39 @@ def learn_rotation(
     Riemannian SGD with the Cayley retraction (Wen & Yin 2013, as in SpinQuant): the Euclidean
     gradient G is projected to the skew generator A = G Q^T - Q G^T, and
     Q <- (I + lr/2 A)^-1 (I - lr/2 A) Q, which stays exactly orthogonal. The step is normalised
-    by ||A|| so that lr is an angle; it decays by cosine to 0. Returns Q and the loss per step
-    (step 0 = the initial point); the best Q seen is returned."""
+    by ||A|| so that lr is an angle; it decays by cosine to 0. Returns Q (on the CPU) and the loss
+    per step (step 0 = the initial point); the best Q seen is returned.
+
+    device: where the products run (default: that of the weights). The loss and its gradient are
+    accumulated one matrix at a time, each weight moved to `device` for its term, so the memory
+    beyond the weights is that of one matrix's term (an 8B model's 224 matrices need not fit at once)."""
     d = readers[0].shape[1]
-    q = random_orthogonal(d, seed).float() if init == "random" else torch.eye(d)
-    norms_r = [float(w.pow(2).sum()) for w in readers]
-    norms_w = [float(w.pow(2).sum()) for w in writers]
-    eye = torch.eye(d)
+    dev = torch.device(device) if device is not None else readers[0].device
+    q = (random_orthogonal(d, seed).float() if init == "random" else torch.eye(d)).to(dev)
+    terms = [(w, False) for w in readers] + [(w, True) for w in writers]
+    norms = [float(w.pow(2).sum()) * len(terms) for w, _ in terms]
+    eye = torch.eye(d, device=dev)
     history: list[float] = []
     best = (math.inf, q.clone())
     for step in tqdm(range(steps + 1), desc="learning rotation (Stiefel)", unit="step", leave=False):
         qv = q.clone().requires_grad_(True)
-        loss = sum(_ste_rtn_error(w @ qv, group_size) / n for w, n in zip(readers, norms_r))
-        loss = loss + sum(_ste_rtn_error(qv.t() @ w, group_size) / n for w, n in zip(writers, norms_w))
-        loss = loss / (len(readers) + len(writers))
-        history.append(float(loss.detach()))
+        loss, grad = 0.0, torch.zeros_like(q)
+        for (w, writer), n in zip(terms, norms):
+            w = w.to(dev)
+            term = _ste_rtn_error(qv.t() @ w if writer else w @ qv, group_size) / n
+            if step < steps:
+                grad += torch.autograd.grad(term, qv)[0]
+            loss += float(term.detach())
+        history.append(loss)
         if history[-1] < best[0]:
             best = (history[-1], q.clone())
         if step == steps:
             break
-        (grad,) = torch.autograd.grad(loss, qv)
         a = grad @ q.t() - q @ grad.t()
         a = a / a.norm().clamp_min(1e-12)
         eta = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         q = torch.linalg.solve(eye + 0.5 * eta * a, (eye - 0.5 * eta * a) @ q)
-    return best[1], history
+    return best[1].cpu(), history
 
 
 @torch.enable_grad()
@@ -183,7 +192,7 @@ def learn_smoothing(
     h = hessian.float()
     ws = [w.float() for w in weights]
     den = [abs(float(torch.sum((w @ h) * w))) + 1e-30 for w in ws]
-    a = torch.zeros(h.shape[0], requires_grad=True)
+    a = torch.zeros(h.shape[0], device=h.device, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
 
     def objective(av):

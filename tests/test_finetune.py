@@ -57,6 +57,25 @@ def test_finetune_tunes_scales_factors_norms_only_and_never_worsens_heldout(tiny
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".twinquant-finetune-")]  # no half-written folder
 
 
+def test_finetune_max_minutes_stops_on_time_and_writes_the_best_point(tiny_dense, tiny_tq_int8, tmp_path):
+    """--max-minutes: past the deadline no more steps are taken; the checkpoint is still written
+    (the best held-out point so far: here the start) and records the planned schedule."""
+    from offline_quantizer.finetune import finetune
+    from vllm_twinquant import format as fmt
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = str(tmp_path / "ft")
+    summary = finetune(tiny_tq_int8, tiny_dense, out, str(calib), nsamples=8, seqlen=32, batch_size=2, epochs=2,
+                       lr=2e-3, eval_every=1, max_minutes=1e-9)  # the deadline passes while the models load
+    fmt.validate_checkpoint(out)
+    assert summary["steps"] == 0 and summary["kept_step"] == 0
+    assert summary["heldout_kl_end"] == summary["heldout_kl_start"]
+    with open(os.path.join(out, "config.json")) as f:
+        e2e = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"]
+    assert e2e["planned_steps"] == 6 and e2e["steps"] == 0 and e2e["max_minutes"] == 1e-9
+
+
 def test_finetune_w4a4_student_computes_what_the_torch_kernel_serves(tiny_dense, tmp_path):
     """A W4A4 checkpoint: each tuned layer applies the online Hadamard and the per-token 4-bit
     quantizer exactly as vLLM's torch path does, and the tuned checkpoint keeps its W4A4 config."""

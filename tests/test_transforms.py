@@ -143,11 +143,25 @@ def test_twinquant_recipe_writes_a_checkpoint_that_computes_the_model(tiny_dense
     from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
 
-    out = str(tmp_path / "tq-learned")
+    out, rot = str(tmp_path / "tq-learned"), str(tmp_path / "rotation.safetensors")
     quantize_model(tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
                    random_calibration=True, refine_iters=1, rotation="learned", rotation_steps=2,
-                   smoothing="learned")
+                   smoothing="learned", save_rotation=rot)
     fmt.validate_checkpoint(out)
+    # --save-rotation: Q orthogonal, and the stored embeddings / lm_head are exactly the dense ones
+    # with the final norm folded and Q applied (so they can be rebuilt from the dense model and Q)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    q = load_file(rot)["rotation"]
+    assert q.dtype == torch.float32 and q.shape == (576, 576)
+    assert torch.allclose(q.double() @ q.double().t(), torch.eye(576, dtype=torch.float64), atol=1e-5)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype="auto")
+    tf.fold_norms(dense, include_head=True)
+    tf.rotate_residual_stream(dense, q)
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(stored[k], dense.get_parameter(k).detach()), k
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["tie_word_embeddings"] is False
     meta = cfg["quantization_config"]["metadata"]
