@@ -152,6 +152,8 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     tensors = load_file(path)
     if code_lr < 0:
         raise SystemExit(f"--code-lr must be >= 0 (0 keeps the stored codes); got {code_lr}")
+    if max_minutes < 0:
+        raise SystemExit(f"--max-minutes must be >= 0 (0: no limit); got {max_minutes}")
     student, layers = _load_student(dense_dir, ckpt, tensors, spec, train_codes=code_lr > 0)
     student.to(device)
     teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval().to(device)

@@ -527,7 +527,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--save-rotation", metavar="FILE",
                     help="also write the residual-stream rotation Q (float32 [d, d], safetensors key 'rotation') to "
-                         "FILE, outside the checkpoint: the rotated embeddings are bf16(E Q), E the dense ones")
+                         "FILE, outside the checkpoint: the stored embeddings and lm_head are exactly the dense ones (lm_head "
+                         "with the final norm folded) times Q, rounded to their dtype")
     args = ap.parse_args(argv)
     if args.save_rotation and args.rotation == "none" and not args.twinquant:
         raise SystemExit("--save-rotation needs --rotation random|learned (or --twinquant)")
