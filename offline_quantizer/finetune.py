@@ -214,18 +214,21 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=total, desc="end-to-end tuning", unit="step")
     deadline = t0 + 60 * max_minutes if max_minutes > 0 else math.inf
+
+    def evaluate() -> None:  # held-out KL at this step; the best point so far is kept
+        nonlocal best
+        val = heldout()
+        log.append([step, round(val, 6)])
+        tqdm.write(f"step {step}: held-out KL {val:.5f} (start {start:.5f})")
+        if val < best[0]:
+            best = (val, step, [p.detach().clone() for g in groups for p in g["params"]])
+
+    stopped = False
     try:
         for _ in range(epochs):
-            if time.time() > deadline:
-                break
             for j in torch.randperm(len(train), generator=gen).tolist():
-                if time.time() > deadline:  # stop on time; the best held-out point so far is written
-                    if step % eval_every:
-                        val = heldout()
-                        log.append([step, round(val, 6)])
-                        if val < best[0]:
-                            best = (val, step, [p.detach().clone() for g in groups for p in g["params"]])
-                    tqdm.write(f"--max-minutes {max_minutes}: stopped at step {step} of {total}")
+                if time.time() > deadline:
+                    stopped = True
                     break
                 for g, b in zip(opt.param_groups, base_lr):
                     g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -240,11 +243,12 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
                 bar.update(1)
                 bar.set_postfix(kl=f"{loss.item():.4f}")
                 if step % eval_every == 0 or step == total:
-                    val = heldout()
-                    log.append([step, round(val, 6)])
-                    tqdm.write(f"step {step}: held-out KL {val:.5f} (start {start:.5f})")
-                    if val < best[0]:
-                        best = (val, step, [p.detach().clone() for g in groups for p in g["params"]])
+                    evaluate()
+            if stopped:  # on time: the steps since the last evaluation are evaluated too
+                tqdm.write(f"--max-minutes {max_minutes}: stopped at step {step} of {total}")
+                if step % eval_every:
+                    evaluate()
+                break
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None
     finally:
@@ -298,11 +302,12 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
-            "codes_changed": codes_changed,
-            "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2),
-            **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-               if torch.device(device).type == "cuda" else {})}
+    summary = {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
+               "codes_changed": codes_changed,
+               "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
+    if torch.device(device).type == "cuda":
+        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / (1 << 30), 2)
+    return summary
 
 
 def main(argv=None) -> None:
