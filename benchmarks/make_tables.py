@@ -69,6 +69,7 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the fourth with `--code-lr`)",
     "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the fourth with `--code-lr`)",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant W4A4 (as above) + two rounds of end-to-end tuning",
+    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant W4A4 (as above) + three rounds of end-to-end tuning",
     "rot-learned-smooth-svd-gptq-attn-tuned-lrint8": "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors",
     "a4-hadamard-rot-learned-svd-gptq-attn-tuned+clip0.8-at-serve": "TwinQuant W4A4 (as above) served with activation clip 0.8",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, block tuning with activation clip 0.8)",
