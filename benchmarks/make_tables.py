@@ -6,6 +6,7 @@
 """
 
 import json
+import re
 import sys
 
 
@@ -35,13 +36,24 @@ def accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
     for r in sorted(rows, key=lambda r: (_act_bits(r) < 16, r["effective_bits"] < 16, r["effective_bits"], -r["ppl"])):
         rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base and r["recipe"] != "dense" else ""
         print(f"| {r['label']} | {METHODS.get(r['recipe'], r['recipe'])} | {r['group_size'] or ''} | "
-              f"{r['rank'] if r['rank'] is not None else ''} | {_act_bits(r)} | "
+              f"{r['rank'] if r['rank'] is not None else ''} | {_act_label(r)} | "
               f"{r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
 
 
 def _act_bits(r) -> int:
     """W4A4 checkpoints carry it in their recipe name (quantizer: a4-hadamard-...)."""
     return 4 if r["recipe"].startswith("a4-") else 16
+
+
+def _subspace(r) -> int:
+    """Channels of ResQ's 8-bit activation subspace (recipe a4-hadamard-subC-...; 0: none)."""
+    m = re.match(r"a4-hadamard-sub(\d+)-", r["recipe"])
+    return int(m.group(1)) if m else 0
+
+
+def _act_label(r) -> str:
+    c = _subspace(r)
+    return f"4 (8 on {c} of 576 channels in q/k/v, gate/up)" if c else str(_act_bits(r))
 
 
 METHODS = {  # recipe (quantization_config.recipe) -> method column
@@ -70,6 +82,11 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the fourth with `--code-lr`)",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant W4A4 (as above) + two rounds of end-to-end tuning",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant W4A4 (as above) + three rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 + ResQ 8-bit subspace (PCA rotation, attention-aware, block tuning with clip 0.8)",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + two rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + three rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + four rounds of end-to-end tuning",
     "rot-learned-smooth-svd-gptq-attn-tuned-lrint8": "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors",
     "a4-hadamard-rot-learned-svd-gptq-attn-tuned+clip0.8-at-serve": "TwinQuant W4A4 (as above) served with activation clip 0.8",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, block tuning with activation clip 0.8)",
@@ -88,7 +105,9 @@ def accuracy_json(path="benchmarks/results/accuracy_smollm2.jsonl", out="benchma
         dense = r["recipe"] == "dense"
         recs.append({
             "method": METHODS.get(r["recipe"], r["recipe"]), "label": r["label"], "recipe": r["recipe"],
-            "weight_bits": 16 if dense else 4, "activation_bits": _act_bits(r), "rank": r["rank"] or 0,
+            "weight_bits": 16 if dense else 4, "activation_bits": _act_bits(r),
+            "activation_subspace_channels": _subspace(r), "activation_subspace_bits": 8 if _subspace(r) else None,
+            "rank": r["rank"] or 0,
             "group_size": r["group_size"], "effective_bits": round(r["effective_bits"], 4),
             "ppl": r["ppl"], "ppl_bf16": base, "tokens": r["tokens"], "compute_dtype": r["dtype"],
         })

@@ -43,9 +43,10 @@ class _TunedLinear(torch.nn.Module):
     """A TwinQuant layer whose scales and factors are trainable: y = x deq(R)^T + (x D^T) U^T + b."""
 
     def __init__(self, codes, scales, up, down, bias, lowrank_dtype, hadamard=False, act_bits=16, act_clip=1.0,
-                 train_codes=False):
+                 train_codes=False, act_subspace=0, act_subspace_bits=8):
         super().__init__()
         self.hadamard, self.act_bits, self.act_clip = hadamard, act_bits, act_clip
+        self.act_subspace, self.act_subspace_bits = act_subspace, act_subspace_bits
         if train_codes:  # latent codes z; the forward pass rounds them (straight-through)
             self.codes = torch.nn.Parameter(codes.float())
         else:
@@ -83,7 +84,8 @@ class _TunedLinear(torch.nn.Module):
             x = fmt.apply_online_hadamard(x)
         xr = x
         if self.act_bits < 16:  # W4A4: per-token 4-bit input of the residual (straight-through rounding)
-            xr = x + (fmt.quantize_activations(x, self.act_bits, self.act_clip) - x).detach()
+            xq = fmt.quantize_activations(x, self.act_bits, self.act_clip, self.act_subspace, self.act_subspace_bits)
+            xr = x + (xq - x).detach()
         y = xr @ group_dequantize(self.rounded_codes(), s).t()
         if up is not None:
             y = y + (x @ down.t()) @ up.t()
@@ -122,7 +124,7 @@ def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantS
                 _TunedLinear(codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"],
                              up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype,
                              spec.has_online_hadamard(name), spec.activation_bits, spec.activation_clip_ratio,
-                             train_codes))
+                             train_codes, spec.subspace_channels_for(name), spec.activation_subspace_bits))
     left = [m for m in missing if not (m.endswith(".weight") and m[: -len(".weight")] in layers)
             and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if left:

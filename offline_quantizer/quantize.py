@@ -33,6 +33,7 @@ from vllm_twinquant import format as fmt
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 ONLINE_HADAMARD_MODULES = ("o_proj", "down_proj")  # W4A4: inputs no residual-stream rotation reaches
+SUBSPACE_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # W4A4: readers of the residual stream
 SHARD_BYTES = 4 << 30
 
 
@@ -113,6 +114,7 @@ def quantize_model(
     attention_aware: bool = False,
     tune_loss: str = "tensor",
     save_rotation: str | None = None,
+    activation_subspace: int = 0,
 ) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -127,11 +129,16 @@ def quantize_model(
         lowrank_dtype=lowrank_dtype,
         modules_to_not_convert=list(modules_to_not_convert or ["lm_head"]),
         recipe=_recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits, tune_epochs,
-                            attention_aware, activation_clip, lowrank_dtype, tune_loss),
+                            attention_aware, activation_clip, lowrank_dtype, tune_loss, activation_subspace),
         activation_bits=activation_bits,
         activation_clip_ratio=activation_clip,
         online_hadamard=list(ONLINE_HADAMARD_MODULES) if activation_bits < 16 else [],
+        activation_subspace_channels=activation_subspace,
+        activation_subspace_modules=list(SUBSPACE_MODULES) if activation_subspace else [],
     )
+    if activation_subspace and rotation == "none":
+        raise SystemExit("--activation-subspace needs --rotation random|learned (the subspace is made by the "
+                         "residual-stream rotation)")
     if refine_iters and residual != "gptq":
         raise SystemExit("--refine-iters needs --residual gptq (the R-step is GPTQ)")
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -142,14 +149,33 @@ def quantize_model(
     src_dtype = next(model.parameters()).dtype
     layers_path, layers = _decoder_layers(model)
     transform_info: dict = {}
+    if random_calibration:
+        calib = torch.randint(0, cfg.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+    else:
+        if calib_path is None:
+            raise SystemExit("--calib is required (a .jsonl with a 'text' field per line, or a .txt file)")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        calib = load_calibration(calib_path, tok, nsamples, seqlen, seed)
     if rotation != "none" or smoothing != "none":
         tf.check_llama_like(model)
         tf.fold_norms(model, include_head=rotation != "none")
     if rotation != "none":
         t_rot = time.time()
         steps = rotation_steps if rotation == "learned" else 0  # "random": the initial point only
+        init, blocks = "random", None
+        if activation_subspace:  # ResQ: principal directions of the normalised stream, in the last columns
+            cov = tf.residual_stream_covariance(model, calib.split(batch_size), device)
+            init = tf.subspace_rotation_init(cov, activation_subspace, seed)
+            blocks = (cov.shape[0] - activation_subspace, activation_subspace)
+            ev = torch.linalg.eigvalsh(cov)
+            transform_info["activation_subspace"] = {
+                "channels": activation_subspace, "bits": spec.activation_subspace_bits,
+                "modules": spec.activation_subspace_modules,
+                "energy_share": round(float(ev[-activation_subspace:].sum() / ev.sum()), 4)}
+            print(f"activation subspace: top {activation_subspace} principal directions hold "
+                  f"{transform_info['activation_subspace']['energy_share']:.1%} of the residual stream's energy", flush=True)
         readers, writers = tf.rotation_targets(model)
-        q, hist = tf.learn_rotation(readers, writers, group_size, "random", steps, seed=seed, device=device)
+        q, hist = tf.learn_rotation(readers, writers, group_size, init, steps, seed=seed, device=device, blocks=blocks)
         del readers, writers
         tf.rotate_residual_stream(model, q)
         if save_rotation:  # the learned Q itself, outside the checkpoint (which holds it folded)
@@ -173,14 +199,6 @@ def quantize_model(
                     m.weight.data = fmt.apply_online_hadamard(m.weight.data.float())
                     m.register_forward_pre_hook(lambda _m, args: (fmt.apply_online_hadamard(args[0]), *args[1:]))
         transform_info["online_hadamard"] = {"modules": spec.online_hadamard, "block": "largest power of 2 dividing in_features"}
-
-    if random_calibration:
-        calib = torch.randint(0, cfg.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
-    else:
-        if calib_path is None:
-            raise SystemExit("--calib is required (a .jsonl with a 'text' field per line, or a .txt file)")
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        calib = load_calibration(calib_path, tok, nsamples, seqlen, seed)
 
     # 1. catch what enters the first block, for every calibration batch
     batches = calib.split(batch_size)
@@ -259,7 +277,9 @@ def quantize_model(
             res = tune_block(block, decomposed, inps, fp_inps, [_to(kw, device) for kw in kwargs_list],
                              tune_epochs, lr=tune_lr, norm_dtype=src_dtype,
                              activation_bits=dict.fromkeys(decomposed, spec.activation_bits),
-                             activation_clip=activation_clip, loss=tune_loss)
+                             activation_clip=activation_clip, loss=tune_loss,
+                             activation_subspace={n: spec.subspace_channels_for(f"{layers_path}.{i}.{n}") for n in decomposed},
+                             activation_subspace_bits=spec.activation_subspace_bits)
             tune_log.append([round(res.heldout_start, 6), round(res.heldout_end, 6)])
             tqdm.write(f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} "
                        f"({res.steps} steps)")
@@ -327,8 +347,10 @@ def quantize_model(
 
 def _recipe_name(rank, residual, refine_iters, rotation, smoothing, activation_bits=16, tune_epochs=0,
                  attention_aware=False, activation_clip=1.0, lowrank_dtype="bfloat16",
-                 tune_loss="tensor") -> str:
+                 tune_loss="tensor", activation_subspace=0) -> str:
     parts = [] if activation_bits == 16 else [f"a{activation_bits}-hadamard"]
+    if activation_subspace:
+        parts.append(f"sub{activation_subspace}")
     if activation_clip != 1:
         parts.append(f"clip{activation_clip:g}")
     if rotation != "none":
@@ -509,6 +531,11 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-clip", type=float, default=1.0, metavar="RATIO",
                     help="with --activation-bits 4: per-token scale = RATIO * max|x| / 7 (larger entries saturate; "
                          "stored as activation_clip_ratio, used by the tuning loop and the reader)")
+    ap.add_argument("--activation-subspace", type=int, default=0, metavar="C",
+                    help="with --activation-bits 4 and --rotation: ResQ's mixed-precision subspace. The rotation starts "
+                         "from the principal directions of the calibration residual stream, the top C last, and keeps "
+                         "them there; q/k/v and gate/up quantize those C input channels per token at 8 bits apart from "
+                         "the rest (4 bits). 0: off")
     ap.add_argument("--attention-aware", action="store_true",
                     help="v_proj's GPTQ / split statistic from the inputs mixed by the attention probabilities "
                          "(its error as the attention output sees it) instead of the raw inputs (Llama family)")
@@ -546,6 +573,7 @@ def main(argv=None) -> None:
             smoothing=args.smoothing, activation_bits=args.activation_bits, activation_clip=args.activation_clip,
             tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, attention_aware=args.attention_aware,
             tune_loss=args.tune_loss, save_rotation=args.save_rotation,
+            activation_subspace=args.activation_subspace,
         )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written to --output") from None

@@ -10,6 +10,9 @@ quantize (docs/method.md has the derivation and every choice).
 * `learn_rotation`: Q learned on the Stiefel manifold (Riemannian gradient, Cayley
   retraction) to minimise the 4-bit round-to-nearest error of all the weights it touches,
   with a straight-through estimator for the rounding.
+* `residual_stream_covariance`, `subspace_rotation_init`: ResQ's start for the rotation (W4A4
+  with an 8-bit activation subspace): the principal directions of the normalised residual
+  stream in the last columns; `learn_rotation(..., blocks=...)` then keeps them there.
 * `learn_smoothing`: a positive diagonal (the general-linear transform that can be folded
   exactly into the preceding norm or up_proj) per group of layers sharing one input, learned
   with the same estimator against the calibration-weighted output error.
@@ -129,11 +132,12 @@ def learn_rotation(
     readers: list[torch.Tensor],
     writers: list[torch.Tensor],
     group_size: int,
-    init: str = "random",
+    init: "str | torch.Tensor" = "random",
     steps: int = 100,
     lr: float = 0.05,
     seed: int = 0,
     device: str | torch.device | None = None,
+    blocks: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Q on the Stiefel manifold O(d) minimising the relative 4-bit RTN error of every reader
     (W Q, groups along its input) and writer (Q^T W, rows mixed, groups along its own input).
@@ -146,10 +150,23 @@ def learn_rotation(
 
     device: where the products run (default: that of the weights). The loss and its gradient are
     accumulated one matrix at a time, each weight moved to `device` for its term, so the memory
-    beyond the weights is that of one matrix's term (an 8B model's 224 matrices need not fit at once)."""
+    beyond the weights is that of one matrix's term (an 8B model's 224 matrices need not fit at once).
+
+    init: "random", "identity" or a starting Q [d, d]. blocks (sizes summing to d): keep the
+    span of each block of Q's columns fixed, i.e. move only within O(b1) x O(b2) x ... (the
+    ResQ subspaces of `subspace_rotation_init`): the step is taken in Q's own coordinates,
+    Q <- Q (I + lr/2 A')^-1 (I - lr/2 A') with A' = Q^T A Q masked to its diagonal blocks."""
     d = readers[0].shape[1]
     dev = torch.device(device) if device is not None else readers[0].device
-    q = (random_orthogonal(d, seed).float() if init == "random" else torch.eye(d)).to(dev)
+    if isinstance(init, torch.Tensor):
+        q = init.float().to(dev)
+    else:
+        q = (random_orthogonal(d, seed).float() if init == "random" else torch.eye(d)).to(dev)
+    mask = None
+    if blocks is not None:
+        if sum(blocks) != d or min(blocks) < 1:
+            raise ValueError(f"rotation blocks {blocks} do not partition {d} dimensions")
+        mask = torch.block_diag(*[torch.ones(b, b) for b in blocks]).to(dev)
     terms = [(w, False) for w in readers] + [(w, True) for w in writers]
     norms = [float(w.pow(2).sum()) * len(terms) for w, _ in terms]
     eye = torch.eye(d, device=dev)
@@ -169,11 +186,63 @@ def learn_rotation(
             best = (history[-1], q.clone())
         if step == steps:
             break
-        a = grad @ q.t() - q @ grad.t()
-        a = a / a.norm().clamp_min(1e-12)
         eta = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        q = torch.linalg.solve(eye + 0.5 * eta * a, (eye - 0.5 * eta * a) @ q)
+        if mask is None:
+            a = grad @ q.t() - q @ grad.t()
+            a = a / a.norm().clamp_min(1e-12)
+            q = torch.linalg.solve(eye + 0.5 * eta * a, (eye - 0.5 * eta * a) @ q)
+        else:
+            a = (q.t() @ grad - grad.t() @ q) * mask
+            a = a / a.norm().clamp_min(1e-12)
+            q = q @ torch.linalg.solve(eye + 0.5 * eta * a, eye - 0.5 * eta * a)
     return best[1].cpu(), history
+
+
+@torch.no_grad()
+def residual_stream_covariance(model, batches, device: str = "cpu") -> torch.Tensor:
+    """sum over tokens and blocks of x^T x, x the inputs of q_proj and gate_proj (the normalised
+    residual stream every reader sees; call `fold_norms` first so that the norms are all ones
+    and every token has the same weight), float64 [d, d]. The parameters run on `device` in
+    float32 and go back to the CPU in their own dtypes (lossless from bf16/fp16); buffers
+    (rotary frequencies) travel in theirs."""
+    d = model.config.hidden_size
+    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+
+    def hook(_m, args):
+        x = args[0].reshape(-1, d).double()
+        cov.addmm_(x.t(), x)
+
+    hooks = [b.get_submodule(p).register_forward_pre_hook(hook)
+             for b in model.model.layers for p in (READERS[0], READERS[3])]
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}  # parameters only: buffers keep theirs
+    for p in model.parameters():
+        p.data = p.data.to(device, torch.float32)
+    for b in model.buffers():
+        b.data = b.data.to(device)
+    try:
+        for b in tqdm(batches, desc="residual-stream covariance", unit="batch", leave=False):
+            model.model(input_ids=b.to(device), use_cache=False)  # the decoder only: no lm_head
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.data = p.data.to("cpu", dtypes[n])
+        for b in model.buffers():
+            b.data = b.data.to("cpu")
+    return cov.cpu()
+
+
+def subspace_rotation_init(cov: torch.Tensor, channels: int, seed: int) -> torch.Tensor:
+    """ResQ's residual-stream rotation: Q = U blockdiag(R_l, R_h), U the eigenvectors of `cov`
+    in ascending order (so the top `channels` principal directions come last) and R_l, R_h
+    random orthogonal matrices that flatten each subspace (seeded). x Q then holds the
+    high-variance part of x in its last `channels` coordinates."""
+    d = cov.shape[0]
+    if not 0 < channels < d:
+        raise ValueError(f"activation subspace of {channels} channels in a {d}-wide residual stream")
+    _, u = torch.linalg.eigh(cov.double())
+    mix = torch.block_diag(random_orthogonal(d - channels, seed), random_orthogonal(channels, seed + 1))
+    return u @ mix
 
 
 @torch.enable_grad()

@@ -69,12 +69,15 @@ def tune_block(
     activation_bits: dict[str, int] | None = None,
     activation_clip: float = 1.0,
     loss: str = "tensor",
+    activation_subspace: dict[str, int] | None = None,
+    activation_subspace_bits: int = 8,
 ) -> TuneResult:
     """Tune `decomposed` (name -> Decomposed of block.get_submodule(name)) in place, and the
     block's norm weights, on (inputs -> targets). At the end the block's linear weights are the
     served weights. norm_dtype: the dtype the norm weights are stored in. activation_bits:
     name -> bits of the residual product's input (16 or 4), quantized with `activation_clip`
-    (format: activation_clip_ratio). loss: "token" (relative error per token, averaged) or
+    (format: activation_clip_ratio); activation_subspace: name -> how many last input columns
+    are quantized apart at activation_subspace_bits (format: activation_subspace_*). loss: "token" (relative error per token, averaged) or
     "tensor" (over the whole output). Needs at least two batches (the last one is held out)."""
     if loss not in TUNE_LOSSES:
         raise ValueError(f"tune loss {loss!r}: expected one of {TUNE_LOSSES}")
@@ -84,6 +87,7 @@ def tune_block(
     dev = inputs[0].device
     norm_dtype = norm_dtype or torch.float32
     abits = activation_bits or {}
+    subspace = activation_subspace or {}
     codes = {n: decomposed[n].codes.to(dev, torch.float32) for n in names}
     s0 = {n: decomposed[n].scales.to(dev, torch.float32) for n in names}
     tuned: dict[str, torch.Tensor] = {}  # key -> leaf tensor
@@ -122,7 +126,8 @@ def tune_block(
             w = group_dequantize(codes[n], s)
             xr = x
             if abits.get(n, 16) < 16:
-                xr = x + (quantize_activations(x, abits[n], activation_clip) - x).detach()
+                xq = quantize_activations(x, abits[n], activation_clip, subspace.get(n, 0), activation_subspace_bits)
+                xr = x + (xq - x).detach()
             y = xr @ w.t()
             if up is not None:
                 y = y + (x @ down.t()) @ up.t()

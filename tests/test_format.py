@@ -193,3 +193,34 @@ def test_activation_clip_ratio():
     y = TorchTwinQuantKernel(c).apply(layer, x, None)
     w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, 32, torch.float64)
     assert torch.allclose(y, xq @ w.T)
+
+
+def test_activation_subspace_is_quantized_as_its_own_group():
+    """activation_subspace_channels c: the last c input columns are one per-token group at
+    activation_subspace_bits with their own scale, the rest is quantized as without them;
+    the spec refuses it without 4-bit activations, on online-Hadamard layers, or at 4 bits."""
+    spec = fmt.TwinQuantSpec(activation_bits=4, online_hadamard=["o_proj"], activation_subspace_channels=16,
+                             activation_subspace_modules=["q_proj", "gate_proj"])
+    assert spec.subspace_channels_for("model.layers.3.self_attn.q_proj") == 16
+    assert spec.subspace_channels_for("model.layers.3.self_attn.o_proj") == 0
+    for kw, msg in [({}, "needs activation_bits 4"),
+                    ({"activation_bits": 4, "online_hadamard": ["q_proj"]}, "both online_hadamard"),
+                    ({"activation_bits": 4, "activation_subspace_bits": 4}, "activation_subspace_bits = 4")]:
+        with pytest.raises(fmt.TwinQuantFormatError, match=msg):
+            fmt.TwinQuantSpec(activation_subspace_channels=16, activation_subspace_modules=["q_proj"], **kw)
+    with pytest.raises(fmt.TwinQuantFormatError, match="activation_subspace_modules"):
+        fmt.TwinQuantSpec(activation_bits=4, activation_subspace_channels=16)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 80, generator=g, dtype=torch.float64)
+    x[:, -16:] *= 50  # the high-variance directions, as the rotation puts them there
+    xq = fmt.quantize_activations(x, 4, 0.8, subspace=16, subspace_bits=8)
+    assert torch.equal(xq[:, :64], fmt.quantize_activations(x[:, :64], 4, 0.8))
+    hi_step = x[:, -16:].abs().amax(-1, keepdim=True) / 127
+    assert ((xq[:, -16:] - x[:, -16:]).abs() <= hi_step / 2 + 1e-12).all()
+    assert torch.equal(fmt.quantize_activations(x, 4, 0.8, 16, 16)[:, -16:], x[:, -16:])
+    plain = fmt.quantize_activations(x, 4, 0.8)
+    err = lambda y: float((y[:, :64] - x[:, :64]).norm())  # noqa: E731
+    assert err(xq) < 0.2 * err(plain)  # the large channels no longer set the small ones' step (plain: all 0)
+    with pytest.raises(ValueError, match="80-wide"):
+        fmt.quantize_activations(x, 4, 1.0, subspace=80)

@@ -303,3 +303,76 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_
 
     errs = _logit_errors(tiny_dense, tuned=out, untuned=untuned)
     assert errs["tuned"] <= 1.02 * errs["untuned"], errs
+
+
+def test_subspace_rotation_puts_the_principal_directions_last_and_learning_keeps_them_there():
+    """ResQ's start Q = U blockdiag(R_l, R_h): orthogonal, its last c columns span the top-c
+    eigenvectors of the covariance; the block-constrained Cayley steps lower the RTN error and
+    keep that span, which unconstrained steps do not."""
+    g = torch.Generator().manual_seed(0)
+    d, c = 128, 16
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a @ torch.diag(torch.logspace(0, 3, d, dtype=torch.float64)) @ a.T
+    q = tf.subspace_rotation_init(cov, c, seed=1)
+    assert torch.allclose(q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-10)
+    _, u = torch.linalg.eigh(cov)
+    top = u[:, -c:] @ u[:, -c:].T
+    proj = lambda m: m[:, -c:].double() @ m[:, -c:].double().T  # noqa: E731
+    assert (proj(q) - top).norm() < 1e-8
+    readers = [torch.randn(96, d, generator=g) * (1 + 8 * (torch.rand(d, generator=g) < 0.03)) for _ in range(3)]
+    writers = [torch.randn(d, 64, generator=g)]
+    ql, hist = tf.learn_rotation(readers, writers, 32, init=q, steps=20, lr=0.05, blocks=(d - c, c))
+    assert min(hist) < hist[0]
+    assert torch.allclose(ql.double().T @ ql.double(), torch.eye(d, dtype=torch.float64), atol=1e-4)
+    assert (proj(ql) - top).norm() < 1e-3
+    qf, _ = tf.learn_rotation(readers, writers, 32, init=q, steps=20, lr=0.05)
+    assert (proj(qf) - top).norm() > 0.05  # without the constraint the subspace moves
+    with pytest.raises(ValueError, match="do not partition"):
+        tf.learn_rotation(readers, writers, 32, init=q, steps=1, blocks=(100, 16))
+
+
+def test_w4a4_subspace_checkpoint_serves_its_residual_stream_readers_with_8_bit_principal_channels(tiny_dense, tmp_path):
+    """--activation-subspace C: the checkpoint records it for q/k/v and gate/up only, the stored
+    function still computes the model, the torch kernel quantizes the last C inputs apart, and the
+    vLLM config hands the fused qkv / gate_up layers the same subspace."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from offline_quantizer.quantize import quantize_model
+    from vllm_twinquant import format as fmt
+    from vllm_twinquant.config import TwinQuantConfig
+    from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+
+    out = str(tmp_path / "tq-a4-sub")
+    quantize_model(tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
+                   random_calibration=True, rotation="learned", rotation_steps=2, activation_bits=4,
+                   activation_clip=0.8, activation_subspace=64, tune_epochs=1)
+    fmt.validate_checkpoint(out)
+    spec = fmt.load_spec(out)
+    assert spec.activation_subspace_channels == 64 and spec.activation_subspace_bits == 8
+    assert spec.subspace_channels_for("model.layers.0.mlp.up_proj") == 64
+    assert spec.subspace_channels_for("model.layers.0.mlp.down_proj") == 0
+    assert spec.recipe.startswith("a4-hadamard-sub64-clip0.8")
+    info = spec.metadata["transforms"]["activation_subspace"]
+    assert info["channels"] == 64 and 0 < info["energy_share"] < 1
+    assert _logit_errors(tiny_dense, a4=out)["a4"] < 0.5  # the PCA rotation is folded exactly
+
+    q = load_file(os.path.join(out, "model.safetensors"))
+    pre = "model.layers.1.self_attn.q_proj"
+    c = TwinQuantLayerConfig(in_features=576, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float64,
+                             activation_bits=4, activation_clip=0.8, activation_subspace=64)
+    x = torch.randn(5, 576, dtype=torch.float64)
+    y = TorchTwinQuantKernel(c).apply(checkpoint_layer(q, pre), x, None).double()
+    deq = fmt.dequantize_residual(q[f"{pre}.weight_packed"], q[f"{pre}.weight_scale"], 64, torch.float64)
+    low = x @ q[f"{pre}.lowrank_down"].double().T @ q[f"{pre}.lowrank_up"].double().T
+    want = fmt.quantize_activations(x, 4, 0.8, 64, 8) @ deq.T + low
+    assert ((y - want).norm() / want.norm()).item() < 1e-6
+
+    cfg = TwinQuantConfig(spec)
+    from vllm.model_executor.layers.linear import LinearBase
+
+    layer = LinearBase.__new__(LinearBase)
+    assert cfg.get_quant_method(layer, "model.layers.0.self_attn.qkv_proj").activation_subspace == 64
+    assert cfg.get_quant_method(layer, "model.layers.0.mlp.gate_up_proj").activation_subspace == 64
+    assert cfg.get_quant_method(layer, "model.layers.0.mlp.down_proj").activation_subspace == 0

@@ -67,13 +67,19 @@ class TwinQuantConfig(QuantizationConfig):
             return None  # embeddings and lm_head stay unquantized
         if self.spec.is_skipped(prefix):
             return UnquantizedLinearMethod()
-        return TwinQuantLinearMethod(self.spec, prefix, self._sublayer_ranks(prefix))
+        subspace = self._sublayer_values(prefix, self.spec.subspace_channels_for)
+        if len(set(subspace)) > 1:
+            raise ValueError(f"{prefix}: its sub-layers have activation subspaces of {subspace} channels; "
+                             "layers that vLLM fuses share one input and need the same (activation_subspace_modules)")
+        return TwinQuantLinearMethod(self.spec, prefix, self._sublayer_values(prefix, self.spec.rank_for),
+                                     subspace[0])
 
-    def _sublayer_ranks(self, prefix: str) -> list[int]:
-        """Ranks of the checkpoint's sub-layers that vLLM fused into `prefix`."""
+    def _sublayer_values(self, prefix: str, query) -> list:
+        """query(name) for each of the checkpoint's sub-layers that vLLM fused into `prefix`
+        (one value for a layer that is not fused)."""
         head, _, last = prefix.rpartition(".")
         mapping = self.packed_modules_mapping or fmt.DEFAULT_PACKED_MODULES
         subs = mapping.get(last)
         if not subs:
-            return [self.spec.rank_for(prefix)]
-        return [self.spec.rank_for(f"{head}.{s}" if head else s) for s in subs]
+            return [query(prefix)]
+        return [query(f"{head}.{s}" if head else s) for s in subs]

@@ -89,6 +89,9 @@ class TwinQuantSpec:
     activation_bits: int = 16
     activation_clip_ratio: float = 1.0
     online_hadamard: list[str] = field(default_factory=list)
+    activation_subspace_channels: int = 0
+    activation_subspace_bits: int = 8
+    activation_subspace_modules: list[str] = field(default_factory=list)
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str = "svd-gptq"
     format_version: int = FORMAT_VERSION
@@ -134,6 +137,7 @@ class TwinQuantSpec:
                 f"quantization_config.online_hadamard = {self.online_hadamard!r}: expected a list of module "
                 "names, e.g. [\"o_proj\", \"down_proj\"]"
             )
+        self._check_subspace()
         for name, r in [("rank", self.rank), *self.rank_overrides.items()]:
             if not isinstance(r, int) or r < 0:
                 raise TwinQuantFormatError(f"quantization_config rank for {name!r} = {r!r}: expected an integer >= 0")
@@ -143,6 +147,32 @@ class TwinQuantSpec:
             )
         self.lowrank_torch_dtype = torch.int8 if self.lowrank_dtype == "int8" else FLOAT_DTYPES[self.lowrank_dtype]
         self.scale_torch_dtype = _dtype(self.scale_dtype, "scale_dtype")
+
+    def _check_subspace(self) -> None:
+        c, mods = self.activation_subspace_channels, self.activation_subspace_modules
+        if not isinstance(c, int) or c < 0:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_subspace_channels = {c!r}: expected an integer >= 0"
+            )
+        if self.activation_subspace_bits not in (8, 16):
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_subspace_bits = {self.activation_subspace_bits!r}: expected 8 or 16"
+            )
+        if not isinstance(mods, list) or not all(isinstance(m, str) and m for m in mods):
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_subspace_modules = {mods!r}: expected a list of module names"
+            )
+        if c and (self.activation_bits == 16 or not mods):
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_subspace_channels = {c} needs activation_bits 4 and a non-empty "
+                "activation_subspace_modules (the layers whose last inputs are kept at activation_subspace_bits)"
+            )
+        both = sorted(set(mods) & set(self.online_hadamard))
+        if c and both:
+            raise TwinQuantFormatError(
+                f"quantization_config: {both} are in both online_hadamard and activation_subspace_modules; the "
+                "subspace is defined in the basis the stored weights already act on, so a layer has one or the other"
+            )
 
     # -- (de)serialisation ---------------------------------------------------------------
     @classmethod
@@ -183,6 +213,13 @@ class TwinQuantSpec:
         """True when the layer's input is rotated online (its stored weights act on H x)."""
         parts = module_name.split(".")
         return any(parts[-len(m.split(".")):] == m.split(".") for m in self.online_hadamard)
+
+    def subspace_channels_for(self, module_name: str) -> int:
+        """How many of the layer's last input columns its residual product takes at
+        activation_subspace_bits instead of activation_bits (ResQ's high-variance subspace)."""
+        parts = module_name.split(".")
+        hit = any(parts[-len(m.split(".")):] == m.split(".") for m in self.activation_subspace_modules)
+        return self.activation_subspace_channels if hit else 0
 
     def rank_for(self, module_name: str) -> int:
         return int(self.rank_overrides.get(module_name, self.rank))
@@ -346,10 +383,25 @@ def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Te
     return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
 
 
-def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
+                         subspace: int = 0, subspace_bits: int = 8) -> torch.Tensor:
     """Symmetric per-token fake quantization: clamp(round(x / s)) * s with
     s = clip_ratio * max|x_token| / (2^(b-1) - 1) (clip_ratio < 1 saturates the largest entries
-    to make the step finer for the rest, as QuaRot's activation clipping)."""
+    to make the step finer for the rest, as QuaRot's activation clipping).
+
+    subspace > 0 (format: activation_subspace_channels): the last `subspace` columns are a
+    separate per-token group at `subspace_bits` (8: symmetric, unclipped; 16: kept as they are)
+    and the first K - subspace columns are quantized as above with their own scale (ResQ: the
+    quantizer puts the high-variance principal directions of the layer's input there)."""
+    if subspace:
+        k = x.shape[-1]
+        if not 0 < subspace < k:
+            raise ValueError(f"activation subspace of {subspace} channels for a {k}-wide input")
+        lo = quantize_activations(x[..., : k - subspace], bits, clip_ratio)
+        hi = x[..., k - subspace:]
+        if subspace_bits < 16:
+            hi = quantize_activations(hi, subspace_bits, 1.0)
+        return torch.cat([lo, hi], -1)
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
     s = (xf.abs().amax(-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-12)

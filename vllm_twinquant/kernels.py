@@ -30,6 +30,8 @@ class TwinQuantLayerConfig:
     activation_bits: int = 16  # 4: the residual's input is quantized per token (W4A4, simulated)
     activation_clip: float = 1.0  # the per-token scale is activation_clip * max|x| / 7
     online_hadamard: int = 0  # block size of the Hadamard rotation applied to the input first (0: none)
+    activation_subspace: int = 0  # W4A4: the last this-many input columns are quantized apart (ResQ)
+    activation_subspace_bits: int = 8  # ... at this width (16: not quantized)
     int8_lowrank: bool = False  # factors int8 with fp32 row scales (lowrank_down_scale, lowrank_up_scale)
 
     @property
@@ -86,7 +88,10 @@ class TorchTwinQuantKernel(TwinQuantKernel):
         c = self.config
         if c.online_hadamard:
             x = fmt.apply_online_hadamard(x, c.online_hadamard)
-        xr = fmt.quantize_activations(x, c.activation_bits, c.activation_clip) if c.activation_bits < 16 else x
+        xr = x
+        if c.activation_bits < 16:
+            xr = fmt.quantize_activations(x, c.activation_bits, c.activation_clip,
+                                          c.activation_subspace, c.activation_subspace_bits)
         w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, c.group_size, x.dtype)
         y = torch.nn.functional.linear(xr, w, bias)
         if c.rank:
@@ -109,7 +114,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, "needs CUDA"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
             return False, f"activations in {c.act_dtype}; the kernel takes fp16/bf16"
-        if c.activation_bits != 16 or c.online_hadamard:
+        if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
             return False, "W4A4 (activation_bits 4, online Hadamard) has no Triton kernel yet"
         if len(c.slot_sizes) > 3:
             return False, "more than three sub-layers in one merged layer"

