@@ -283,7 +283,9 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_
     held-out errors recorded and never raised, and the served function as close to the dense
     model as the same recipe without the tuning (same calibration, same split). The tuning
     guarantees only the per-block held-out error (the best epoch is kept); end to end it moves
-    this random-weight model by about 1%, while a wrongly stored tuned tensor gives O(1) errors."""
+    this random-weight model by a few percent either way (within 1% on earlier CI machines, +2.6%
+    on an AVX2 AMD EPYC: the float rounding of the matmuls changes the tuning path), while a
+    wrongly stored tuned tensor gives O(1) errors."""
     import json
     import os
 
@@ -302,7 +304,7 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_
     assert len(log) == 2 and all(end <= start for start, end in log), log
 
     errs = _logit_errors(tiny_dense, tuned=out, untuned=untuned)
-    assert errs["tuned"] <= 1.02 * errs["untuned"], errs
+    assert errs["tuned"] <= 1.10 * errs["untuned"], errs
 
 
 def test_subspace_rotation_puts_the_principal_directions_last_and_learning_keeps_them_there():

@@ -5,13 +5,14 @@ dense weights, norms folded, a random residual-stream rotation; per-token 4-bit 
 16 x 512 tokens of the *calibration* file's last 400 articles (never the evaluation text).
     python benchmarks/accuracy/a4_sensitivity.py        (needs models/ from twinquant-prepare; ~10 min on 2 cores)
 """
-import json, math, os, sys
+import json, os, sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from offline_quantizer import transforms as tf
 from vllm_twinquant import format as fmt
+from a4_common import perplexity  # noqa: E402
 torch.manual_seed(0)
 M = "models/smollm2-135m-instruct"
 tok = AutoTokenizer.from_pretrained(M)
@@ -45,14 +46,6 @@ for n, m in model.named_modules():
                 x = fmt.quantize_activations(x, 4, c["clip"])
             return x @ w.t()
         m.forward = fwd
-@torch.no_grad()
-def ppl():
-    nll = 0; n = 0
-    for i in range(0, W, 4):
-        out = model(wins[i:i+4]).logits[:, :-1]
-        t = wins[i:i+4, 1:]
-        nll += torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1), reduction="sum").item(); n += t.numel()
-    return math.exp(nll / n)
 ALL = {"q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"}
 runs = [("dense", set(), {}, 1.0),
         ("all block c1", ALL, {}, 1.0), ("all block c.8", ALL, {}, 0.8),
@@ -64,4 +57,4 @@ runs = [("dense", set(), {}, 1.0),
         ]
 for name, a4, rot, clip in runs:
     CFG.update(a4=a4, rot=rot, clip=clip)
-    print(f"{name:20s} {ppl():.3f}", flush=True)
+    print(f"{name:20s} {perplexity(model, wins):.3f}", flush=True)

@@ -5,13 +5,14 @@ articles, top R last) and q/k/v and gate/up quantize their last R input channels
 8 bits apart from the rest (4 bits, clip c); o_proj/down_proj: block Hadamard + 4 bits.
     python benchmarks/accuracy/a4_subspace_sensitivity.py [R=64]
 """
-import json, math, os, sys
+import json, os, sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from offline_quantizer import transforms as tf
 from vllm_twinquant import format as fmt
+from a4_common import perplexity  # noqa: E402
 torch.set_num_threads(2)
 M = "models/smollm2-135m-instruct"
 tok = AutoTokenizer.from_pretrained(M)
@@ -60,17 +61,10 @@ for n, m in model.named_modules():
                     x = qa(x, c["r"], c["clip"])
             return x @ w.t()
         m.forward = fwd
-@torch.no_grad()
-def ppl():
-    nll = 0; n = 0
-    for i in range(0, W, 4):
-        out = model(wins[i:i+4]).logits[:, :-1]; t = wins[i:i+4, 1:]
-        nll += torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1), reduction="sum").item(); n += t.numel()
-    return math.exp(nll / n)
 ALL = {"q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"}
 for name, a4, r, clip in [("qkv pca r0 c.8", {"q_proj","k_proj","v_proj"}, 0, 0.8),
                           (f"qkv r{R} c.8", {"q_proj","k_proj","v_proj"}, R, 0.8),
                           (f"gateup r{R} c.8", {"gate_proj","up_proj"}, R, 0.8),
                           (f"all r{R} c.8", ALL, R, 0.8), (f"all r{R} c.9", ALL, R, 0.9)]:
     CFG.update(a4=a4, r=r, clip=clip)
-    print(f"{name:20s} {ppl():.3f}", flush=True)
+    print(f"{name:20s} {perplexity(model, wins):.3f}", flush=True)
