@@ -79,6 +79,9 @@ NAME = "model.layers.1.mlp.up_proj"
          f"tensor {NAME}.weight_scale has 1 NaN/inf"),
         ("method", lambda d: _edit_config(d, lambda q: q.__setitem__("quant_method", "gptq")), "quant_method = 'gptq'"),
         ("unknown key", lambda d: _edit_config(d, lambda q: q.__setitem__("zero_points", True)), "unknown keys ['zero_points']"),
+        ("subspace", lambda d: _edit_config(d, lambda q: q.update(activation_bits=4, activation_subspace_channels=576,
+                                                                   activation_subspace_modules=["up_proj"])),
+         "activation_subspace_channels 576 is not below in_features 576"),
         ("truncated", lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(
             os.path.getsize(os.path.join(d, "model.safetensors")) - 100), "truncated safetensors file"),
     ],

@@ -510,6 +510,12 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
         pshape = tensors[f"{prefix}.{WEIGHT_PACKED}"][1]
         n, k = pshape[0], pshape[1] * PACK_FACTOR
         rank = spec.rank_for(prefix)
+        sub = spec.subspace_channels_for(prefix)
+        if sub and not sub < k:
+            raise TwinQuantFormatError(
+                f"{tensors[f'{prefix}.{WEIGHT_PACKED}'][0]}: quantization_config.activation_subspace_channels {sub} "
+                f"is not below in_features {k} of {prefix}"
+            )
         expected = tensor_specs(prefix, n, k, rank, spec)
         for name, (shape, dtype) in expected.items():
             if name not in tensors:
