@@ -165,15 +165,13 @@ def quantize_model(
         init, blocks = "random", None
         if activation_subspace:  # ResQ: principal directions of the normalised stream, in the last columns
             cov = tf.residual_stream_covariance(model, calib.split(batch_size), device)
-            init = tf.subspace_rotation_init(cov, activation_subspace, seed)
+            init, share = tf.subspace_rotation_init(cov, activation_subspace, seed)
             blocks = (cov.shape[0] - activation_subspace, activation_subspace)
-            ev = torch.linalg.eigvalsh(cov)
             transform_info["activation_subspace"] = {
                 "channels": activation_subspace, "bits": spec.activation_subspace_bits,
-                "modules": spec.activation_subspace_modules,
-                "energy_share": round(float(ev[-activation_subspace:].sum() / ev.sum()), 4)}
+                "modules": spec.activation_subspace_modules, "energy_share": round(share, 4)}
             print(f"activation subspace: top {activation_subspace} principal directions hold "
-                  f"{transform_info['activation_subspace']['energy_share']:.1%} of the residual stream's energy", flush=True)
+                  f"{share:.1%} of the residual stream's energy", flush=True)
         readers, writers = tf.rotation_targets(model)
         q, hist = tf.learn_rotation(readers, writers, group_size, init, steps, seed=seed, device=device, blocks=blocks)
         del readers, writers

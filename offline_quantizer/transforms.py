@@ -232,17 +232,18 @@ def residual_stream_covariance(model, batches, device: str = "cpu") -> torch.Ten
     return cov.cpu()
 
 
-def subspace_rotation_init(cov: torch.Tensor, channels: int, seed: int) -> torch.Tensor:
+def subspace_rotation_init(cov: torch.Tensor, channels: int, seed: int) -> tuple[torch.Tensor, float]:
     """ResQ's residual-stream rotation: Q = U blockdiag(R_l, R_h), U the eigenvectors of `cov`
     in ascending order (so the top `channels` principal directions come last) and R_l, R_h
     random orthogonal matrices that flatten each subspace (seeded). x Q then holds the
-    high-variance part of x in its last `channels` coordinates."""
+    high-variance part of x in its last `channels` coordinates. Returns Q and the share of the
+    energy (trace of `cov`) that those directions hold."""
     d = cov.shape[0]
     if not 0 < channels < d:
         raise ValueError(f"activation subspace of {channels} channels in a {d}-wide residual stream")
-    _, u = torch.linalg.eigh(cov.double())
+    ev, u = torch.linalg.eigh(cov.double())
     mix = torch.block_diag(random_orthogonal(d - channels, seed), random_orthogonal(channels, seed + 1))
-    return u @ mix
+    return u @ mix, float(ev[-channels:].sum() / ev.sum())
 
 
 @torch.enable_grad()

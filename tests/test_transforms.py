@@ -315,12 +315,14 @@ def test_subspace_rotation_puts_the_principal_directions_last_and_learning_keeps
     d, c = 128, 16
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     cov = a @ torch.diag(torch.logspace(0, 3, d, dtype=torch.float64)) @ a.T
-    q = tf.subspace_rotation_init(cov, c, seed=1)
+    q, share = tf.subspace_rotation_init(cov, c, seed=1)
     assert torch.allclose(q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-10)
     _, u = torch.linalg.eigh(cov)
     top = u[:, -c:] @ u[:, -c:].T
     proj = lambda m: m[:, -c:].double() @ m[:, -c:].double().T  # noqa: E731
     assert (proj(q) - top).norm() < 1e-8
+    ev = torch.linalg.eigvalsh(cov)
+    assert share == pytest.approx(float(ev[-c:].sum() / ev.sum()))
     readers = [torch.randn(96, d, generator=g) * (1 + 8 * (torch.rand(d, generator=g) < 0.03)) for _ in range(3)]
     writers = [torch.randn(d, 64, generator=g)]
     ql, hist = tf.learn_rotation(readers, writers, 32, init=q, steps=20, lr=0.05, blocks=(d - c, c))

@@ -209,16 +209,20 @@ class TwinQuantSpec:
                     return True
         return False
 
+    @staticmethod
+    def _ends_with_any(module_name: str, names: list[str]) -> bool:
+        """True when the module name ends with one of `names` on whole name components."""
+        parts = module_name.split(".")
+        return any(parts[-len(m.split(".")):] == m.split(".") for m in names)
+
     def has_online_hadamard(self, module_name: str) -> bool:
         """True when the layer's input is rotated online (its stored weights act on H x)."""
-        parts = module_name.split(".")
-        return any(parts[-len(m.split(".")):] == m.split(".") for m in self.online_hadamard)
+        return self._ends_with_any(module_name, self.online_hadamard)
 
     def subspace_channels_for(self, module_name: str) -> int:
         """How many of the layer's last input columns its residual product takes at
         activation_subspace_bits instead of activation_bits (ResQ's high-variance subspace)."""
-        parts = module_name.split(".")
-        hit = any(parts[-len(m.split(".")):] == m.split(".") for m in self.activation_subspace_modules)
+        hit = self._ends_with_any(module_name, self.activation_subspace_modules)
         return self.activation_subspace_channels if hit else 0
 
     def rank_for(self, module_name: str) -> int:
