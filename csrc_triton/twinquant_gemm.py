@@ -31,7 +31,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
 Why two launches rather than computing t inside every GEMM program: t needs the whole K
 reduction before the up projection, so a single launch must either re-read all of D in every
 output tile (several times the residual's own bytes at decode tile widths) or synchronise the
-grid. The rank-r intermediate (M x slots*R fp32, a few KB) is exchanged through L2 instead.
+grid. The rank-r intermediate (M x slots*R fp32, a few KB) is exchanged through L2 instead. On
+sm_90+ the two overlap (programmatic dependent launch, `pdl_usable`): the residual kernel is
+launched while the down projection runs and waits for t (`griddepcontrol.wait`) only in its
+epilogue, after its main loop.
 
 Merged layers (q/k/v, gate/up) keep one factor pair per sub-layer ("slot"): output rows of
 slot s use t[:, s*R:(s+1)*R]. Every output tile lies inside one slot (BLOCK_N divides the
@@ -53,6 +56,46 @@ import triton.language as tl
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CPU tests) computes bf16 dots on
 # raw bit patterns; there the operands are upcast to fp32 first. Compiled kernels never do.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_usable(device_index: int) -> bool:
+    """Programmatic dependent launch (sm_90+; TWINQUANT_PDL=0 turns it off): with a low-rank
+    branch, the residual kernel is launched while the down projection still runs, and waits for
+    it (`griddepcontrol.wait`) only where it first reads t, in its epilogue. Without it the two
+    launches run back to back and the residual kernel's whole main loop waits for the small one."""
+    if _INTERPRETED or os.environ.get("TWINQUANT_PDL") == "0" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+# Where PDL measured slower than two launches back to back (H200, benchmarks/results/pdl_h200.json,
+# benchmarks/kernels/bench_pdl.py): mma decode configs whose one wave of long programs loses slots
+# to the down projection's programs still running. (max M, min M, min N, min K, max N, min rank)
+PDL_OFF = [
+    (8, 2, 8193, 0, 1 << 62, 0),  # gate/up, 2-8 tokens: (2, 8, 2) / (1, 8, 2), +4-10 us with PDL
+    (16, 9, 0, 8192, 4096, 0),  # down, 9-16 tokens: (2, 8, 16), +1-9 us
+    (8, 2, 0, 8192, 4096, 65),  # down, 2-8 tokens, rank 128: (1, 8, 8), +2.5 us
+]
+
+
+def pdl_trigger(m: int, n: int, k: int, r: int) -> int:
+    """How the down projection lets the residual kernel start (`_lowrank_down_kernel`'s TRIGGER):
+    0 no PDL, 1 once its programs have all started (the measured best elsewhere; 2, after their
+    loads, was slower than 1 in 82 of the 93 cases of pdl_h200.json that take PDL, by up to
+    3.8 us, and faster by at most 0.9 us)."""
+    for max_m, min_m, min_n, min_k, max_n, min_r in PDL_OFF:
+        if min_m <= m <= max_m and min_n <= n <= max_n and k >= min_k and r >= min_r:
+            return 0
+    return 1
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait until the down projection (the launch this one depends on) has finished and its
+    writes are visible; a no-op unless launched with PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -84,10 +127,14 @@ def _lowrank_down_kernel(
     M, K, RT, k_per_split,
     stride_xm, stride_dr, stride_ws_s, stride_ws_m,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    HAS_DS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DS: tl.constexpr, UPCAST: tl.constexpr, TRIGGER: tl.constexpr,
 ):
     """t = x @ D^T over one K-slice. int8 D (HAS_DS): codes become the activation dtype
-    exactly (|q| <= 127) and the per-row scale multiplies the slice's fp32 sum."""
+    exactly (|q| <= 127) and the per-row scale multiplies the slice's fp32 sum. TRIGGER (with
+    PDL): the residual kernel that reads t may be launched once every program of this one has
+    started (1) or has finished its loads (2); 0: when this kernel ends."""
+    if TRIGGER == 1:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -106,6 +153,8 @@ def _lowrank_down_kernel(
         acc += _dot(x, tl.trans(_operand(d, x_ptr.dtype.element_ty, UPCAST)), UPCAST)
     if HAS_DS:
         acc *= tl.load(ds_ptr + offs_r, mask=offs_r < RT, other=0.0)[None, :]
+    if TRIGGER == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     ptrs = ws_ptr + pid_s * stride_ws_s + offs_m[:, None] * stride_ws_m + offs_r[None, :]
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < RT)
     if ATOMIC:  # (stride_ws_s is 0: every slice adds into the one zeroed slice)
@@ -201,7 +250,7 @@ def _tq_gemm_kernel(
     HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, MODE: tl.constexpr,
-    EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr,
+    EXP: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Tensor-core tile kernel (M > GEMV_MAX_M): y[BM, BN] = x[BM, :] @ deq(R)[BN, :]^T, x in
     its natural column order. BLOCK_K divides the group, so a step has one scale per output row.
@@ -287,6 +336,7 @@ def _tq_gemm_kernel(
             offs_r = tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            _pdl_wait(PDL)  # t is the down projection's, launched just before this kernel
             for sp in range(0, NUM_SPLITS):
                 t += tl.load(ws_ptr + sp * stride_ws_s + offs_m[:, None] * stride_ws_m + slot * R + offs_r[None, :],
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0)
@@ -397,7 +447,7 @@ def _tq_gemv_vec_kernel(
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_R: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
     2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
@@ -481,6 +531,8 @@ def _tq_gemv_vec_kernel(
 
     n0 = pid_n * BLOCK_N
     slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+    if HAS_LOWRANK:
+        _pdl_wait(PDL)  # t is the down projection's, launched just before this kernel
     _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R,
                    slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS,
                    BLOCK_R)
@@ -693,12 +745,14 @@ def _next_pow2(v: int) -> int:
 
 
 def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = None,
-                 reduce: bool = False, down_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 reduce: bool = False, down_scale: torch.Tensor | None = None, trigger: int = 0) -> torch.Tensor:
     """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T (int8 `down`: x @ (down *
     down_scale[:, None])^T, down_scale fp32 [RT]). With `reduce` the K-slices add
     into one zeroed slice (S = 1, fp32 atomics): every output tile of the main kernel then
     reads t once instead of once per slice, which is what matters from a few dozen tokens on
-    (one extra memset launch, so decode keeps the per-slice workspace)."""
+    (one extra memset launch, so decode keeps the per-slice workspace). `trigger` (1 or 2): the
+    next launch, the residual kernel, is launched with PDL (`pdl_usable`), may start once this
+    kernel's programs have all started (1) or finished their loads (2), and waits for t itself."""
     m, k = x.shape
     rt = down.shape[0]
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -720,7 +774,7 @@ def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = N
         x, down, down_scale if down_scale is not None else x, ws, m, k, rt, k_per_split,
         x.stride(0), down.stride(0), 0 if atomic else ws.stride(0), ws.stride(1),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, ATOMIC=atomic, HAS_DS=down_scale is not None,
-        UPCAST=_INTERPRETED, num_warps=4, num_stages=3,
+        UPCAST=_INTERPRETED, TRIGGER=trigger, num_warps=4, num_stages=3,
     )
     return ws
 
@@ -779,18 +833,31 @@ def tq_gemm(
     has_us = has_lr and up_scale is not None
     if has_lr:
         _check_factor(up, up_scale, n, "up")
-        # one reduced slice for the tile kernel from 17 tokens on and for the mma decode kernel,
-        # whose one finishing program per column tile would otherwise add up every K-slice of t
-        ws = lowrank_down(x, down, reduce=(len(config) == 7 and m > 16) or len(config) in (3, 4), down_scale=down_scale)
-        num_splits = ws.shape[0]
-    else:
-        ws, num_splits = x, 0
-    operands = (x, qweight, scales, up if has_lr else x, up_scale if has_us else x, ws,
-                bias if bias is not None else x)  # then y
-    strides = (
-        x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
-        ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
-    )  # then y's
+    trigger = pdl_trigger(m, n, k, r) if has_lr and x.is_cuda and pdl_usable(x.device.index or 0) else 0
+    pdl = trigger > 0
+    launch_kw = {"launch_pdl": True} if pdl else {}
+
+    def with_t():
+        """Launch the down projection (after every buffer the residual kernel needs is set up,
+        so that with PDL it is the launch right before that kernel), then return the residual
+        kernel's operands and strides (then y and y's stride)."""
+        if has_lr:
+            # one reduced slice for the tile kernel from 17 tokens on and for the mma decode kernel,
+            # whose one finishing program per column tile would otherwise add up every K-slice of t
+            # with PDL the vector kernel takes t in 8 K-slices, not up to 32: its epilogue adds fewer
+            # partial slices, and the longer down projection runs under the residual kernel's loop
+            # (M = 1, H200: 0.8-3.0 us less on q/k/v, o and gate/up, benchmarks/results/pdl_breakdown_h200.json)
+            splits = 8 if pdl and len(config) == 5 else None
+            ws = lowrank_down(x, down, splits, reduce=(len(config) == 7 and m > 16) or len(config) in (3, 4),
+                              down_scale=down_scale, trigger=trigger)
+        operands = (x, qweight, scales, up if has_lr else x, up_scale if has_us else x, ws if has_lr else x,
+                    bias if bias is not None else x)
+        strides = (
+            x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
+            ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
+        )
+        return operands, strides, ws.shape[0] if has_lr else 0
+
     br = max(16, _next_pow2(r)) if has_lr else 16
     if len(config) in (3, 4):  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
         from csrc_triton import twinquant_mma
@@ -798,19 +865,22 @@ def tq_gemm(
         if fitted is None:
             raise ValueError(f"mma decode config {config}: 16 * MT * warps rows must divide the slot bounds {slot_bounds}")
         mt, warps, split, *tok = fitted
+        operands, strides, num_splits = with_t()
         twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
-                             bias is not None, mt, warps, split, br, *tok)
+                             bias is not None, mt, warps, split, br, *tok, pdl=pdl)
         return out
     if len(config) == 5:
         bm, bn, bw, warps, unpack = config
         bn = min(bn, max_bn)
         if bm not in (1, 2) or bw % 4 or unpack not in (0, 1):
             raise ValueError(f"vector decode config {config}: BLOCK_M 1 or 2, BLOCK_W a multiple of 4, UNPACK 0 or 1")
+        operands, strides, num_splits = with_t()
         _tq_gemv_vec_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br,
-            EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack, ASM=not _INTERPRETED, num_warps=warps,
+            EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack, ASM=not _INTERPRETED, PDL=pdl, num_warps=warps,
+            **launch_kw,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
@@ -823,8 +893,10 @@ def tq_gemm(
         k_per_split = triton.cdiv(triton.cdiv(k, split), 64) * 64
         split = triton.cdiv(k, k_per_split)
         y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        operands, strides, num_splits = with_t()
         twinquant_wgmma.launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
-                               bias is not None, bm, bn, warps, stages, split, k_per_split, br, swap=mode == 9)
+                               bias is not None, bm, bn, warps, stages, split, k_per_split, br, swap=mode == 9,
+                               pdl=pdl)
         if split > 1:
             out.copy_(y)
         return out
@@ -835,11 +907,12 @@ def tq_gemm(
     split = triton.cdiv(k, k_per_split)
     y = out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     exp = 0x4300 if x.dtype == torch.bfloat16 else 0x6400
+    operands, strides, num_splits = with_t()
     _tq_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
-        EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, num_warps=warps, num_stages=stages,
+        EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, PDL=pdl, num_warps=warps, num_stages=stages, **launch_kw,
     )
     if split > 1:
         out.copy_(y)

@@ -45,6 +45,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -113,7 +114,7 @@ def _tq_decode_mma_kernel(
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
-    TILED: gl.constexpr, num_warps: gl.constexpr,
+    TILED: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Program (pid_n, pid_k, pid_m): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps)
     over the K-slice pid_k, for tokens [pid_m * TOK, +TOK) (TOK 8-64). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
@@ -231,6 +232,8 @@ def _tq_decode_mma_kernel(
             if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
                 us = gl.load(us_ptr + un, mask=un < N, other=0.0)
             tm = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
+            if PDL:  # t is the down projection's, launched just before this kernel
+                tl.extra.cuda.gdc_wait()
             for r0 in gl.static_range(0, BLOCK_R, RC):
                 ur = r0 + gl.arange(0, RC, layout=gl.SliceLayout(0, A_L))
                 u_mask = gl.expand_dims(un < N, 1) & gl.expand_dims(ur < R, 0)
@@ -317,7 +320,7 @@ def plan(m: int, k: int, group_size: int, split: int, max_tok: int = MAX_M.value
 
 
 def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
-           mt, warps, split, br, max_tok=MAX_M.value):
+           mt, warps, split, br, max_tok=MAX_M.value, pdl=False):
     """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
     if not usable(m, group_size, k):
         raise ValueError(f"the mma decode kernel takes M <= {MAX_TOKENS}, group size 64 or 128 and K a multiple "
@@ -331,5 +334,6 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
     _tq_decode_mma_kernel[(tiles, split, triton.cdiv(m, tok))](
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
         KS=k_per_split, GROUP=group_size, BK=bk, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
-        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), num_warps=warps,
+        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), PDL=pdl, num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )

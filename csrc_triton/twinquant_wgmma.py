@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -89,7 +90,7 @@ def _tq_gemm_wgmma_kernel(
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr,
     SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SWAP: gl.constexpr, EXP: gl.constexpr,
-    num_warps: gl.constexpr,
+    PDL: gl.constexpr, num_warps: gl.constexpr,
 ):
     act: gl.constexpr = x_ptr.dtype.element_ty
     pid = gl.program_id(0)
@@ -189,6 +190,8 @@ def _tq_gemm_wgmma_kernel(
             t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
             t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot_id * R + gl.expand_dims(tr, 0)
             t = gl.zeros([BLOCK_M, BLOCK_R], gl.float32, layout=EPI)
+            if PDL:  # t is the down projection's, launched just before this kernel
+                tl.extra.cuda.gdc_wait()
             for sp in range(NUM_SPLITS):
                 t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
             un = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, EPI))
@@ -216,7 +219,7 @@ def _tq_gemm_wgmma_kernel(
 
 
 def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
-           bm, bn, warps, stages, split, k_per_split, br, swap=False):
+           bm, bn, warps, stages, split, k_per_split, br, swap=False, pdl=False):
     """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
     if chunk_words(group_size) * 8 != BLOCK_K.value:
         raise ValueError(f"the wgmma kernel steps over 64-column chunks: group size {group_size} must be 64 or 128")
@@ -224,5 +227,6 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
     _tq_gemm_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_R=br, GROUP_M=8, SPLIT_K=split, STAGES=stages, SWAP=swap, EXP=exp, num_warps=warps,
+        BLOCK_R=br, GROUP_M=8, SPLIT_K=split, STAGES=stages, SWAP=swap, EXP=exp, PDL=pdl, num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )

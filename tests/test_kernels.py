@@ -136,7 +136,7 @@ def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype,
             "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": "*fp32" if split > 1 else f"*{dtype}"}
     consts = dict(GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_R=max(16, rank), GROUP_M=8, SPLIT_K=split, STAGES=3, SWAP=swap,
-                  EXP=0x4300 if dtype == "bf16" else 0x6400)
+                  EXP=0x4300 if dtype == "bf16" else 0x6400, PDL=False)
     ptx = compile_sm90("csrc_triton.twinquant_wgmma", "_tq_gemm_wgmma_kernel", ptrs, consts, warps, gluon=True,
                        aligned_extra=("N", "K", "k_per_split"))
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n%d" % (bm if swap else bn), ptx)
@@ -246,7 +246,7 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
 
 
 def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16", int8=False, bias=False,
-                 want_resources=False):
+                 want_resources=False, pdl=False):
     """twinquant_mma's kernel compiled for sm_90 with the constexprs a launch would pass."""
     from compile_sm90 import compile_sm90
 
@@ -254,7 +254,7 @@ def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16"
             "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
             "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
-                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled)
+                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled, PDL=pdl)
     return compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
                         aligned_extra=("N", "K"), want_resources=want_resources)
 
@@ -300,13 +300,75 @@ def test_vector_decode_kernel_ptx():
     ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
             "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
-                  BLOCK_W=128, BLOCK_R=16, EVEN=True, UNPACK=1, ASM=True)
+                  BLOCK_W=128, BLOCK_R=16, EVEN=True, UNPACK=1, ASM=True, PDL=False)
     ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1, aligned_extra=("N", "K"))
     assert "ld.global.v4.b32" in ptx or "ld.global.v4.u32" in ptx
     # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s)
     assert ptx.count("lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;") == 8 * 4 * 4
     loop = ptx[: ptx.rindex("0x64006400")]
     assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
+
+
+_PDL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
+             "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+_PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the main loop's last MMA/unpack)
+    "_tq_gemv_vec_kernel": ("csrc_triton.twinquant_gemm", False, 1, dict(
+        GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_W=128,
+        BLOCK_R=64, EVEN=True, UNPACK=1, ASM=True), "0x64006400, 0xEA;"),
+    "_tq_gemm_kernel": ("csrc_triton.twinquant_gemm", False, 8, dict(
+        GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
+        BLOCK_R=64, GROUP_M=8, SPLIT_K=1, MODE=7, EXP=0x4300, ASM=True, UPCAST=False), "wgmma.mma_async"),
+    "_tq_gemm_wgmma_kernel": ("csrc_triton.twinquant_wgmma", True, 8, dict(
+        GROUP=128, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=256, BLOCK_N=128, BLOCK_R=64, GROUP_M=8,
+        SPLIT_K=1, STAGES=3, SWAP=True, EXP=0x4300), "wgmma.mma_async"),
+}
+
+
+@pytest.mark.parametrize("kernel", [*_PDL_KERNELS, "_tq_decode_mma_kernel"])
+def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(kernel):
+    """With PDL the residual kernel is launched while the down projection still runs; its
+    `griddepcontrol.wait` must exist (a t read without it is a race) and come after the main
+    loop's tensor-core / unpacking work (else PDL overlaps nothing). Without PDL: no wait at all.
+    That the wait holds at run time is checked on the GPU by benchmarks/kernels/pdl_check.py."""
+    from compile_sm90 import compile_sm90
+
+    for pdl in (True, False):
+        if kernel == "_tq_decode_mma_kernel":
+            ptx, loop_op = _compile_mma(1, 8, 8, 128, 512, 128, 64, True, False, pdl=pdl), "mma.sync.aligned"
+        else:
+            module, gluon, warps, consts, loop_op = _PDL_KERNELS[kernel]
+            ptx = compile_sm90(module, kernel, _PDL_PTRS, {**consts, "PDL": pdl}, warps, gluon=gluon,
+                               aligned_extra=("N", "K", "k_per_split"))
+        waits = ptx.count("griddepcontrol.wait")
+        if not pdl:
+            assert waits == 0
+            continue
+        assert waits == 1
+        assert ptx.index("griddepcontrol.wait") > ptx.index(loop_op), "the wait comes before the main loop"
+        assert "griddepcontrol.launch_dependents" not in ptx  # the residual kernel lets nothing start early
+
+
+def test_down_projection_lets_the_residual_kernel_start_early():
+    from compile_sm90 import compile_sm90
+
+    ptrs = {"x_ptr": "*bf16", "d_ptr": "*bf16", "ds_ptr": "*fp32", "ws_ptr": "*fp32"}
+    for pdl in (True, False):
+        consts = dict(BLOCK_M=16, BLOCK_R=64, BLOCK_K=128, ATOMIC=False, HAS_DS=False, UPCAST=False, TRIGGER=int(pdl))
+        ptx = compile_sm90("csrc_triton.twinquant_gemm", "_lowrank_down_kernel", ptrs, consts, 4, aligned_extra=("K",))
+        trigger = ptx.find("griddepcontrol.launch_dependents")
+        assert (trigger >= 0) == pdl
+        if pdl:  # at the top, before its K loop's first load
+            assert trigger < ptx.index("ld.global")
+
+
+def test_pdl_is_off_in_the_interpreter_and_by_env(monkeypatch):
+    assert not tg.pdl_usable(0)  # TRITON_INTERPRET=1 (the test suite) or no CUDA device
+    monkeypatch.setenv("TWINQUANT_PDL", "0")
+    tg.pdl_usable.cache_clear()
+    try:
+        assert not tg.pdl_usable(0)
+    finally:
+        tg.pdl_usable.cache_clear()
 
 
 def test_dequantize_returns_checkpoint_column_order():

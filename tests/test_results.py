@@ -1,5 +1,7 @@
-"""The committed accuracy results stay consistent: the issue's JSON records come from the JSONL that
-twinquant-eval writes, and README's table is the one make_tables.py prints from it."""
+"""The committed results stay consistent: the accuracy JSON records come from the JSONL that
+twinquant-eval writes, and README's table is the one make_tables.py prints from it; the kernel
+records carry the keys of issue 3 with ratios that match their timings, and the kernel README's
+current table is make_tables.py's output."""
 
 import contextlib
 import io
@@ -36,3 +38,27 @@ def test_readme_table_is_make_tables_output():
         make_tables.accuracy(JSONL)
     table = out.getvalue().strip()
     assert table in open(os.path.join(ROOT, "README.md")).read()
+
+
+KERNELS = os.path.join(ROOT, "benchmarks", "results", "kernels_h200.json")
+KERNEL_KEYS = {"M", "K", "N", "rank", "group_size", "ms", "gbps", "tflops", "pct_of_floor", "speedup_vs_bf16",
+               "speedup_vs_unfused"}
+
+
+def test_kernel_records_carry_the_issue_keys_and_their_ratios():
+    d = json.load(open(KERNELS))
+    assert d["meta"]["max_rel_err"] <= 1e-2
+    cases = {(r["name"], r["M"], r["rank"]) for r in d["records"]}
+    assert len(cases) == len(d["records"]) == 4 * 8 * 4  # shapes x M x ranks, each once
+    for r in d["records"]:
+        assert KERNEL_KEYS <= r.keys(), r
+        assert abs(r["speedup_vs_bf16"] - r["ms_bf16"] / r["ms"]) < 1e-9
+        assert abs(r["speedup_vs_unfused"] - r["ms_unfused"] / r["ms"]) < 1e-9
+        assert abs(r["gbps"] - r["bytes"] / r["ms"] / 1e6) < 1e-6
+
+
+def test_kernel_readme_table_is_make_tables_output():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        make_tables.kernels(KERNELS)
+    assert out.getvalue().strip() in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()

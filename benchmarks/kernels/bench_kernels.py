@@ -6,6 +6,8 @@ random data (never zeros):
     above the large-M threshold), and the fused kernel alone at every M;
   * the unfused version: residual kernel, then x@D^T and (x@D^T)@U^T as separate cuBLAS calls;
   * dense BF16 torch.matmul of the same shape;
+  * with a low-rank branch, the layer again without programmatic dependent launch (`ms_no_pdl`:
+    the down projection and the residual kernel strictly back to back, as before v10);
   * copy bandwidth and BF16 matmul peak of this GPU, for the floor of each case.
 Every timed call is captured in a CUDA graph that cycles through enough weight copies to
 overflow L2, so the numbers are device time with weights streamed from HBM, as in decode.
@@ -22,6 +24,7 @@ written to kernels_h100_int8_factors.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -143,6 +146,17 @@ def check(m, k, n, r, dtype, gen, large_thr, group=GROUP, bounds=(), config=None
     return max(e1, e2)
 
 
+@contextlib.contextmanager
+def pdl_disabled():
+    """The dispatch as it ran before PDL: the down projection and the residual kernel back to back."""
+    saved = tg.pdl_usable
+    tg.pdl_usable = lambda device_index: False
+    try:
+        yield
+    finally:
+        tg.pdl_usable = saved
+
+
 def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
     bytes_io = m * k * 2 + m * n * 2
@@ -156,6 +170,9 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     rec["ms_fused_kernel"] = graph_time_ms([lambda L=L: tg.tq_gemm(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers])
     rec["ms_dequant_cublas"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3], large_m_threshold=0) for L in layers])
     if r:
+        with pdl_disabled():
+            rec["ms_no_pdl"] = graph_time_ms([lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3], large_m_threshold=large_thr) for L in layers])
+
         def unfused(L):
             y = tg.tq_gemm(x, L[0], L[1], GROUP)
             t = x @ L[2].t()
@@ -453,6 +470,7 @@ def main():
                     help="time the vector decode kernel's configs at M 1-8 first and run the table with the "
                          "dispatch they imply (printed and stored in the output's meta)")
     ap.add_argument("--tag", default="h100", help="file name tag of the outputs (kernels_TAG.json)")
+    ap.add_argument("--ms", type=int, nargs="+", default=None, help="token counts of the table (default: all)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop the table after this many seconds (0: none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -465,10 +483,10 @@ def main():
             "command": " ".join(sys.argv)}
     t0 = time.time()
     copy_gbps, peak = measure_peaks()
-    meta.update(copy_gbps=copy_gbps, bf16_peak_tflops=peak)
+    meta.update(copy_gbps=copy_gbps, bf16_peak_tflops=peak, pdl=tg.pdl_usable(0))
     print(f"{dev.name}: copy {copy_gbps:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s", flush=True)
 
-    ms_list = [1, 4, 16, 64, 128, 256, 4096] if args.quick else MS
+    ms_list = args.ms or ([1, 4, 16, 64, 128, 256, 4096] if args.quick else MS)
     ranks = [0, 64] if args.quick else RANKS
     worst = 0.0
     checks = [] if args.no_check else list(itertools.product(SHAPES, [1, 16, 256, 4096], [0, 64, 128]))
@@ -552,6 +570,7 @@ def main():
         recs.append(rec)
         print(f"{name:8s} M={m:5d} r={r:3d}  {rec['ms']*1e3:8.1f} us  fused {rec['ms_fused_kernel']*1e3:8.1f}  "
               f"deq+cublas {rec['ms_dequant_cublas']*1e3:8.1f}  unfused {rec['ms_unfused']*1e3:8.1f}  "
+              f"no-pdl {rec.get('ms_no_pdl', rec['ms'])*1e3:8.1f}  "
               f"bf16 {rec['ms_bf16']*1e3:8.1f}  x{rec['speedup_vs_bf16']:.2f} vs bf16  "
               f"{rec['pct_of_floor']:5.1f}% of floor", flush=True)
         with open(os.path.join(args.out, f"kernels_{args.tag}.partial.json"), "w") as f:  # kept if the run is cut short
