@@ -71,11 +71,11 @@ def pdl_usable(device_index: int) -> bool:
 
 # Where PDL measured slower than two launches back to back (H200, benchmarks/results/pdl_h200.json,
 # benchmarks/kernels/bench_pdl.py): mma decode configs whose one wave of long programs loses slots
-# to the down projection's programs still running. (max M, min M, min N, min K, max N, min rank)
+# to the down projection's programs still running. (min M, max M, min N, max N, min K, min rank)
 PDL_OFF = [
-    (8, 2, 8193, 0, 1 << 62, 0),  # gate/up, 2-8 tokens: (2, 8, 2) / (1, 8, 2), +4-10 us with PDL
-    (16, 9, 0, 8192, 4096, 0),  # down, 9-16 tokens: (2, 8, 16), +1-9 us
-    (8, 2, 0, 8192, 4096, 65),  # down, 2-8 tokens, rank 128: (1, 8, 8), +2.5 us
+    (2, 8, 8193, 1 << 62, 0, 0),  # gate/up, 2-8 tokens: (2, 8, 2) / (1, 8, 2), +4-10 us with PDL
+    (9, 16, 0, 4096, 8192, 0),  # down, 9-16 tokens: (2, 8, 16), +1-9 us
+    (2, 8, 0, 4096, 8192, 65),  # down, 2-8 tokens, rank 128: (1, 8, 8), +2.5 us
 ]
 
 
@@ -84,7 +84,7 @@ def pdl_trigger(m: int, n: int, k: int, r: int) -> int:
     0 no PDL, 1 once its programs have all started (the measured best elsewhere; 2, after their
     loads, was slower than 1 in 82 of the 93 cases of pdl_h200.json that take PDL, by up to
     3.8 us, and faster by at most 0.9 us)."""
-    for max_m, min_m, min_n, min_k, max_n, min_r in PDL_OFF:
+    for min_m, max_m, min_n, max_n, min_k, min_r in PDL_OFF:
         if min_m <= m <= max_m and min_n <= n <= max_n and k >= min_k and r >= min_r:
             return 0
     return 1
@@ -835,7 +835,6 @@ def tq_gemm(
         _check_factor(up, up_scale, n, "up")
     trigger = pdl_trigger(m, n, k, r) if has_lr and x.is_cuda and pdl_usable(x.device.index or 0) else 0
     pdl = trigger > 0
-    launch_kw = {"launch_pdl": True} if pdl else {}
 
     def with_t():
         """Launch the down projection (after every buffer the residual kernel needs is set up,
@@ -850,13 +849,16 @@ def tq_gemm(
             splits = 8 if pdl and len(config) == 5 else None
             ws = lowrank_down(x, down, splits, reduce=(len(config) == 7 and m > 16) or len(config) in (3, 4),
                               down_scale=down_scale, trigger=trigger)
-        operands = (x, qweight, scales, up if has_lr else x, up_scale if has_us else x, ws if has_lr else x,
+            num_splits = ws.shape[0]
+        else:
+            ws, num_splits = x, 0
+        operands = (x, qweight, scales, up if has_lr else x, up_scale if has_us else x, ws,
                     bias if bias is not None else x)
         strides = (
             x.stride(0), qweight.stride(0), scales.stride(0), up.stride(0) if has_lr else 0,
             ws.stride(0) if has_lr else 0, ws.stride(1) if has_lr else 0,
         )
-        return operands, strides, ws.shape[0] if has_lr else 0
+        return operands, strides, num_splits
 
     br = max(16, _next_pow2(r)) if has_lr else 16
     if len(config) in (3, 4):  # the tensor-core decode kernel (csrc_triton/twinquant_mma.py)
@@ -880,7 +882,7 @@ def tq_gemm(
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br,
             EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack, ASM=not _INTERPRETED, PDL=pdl, num_warps=warps,
-            **launch_kw,
+            launch_pdl=pdl,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config
@@ -912,7 +914,7 @@ def tq_gemm(
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, MODE=mode,
-        EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, PDL=pdl, num_warps=warps, num_stages=stages, **launch_kw,
+        EXP=exp, ASM=not _INTERPRETED, UPCAST=_INTERPRETED, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     if split > 1:
         out.copy_(y)

@@ -335,5 +335,5 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
         KS=k_per_split, GROUP=group_size, BK=bk, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
         BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), PDL=pdl, num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}),
+        launch_pdl=pdl,
     )

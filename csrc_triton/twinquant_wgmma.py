@@ -228,5 +228,5 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
         *operands, y, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_R=br, GROUP_M=8, SPLIT_K=split, STAGES=stages, SWAP=swap, EXP=exp, PDL=pdl, num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}),
+        launch_pdl=pdl,
     )
