@@ -380,22 +380,22 @@ def _unpack_v(p, J: tl.constexpr):
 
 
 @triton.jit
-def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
-                   R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr,
+                   R, slot, NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym,
                    HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Token row m of a decode program: y [BLOCK_N] (the residual product's row sums) plus the
-    low-rank term from the down projection's workspace and the bias, stored."""
+    low-rank term (u [BLOCK_N, BLOCK_R] fp32, this program's rows of U, loaded before the main
+    loop; t from the down projection's NUM_SPLITS <= BLOCK_S K-slices, read in one load) and
+    the bias, stored."""
     if HAS_LOWRANK:
         offs_r = tl.arange(0, BLOCK_R)
+        offs_s = tl.arange(0, BLOCK_S)
         r_mask = (offs_r < R) & (offs_r * 0 + m < M)
-        t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for sp in range(0, NUM_SPLITS):
-            t += tl.load(ws_ptr + sp * stride_ws_s + m * stride_ws_m + slot * R + offs_r, mask=r_mask, other=0.0)
+        t = tl.sum(tl.load(ws_ptr + offs_s[:, None] * stride_ws_s + m * stride_ws_m + slot * R + offs_r[None, :],
+                           mask=(offs_s[:, None] < NUM_SPLITS) & r_mask[None, :], other=0.0), axis=0)
         # t is rounded to the activation dtype, as the tile kernel's tensor-core operand is
         t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
-        u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
-                    mask=n_mask[:, None] & r_mask[None, :], other=0).to(tl.float32)
         lr = tl.sum(u * t[None, :], axis=1)
         if HAS_US:
             lr *= tl.load(us_ptr + offs_n, mask=n_mask, other=0.0)
@@ -440,70 +440,108 @@ def _unpack_pair_f32(p, J: tl.constexpr, ASM: tl.constexpr):
     return lo, hi
 
 
+# Four nibble planes of a word from one shift (none for planes 0, 1, 4, 5): a LOP3 keeps nibbles
+# j and j + 4 where they are (mask 0x000F000F: fp16 1024 + q) or one nibble up (mask
+# 0x00F000F0: 1024 + 16 q, still exact) under fp16 1024. $0-$3 out (planes s, s+4, s+1, s+5 of
+# the word shifted by 4 s), $4 the word.
+_QUAD_F16_PTX = """
+{
+.reg .b32 t, a, b;
+SHIFT
+lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 {$0, $1}, a;
+mov.b32 {$2, $3}, b;
+}
+"""
+_QUAD_F16_PTX_0, _QUAD_F16_PTX_8 = (
+    tl.constexpr(_QUAD_F16_PTX.replace("SHIFT", "mov.b32 t, $4;" if s == 0 else f"shr.u32 t, $4, {s};")) for s in (0, 8))
+
+
 @triton.jit
-def _tq_gemv_vec_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
-    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-):
-    """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
-    2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
-    BLOCK_W/4, 4] tensor (loaded flat, below), so a thread holds 4 consecutive words (one
-    16-byte load) of each of its rows; the 4 words lie in one scale group (G >= 32), so the
-    thread reduces them and the 8 activations each nibble plane meets in registers, and loads
-    each row's scale once per step. The activations
-    of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
-    token row, shared by the thread's BLOCK_N output rows.
-    UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
-      sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0 (`_unpack_v`): v = 1 + q/16 from a shift and
-      a bit-select per nibble, sum (q - 8) x = 16 sum v x - 24 sum x (slower on the H200).
-    EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales."""
-    m0 = tl.program_id(0) * BLOCK_M
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    kw = K // 8
-    CHUNK: tl.constexpr = 8 * CHUNK_W
-    W4: tl.constexpr = BLOCK_W // 4
-    # The codes of a step are loaded as a 2-D [BLOCK_N * W4, 4] tensor (row-major over (row,
-    # word group)) and reshaped to [BLOCK_N, W4, 4]: a 2-D load with one contiguous dimension
-    # gets the same layout from every Triton version (threads over the flattened dimension,
-    # word groups fastest), so each thread holds one word group of every row, and the
-    # activations [1, W4, 4] (one row: threads can only go over the word groups) broadcast
-    # over the output rows without a layout conversion.
-    flat = tl.arange(0, BLOCK_N * W4)
-    frow = flat // W4
-    fw = (flat % W4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BN*W4, 4] word offsets within a step
-    q_rows = qw_ptr + (pid_n * BLOCK_N + frow)[:, None] * stride_qn
-    qmask_rows = (pid_n * BLOCK_N + frow < N)[:, None]
-    s_rows = sc_ptr + (pid_n * BLOCK_N + frow) * stride_sn
-    wv = tl.arange(0, W4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [1, W4, 4]
-    acc0 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)  # second token row (BLOCK_M 2; else unused)
-    row = tl.zeros((1, W4, 4), dtype=tl.int32) + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
-    for w0 in range(0, kw, BLOCK_W):
-        w = w0 + wv
-        g = (w0 + (flat % W4) * 4) * 8 // GROUP  # [BN*W4]: scale group of each thread's 4 words
-        xcol = (w // CHUNK_W) * CHUNK + w % CHUNK_W  # column of nibble 0 of each word
-        xcol = tl.max_contiguous(tl.multiple_of(xcol, [1, 1, 4]), [1, 1, 4])
-        xr = x_ptr + m0 * stride_xm + xcol
-        if EVEN:
-            p = tl.load(q_rows + (w0 + fw))
-            s = tl.load(s_rows + g)
-            xmask = row < M
+def _unpack_quad_f32(p, S: tl.constexpr, ASM: tl.constexpr):
+    """Planes S, S + 4 as float32 1024 + q and planes S + 1, S + 5 as 1024 + 16 q (S = 0 or 2)."""
+    if ASM:
+        if S == 0:
+            asm: tl.constexpr = _QUAD_F16_PTX_0
         else:
-            p = tl.load(q_rows + (w0 + fw), mask=qmask_rows & (w0 + fw < kw), other=0)
-            s = tl.load(s_rows + g, mask=(pid_n * BLOCK_N + frow < N) & (g < K // GROUP), other=0.0)
-            xmask = (w < kw) & (row < M)
-        p = tl.reshape(p, (BLOCK_N, W4, 4))
-        s = tl.reshape(s, (BLOCK_N, W4)).to(tl.float32)
-        sv0 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
-        xs0 = tl.zeros((1, W4, 4), dtype=tl.float32)
-        sv1 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
-        xs1 = tl.zeros((1, W4, 4), dtype=tl.float32)
+            asm: tl.constexpr = _QUAD_F16_PTX_8
+        a, a4, b, b4 = tl.inline_asm_elementwise(asm, "=h,=h,=h,=h,r", [p], dtype=(tl.float16,) * 4, is_pure=True,
+                                                 pack=1)
+        return a.to(tl.float32), a4.to(tl.float32), b.to(tl.float32), b4.to(tl.float32)
+    a = ((p >> (4 * S)) & 0xF).to(tl.float32) + 1024.0
+    a4 = ((p >> (4 * S + 16)) & 0xF).to(tl.float32) + 1024.0
+    b = ((p >> (4 * S + 4)) & 0xF).to(tl.float32) * 16.0 + 1024.0
+    b4 = ((p >> (4 * S + 20)) & 0xF).to(tl.float32) * 16.0 + 1024.0
+    return a, a4, b, b4
+
+
+@triton.jit
+def _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups,
+               GROUP: tl.constexpr, W4: tl.constexpr, EVEN: tl.constexpr):
+    """One step's codes [BLOCK_N * W4, 4] (int32 words) and scales [BLOCK_N * W4] (one per
+    thread-held word group: its 4 words lie in one scale group) from word column w0 on."""
+    g = (w0 + (flat % W4) * 4) * 8 // GROUP
+    if EVEN:
+        return tl.load(q_rows + (w0 + fw)), tl.load(s_rows + g)
+    p = tl.load(q_rows + (w0 + fw), mask=qmask_rows & (w0 + fw < kw), other=0)
+    return p, tl.load(s_rows + g, mask=srow_ok & (g < n_groups), other=0.0)
+
+
+@triton.jit
+def _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row,
+              CHUNK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W4: tl.constexpr,
+              EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr):
+    """Adds one step (codes p and scales s from `_vec_codes` at word column w0) to the row
+    sums acc0 (token row m0) and acc1 (m0 + 1, BLOCK_M 2) [BLOCK_N, W4]."""
+    CHUNK: tl.constexpr = 8 * CHUNK_W
+    w = w0 + wv
+    xcol = (w // CHUNK_W) * CHUNK + w % CHUNK_W  # column of nibble 0 of each word
+    xcol = tl.max_contiguous(tl.multiple_of(xcol, [1, 1, 4]), [1, 1, 4])
+    xr = x_ptr + m0 * stride_xm + xcol
+    xmask = row < M if EVEN else (w < kw) & (row < M)
+    p = tl.reshape(p, (BLOCK_N, W4, 4))
+    s = tl.reshape(s, (BLOCK_N, W4)).to(tl.float32)
+    sv0 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+    xs0 = tl.zeros((1, W4, 4), dtype=tl.float32)
+    sv1 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+    xs1 = tl.zeros((1, W4, 4), dtype=tl.float32)
+    if UNPACK == 2:  # planes 1, 3, 5, 7 come as 1024 + 16 q: their own sums, 1/16 at the end
+        sw0 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+        xw0 = tl.zeros((1, W4, 4), dtype=tl.float32)
+        sw1 = tl.zeros((BLOCK_N, W4, 4), dtype=tl.float32)
+        xw1 = tl.zeros((1, W4, 4), dtype=tl.float32)
+        for ss in tl.static_range(2):
+            a, a4, b, b4 = _unpack_quad_f32(p, 2 * ss, ASM)
+            for h in tl.static_range(4):
+                v = a if h == 0 else (a4 if h == 1 else (b if h == 2 else b4))
+                plane = 2 * ss + (4 if h % 2 == 1 else 0) + (1 if h >= 2 else 0)
+                xp = xr + plane * CHUNK_W
+                if EVEN and BLOCK_M == 1:
+                    xj = tl.load(xp).to(tl.float32)
+                else:
+                    xj = tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
+                if h < 2:
+                    sv0 += v * xj
+                    xs0 += xj
+                else:
+                    sw0 += v * xj
+                    xw0 += xj
+                if BLOCK_M > 1:
+                    xj = tl.load(xp + stride_xm, mask=xmask & (row + 1 < M), other=0.0).to(tl.float32)
+                    if h < 2:
+                        sv1 += v * xj
+                        xs1 += xj
+                    else:
+                        sw1 += v * xj
+                        xw1 += xj
+        # sum (q - 8) x = (sum v x - 1032 sum x) + (sum w x - 1152 sum x) / 16
+        acc0 += s * (tl.sum(sv0, axis=2) - 1032.0 * tl.sum(xs0, axis=2)
+                     + 0.0625 * (tl.sum(sw0, axis=2) - 1152.0 * tl.sum(xw0, axis=2)))
+        if BLOCK_M > 1:
+            acc1 += s * (tl.sum(sv1, axis=2) - 1032.0 * tl.sum(xs1, axis=2)
+                         + 0.0625 * (tl.sum(sw1, axis=2) - 1152.0 * tl.sum(xw1, axis=2)))
+    else:
         for jj in tl.static_range(8 if UNPACK == 0 else 4):
             if UNPACK == 0:
                 va = _unpack_v(p, jj)
@@ -528,18 +566,95 @@ def _tq_gemv_vec_kernel(
         acc0 += s * (VS * tl.sum(sv0, axis=2) - XS * tl.sum(xs0, axis=2))
         if BLOCK_M > 1:
             acc1 += s * (VS * tl.sum(sv1, axis=2) - XS * tl.sum(xs1, axis=2))
+    return acc0, acc1
+
+
+@triton.jit
+def _tq_gemv_vec_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, WAIT_X: tl.constexpr, U_EARLY: tl.constexpr,
+):
+    """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
+    2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
+    BLOCK_W/4, 4] tensor (loaded flat, below), so a thread holds 4 consecutive words (one
+    16-byte load) of each of its rows; the 4 words lie in one scale group (G >= 32), so the
+    thread reduces them and the 8 activations each nibble plane meets in registers, and loads
+    each row's scale once per step. The activations
+    of a plane are 4 consecutive columns (`repack` layout, CHUNK_W >= 4): one 8-byte load per
+    token row, shared by the thread's BLOCK_N output rows.
+    UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
+      sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0 (`_unpack_v`): v = 1 + q/16 from a shift and
+      a bit-select per nibble, sum (q - 8) x = 16 sum v x - 24 sum x (slower on the H200).
+    PREFETCH 1: the next step's codes and scales are loaded (into registers) before this step's
+      arithmetic, so each warp keeps two steps of loads in flight; 0: one step at a time.
+    EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales.
+    The low-rank branch's rows of U are loaded before the main loop; t (the down projection's
+    output, with PDL still being written while the loop runs) is read after it."""
+    m0 = tl.program_id(0) * BLOCK_M
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kw = K // 8
+    W4: tl.constexpr = BLOCK_W // 4
+    # The codes of a step are loaded as a 2-D [BLOCK_N * W4, 4] tensor (row-major over (row,
+    # word group)) and reshaped to [BLOCK_N, W4, 4]: a 2-D load with one contiguous dimension
+    # gets the same layout from every Triton version (threads over the flattened dimension,
+    # word groups fastest), so each thread holds one word group of every row, and the
+    # activations [1, W4, 4] (one row: threads can only go over the word groups) broadcast
+    # over the output rows without a layout conversion.
+    flat = tl.arange(0, BLOCK_N * W4)
+    frow = flat // W4
+    fw = (flat % W4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BN*W4, 4] word offsets within a step
+    q_rows = qw_ptr + (pid_n * BLOCK_N + frow)[:, None] * stride_qn
+    qmask_rows = (pid_n * BLOCK_N + frow < N)[:, None]
+    s_rows = sc_ptr + (pid_n * BLOCK_N + frow) * stride_sn
+    srow_ok = pid_n * BLOCK_N + frow < N
+    n_groups = K // GROUP
+    wv = tl.arange(0, W4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [1, W4, 4]
+    row = tl.zeros((1, W4, 4), dtype=tl.int32) + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
+    acc0 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)  # second token row (BLOCK_M 2; else unused)
+    u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    if HAS_LOWRANK and U_EARLY:  # (U does not depend on t: its load overlaps the main loop)
+        u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
+                    mask=n_mask[:, None] & (offs_r < R)[None, :], other=0).to(tl.float32)
+    if PREFETCH:
+        p, s = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, 0, kw, n_groups, GROUP, W4, EVEN)
+        _pdl_wait(WAIT_X)  # launched with PDL after the kernel that writes x: weights may be read before it ends
+        for w0 in range(BLOCK_W, kw, BLOCK_W):
+            p_next, s_next = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups, GROUP, W4,
+                                        EVEN)
+            acc0, acc1 = _vec_step(p, s, acc0, acc1, x_ptr, w0 - BLOCK_W, m0, M, kw, stride_xm, wv, row, CHUNK_W,
+                                   BLOCK_M, BLOCK_N, W4, EVEN, UNPACK, ASM)
+            p, s = p_next, s_next
+        acc0, acc1 = _vec_step(p, s, acc0, acc1, x_ptr, (kw - 1) // BLOCK_W * BLOCK_W, m0, M, kw, stride_xm, wv, row,
+                               CHUNK_W, BLOCK_M, BLOCK_N, W4, EVEN, UNPACK, ASM)
+    else:
+        _pdl_wait(WAIT_X)
+        for w0 in range(0, kw, BLOCK_W):
+            p, s = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups, GROUP, W4, EVEN)
+            acc0, acc1 = _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row, CHUNK_W, BLOCK_M,
+                                   BLOCK_N, W4, EVEN, UNPACK, ASM)
+    if HAS_LOWRANK and not U_EARLY:  # issued before the wait for t, so the two loads overlap
+        u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
+                    mask=n_mask[:, None] & (offs_r < R)[None, :], other=0).to(tl.float32)
 
     n0 = pid_n * BLOCK_N
     slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
     if HAS_LOWRANK:
         _pdl_wait(PDL)  # t is the down projection's, launched just before this kernel
-    _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, R,
-                   slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS,
-                   BLOCK_R)
+    _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot,
+                   NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R, BLOCK_S)
     if BLOCK_M > 1:
-        _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr,
-                       y_ptr, R, slot, NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK,
-                       HAS_US, HAS_BIAS, BLOCK_R)
+        _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr, R,
+                       slot, NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R,
+                       BLOCK_S)
 
 
 # -- code layout ------------------------------------------------------------------------------
@@ -585,6 +700,8 @@ def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 # vector decode kernel; None: the tile kernel as `pick_config` chooses it, where that stayed
 # faster (M 3-4 on three of the four shapes).
 GEMV_MAX_M = 4
+_GEMV_CHAIN = False  # (measurement switches, bench_gemv.py)
+_GEMV_U_EARLY = False
 GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
     (1, 4096, 8192, (1, 4, 256, 2, 1)),
     (1, 4096, 0, (1, 4, 256, 2, 1)),
@@ -808,7 +925,7 @@ def tq_gemm(
     [slots*R] and up_scale [N] (None for rank 0). slot_bounds: first
     output row of slots 1 and 2 of a merged layer (empty for a plain layer). `config`
     overrides the launch configuration: (MT, warps, SPLIT_K[, tokens per program]) selects the
-    tensor-core decode kernel (twinquant_mma.py), (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK) the vector
+    tensor-core decode kernel (twinquant_mma.py), (BLOCK_M, BLOCK_N, BLOCK_W, warps, UNPACK[, PREFETCH]) the vector
     decode kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) the tile kernel."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be a row-major 2-D tensor"
     m, k = x.shape
@@ -846,7 +963,7 @@ def tq_gemm(
             # with PDL the vector kernel takes t in 8 K-slices, not up to 32: its epilogue adds fewer
             # partial slices, and the longer down projection runs under the residual kernel's loop
             # (M = 1, H200: 0.8-3.0 us less on q/k/v, o and gate/up, benchmarks/results/pdl_breakdown_h200.json)
-            splits = 8 if pdl and len(config) == 5 else None
+            splits = 8 if pdl and len(config) in (5, 6) else None
             ws = lowrank_down(x, down, splits, reduce=(len(config) == 7 and m > 16) or len(config) in (3, 4),
                               down_scale=down_scale, trigger=trigger)
             num_splits = ws.shape[0]
@@ -871,18 +988,22 @@ def tq_gemm(
         twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
                              bias is not None, mt, warps, split, br, *tok, pdl=pdl)
         return out
-    if len(config) == 5:
-        bm, bn, bw, warps, unpack = config
+    if len(config) in (5, 6):
+        bm, bn, bw, warps, unpack, *prefetch = config
+        prefetch = prefetch[0] if prefetch else 0
         bn = min(bn, max_bn)
-        if bm not in (1, 2) or bw % 4 or unpack not in (0, 1):
-            raise ValueError(f"vector decode config {config}: BLOCK_M 1 or 2, BLOCK_W a multiple of 4, UNPACK 0 or 1")
+        if bm not in (1, 2) or bw % 4 or unpack not in (0, 1, 2) or prefetch not in (0, 1):
+            raise ValueError(f"vector decode config {config}: BLOCK_M 1 or 2, BLOCK_W a multiple of 4, UNPACK 0-2, "
+                             "PREFETCH 0 or 1")
+        chain = _GEMV_CHAIN and not has_lr and x.is_cuda and pdl_usable(x.device.index or 0)
         operands, strides, num_splits = with_t()
         _tq_gemv_vec_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br,
-            EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack, ASM=not _INTERPRETED, PDL=pdl, num_warps=warps,
-            launch_pdl=pdl,
+            BLOCK_S=_next_pow2(max(1, num_splits)), EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack,
+            PREFETCH=prefetch, ASM=not _INTERPRETED, PDL=pdl, WAIT_X=chain, U_EARLY=_GEMV_U_EARLY, num_warps=warps,
+            launch_pdl=pdl or chain,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config

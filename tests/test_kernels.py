@@ -201,10 +201,17 @@ def test_decode_kernel_row_blocking(m, cfg):
     (2, 100, 640, 32, 8, (), (2, 8, 64, 2, 1), torch.bfloat16, True),  # two token rows, N % BLOCK_N != 0, G 32
     (1, 96, 1024, 128, 8, (), (2, 4, 64, 2, 1), torch.bfloat16, False),  # BLOCK_M 2 with one token
     (2, 64, 512, 64, 4, (), (1, 4, 64, 1, 0), torch.bfloat16, False),  # UNPACK 0 (v = 1 + q/16)
+    (1, 64, 1024, 128, 16, (), (1, 8, 32, 1, 1, 1), torch.bfloat16, False),  # PREFETCH, EVEN, 4 steps
+    (1, 576, 1536, 64, 16, (), (1, 8, 128, 1, 1, 1), torch.bfloat16, True),  # PREFETCH, masked last step
+    (1, 40, 384, 128, 8, (), (1, 8, 64, 1, 1, 1), torch.float16, False),  # PREFETCH, one (masked) step only
+    (3, 100, 640, 32, 8, (), (2, 8, 32, 2, 1, 1), torch.bfloat16, True),  # PREFETCH, two token rows, M odd
+    (1, 960, 576, 64, 40, (576, 768), (1, 8, 32, 1, 0, 1), torch.float16, False),  # PREFETCH, UNPACK 0, slots
+    (1, 576, 1536, 64, 16, (), (1, 8, 128, 1, 2, 1), torch.bfloat16, True),  # UNPACK 2 (planes 1, 3, 5, 7 x16)
+    (2, 100, 640, 32, 8, (), (2, 8, 32, 2, 2, 0), torch.float16, False),  # UNPACK 2, two token rows
 ])
 def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
-    """The 16-byte-vector decode kernel (5-field config) in both unpack modes, both row counts,
-    masked and unmasked steps, against float64; the PTX nibble conversion is replaced by plain
+    """The 16-byte-vector decode kernel (5- or 6-field config) in both unpack modes, with and
+    without prefetch, both row counts, masked and unmasked steps, against float64; the PTX nibble conversion is replaced by plain
     Triton here (its sm_90 code is checked in test_vector_decode_kernel_ptx)."""
     qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=m * 1000 + n + k)
     gen = torch.Generator().manual_seed(k)
@@ -294,19 +301,26 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
 def test_vector_decode_kernel_ptx():
     """On sm_90 the vector decode kernel reads each thread's codes as 16-byte vectors and makes
     two nibbles per LOP3 (UNPACK 1); up to its last nibble conversion (the main loop) there is
-    no shared memory, shuffle or local memory: layouts need no conversion there."""
+    no shared memory, shuffle or local memory: layouts need no conversion there. With PREFETCH
+    two steps of codes are loaded before the first nibble conversion."""
     from compile_sm90 import compile_sm90
 
     ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
             "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-    consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
-                  BLOCK_W=128, BLOCK_R=16, EVEN=True, UNPACK=1, ASM=True, PDL=False)
-    ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1, aligned_extra=("N", "K"))
-    assert "ld.global.v4.b32" in ptx or "ld.global.v4.u32" in ptx
-    # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s)
-    assert ptx.count("lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;") == 8 * 4 * 4
-    loop = ptx[: ptx.rindex("0x64006400")]
-    assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
+    lop3 = "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;"
+    for prefetch in (0, 1):
+        consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
+                      BLOCK_W=128, BLOCK_R=16, BLOCK_S=1, EVEN=True, UNPACK=1, PREFETCH=prefetch, ASM=True, PDL=False,
+                      WAIT_X=False, U_EARLY=False)
+        ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1,
+                           aligned_extra=("N", "K"))
+        code_load = "ld.global.v4.b32" if "ld.global.v4.b32" in ptx else "ld.global.v4.u32"
+        # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s);
+        # with PREFETCH the step is written twice (the loop, then the last step after it)
+        assert ptx.count(lop3) == 8 * 4 * 4 * (1 + prefetch)
+        assert ptx[: ptx.index(lop3)].count(code_load) == 8 * (1 + prefetch)  # 8 rows, one 16-byte load each
+        loop = ptx[: ptx.rindex("0x64006400")]
+        assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
 
 
 _PDL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
@@ -314,7 +328,8 @@ _PDL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*
 _PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the main loop's last MMA/unpack)
     "_tq_gemv_vec_kernel": ("csrc_triton.twinquant_gemm", False, 1, dict(
         GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_W=128,
-        BLOCK_R=64, EVEN=True, UNPACK=1, ASM=True), "0x64006400, 0xEA;"),
+        BLOCK_R=64, BLOCK_S=8, EVEN=True, UNPACK=1, PREFETCH=1, ASM=True, WAIT_X=False, U_EARLY=False),
+        "0x64006400, 0xEA;"),
     "_tq_gemm_kernel": ("csrc_triton.twinquant_gemm", False, 8, dict(
         GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
         BLOCK_R=64, GROUP_M=8, SPLIT_K=1, MODE=7, EXP=0x4300, ASM=True, UPCAST=False), "wgmma.mma_async"),

@@ -447,7 +447,7 @@ def apply_decode_sweep(best, recs):
         for name, (max_n, min_k) in rules.items():
             t, cfg = best[(name, m)]
             prev = before[(name, m)][1]
-            table.append((m, max_n, min_k, tuple(cfg) if t < before[(name, m)][0] else (prev if len(prev) == 5 else None)))
+            table.append((m, max_n, min_k, tuple(cfg) if t < before[(name, m)][0] else (prev if len(prev) in (5, 6) else None)))
     if max_m:
         tg.GEMV_MAX_M, tg.GEMV_CONFIGS = max(max_m, tg.GEMV_MAX_M), table + tg.GEMV_CONFIGS
     return tg.GEMV_MAX_M, tg.GEMV_CONFIGS

@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="also run the BF16 torch.mm of each M (cuBLAS) for comparison")
     ap.add_argument("--config", type=int, nargs="+", action="append", default=None, metavar="C",
                     help="launch configuration as tq_gemm takes it (3 numbers: the tensor-core decode kernel, "
-                         "5: the vector decode kernel, 7: the tile kernel); repeatable: each is run in turn at "
+                         "5 or 6: the vector decode kernel, 7: the tile kernel); repeatable: each is run in turn at "
                          "every M instead of the dispatch's choice")
     args = ap.parse_args()
     cfgs = [tuple(c) for c in args.config] if args.config else [None]
