@@ -577,7 +577,7 @@ def _tq_gemv_vec_kernel(
     GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr,
-    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, WAIT_X: tl.constexpr, U_EARLY: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode kernel with whole 16-byte code vectors per thread (M <= GEMV_MAX_M), BLOCK_M (1 or
     2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
@@ -590,11 +590,13 @@ def _tq_gemv_vec_kernel(
     UNPACK 1: planes j and j + 4 become fp16 1024 + q from one LOP3 (`_unpack_pair_f32`), so
       sum (q - 8) x = sum v x - 1032 sum x. UNPACK 0 (`_unpack_v`): v = 1 + q/16 from a shift and
       a bit-select per nibble, sum (q - 8) x = 16 sum v x - 24 sum x (slower on the H200).
+      UNPACK 2 (`_unpack_quad_f32`): one shift per four planes; planes 1, 3, 5, 7 are read one
+      nibble up, as w = 1024 + 16 q, and summed apart: (sum w x - 1152 sum x) / 16.
     PREFETCH 1: the next step's codes and scales are loaded (into registers) before this step's
       arithmetic, so each warp keeps two steps of loads in flight; 0: one step at a time.
     EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales.
-    The low-rank branch's rows of U are loaded before the main loop; t (the down projection's
-    output, with PDL still being written while the loop runs) is read after it."""
+    The low-rank branch reads its rows of U and t (the down projection's output, with PDL still
+    being written while the loop runs) after the main loop, t in one load of all its K-slices."""
     m0 = tl.program_id(0) * BLOCK_M
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -619,14 +621,8 @@ def _tq_gemv_vec_kernel(
     row = tl.zeros((1, W4, 4), dtype=tl.int32) + m0  # (tensor compares; the interpreter rejects scalar & tensor masks)
     acc0 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, W4), dtype=tl.float32)  # second token row (BLOCK_M 2; else unused)
-    u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    if HAS_LOWRANK and U_EARLY:  # (U does not depend on t: its load overlaps the main loop)
-        u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
-                    mask=n_mask[:, None] & (offs_r < R)[None, :], other=0).to(tl.float32)
     if PREFETCH:
         p, s = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, 0, kw, n_groups, GROUP, W4, EVEN)
-        _pdl_wait(WAIT_X)  # launched with PDL after the kernel that writes x: weights may be read before it ends
         for w0 in range(BLOCK_W, kw, BLOCK_W):
             p_next, s_next = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups, GROUP, W4,
                                         EVEN)
@@ -636,12 +632,14 @@ def _tq_gemv_vec_kernel(
         acc0, acc1 = _vec_step(p, s, acc0, acc1, x_ptr, (kw - 1) // BLOCK_W * BLOCK_W, m0, M, kw, stride_xm, wv, row,
                                CHUNK_W, BLOCK_M, BLOCK_N, W4, EVEN, UNPACK, ASM)
     else:
-        _pdl_wait(WAIT_X)
         for w0 in range(0, kw, BLOCK_W):
             p, s = _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups, GROUP, W4, EVEN)
             acc0, acc1 = _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row, CHUNK_W, BLOCK_M,
                                    BLOCK_N, W4, EVEN, UNPACK, ASM)
-    if HAS_LOWRANK and not U_EARLY:  # issued before the wait for t, so the two loads overlap
+    u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    if HAS_LOWRANK:  # issued before the wait for t, so the two loads overlap (loaded before the main
+        # loop, U held registers through it: gate/up 28.6 -> 31.0 us, benchmarks/results/gemv_h200.json)
+        offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(up_ptr + offs_n[:, None] * stride_un + offs_r[None, :],
                     mask=n_mask[:, None] & (offs_r < R)[None, :], other=0).to(tl.float32)
 
@@ -696,14 +694,13 @@ def _pack_nibbles(codes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 # From the H100 sweeps recorded in benchmarks/kernels/README.md.
 # Decode dispatch (M <= GEMV_MAX_M), from the H200 decode sweep (bench_kernels.py --decode-sweep,
 # benchmarks/results/kernels_h200_decode_sweep.json): per M, one config per Llama layer shape --
-# down (N <= 4096, K >= 8192), o (N <= 4096), q/k/v (N <= 8192), gate/up (wider). 5 fields: the
+# down (N <= 4096, K >= 8192), o (N <= 4096), q/k/v (N <= 8192), gate/up (wider); at M = 1
+# re-measured with the 6-field configs (benchmarks/kernels/bench_gemv.py). 5 or 6 fields: the
 # vector decode kernel; None: the tile kernel as `pick_config` chooses it, where that stayed
 # faster (M 3-4 on three of the four shapes).
 GEMV_MAX_M = 4
-_GEMV_CHAIN = False  # (measurement switches, bench_gemv.py)
-_GEMV_U_EARLY = False
 GEMV_CONFIGS = [  # (max M, max N, min K, config): first match
-    (1, 4096, 8192, (1, 4, 256, 2, 1)),
+    (1, 4096, 8192, (1, 4, 256, 2, 2, 1)),  # down: UNPACK 2 + PREFETCH (benchmarks/results/gemv_h200.json)
     (1, 4096, 0, (1, 4, 256, 2, 1)),
     (1, 8192, 0, (1, 8, 256, 2, 1)),
     (1, 1 << 62, 0, (1, 8, 256, 2, 1)),
@@ -995,15 +992,13 @@ def tq_gemm(
         if bm not in (1, 2) or bw % 4 or unpack not in (0, 1, 2) or prefetch not in (0, 1):
             raise ValueError(f"vector decode config {config}: BLOCK_M 1 or 2, BLOCK_W a multiple of 4, UNPACK 0-2, "
                              "PREFETCH 0 or 1")
-        chain = _GEMV_CHAIN and not has_lr and x.is_cuda and pdl_usable(x.device.index or 0)
         operands, strides, num_splits = with_t()
         _tq_gemv_vec_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             *operands, out, m, n, k, r, b1, b2, num_splits, *strides, out.stride(0),
             GROUP=group_size, CHUNK_W=chunk_words(group_size), HAS_LOWRANK=has_lr, HAS_US=has_us,
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_R=br,
             BLOCK_S=_next_pow2(max(1, num_splits)), EVEN=(k // 8) % bw == 0 and n % bn == 0, UNPACK=unpack,
-            PREFETCH=prefetch, ASM=not _INTERPRETED, PDL=pdl, WAIT_X=chain, U_EARLY=_GEMV_U_EARLY, num_warps=warps,
-            launch_pdl=pdl or chain,
+            PREFETCH=prefetch, ASM=not _INTERPRETED, PDL=pdl, num_warps=warps, launch_pdl=pdl,
         )
         return out
     bm, bn, bk, warps, stages, split, mode = config

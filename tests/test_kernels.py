@@ -302,22 +302,27 @@ def test_vector_decode_kernel_ptx():
     """On sm_90 the vector decode kernel reads each thread's codes as 16-byte vectors and makes
     two nibbles per LOP3 (UNPACK 1); up to its last nibble conversion (the main loop) there is
     no shared memory, shuffle or local memory: layouts need no conversion there. With PREFETCH
-    two steps of codes are loaded before the first nibble conversion."""
+    two steps of codes are loaded before the first nibble conversion; UNPACK 2 makes four
+    nibbles from two LOP3s."""
     from compile_sm90 import compile_sm90
 
     ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
             "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-    lop3 = "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;"
-    for prefetch in (0, 1):
+    for unpack, prefetch in ((1, 0), (1, 1), (2, 1)):
+        # UNPACK 2: each LOP3 below also has a twin with mask 0x00F000F0 (planes one nibble up)
+        lop3 = "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;" if unpack == 1 else \
+            "lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;"
         consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
-                      BLOCK_W=128, BLOCK_R=16, BLOCK_S=1, EVEN=True, UNPACK=1, PREFETCH=prefetch, ASM=True, PDL=False,
-                      WAIT_X=False, U_EARLY=False)
+                      BLOCK_W=128, BLOCK_R=16, BLOCK_S=1, EVEN=True, UNPACK=unpack, PREFETCH=prefetch, ASM=True,
+                      PDL=False)
         ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1,
                            aligned_extra=("N", "K"))
         code_load = "ld.global.v4.b32" if "ld.global.v4.b32" in ptx else "ld.global.v4.u32"
         # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s);
         # with PREFETCH the step is written twice (the loop, then the last step after it)
-        assert ptx.count(lop3) == 8 * 4 * 4 * (1 + prefetch)
+        assert ptx.count(lop3) == 8 * 4 * (4 if unpack == 1 else 2) * (1 + prefetch)
+        if unpack == 2:
+            assert ptx.count("lop3.b32 b, t, 0x00F000F0, 0x64006400, 0xEA;") == ptx.count(lop3)
         assert ptx[: ptx.index(lop3)].count(code_load) == 8 * (1 + prefetch)  # 8 rows, one 16-byte load each
         loop = ptx[: ptx.rindex("0x64006400")]
         assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
@@ -328,7 +333,7 @@ _PDL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*
 _PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the main loop's last MMA/unpack)
     "_tq_gemv_vec_kernel": ("csrc_triton.twinquant_gemm", False, 1, dict(
         GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_W=128,
-        BLOCK_R=64, BLOCK_S=8, EVEN=True, UNPACK=1, PREFETCH=1, ASM=True, WAIT_X=False, U_EARLY=False),
+        BLOCK_R=64, BLOCK_S=8, EVEN=True, UNPACK=1, PREFETCH=1, ASM=True),
         "0x64006400, 0xEA;"),
     "_tq_gemm_kernel": ("csrc_triton.twinquant_gemm", False, 8, dict(
         GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,

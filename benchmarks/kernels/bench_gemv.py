@@ -10,7 +10,9 @@ bench_kernels.py). Every config is first checked on the timed shape against the 
 reference, output NaN-poisoned; a mismatch stops the run. `--baseline FILE`: also time the
 dispatch of another copy of csrc_triton/twinquant_gemm.py (e.g. the previous commit's, written
 with `git show REV:csrc_triton/twinquant_gemm.py > FILE`), so before and after share the run.
-Writes gemv_TAG.json.
+Writes gemv_TAG.json. (`../results/gemv_h200.json` was measured at commit cde0625, whose
+twinquant_gemm also had two launch switches, timed as extra variants: `_GEMV_CHAIN`, rank 0
+launched with PDL itself, and `_GEMV_U_EARLY`, U loaded before the main loop; both were dropped.)
 """
 
 from __future__ import annotations
@@ -39,13 +41,6 @@ SHAPES_OF_PROGRAM = [(8, 256, 2), (4, 256, 2), (8, 128, 1), (4, 128, 1), (8, 512
 
 def candidates():
     return [(1, bn, bw, w, unpack, pf) for bn, bw, w in SHAPES_OF_PROGRAM for unpack in (1, 2) for pf in (0, 1)]
-
-
-# Launch variants switched in twinquant_gemm for a whole timing: rank 0 with and without PDL on
-# the kernel itself (it then reads its first codes before waiting for the kernel that wrote x);
-# with a low-rank branch, U's rows loaded before or after the main loop.
-VARIANTS = {0: [{"_GEMV_CHAIN": False}, {"_GEMV_CHAIN": True}],
-            1: [{"_GEMV_U_EARLY": False}, {"_GEMV_U_EARLY": True}]}
 
 
 def load_baseline(path):
@@ -87,26 +82,20 @@ def main():
                 raise SystemExit(f"MISMATCH baseline {name} rank {r}: rel err {err:.3e}")
             rec["ms_baseline"] = graph_time_ms([lambda L=L: base.tq_gemm(x, *L[:2], GROUP, L[2], L[3]) for L in packed])
         for cfg in candidates():
-            for variant in VARIANTS[min(r, 1)]:
-                for key, val in variant.items():
-                    setattr(tg, key, val)
-                y = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-                tg.tq_gemm(x, *packed[0][:2], GROUP, packed[0][2], packed[0][3], config=cfg, out=y)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                if not err <= 1e-2:
-                    raise SystemExit(f"MISMATCH {name} rank {r} {cfg} {variant}: rel err {err:.3e}")
-                ms = graph_time_ms([lambda L=L: tg.tq_gemm(x, *L[:2], GROUP, L[2], L[3], config=cfg) for L in packed])
-                rec["configs"].append({"config": list(cfg), **variant, "ms": ms, "rel_err": err})
-        for key in ("_GEMV_CHAIN", "_GEMV_U_EARLY"):
-            setattr(tg, key, False)
+            y = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
+            tg.tq_gemm(x, *packed[0][:2], GROUP, packed[0][2], packed[0][3], config=cfg, out=y)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err <= 1e-2:
+                raise SystemExit(f"MISMATCH {name} rank {r} {cfg}: rel err {err:.3e}")
+            ms = graph_time_ms([lambda L=L: tg.tq_gemm(x, *L[:2], GROUP, L[2], L[3], config=cfg) for L in packed])
+            rec["configs"].append({"config": list(cfg), "ms": ms, "rel_err": err})
         best = min(rec["configs"], key=lambda c: c["ms"])
         recs.append(rec)
         print(f"{name:8s} r{r:<3d} bf16 {rec['ms_bf16'] * 1e3:6.1f} us  dispatch {rec['ms_dispatch'] * 1e3:6.1f}"
               + (f"  baseline {rec['ms_baseline'] * 1e3:6.1f}" if base is not None else "")
               + f"  best {best['ms'] * 1e3:6.1f} {tuple(best['config'])}  ({time.time() - t0:.0f} s)", flush=True)
         for c in rec["configs"]:
-            flags = "".join(k[6] for k in ("_GEMV_CHAIN", "_GEMV_U_EARLY") if c.get(k))
-            print(f"   {tuple(c['config'])} {flags or '-'} {c['ms'] * 1e3:.1f}", flush=True)
+            print(f"   {tuple(c['config'])} {c['ms'] * 1e3:.1f}", flush=True)
         del layers, packed
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"gemv_{args.tag}.json"), "w") as f:
