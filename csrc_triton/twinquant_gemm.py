@@ -385,15 +385,16 @@ def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, 
                    HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Token row m of a decode program: y [BLOCK_N] (the residual product's row sums) plus the
-    low-rank term (u [BLOCK_N, BLOCK_R] fp32, this program's rows of U, loaded before the main
-    loop; t from the down projection's NUM_SPLITS <= BLOCK_S K-slices, read in one load) and
-    the bias, stored."""
+    low-rank term (u [BLOCK_N, BLOCK_R] fp32, this program's rows of U, loaded after the main
+    loop; t from the down projection's NUM_SPLITS <= BLOCK_S K-slices, all loads issued at once)
+    and the bias, stored."""
     if HAS_LOWRANK:
         offs_r = tl.arange(0, BLOCK_R)
-        offs_s = tl.arange(0, BLOCK_S)
         r_mask = (offs_r < R) & (offs_r * 0 + m < M)
-        t = tl.sum(tl.load(ws_ptr + offs_s[:, None] * stride_ws_s + m * stride_ws_m + slot * R + offs_r[None, :],
-                           mask=(offs_s[:, None] < NUM_SPLITS) & r_mask[None, :], other=0.0), axis=0)
+        t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for sp in tl.static_range(BLOCK_S):  # unrolled: every slice's load is issued before the sum
+            t += tl.load(ws_ptr + sp * stride_ws_s + m * stride_ws_m + slot * R + offs_r,
+                         mask=r_mask & (offs_r * 0 + sp < NUM_SPLITS), other=0.0)
         # t is rounded to the activation dtype, as the tile kernel's tensor-core operand is
         t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
         lr = tl.sum(u * t[None, :], axis=1)
@@ -596,7 +597,7 @@ def _tq_gemv_vec_kernel(
       arithmetic, so each warp keeps two steps of loads in flight; 0: one step at a time.
     EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales.
     The low-rank branch reads its rows of U and t (the down projection's output, with PDL still
-    being written while the loop runs) after the main loop, t in one load of all its K-slices."""
+    being written while the loop runs) after the main loop, t's K-slices in unrolled loads."""
     m0 = tl.program_id(0) * BLOCK_M
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
