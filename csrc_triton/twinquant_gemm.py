@@ -490,6 +490,14 @@ def _vec_codes(q_rows, s_rows, qmask_rows, srow_ok, flat, fw, w0, kw, n_groups,
 
 
 @triton.jit
+def _plane_sums(v, xj, sv, xs, sw, xw, WIDE: tl.constexpr):
+    """UNPACK 2: a plane's products and activations go to the sums of its kind (WIDE: 1024 + 16 q)."""
+    if WIDE:
+        return sv, xs, sw + v * xj, xw + xj
+    return sv + v * xj, xs + xj, sw, xw
+
+
+@triton.jit
 def _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row,
               CHUNK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W4: tl.constexpr,
               EVEN: tl.constexpr, UNPACK: tl.constexpr, ASM: tl.constexpr):
@@ -522,20 +530,10 @@ def _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row,
                     xj = tl.load(xp).to(tl.float32)
                 else:
                     xj = tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
-                if h < 2:
-                    sv0 += v * xj
-                    xs0 += xj
-                else:
-                    sw0 += v * xj
-                    xw0 += xj
+                sv0, xs0, sw0, xw0 = _plane_sums(v, xj, sv0, xs0, sw0, xw0, h >= 2)
                 if BLOCK_M > 1:
                     xj = tl.load(xp + stride_xm, mask=xmask & (row + 1 < M), other=0.0).to(tl.float32)
-                    if h < 2:
-                        sv1 += v * xj
-                        xs1 += xj
-                    else:
-                        sw1 += v * xj
-                        xw1 += xj
+                    sv1, xs1, sw1, xw1 = _plane_sums(v, xj, sv1, xs1, sw1, xw1, h >= 2)
         # sum (q - 8) x = (sum v x - 1032 sum x) + (sum w x - 1152 sum x) / 16
         acc0 += s * (tl.sum(sv0, axis=2) - 1032.0 * tl.sum(xs0, axis=2)
                      + 0.0625 * (tl.sum(sw0, axis=2) - 1152.0 * tl.sum(xw0, axis=2)))
