@@ -210,9 +210,10 @@ def test_decode_kernel_row_blocking(m, cfg):
     (2, 100, 640, 32, 8, (), (2, 8, 32, 2, 2, 0), torch.float16, False),  # UNPACK 2, two token rows
 ])
 def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
-    """The 16-byte-vector decode kernel (5- or 6-field config) in both unpack modes, with and
-    without prefetch, both row counts, masked and unmasked steps, against float64; the PTX nibble conversion is replaced by plain
-    Triton here (its sm_90 code is checked in test_vector_decode_kernel_ptx)."""
+    """The 16-byte-vector decode kernel (5- or 6-field config) in all three unpack modes, with
+    and without prefetch, both row counts, masked and unmasked steps, against float64; the PTX
+    nibble conversion is replaced by plain Triton here (its sm_90 code is checked in
+    test_vector_decode_kernel_ptx)."""
     qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=m * 1000 + n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -298,6 +299,10 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
     assert (".acq_rel.add" in ptx) == split  # the ticket (the partial sums go in as relaxed reductions)
 
 
+_RESIDUAL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
+                  "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}  # the residual kernels' pointers
+
+
 def test_vector_decode_kernel_ptx():
     """On sm_90 the vector decode kernel reads each thread's codes as 16-byte vectors and makes
     two nibbles per LOP3 (UNPACK 1); up to its last nibble conversion (the main loop) there is
@@ -306,8 +311,6 @@ def test_vector_decode_kernel_ptx():
     nibbles from two LOP3s."""
     from compile_sm90 import compile_sm90
 
-    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
-            "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     for unpack, prefetch in ((1, 0), (1, 1), (2, 1)):
         # UNPACK 2: each LOP3 below also has a twin with mask 0x00F000F0 (planes one nibble up)
         lop3 = "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;" if unpack == 1 else \
@@ -315,7 +318,7 @@ def test_vector_decode_kernel_ptx():
         consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
                       BLOCK_W=128, BLOCK_R=16, BLOCK_S=1, EVEN=True, UNPACK=unpack, PREFETCH=prefetch, ASM=True,
                       PDL=False)
-        ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", ptrs, consts, 1,
+        ptx = compile_sm90("csrc_triton.twinquant_gemm", "_tq_gemv_vec_kernel", _RESIDUAL_PTRS, consts, 1,
                            aligned_extra=("N", "K"))
         code_load = "ld.global.v4.b32" if "ld.global.v4.b32" in ptx else "ld.global.v4.u32"
         # one step: 8 rows x 4 words per thread, 4 plane pairs per word (8 nibbles from 4 LOP3s);
@@ -328,8 +331,6 @@ def test_vector_decode_kernel_ptx():
         assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion in the loop"
 
 
-_PDL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
-             "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
 _PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the main loop's last MMA/unpack)
     "_tq_gemv_vec_kernel": ("csrc_triton.twinquant_gemm", False, 1, dict(
         GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_W=128,
@@ -357,7 +358,7 @@ def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(ker
             ptx, loop_op = _compile_mma(1, 8, 8, 128, 512, 128, 64, True, False, pdl=pdl), "mma.sync.aligned"
         else:
             module, gluon, warps, consts, loop_op = _PDL_KERNELS[kernel]
-            ptx = compile_sm90(module, kernel, _PDL_PTRS, {**consts, "PDL": pdl}, warps, gluon=gluon,
+            ptx = compile_sm90(module, kernel, _RESIDUAL_PTRS, {**consts, "PDL": pdl}, warps, gluon=gluon,
                                aligned_extra=("N", "K", "k_per_split"))
         waits = ptx.count("griddepcontrol.wait")
         if not pdl:

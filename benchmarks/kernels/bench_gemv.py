@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench_kernels import GROUP, L2_FLUSH_BYTES, SHAPES, graph_time_ms, make_layer, reference  # noqa: E402
+from bench_kernels import GROUP, SHAPES, flush_copies, graph_time_ms, layer_bytes, make_layer, reference  # noqa: E402
 
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
@@ -61,32 +60,31 @@ def main():
     base = load_baseline(args.baseline) if args.baseline else None
     recs, t0 = [], time.time()
     for (name, k, n), r in [(s, r) for s in SHAPES for r in args.ranks]:
-        bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
-        copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_w)))
-        layers = [make_layer(k, n, r, dtype, gen) for _ in range(copies)]
+        layers = [make_layer(k, n, r, dtype, gen) for _ in range(flush_copies(layer_bytes(k, n, r)))]
         x = torch.randn(1, k, device="cuda", dtype=dtype, generator=gen)
         ref = reference(x, *layers[0])
         packed = [(tg.repack(L[0], GROUP), L[1], L[2], L[3]) for L in layers]
-        dense = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
-                 for _ in range(max(1, min(16, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))))]
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for _ in range(flush_copies(n * k * 2, 16))]
         rec = {"name": name, "K": k, "N": n, "M": 1, "rank": r,
                "ms_bf16": graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in dense]),
                "dispatch_config": list(tg.pick_gemv_config(1, n, k)), "configs": []}
         del dense
         rec["ms_dispatch"] = graph_time_ms([lambda L=L: tg.tq_gemm(x, *L[:2], GROUP, L[2], L[3]) for L in packed])
-        if base is not None:
+
+        def checked(module, cfg, what, L=packed[0]):
+            """module.tq_gemm with `cfg` on the first copy, NaN-poisoned output, against float32."""
             y = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-            base.tq_gemm(x, *packed[0][:2], GROUP, packed[0][2], packed[0][3], out=y)
+            module.tq_gemm(x, *L[:2], GROUP, L[2], L[3], config=cfg, out=y)
             err = ((y.float() - ref).norm() / ref.norm()).item()
             if not err <= 1e-2:
-                raise SystemExit(f"MISMATCH baseline {name} rank {r}: rel err {err:.3e}")
+                raise SystemExit(f"MISMATCH {what} {name} rank {r}: rel err {err:.3e}")
+            return err
+
+        if base is not None:
+            checked(base, None, "baseline")
             rec["ms_baseline"] = graph_time_ms([lambda L=L: base.tq_gemm(x, *L[:2], GROUP, L[2], L[3]) for L in packed])
         for cfg in candidates():
-            y = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-            tg.tq_gemm(x, *packed[0][:2], GROUP, packed[0][2], packed[0][3], config=cfg, out=y)
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            if not err <= 1e-2:
-                raise SystemExit(f"MISMATCH {name} rank {r} {cfg}: rel err {err:.3e}")
+            err = checked(tg, cfg, str(cfg))
             ms = graph_time_ms([lambda L=L: tg.tq_gemm(x, *L[:2], GROUP, L[2], L[3], config=cfg) for L in packed])
             rec["configs"].append({"config": list(cfg), "ms": ms, "rel_err": err})
         best = min(rec["configs"], key=lambda c: c["ms"])

@@ -157,11 +157,21 @@ def pdl_disabled():
         tg.pdl_usable = saved
 
 
+def layer_bytes(k, n, r):
+    """Bytes of one TwinQuant layer's weights: 4-bit codes, fp16 group scales, bf16 factors."""
+    return n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
+
+
+def flush_copies(nbytes, cap=64):
+    """How many copies of an `nbytes` operand a timed graph cycles through to overflow L2."""
+    return max(1, min(cap, math.ceil(L2_FLUSH_BYTES / nbytes)))
+
+
 def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
-    bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
+    bytes_w = layer_bytes(k, n, r)
     bytes_io = m * k * 2 + m * n * 2
     flops = 2 * m * n * k + 2 * m * r * (k + n)
-    copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_w)))
+    copies = flush_copies(bytes_w)
     layers = [make_layer(k, n, r, dtype, gen) for _ in range(copies)]
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     rec = {"name": name, "M": m, "K": k, "N": n, "rank": r, "group_size": GROUP, "weight_copies": copies}
@@ -182,7 +192,7 @@ def bench_case(name, k, n, m, r, dtype, gen, copy_gbps, peak_tflops, large_thr):
     else:
         rec["ms_unfused"] = rec["ms_fused_kernel"]
     del layers
-    dense_copies = max(1, min(16, math.ceil(L2_FLUSH_BYTES / (n * k * 2))))
+    dense_copies = flush_copies(n * k * 2, 16)
     ws = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for _ in range(dense_copies)]
     rec["ms_bf16"] = graph_time_ms([lambda w=w: torch.matmul(x, w.t()) for w in ws])
     del ws

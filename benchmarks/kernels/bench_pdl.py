@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench_kernels import GROUP, L2_FLUSH_BYTES, SHAPES, check, graph_time_ms, make_layer, pdl_disabled  # noqa: E402
+from bench_kernels import (GROUP, SHAPES, check, flush_copies, graph_time_ms, layer_bytes, make_layer,  # noqa: E402
+                           pdl_disabled)
 
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
@@ -40,8 +40,7 @@ def breakdown(args, gen):
     for (name, k, n), m in itertools.product(SHAPES, [1, 4, 16]):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for r in [0, 64, 128]:
-            bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
-            layers = [make_layer(k, n, r, torch.bfloat16, gen) for _ in range(max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_w))))]
+            layers = [make_layer(k, n, r, torch.bfloat16, gen) for _ in range(flush_copies(layer_bytes(k, n, r)))]
             fns = [lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers]
             rec = {"name": name, "M": m, "K": k, "N": n, "rank": r, "ms": graph_time_ms(fns)}
             if r:
@@ -94,8 +93,7 @@ def main():
     for (name, k, n), m in itertools.product(SHAPES, args.ms):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         for r in [0, *args.ranks]:
-            bytes_w = n * k // 2 + n * (k // GROUP) * 2 + r * (k + n) * 2
-            layers = [make_layer(k, n, r, torch.bfloat16, gen) for _ in range(max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_w))))]
+            layers = [make_layer(k, n, r, torch.bfloat16, gen) for _ in range(flush_copies(layer_bytes(k, n, r)))]
             fns = [lambda L=L: tg.tq_linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers]
             rec = {"name": name, "M": m, "K": k, "N": n, "rank": r}
             if r == 0:
