@@ -23,8 +23,10 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the
   operands swapped and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
   -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small). On an
-  H100 with Triton 3.6, wide layers (N >= 16384) at 128 < M <= 256 run MODE 9 instead, the Gluon
-  kernel of `twinquant_wgmma.py` that overlaps dequantization with asynchronous wgmma.
+  H100/H200 with Triton 3.6, 16 < M <= 256 run MODE 10 where it measured faster (`RS_CONFIGS`):
+  the Gluon kernel of `twinquant_wgmma.py` that dequantizes the codes straight into wgmma's
+  register operand while the previous step's asynchronous wgmma runs (wide layers at
+  128 < M <= 256 without a MODE 10 entry run MODE 9, its shared-memory-operand sibling).
 * ``tq_linear``: what the plugin calls; above `dequant_threshold` tokens (64-256, by layer
   size) it dequantizes into a transient buffer and runs both components as one cuBLAS GEMM.
 
@@ -742,6 +744,36 @@ MMA_CONFIGS = [  # (max M, max N, min K, config): first match
 ]
 
 
+# MODE 10 (twinquant_wgmma.py: the weights dequantized into wgmma's register operand, x from
+# shared memory) for RS_MIN_M < M <= RS_MAX_M on sm_90 where `wgmma_usable` (G 64/128), as a
+# tile config (TOK, BLOCK_N, 64, warps, stages, SPLIT_K, 10), from the H200 sweep
+# (benchmarks/kernels/bench_tile.py, benchmarks/results/tile_h200.json); same shape rules as
+# MMA_CONFIGS; None: not this kernel (the one the dispatch picks otherwise was as fast or faster).
+RS_MIN_M, RS_MAX_M = 16, 256
+RS_CONFIGS = [  # (max M, max N, min K, config): first match
+    (1 << 62, 1 << 62, 0, None),
+]
+
+
+def pick_rs_config(m: int, n: int, k: int) -> tuple | None:
+    """The MODE 10 config for RS_MIN_M < M <= RS_MAX_M tokens (None: not this kernel)."""
+    for max_m, max_n, min_k, cfg in RS_CONFIGS:
+        if m <= max_m and n <= max_n and k >= min_k:
+            return cfg
+    raise AssertionError("unreachable")
+
+
+def fit_rs_tile(config: tuple, max_bn: int) -> tuple | None:
+    """A MODE 10 config with BLOCK_N = 16 * MT * warps halved (MT first, then warps down to one
+    warpgroup) until it divides the slot bounds (`max_bn`); None if even 64 rows do not."""
+    tok, bn, bk, warps, stages, split, mode = config
+    while bn > max_bn and bn > 16 * warps:
+        bn //= 2  # fewer 16-row tiles per warp
+    while bn > max_bn and warps > 4:
+        bn, warps = bn // 2, warps // 2
+    return (tok, bn, bk, warps, stages, split, mode) if bn <= max_bn else None
+
+
 def pick_mma_config(m: int, n: int, k: int) -> tuple | None:
     """The tensor-core decode config for M <= MMA_MAX_M tokens (None: not this kernel)."""
     for max_m, max_n, min_k, cfg in MMA_CONFIGS:
@@ -933,13 +965,16 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
+    wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
+    if config is None and wgmma and RS_MIN_M < m <= RS_MAX_M and group_size in (64, 128):
+        config = pick_rs_config(m, n, k)
+        config = fit_rs_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
     if config is None and m <= MMA_MAX_M and mma_usable(x.device, x.dtype, group_size, k):
         config = pick_mma_config(m, n, k)
         config = fit_mma_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
     if config is None and m <= GEMV_MAX_M:
         config = pick_gemv_config(m, n, k)
     if config is None:
-        wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
         config = pick_config(m, n, k, max_bn, group_size, wgmma)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -1002,8 +1037,14 @@ def tq_gemm(
         return out
     bm, bn, bk, warps, stages, split, mode = config
     bn = min(bn, max_bn)  # a tile never straddles two slots, also with a forced config
-    if mode not in (4, 7, 8, 9):
-        raise ValueError(f"tile kernel MODE {mode}: expected 4, 7, 8 or 9")
+    if mode not in (4, 7, 8, 9, 10):
+        raise ValueError(f"tile kernel MODE {mode}: expected 4, 7, 8, 9 or 10")
+    if mode == 10:  # the Hopper kernel with the weights as wgmma's register operand (twinquant_wgmma.py)
+        from csrc_triton import twinquant_wgmma
+        operands, strides, num_splits = with_t()
+        twinquant_wgmma.launch_rs(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr,
+                                  has_us, bias is not None, bm, bn, warps, stages, split, br, pdl=pdl)
+        return out
     if mode in (8, 9):  # the Hopper wgmma kernel (csrc_triton/twinquant_wgmma.py), 64-column K steps;
         # MODE 9 swaps the operands (tokens on the MMA's N side)
         from csrc_triton import twinquant_wgmma

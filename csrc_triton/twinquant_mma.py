@@ -61,23 +61,31 @@ X_SMEM_MAX = 128 << 10  # bytes of the x K-slice a program keeps in shared memor
 # configs' SPLIT_K keep the measured decode ones at <= 64 KB; capped by the device's opt-in limit)
 
 # Two words a (lanes' word 2t) and b (word 2t + 1) -> nibble planes 0-7 as pairs (a, b) of
-# floats q - 8, exact. $0-$7 out (plane j), $8 $9 the words.
-_PLANES_PTX = """
-{
-.reg .b32 lo, hi, t, one, off;
-mov.b32 one, ONE2;
-mov.b32 off, OFF2;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-""" + "".join(
-    (f"lop3.b32 t, {src}, 0x000F000F, EXP2, 0xEA;\n" if j % 4 == 0 else
-     f"shr.u32 t, {src}, {4 * (j % 4)};\nlop3.b32 t, t, 0x000F000F, EXP2, 0xEA;\n")
-    + f"fma.rn.TYPE ${j}, t, one, off;\n"
-    for j, src in ((j, "lo" if j < 4 else "hi") for j in range(8))) + "}\n"
-_PLANES_BF16 = gl.constexpr(_PLANES_PTX.replace("TYPE", "bf16x2").replace("ONE2", "0x3F803F80")
-                            .replace("OFF2", "0xC308C308").replace("EXP2", "0x43004300"))
-_PLANES_FP16 = gl.constexpr(_PLANES_PTX.replace("TYPE", "f16x2").replace("ONE2", "0x3C003C00")
-                            .replace("OFF2", "0xE408E408").replace("EXP2", "0x64006400"))
+# floats q - 8, exact (SCALED: times the pair of scales s, rounded once). $0-$7 out (plane j),
+# $8 $9 the words, $10 (SCALED) the scale pair.
+def _planes_ptx(kind: str, scaled: bool) -> str:
+    one, off, exp = {"bf16x2": ("0x3F803F80", "0xC308C308", "0x43004300"),
+                     "f16x2": ("0x3C003C00", "0xE408E408", "0x64006400")}[kind]
+    body = ""
+    for j in range(8):
+        src = "lo" if j < 4 else "hi"
+        if j % 4:
+            body += f"shr.u32 t, {src}, {4 * (j % 4)};\nlop3.b32 t, t, 0x000F000F, {exp}, 0xEA;\n"
+        else:
+            body += f"lop3.b32 t, {src}, 0x000F000F, {exp}, 0xEA;\n"
+        if scaled:
+            body += f"fma.rn.{kind} t, t, one, off;\nmul.rn.{kind} ${j}, t, $10;\n"
+        else:
+            body += f"fma.rn.{kind} ${j}, t, one, off;\n"
+    return ("\n{\n.reg .b32 lo, hi, t, one, off;\n"
+            f"mov.b32 one, {one};\nmov.b32 off, {off};\n"
+            "prmt.b32 lo, $8, $9, 0x5410;\nprmt.b32 hi, $8, $9, 0x7632;\n" + body + "}\n")
+
+
+_PLANES_BF16 = gl.constexpr(_planes_ptx("bf16x2", False))
+_PLANES_FP16 = gl.constexpr(_planes_ptx("f16x2", False))
+_PLANES_BF16_SCALED = gl.constexpr(_planes_ptx("bf16x2", True))
+_PLANES_FP16_SCALED = gl.constexpr(_planes_ptx("f16x2", True))
 
 
 @gluon.jit
@@ -96,13 +104,62 @@ def _planes(p, EXP: gl.constexpr):
 
 
 @gluon.jit
+def _planes_scaled(p, s, EXP: gl.constexpr):
+    """The planes of `_planes` times s (one value per row of p, in the activation dtype), each
+    product rounded once."""
+    s = gl.broadcast(gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3), p)[0]
+    C: gl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r"
+    if EXP == 0x4300:
+        v = gl.inline_asm_elementwise(_PLANES_BF16_SCALED, C, [p, s], dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16,
+                                      gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                      is_pure=True, pack=2)
+    else:
+        v = gl.inline_asm_elementwise(_PLANES_FP16_SCALED, C, [p, s], dtype=(gl.float16, gl.float16, gl.float16,
+                                      gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+                                      is_pure=True, pack=2)
+    return v
+
+
+@gluon.jit
+def _fragment(v0, v1, v2, v3, v4, v5, v6, v7, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+    """Nibble planes [BN, CH, 4, 2] (plane j: column 64c + 8j + 2t + e) joined into the A
+    fragment [BN, BK] of layout A_L; the compiler proves that no data moves."""
+    w = gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
+    w = w.permute((0, 1, 6, 5, 4, 2, 3)).reshape([BN, BK])
+    return gl.convert_layout(w, A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _code_ptrs(qw_ptr, off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+    """Pointers [BN, CH, 4 (t), 2 (e)] to the words of rows off_n + n (rows past N read row N - 1,
+    never stored) that a lane needs for its A fragment (layout A_L) of the BK-column step at
+    word 0: word 8c + 2t + e of the step. Their layout is A's on [BN, BK] seen as
+    [BN, CH, 2 (j2), 2 (j1), 2 (j0), 4 (t), 2 (e)] (column 64c + 8j + 2t + e, word 8c + 2t + e,
+    nibble j), the nibble bits moved last and split off, so that `_fragment` of their planes is
+    A's layout itself."""
+    CH: gl.constexpr = BK // 64  # 64-column chunks per step
+    w7 = gl.full([BN, BK], 0, gl.int32, A_L).reshape([BN, CH, 2, 2, 2, 4, 2]).permute((0, 1, 5, 6, 4, 3, 2))
+    w6, _ = gl.split(w7)
+    w5, _ = gl.split(w6)
+    w4, _ = gl.split(w5)
+    P_L: gl.constexpr = w4.type.layout  # [BN, CH, 4 (t), 2 (e)]
+    n4 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
+    c4 = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
+    t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, P_L))))
+    e4 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P_L))))
+    rows4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.minimum(off_n + n4, N - 1), 1), 2), 3)
+    word4 = (gl.expand_dims(gl.expand_dims(gl.expand_dims(c4 * 8, 0), 2), 3)
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 3)
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(e4, 0), 1), 2))
+    return qw_ptr + rows4 * stride_qn + word4
+
+
+@gluon.jit
 def _mma_step(p, xb, s, acc, BN: gl.constexpr, BK: gl.constexpr, TOK: gl.constexpr, A_L: gl.constexpr,
               MMA: gl.constexpr, EXP: gl.constexpr):
     """acc + s * (deq(codes p) [BN, BK] @ xb [BK, TOK]) for one group-wide K step."""
     v0, v1, v2, v3, v4, v5, v6, v7 = _planes(p, EXP)  # plane j: column 64c + 8j + 2t + e
-    w = gl.join(gl.join(gl.join(v0, v1), gl.join(v2, v3)), gl.join(gl.join(v4, v5), gl.join(v6, v7)))
-    w = w.permute((0, 1, 6, 5, 4, 2, 3)).reshape([BN, BK])
-    w = gl.convert_layout(w, A_L, assert_trivial=True)
+    w = _fragment(v0, v1, v2, v3, v4, v5, v6, v7, BN, BK, A_L)
     part = mma_v2(w, xb, gl.zeros([BN, TOK], gl.float32, layout=MMA))
     return acc + part * gl.expand_dims(s, 1)
 
@@ -121,7 +178,6 @@ def _tq_decode_mma_kernel(
     weights are the MMA's register A operand (16 rows per tile), the tokens its 8-column side.
     A step of BK columns (64 or GROUP) lies in one scale group."""
     act: gl.constexpr = x_ptr.dtype.element_ty
-    CH: gl.constexpr = BK // 64  # 64-column chunks per step
     BN: gl.constexpr = 16 * MT * num_warps
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -142,25 +198,8 @@ def _tq_decode_mma_kernel(
                                                   instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    # The word layout: A's layout on [BN, BK] seen as [BN, CH, 2 (j2), 2 (j1), 2 (j0), 4 (t), 2 (e)]
-    # (column 64c + 8j + 2t + e, word 8c + 2t + e, nibble j), nibble bits moved last and split off.
-    w7 = gl.full([BN, BK], 0, gl.int32, A_L).reshape([BN, CH, 2, 2, 2, 4, 2]).permute((0, 1, 5, 6, 4, 3, 2))
-    w6, _ = gl.split(w7)
-    w5, _ = gl.split(w6)
-    w4, _ = gl.split(w5)
-    P_L: gl.constexpr = w4.type.layout  # [BN, CH, 4 (t), 2 (e)]
-
-    # code pointers [BN, CH, 4, 2]: row off_n + n (rows past N read row N - 1, never stored),
-    # word 8c + 2t + e of the step; the codes go straight from global memory into registers
-    n4 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
-    c4 = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
-    t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, P_L))))
-    e4 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P_L))))
-    rows4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.minimum(off_n + n4, N - 1), 1), 2), 3)
-    word4 = (gl.expand_dims(gl.expand_dims(gl.expand_dims(c4 * 8, 0), 2), 3)
-             + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 3)
-             + gl.expand_dims(gl.expand_dims(gl.expand_dims(e4, 0), 1), 2))
-    q_ptrs = qw_ptr + rows4 * stride_qn + word4
+    # the codes go straight from global memory into registers, in the layout A's fragment needs
+    q_ptrs = _code_ptrs(qw_ptr, off_n, N, stride_qn, BN, BK, A_L)
     # the K-slice of x, [steps, TOK, BK], copied once into shared memory (16-byte cp.async of the
     # M real tokens; the padding rows' MMA columns are never stored) and read per step as the B
     # fragment (ldmatrix)
@@ -257,16 +296,17 @@ def _tq_decode_mma_kernel(
 _SCRATCH: dict = {}
 
 
-def scratch(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K workspace of a device for layers up to n outputs: fp32 partial sums
-    [MAX_TOKENS, n] and one ticket per (16-row column tile, 8-token tile), all zero between calls
-    (the kernel leaves them so). Shared by the layers of a device, which vLLM runs one after
+def scratch(device: torch.device, n: int, tokens: int = MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of a device for layers up to n outputs and `tokens` tokens (this
+    kernel's MAX_TOKENS; twinquant_wgmma's MODE 10 takes up to RS_MAX_TOK): fp32 partial sums
+    [tokens, n] and one ticket per (16-row column tile, 8-token tile), all zero between calls
+    (the kernels leave them so). Shared by the layers of a device, which vLLM runs one after
     another on one stream; allocated at layer load (vllm_twinquant/kernels.py), not in a capture."""
     key = (device.type, device.index)
     part, ticket = _SCRATCH.get(key, (None, None))
-    tickets = triton.cdiv(n, 16) * triton.cdiv(MAX_TOKENS, 8)
-    if part is None or part.numel() < MAX_TOKENS * n or ticket.numel() < tickets:
-        size = max(MAX_TOKENS * n, 0 if part is None else part.numel())
+    tickets = triton.cdiv(n, 16) * triton.cdiv(tokens, 8)
+    if part is None or part.numel() < tokens * n or ticket.numel() < tickets:
+        size = max(tokens * n, 0 if part is None else part.numel())
         part = torch.zeros(size, dtype=torch.float32, device=device)
         ticket = torch.zeros(max(tickets, 0 if ticket is None else ticket.numel()), dtype=torch.int32, device=device)
         _SCRATCH[key] = (part, ticket)

@@ -1,4 +1,4 @@
-"""Hopper tile kernel for the TwinQuant linear layer (W4A16, 17 <= M <= 256), written in Gluon.
+"""Hopper tile kernels for the TwinQuant linear layer (W4A16, 17 <= M <= 256), written in Gluon.
 
     y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`)
 
@@ -16,8 +16,14 @@ Same inputs as MODE 7 (codes in the `repack` layout, scales [N, K/G], factors bf
 with fp32 row scales); group sizes 64 and 128 (one 64-column chunk per K step). The epilogue
 adds the low-rank term with one more wgmma (t in registers, U's tile in shared memory), then
 the bias, and stores (fp32 atomics into a zeroed y when split over K).
+MODE 10 (`_tq_gemm_wgmma_rs_kernel`, below) takes the other way out of the shared-memory
+round trip: wgmma's A operand may come from registers, so the dequantized weights (tokens on
+wgmma's N side, swap AB) never touch shared memory. The codes and x share one cp.async ring,
+each step's fragment is made while the previous step's wgmma runs, and split-K sums meet in a
+scratch buffer that the last program of a tile (a ticket) finishes, as in twinquant_mma.py.
+
 Only compiled for sm_90 (Gluon has no CPU interpreter); CI compiles it for sm_90 without a GPU,
-numerics are checked on the H100 by benchmarks/kernels/bench_kernels.py.
+numerics are checked on the GPU by benchmarks/kernels/bench_kernels.py and bench_tile.py.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from csrc_triton.twinquant_gemm import _LOW_PTX_BF16, _LOW_PTX_FP16, chunk_words
+from csrc_triton.twinquant_mma import _code_ptrs, _fragment, _planes_scaled
 
 BLOCK_K = gl.constexpr(64)  # one 64-column chunk of the `repack` layout per step
 # cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
@@ -229,4 +236,187 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
         GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_R=br, GROUP_M=8, SPLIT_K=split, STAGES=stages, SWAP=swap, EXP=exp, PDL=pdl, num_warps=warps,
         launch_pdl=pdl,
+    )
+
+
+# -- MODE 10: the weights as wgmma's register operand ------------------------------------------
+@gluon.jit
+def _rs_step(i, acc, w, s_1, s_2, s_3, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, k_lo, k_last, n_steps,
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, EXP: gl.constexpr,
+             A_L: gl.constexpr, P_L: gl.constexpr):
+    """Step i of MODE 10's main loop: acc += w @ x_i^T started, the copies of step i + STAGES - 1
+    issued, step i + 1's fragment made (scale s_1) while the wgmma runs, then the wgmma retired.
+    Returns (acc, step i + 1's fragment, the scales of steps i + 2 .. i + 4)."""
+    acc = warpgroup_mma(w, x_bufs.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    s_4 = gl.load(s_ptrs + gl.minimum(k_lo + (i + 4) * BK, k_last) // GROUP)
+    async_copy.wait_group(STAGES - 3)  # step i + 1's x and codes have landed (this thread's copies) ...
+    p = q_bufs.index((i + 1) % STAGES).load(P_L)  # (read before the barrier: one barrier less)
+    fence_async_shared()
+    _cta_barrier()  # ... everyone's; and every warpgroup has retired its wgmma of step i - 1
+    nxt = i + STAGES - 1  # into the slot of step i - 1
+    _cp_async(x_bufs.index(nxt % STAGES), x_ptrs + nxt * BK, mask=x_all & (nxt < n_steps))
+    _cp_async(q_bufs.index(nxt % STAGES), q_ptrs + nxt * (BK // 8), mask=q_all & (nxt < n_steps))
+    async_copy.commit_group()
+    v0, v1, v2, v3, v4, v5, v6, v7 = _planes_scaled(p, s_1.to(w.dtype), EXP)
+    w_next = _fragment(v0, v1, v2, v3, v4, v5, v6, v7, BN, BK, A_L)
+    acc, w = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w))  # w is read until the wgmma retires
+    return acc, w_next, s_2, s_3, s_4
+
+
+@gluon.jit
+def _tq_gemm_wgmma_rs_kernel(
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, k_per_split,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
+    GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
+    MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+    EXP: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Program (pid % token tiles, pid // token tiles; pid_k): tokens [m0, +TOK) x weight rows
+    [off_n, +BN) (BN = 16 * MT * num_warps) over the K-slice pid_k. acc^T [BN, TOK] = w [BN, K] @ x^T
+    with w = (q - 8) * s made in registers straight in wgmma's A-fragment layout (the codes come
+    from global memory in the order `twinquant_mma._code_ptrs` derives, two steps ahead) and x^T
+    read by wgmma from a STAGES-deep shared-memory ring filled by cp.async. The wgmma of step i
+    runs while step i + 1 is dequantized; one CTA barrier per step."""
+    act: gl.constexpr = x_ptr.dtype.element_ty
+    BK: gl.constexpr = 64
+    BN: gl.constexpr = 16 * MT * num_warps
+    pid = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    tiles_m = gl.cdiv(M, TOK)
+    pid_m = pid % tiles_m  # the token tiles of a row tile run side by side (its codes are read once from HBM)
+    pid_n = pid // tiles_m
+    m0 = pid_m * TOK
+    off_n = pid_n * BN
+    k_lo = pid_k * k_per_split
+    k_hi = gl.minimum(k_lo + k_per_split, K)
+    n_steps = gl.cdiv(k_hi - k_lo, BK)
+
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, TOK, 16])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    q_ptrs = _code_ptrs(qw_ptr, off_n, N, stride_qn, BN, BK, A_L)
+    P_L: gl.constexpr = q_ptrs.type.layout
+    sn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P_L))))
+    s_ptrs = sc_ptr + gl.minimum(sn, N - 1) * stride_sn
+
+    # one ring of STAGES slots, filled by cp.async a step per commit group: x [TOK, BK] (16-byte
+    # copies; padding tokens copy row M - 1, finite, never stored) and the step's codes, each
+    # thread copying the 8-byte word pairs it later reads itself (so only x needs the barrier)
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK, BK], act)
+    x_bufs = gl.allocate_shared_memory(act, [STAGES, TOK, BK], X_SMEM)
+    CX: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    xm = gl.arange(0, TOK, layout=gl.SliceLayout(1, CX))
+    xk = gl.arange(0, BK, layout=gl.SliceLayout(0, CX))
+    x_ptrs = x_ptr + gl.expand_dims(gl.minimum(m0 + xm, M - 1), 1) * stride_xm + gl.expand_dims(k_lo + xk, 0)
+    x_all = gl.expand_dims(xm >= 0, 1) & gl.expand_dims(xk >= 0, 0)
+    Q_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0])
+    q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 1, 4, 2], Q_SMEM)
+    q_ptrs = q_ptrs + k_lo // 8
+    q_all = gl.full([BN, 1, 4, 2], 1, gl.int1, P_L)
+    for st in gl.static_range(STAGES - 1):
+        _cp_async(x_bufs.index(st), x_ptrs + st * BK, mask=x_all & (st < n_steps))
+        _cp_async(q_bufs.index(st), q_ptrs + st * (BK // 8), mask=q_all & (st < n_steps))
+        async_copy.commit_group()
+
+    # the scales of steps i + 1 .. i + 4 in registers as loaded (converted where used: a
+    # conversion next to its load would wait for it); steps past the slice re-read the last one
+    k_last = k_hi - BK  # slices are whole groups, so whole steps
+    s_1 = gl.load(s_ptrs + k_lo // GROUP)
+    s_2 = gl.load(s_ptrs + gl.minimum(k_lo + BK, k_last) // GROUP)
+    s_3 = gl.load(s_ptrs + gl.minimum(k_lo + 2 * BK, k_last) // GROUP)
+    s_4 = gl.load(s_ptrs + gl.minimum(k_lo + 3 * BK, k_last) // GROUP)
+    async_copy.wait_group(STAGES - 2)  # step 0's x and codes
+    fence_async_shared()
+    _cta_barrier()
+    v0, v1, v2, v3, v4, v5, v6, v7 = _planes_scaled(q_bufs.index(0).load(P_L), s_1.to(act), EXP)
+    w = _fragment(v0, v1, v2, v3, v4, v5, v6, v7, BN, BK, A_L)
+    s_1, s_2, s_3 = s_2, s_3, s_4
+    acc = gl.zeros([BN, TOK], gl.float32, layout=MMA)
+    # two steps per iteration, their fragments in two variables: with one, carried around the
+    # loop, ptxas gives the next step's fragment the registers the running wgmma still reads
+    # and waits for it before the dequantization instead of after (no overlap at all)
+    for j in range(n_steps // 2):
+        acc, w_b, s_1, s_2, s_3 = _rs_step(2 * j, acc, w, s_1, s_2, s_3, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs,
+                                           q_all, s_ptrs, k_lo, k_last, n_steps, BN, BK, STAGES, GROUP, EXP, A_L, P_L)
+        acc, w, s_1, s_2, s_3 = _rs_step(2 * j + 1, acc, w_b, s_1, s_2, s_3, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs,
+                                         q_all, s_ptrs, k_lo, k_last, n_steps, BN, BK, STAGES, GROUP, EXP, A_L, P_L)
+    if n_steps % 2:  # the last step (its x waited for by the last iteration)
+        acc = warpgroup_mma(w, x_bufs.index((n_steps - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w))
+    async_copy.wait_group(0)
+
+    om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    om2 = gl.expand_dims(om, 0)
+    on2 = gl.expand_dims(on, 1)
+    out_mask = (om2 < M) & (on2 < N)
+    last = True
+    if SPLIT:  # the last of the programs along K of this (row, token) tile finishes it
+        part_ptrs = part_ptr + om2 * N + on2
+        gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
+        _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
+        tk = ticket_ptr + pid
+        ticket = gl.atomic_add(tk, 1, sem="acq_rel")
+        last = ticket == gl.num_programs(1) - 1
+        if last:
+            acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
+            gl.atomic_xchg(tk, 0, sem="relaxed")
+    if last:
+        if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T
+            EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+            slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
+            tm = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, EPI))
+            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
+            t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
+            t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot * R + gl.expand_dims(tr, 0)
+            un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
+            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
+                        mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
+            if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
+                us = gl.load(us_ptr + un, mask=un < N, other=0.0)
+                u = u.to(gl.float32) * gl.expand_dims(us, 1)
+            t = gl.zeros([TOK, BLOCK_R], gl.float32, layout=EPI)
+            if PDL:  # t is the down projection's, launched just before this kernel
+                tl.extra.cuda.gdc_wait()
+            for sp in range(NUM_SPLITS):
+                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+            acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)
+            acc += gl.expand_dims(bias, 1)
+        gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+RS_MAX_TOK = 256  # tokens per program (wgmma's N side)
+
+
+def launch_rs(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
+              tok, bn, warps, stages, split, br, pdl=False):
+    """MODE 10 on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here): tok
+    tokens x bn rows per program (bn = 16 * MT * warps), `split` programs along K (whole groups
+    each; more than one only for M <= RS_MAX_TOK, the tokens `twinquant_mma.scratch` is sized for)."""
+    from csrc_triton import twinquant_mma
+
+    if group_size not in (64, 128) or k % group_size:
+        raise ValueError(f"MODE 10 steps over 64-column chunks: group size {group_size} must be 64 or 128 "
+                         f"and divide K = {k}")
+    if tok % 8 or not 8 <= tok <= RS_MAX_TOK or bn % (16 * warps) or warps % 4 or stages < 3:
+        raise ValueError(f"MODE 10 config: tokens per program a multiple of 8 up to {RS_MAX_TOK} (got {tok}), "
+                         f"BLOCK_N a multiple of 16 * warps (got {bn}, {warps} warps; warps 4 or 8), stages >= 3 "
+                         f"(got {stages})")
+    groups = k // group_size
+    split = max(1, min(split, groups))
+    k_per_split = triton.cdiv(groups, split) * group_size
+    split = triton.cdiv(k, k_per_split)
+    if split > 1 and m > RS_MAX_TOK:
+        split, k_per_split = 1, k
+    part, ticket = twinquant_mma.scratch(y.device, n, RS_MAX_TOK)
+    tiles = triton.cdiv(m, tok) * triton.cdiv(n, bn)
+    assert split == 1 or (tiles <= ticket.numel() and m * n <= part.numel())
+    exp = 0x4300 if operands[0].dtype == torch.bfloat16 else 0x6400
+    _tq_gemm_wgmma_rs_kernel[(tiles, split)](
+        *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
+        GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=bn // (16 * warps), TOK=tok,
+        BLOCK_R=br, SPLIT=split > 1, STAGES=stages, EXP=exp, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )

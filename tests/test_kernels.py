@@ -119,6 +119,33 @@ def test_dispatch_picks_the_wgmma_kernel_only_where_measured_and_usable():
     assert not tg.wgmma_usable(0)  # no CUDA here: the dispatch never reaches the Gluon kernel
 
 
+def test_register_operand_tile_fits_the_slots():
+    """MODE 10's BLOCK_N (16 * MT * warps) is halved until a tile lies inside one slot: fewer
+    16-row tiles per warp first, then fewer warps, never below one warpgroup (64 rows)."""
+    assert tg.fit_rs_tile((128, 256, 64, 8, 4, 2, 10), 256) == (128, 256, 64, 8, 4, 2, 10)
+    assert tg.fit_rs_tile((128, 256, 64, 8, 4, 2, 10), 128) == (128, 128, 64, 8, 4, 2, 10)  # MT 2 -> 1
+    assert tg.fit_rs_tile((64, 128, 64, 4, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)
+    assert tg.fit_rs_tile((64, 128, 64, 8, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)  # 8 warps -> 4
+    assert tg.fit_rs_tile((64, 64, 64, 4, 3, 1, 10), 32) is None  # q/k/v slots of 32 rows: another kernel
+    for m in (17, 64, 200, 256):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+            cfg = tg.pick_rs_config(m, n, k)
+            assert cfg is None or (len(cfg) == 7 and cfg[6] == 10 and cfg[2] == 64 and cfg[1] % (16 * cfg[3]) == 0)
+
+
+def test_register_operand_kernel_rejects_bad_configs():
+    """launch_rs names what it expects (here reached before any GPU work)."""
+    from csrc_triton import twinquant_wgmma as tw
+
+    args = (None, torch.empty(1, 64), 1, 64, 256, 0, 1 << 30, 1 << 30, 0, (0,) * 6)
+    with pytest.raises(ValueError, match="group size 32"):
+        tw.launch_rs(*args, 32, False, False, False, 64, 64, 4, 3, 1, 16)
+    with pytest.raises(ValueError, match="got 300"):
+        tw.launch_rs(*args, 128, False, False, False, 300, 64, 4, 3, 1, 16)
+    with pytest.raises(ValueError, match="got 96, 4 warps"):
+        tw.launch_rs(*args, 128, False, False, False, 64, 96, 4, 3, 1, 16)
+
+
 @pytest.mark.parametrize("swap,bm,bn,warps,rank,split,dtype,int8,bias,group", [
     (True, 256, 128, 8, 0, 1, "bf16", False, False, 128),  # what the dispatch launches
     (True, 64, 128, 4, 64, 2, "fp16", True, True, 64),
@@ -142,6 +169,52 @@ def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype,
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n%d" % (bm if swap else bn), ptx)
     assert "wgmma.wait_group.sync.aligned 1;" in ptx  # step i - 1 retired while step i runs
     assert "cp.async" in ptx and "fence.proxy.async" in ptx
+
+
+def _compile_rs(tok, mt, warps, rank, split, dtype="bf16", int8=False, bias=False, group=128, stages=4,
+                pdl=False, want_resources=False):
+    """twinquant_wgmma's MODE 10 kernel compiled for sm_90 with the constexprs a launch would pass."""
+    from compile_sm90 import compile_sm90
+
+    ptrs = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*i8" if int8 else f"*{dtype}",
+            "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+    consts = dict(GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
+                  BLOCK_R=max(16, rank), SPLIT=split, STAGES=stages, EXP=0x4300 if dtype == "bf16" else 0x6400,
+                  PDL=pdl)
+    return compile_sm90("csrc_triton.twinquant_wgmma", "_tq_gemm_wgmma_rs_kernel", ptrs, consts, warps, gluon=True,
+                        aligned_extra=("N", "K", "k_per_split"), want_resources=want_resources)
+
+
+@pytest.mark.parametrize("tok,mt,warps,rank,split,dtype,int8,bias,group", [
+    (128, 1, 8, 0, False, "bf16", False, False, 128),
+    (64, 2, 4, 64, True, "bf16", False, True, 128),
+    (256, 1, 4, 128, False, "fp16", True, False, 64),
+    (32, 1, 8, 16, True, "fp16", False, False, 64),
+])
+def test_register_operand_wgmma_kernel_compiles_for_sm90(tok, mt, warps, rank, split, dtype, int8, bias, group):
+    """MODE 10 (no CPU interpreter either): compiling proves that the unpacked, scaled codes
+    land in wgmma's register A fragment without data movement (`convert_layout(...,
+    assert_trivial=True)`). The PTX must hold the m64nTOK wgmma with its A operand in registers,
+    retired each step (`wait_group 0`) after the next step's codes are unpacked, cp.async for x,
+    16 codes' LOP3s per 16-row tile and step (the prologue's and the loop's two steps), one
+    rounding multiply by the scale per pair of codes, no local memory, and (split) the ticket."""
+    import re
+
+    ptx = _compile_rs(tok, mt, warps, rank, split, dtype, int8, bias, group)
+    kind = "bf16" if dtype == "bf16" else "f16"
+    # register A: the accumulator's brace group is followed by a second one (not a descriptor)
+    wg = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tok}k16\.f32\.{kind}\.{kind}\s+\{{[^}}]*\}},\s*\{{",
+                    ptx)
+    assert len(wg) >= 4 * mt  # 4 k16 slices of the 64-column step per 64-row warpgroup tile
+    assert "wgmma.wait_group.sync.aligned 0;" in ptx
+    assert "cp.async" in ptx and "fence.proxy.async" in ptx
+    exp = "0x43004300" if dtype == "bf16" else "0x64006400"
+    # 16 codes' LOP3s per 16-row tile and step: the prologue's step and the loop's two
+    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 3 * 16 * mt
+    assert ptx.count(f"mul.rn.{kind}x2") == 3 * 16 * mt
+    assert ".local" not in ptx
+    assert (".acq_rel.add" in ptx) == split
 
 
 def test_custom_op_used_by_the_plugin():
@@ -342,6 +415,9 @@ _PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the 
     "_tq_gemm_wgmma_kernel": ("csrc_triton.twinquant_wgmma", True, 8, dict(
         GROUP=128, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=256, BLOCK_N=128, BLOCK_R=64, GROUP_M=8,
         SPLIT_K=1, STAGES=3, SWAP=True, EXP=0x4300), "wgmma.mma_async"),
+    "_tq_gemm_wgmma_rs_kernel": ("csrc_triton.twinquant_wgmma", True, 8, dict(
+        GROUP=128, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, MT=1, TOK=128, BLOCK_R=64, SPLIT=False, STAGES=4,
+        EXP=0x4300), "wgmma.mma_async"),
 }
 
 

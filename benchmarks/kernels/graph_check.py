@@ -1,10 +1,10 @@
 """The plugin's custom op (torch.ops.twinquant.linear) under CUDA graphs and torch.compile, on the GPU.
 
-    python3 benchmarks/kernels/graph_check.py [--out DIR]
+    python3 benchmarks/kernels/graph_check.py [--out DIR] [--tag h200] [--rs-config TOK BN 64 WARPS STAGES SPLIT 10]
 
 vLLM captures decode steps in CUDA graphs (and compiles the model with torch.compile); the
 tensor-core decode kernel keeps state between calls (its split-K workspace and tickets must be
-all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100 tokens on merged q/k/v
+all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100, 200 tokens on merged q/k/v
 (slots) and gate/up shapes, rank 0 and 64, the op is captured in one CUDA graph, replayed five
 times with fresh inputs copied into the captured buffer, and each replay's output is compared
 with a float32 reference; at M = 4 and rank 64 also through torch.compile(fullgraph=True,
@@ -39,11 +39,16 @@ def rel(y, ref):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rs-config", type=int, nargs=7, default=None, metavar="C",
+                    help="MODE 10 config the dispatch then takes at every 16 < M <= 256 (in place of RS_CONFIGS)")
+    ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
+    if args.rs_config:
+        tg.RS_CONFIGS = [(1 << 62, 1 << 62, 0, tuple(args.rs_config))]
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     recs, worst = [], 0.0
-    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100) for r in (0, 64)]:
+    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200) for r in (0, 64)]:
         qw, sc, down, up = make_layer(k, n, r, dtype, gen, 128, len(bounds) + 1)
         qwr = tg.repack(qw, 128)
         op = torch.ops.twinquant.linear
@@ -71,19 +76,22 @@ def main():
             for x, ref in zip(xs, refs):
                 cerrs.append(rel(fc(x).clone(), ref))
             del fc
-        cfg = tg.pick_mma_config(m, n, k) if m > 1 else None
-        rec = {"name": name, "M": m, "rank": r, "mma_config": cfg, "graph_rel_err": errs, "compiled_rel_err": cerrs}
+        cfg = tg.pick_mma_config(m, n, k) if 1 < m <= tg.MMA_MAX_M else None
+        rs = tg.pick_rs_config(m, n, k) if tg.RS_MIN_M < m <= tg.RS_MAX_M and tg.wgmma_usable(0) else None
+        if rs is not None:
+            cfg = tg.fit_rs_tile(rs, tg.max_block_n_for((n, *bounds)) if bounds else 256)
+        rec = {"name": name, "M": m, "rank": r, "config": cfg, "graph_rel_err": errs, "compiled_rel_err": cerrs}
         recs.append(rec)
         worst = max(worst, *errs, *cerrs)
-        print(f"{name:8s} M={m:2d} r={r:2d} mma {cfg}: graph replays {max(errs):.2e}"
+        print(f"{name:8s} M={m:3d} r={r:2d} {cfg}: graph replays {max(errs):.2e}"
               + (f", torch.compile {max(cerrs):.2e}" if cerrs else ""), flush=True)
         if not max(errs + cerrs) <= 1e-2:
             raise SystemExit(f"MISMATCH {rec}")
         del g
     print(f"worst {worst:.2e} over {len(recs)} cases x 5 replays")
-    with open(os.path.join(args.out, "graph_check_h200.json"), "w") as fh:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "worst_rel_err": worst,
-                   "records": recs}, fh, indent=1)
+    with open(os.path.join(args.out, f"graph_check_{args.tag}.json"), "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
+                   "worst_rel_err": worst, "records": recs}, fh, indent=1)
 
 
 if __name__ == "__main__":
