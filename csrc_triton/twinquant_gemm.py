@@ -750,9 +750,29 @@ MMA_CONFIGS = [  # (max M, max N, min K, config): first match
 # (benchmarks/kernels/bench_tile.py, benchmarks/results/tile_h200.json); same shape rules as
 # MMA_CONFIGS; None: not this kernel (the one the dispatch picks otherwise was as fast or faster).
 RS_MIN_M, RS_MAX_M = 16, 256
+# Measured faster than the previous dispatch (sum of rank 0 and rank 64) at every shape and M of
+# the sweep; the exceptions at one rank are in benchmarks/kernels/README.md ("Results v12").
 RS_CONFIGS = [  # (max M, max N, min K, config): first match
-    (1 << 62, 1 << 62, 0, None),
+    (32, 8192, 0, (32, 64, 64, 4, 4, 4, 10)),  # down, o, q/k/v
+    (32, 1 << 62, 0, (32, 128, 64, 4, 4, 1, 10)),  # gate/up
+    (64, 8192, 0, (64, 64, 64, 4, 4, 4, 10)),
+    (64, 1 << 62, 0, (64, 128, 64, 4, 4, 1, 10)),
+    (128, 4096, 8192, (128, 64, 64, 4, 4, 4, 10)),
+    (128, 4096, 0, (128, 64, 64, 4, 4, 2, 10)),
+    (128, 8192, 0, (64, 64, 64, 4, 4, 2, 10)),
+    (128, 1 << 62, 0, (128, 128, 64, 4, 3, 1, 10)),
+    (256, 4096, 8192, (256, 128, 64, 8, 4, 4, 10)),
+    (256, 4096, 0, (64, 64, 64, 4, 4, 1, 10)),
+    (256, 8192, 0, (128, 128, 64, 8, 4, 1, 10)),
+    (256, 1 << 62, 0, (256, 128, 64, 8, 4, 1, 10)),
 ]
+
+
+def rs_usable(x: torch.Tensor, group_size: int) -> bool:
+    """Whether the dispatch may pick MODE 10 for activations x: bf16/fp16 on a device where
+    `wgmma_usable`, G 64 or 128."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and group_size in (64, 128)
+            and wgmma_usable(x.device.index or 0))
 
 
 def pick_rs_config(m: int, n: int, k: int) -> tuple | None:
@@ -966,7 +986,7 @@ def tq_gemm(
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
     wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
-    if config is None and wgmma and RS_MIN_M < m <= RS_MAX_M and group_size in (64, 128):
+    if config is None and RS_MIN_M < m <= RS_MAX_M and rs_usable(x, group_size):
         config = pick_rs_config(m, n, k)
         config = fit_rs_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
     if config is None and m <= MMA_MAX_M and mma_usable(x.device, x.dtype, group_size, k):
@@ -1135,7 +1155,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 # Above this many tokens one transient dense copy of the layer fed to cuBLAS beats the tile
-# kernel (H100 sweeps, benchmarks/kernels/README.md): smaller layers cross over earlier.
+# kernel (H100 sweeps, benchmarks/kernels/README.md): smaller layers cross over earlier. Where
+# MODE 10 runs (`rs_usable`), not before RS_MAX_M tokens.
 DEQUANT_ABOVE = [  # (layers with fewer than this many weights, M threshold)
     (20 << 20, 64),  # o of an 8B model (16.8 M)
     (32 << 20, 128),  # q/k/v of an 8B model (25.2 M)
@@ -1167,6 +1188,8 @@ def tq_linear(
     m, k = x.shape
     n = qweight.shape[0]
     thr = dequant_threshold(n, k) if large_m_threshold is None else large_m_threshold
+    if large_m_threshold is None and rs_usable(x, group_size):
+        thr = max(thr, RS_MAX_M)  # MODE 10 measured faster than the dense copy up to its last M
     if m <= thr:
         return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds,
                        down_scale=down_scale, up_scale=up_scale)

@@ -127,10 +127,25 @@ def test_register_operand_tile_fits_the_slots():
     assert tg.fit_rs_tile((64, 128, 64, 4, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)
     assert tg.fit_rs_tile((64, 128, 64, 8, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)  # 8 warps -> 4
     assert tg.fit_rs_tile((64, 64, 64, 4, 3, 1, 10), 32) is None  # q/k/v slots of 32 rows: another kernel
-    for m in (17, 64, 200, 256):
-        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+    for m in (17, 32, 33, 64, 65, 128, 129, 256):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (1536, 576)):
             cfg = tg.pick_rs_config(m, n, k)
             assert cfg is None or (len(cfg) == 7 and cfg[6] == 10 and cfg[2] == 64 and cfg[1] % (16 * cfg[3]) == 0)
+
+
+def test_dispatch_picks_the_register_operand_kernel_where_measured():
+    """MODE 10 for 16 < M <= 256 at the four Llama-3-8B shapes (the H200 sweep,
+    benchmarks/results/tile_h200.json), where `rs_usable`: never on the CPU (or off sm_90), so
+    there the dispatch and tq_linear's dequantization threshold stay as they were."""
+    assert tg.pick_rs_config(32, 28672, 4096) == (32, 128, 64, 4, 4, 1, 10)
+    assert tg.pick_rs_config(64, 4096, 14336) == (64, 64, 64, 4, 4, 4, 10)
+    assert tg.pick_rs_config(100, 6144, 4096) == (64, 64, 64, 4, 4, 2, 10)
+    assert tg.pick_rs_config(200, 4096, 14336) == (256, 128, 64, 8, 4, 4, 10)
+    assert tg.pick_rs_config(256, 4096, 4096) == (64, 64, 64, 4, 4, 1, 10)
+    assert all(tg.pick_rs_config(m, n, k) is not None for m in (17, 256) for n, k in
+               ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    assert not tg.rs_usable(x, 128) and tg.RS_MIN_M == 16 and tg.RS_MAX_M == 256
 
 
 def test_register_operand_kernel_rejects_bad_configs():
