@@ -155,6 +155,21 @@ def _code_ptrs(qw_ptr, off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, 
 
 
 @gluon.jit
+def _split_k_finish(acc, part_ptrs, out_mask, tk):
+    """Split-K without a zeroed output: every program along grid axis 1 adds its partial sums
+    into the scratch (`scratch`) and takes the tile's ticket tk; the last one gets the total
+    back (leaving zeros) and resets the ticket. Returns (acc, whether this program is that one)."""
+    gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
+    _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
+    ticket = gl.atomic_add(tk, 1, sem="acq_rel")
+    last = ticket == gl.num_programs(1) - 1
+    if last:
+        acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
+        gl.atomic_xchg(tk, 0, sem="relaxed")
+    return acc, last
+
+
+@gluon.jit
 def _mma_step(p, xb, s, acc, BN: gl.constexpr, BK: gl.constexpr, TOK: gl.constexpr, A_L: gl.constexpr,
               MMA: gl.constexpr, EXP: gl.constexpr):
     """acc + s * (deq(codes p) [BN, BK] @ xb [BK, TOK]) for one group-wide K step."""
@@ -250,17 +265,10 @@ def _tq_decode_mma_kernel(
     out_mask = (om2 < M) & (on2 < N)
     last = True
     if SPLIT:  # the last of the gl.num_programs(1) programs of this column tile finishes it
-        part_ptrs = part_ptr + om2 * N + on2
-        gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
-        _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
         tk = ticket_ptr + pid_n
         if TILED:
             tk += gl.program_id(2) * gl.num_programs(0)
-        ticket = gl.atomic_add(tk, 1, sem="acq_rel")
-        last = ticket == gl.num_programs(1) - 1
-        if last:
-            acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
-            gl.atomic_xchg(tk, 0, sem="relaxed")
+        acc, last = _split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, tk)
     if last:
         if HAS_LOWRANK:
             slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)

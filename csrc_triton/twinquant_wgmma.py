@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from csrc_triton.twinquant_gemm import _LOW_PTX_BF16, _LOW_PTX_FP16, chunk_words
-from csrc_triton.twinquant_mma import _code_ptrs, _fragment, _planes_scaled
+from csrc_triton.twinquant_mma import _code_ptrs, _fragment, _planes_scaled, _split_k_finish
 
 BLOCK_K = gl.constexpr(64)  # one 64-column chunk of the `repack` layout per step
 # cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
@@ -87,6 +87,34 @@ def _issue_loads(x_ptr, qw_ptr, x_buf, q_buf, step, k_lo, k_hi, M, off_m, off_n,
     qp = qw_ptr + gl.expand_dims(offs_n, 1) * stride_qn + gl.expand_dims(offs_w, 0)
     _cp_async(q_buf, qp, mask=qm)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_ws_s,
+                      stride_ws_m, stride_un, TM: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
+                      HAS_US: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+    """The epilogue's low-rank operands in one blocked layout: t [TM, BLOCK_R] fp32 of tokens
+    m0.. (the sum of the down projection's K-slices, the slot of rows off_n..; with PDL waited
+    for here, after U's load) and U [BN, BLOCK_R] of rows off_n.. (int8 codes times their row
+    scales, in fp32: scaled and rounded once, as a float factor is stored)."""
+    EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+    tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
+    un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
+    u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
+                mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
+    if HAS_US:
+        us = gl.load(us_ptr + un, mask=un < N, other=0.0)
+        u = u.to(gl.float32) * gl.expand_dims(us, 1)
+    slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
+    tm = m0 + gl.arange(0, TM, layout=gl.SliceLayout(1, EPI))
+    t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
+    t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot * R + gl.expand_dims(tr, 0)
+    t = gl.zeros([TM, BLOCK_R], gl.float32, layout=EPI)
+    if PDL:  # t is the down projection's, launched just before this kernel
+        tl.extra.cuda.gdc_wait()
+    for sp in range(NUM_SPLITS):
+        t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+    return t, u
 
 
 @gluon.jit
@@ -190,23 +218,9 @@ def _tq_gemm_wgmma_kernel(
     n_mask = offs_n < N
     if pid_k == 0:
         if HAS_LOWRANK:
-            EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
-            slot_id = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
-            tm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, EPI))
-            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
-            t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
-            t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot_id * R + gl.expand_dims(tr, 0)
-            t = gl.zeros([BLOCK_M, BLOCK_R], gl.float32, layout=EPI)
-            if PDL:  # t is the down projection's, launched just before this kernel
-                tl.extra.cuda.gdc_wait()
-            for sp in range(NUM_SPLITS):
-                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
-            un = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, EPI))
-            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
-                        mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
-            if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
-                us = gl.load(us_ptr + un, mask=un < N, other=0.0)
-                u = u.to(gl.float32) * gl.expand_dims(us, 1)
+            t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, off_m, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+                                     stride_ws_s, stride_ws_m, stride_un, BLOCK_M, BLOCK_N, BLOCK_R, HAS_US, PDL,
+                                     num_warps)
             if SWAP:  # acc^T += U [BN, BR] @ t^T
                 acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
             else:  # acc += t [BM, BR] @ U^T
@@ -353,34 +367,11 @@ def _tq_gemm_wgmma_rs_kernel(
     out_mask = (om2 < M) & (on2 < N)
     last = True
     if SPLIT:  # the last of the programs along K of this (row, token) tile finishes it
-        part_ptrs = part_ptr + om2 * N + on2
-        gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
-        _cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
-        tk = ticket_ptr + pid
-        ticket = gl.atomic_add(tk, 1, sem="acq_rel")
-        last = ticket == gl.num_programs(1) - 1
-        if last:
-            acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
-            gl.atomic_xchg(tk, 0, sem="relaxed")
+        acc, last = _split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, ticket_ptr + pid)
     if last:
         if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T
-            EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
-            slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
-            tm = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, EPI))
-            tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
-            t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
-            t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot * R + gl.expand_dims(tr, 0)
-            un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
-            u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
-                        mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
-            if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
-                us = gl.load(us_ptr + un, mask=un < N, other=0.0)
-                u = u.to(gl.float32) * gl.expand_dims(us, 1)
-            t = gl.zeros([TOK, BLOCK_R], gl.float32, layout=EPI)
-            if PDL:  # t is the down projection's, launched just before this kernel
-                tl.extra.cuda.gdc_wait()
-            for sp in range(NUM_SPLITS):
-                t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+            t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+                                     stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, num_warps)
             acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)
