@@ -23,12 +23,14 @@ activations, so the decode kernel reads x in vector loads and never shuffles reg
   the sum of x); larger M a tensor-core tile kernel (`_tq_gemm_kernel`: MODE 4 with the
   operands swapped and PTX nibble conversion up to 16 tokens, MODE 7 above, whose dequantized tile is finished
   -- scaled, in the activation dtype -- before the MMA; split-K where the grid is small). On an
-  H100/H200 with Triton 3.6, 16 < M <= 256 run MODE 10 where it measured faster (`RS_CONFIGS`):
+  H100/H200 with Triton 3.6, 16 < M <= 256 run MODE 10 instead (before the mma decode kernel;
+  `RS_CONFIGS`, measured faster on every layer shape):
   the Gluon kernel of `twinquant_wgmma.py` that dequantizes the codes straight into wgmma's
   register operand while the previous step's asynchronous wgmma runs (wide layers at
-  128 < M <= 256 without a MODE 10 entry run MODE 9, its shared-memory-operand sibling).
+  128 < M <= 256 ran MODE 9, its shared-memory-operand sibling, before; now only when forced).
 * ``tq_linear``: what the plugin calls; above `dequant_threshold` tokens (64-256, by layer
-  size) it dequantizes into a transient buffer and runs both components as one cuBLAS GEMM.
+  size; 256 where MODE 10 runs) it dequantizes into a transient buffer and runs both
+  components as one cuBLAS GEMM.
 
 Why two launches rather than computing t inside every GEMM program: t needs the whole K
 reduction before the up projection, so a single launch must either re-read all of D in every
@@ -850,19 +852,19 @@ _CONFIGS = [  # (max M, min N, min K, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 
     (128, 16384, 0, 128, 128, 64, 8, 4, 7, 1),
     (128, 0, 8192, 128, 64, 64, 8, 4, 7, 4),
     (128, 0, 0, 128, 64, 128, 8, 3, 7, 1),
-    (256, 16384, 0, 256, 128, 64, 8, 3, 9, 1),  # Hopper wgmma kernel (twinquant_wgmma.py) where usable
     (1 << 62, 0, 0, 128, 128, 64, 8, 4, 7, 4),
 ]
 _MIN_PROGRAMS = 264  # two per SM on an H100
-# The Gluon wgmma kernel (MODE 8/9) was written and measured with Triton 3.6 on an H100; other
-# Triton versions compile it (CI checks one) but run MODE 7 unless TWINQUANT_WGMMA=1.
+# The Gluon wgmma kernels (MODE 8/9, and MODE 10 which replaced MODE 9 in the dispatch) were
+# written and measured with Triton 3.6 on an H100/H200; other Triton versions compile them (CI
+# checks one) but run the other kernels unless TWINQUANT_WGMMA=1.
 _WGMMA_TRITON = ("3.6",)
 
 
 @functools.lru_cache(maxsize=None)
 def wgmma_usable(device_index: int) -> bool:
-    """Whether the dispatch may pick MODE 9 on this CUDA device: sm_90, Gluon importable, a
-    Triton version it was measured with (TWINQUANT_WGMMA=0/1 forces it off/on)."""
+    """Whether the dispatch may pick a Gluon wgmma kernel (MODE 10) on this CUDA device: sm_90,
+    Gluon importable, a Triton version it was measured with (TWINQUANT_WGMMA=0/1 forces it off/on)."""
     flag = os.environ.get("TWINQUANT_WGMMA")
     if flag == "0" or not torch.cuda.is_available():
         return False
@@ -875,12 +877,11 @@ def wgmma_usable(device_index: int) -> bool:
     return flag == "1" or triton.__version__.startswith(_WGMMA_TRITON)
 
 
-def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128, wgmma: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the tile kernel. `wgmma`: the
-    Hopper kernel may be chosen (MODE 9 needs 64-column K steps, G = 64 or 128, and BLOCK_N 128)."""
+def pick_config(m: int, n: int, k: int, max_block_n: int = 256, group_size: int = 128):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, MODE) of the Triton tile kernel (where
+    MODE 10 is not picked). MODE 8/9, the first Gluon wgmma kernel, runs only when forced: MODE 10
+    measured faster on every shape where the dispatch used MODE 9 (129-256 tokens, N >= 16384)."""
     for max_m, min_n, min_k, bm, bn, bk, warps, stages, mode, max_split in _CONFIGS:
-        if mode == 9 and not (wgmma and group_size in (64, 128) and max_block_n >= bn):
-            continue
         if m <= max_m and n >= min_n and k >= min_k:
             break
     if mode == 4 and group_size % 128:
@@ -985,7 +986,6 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
-    wgmma = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and wgmma_usable(x.device.index or 0)
     if config is None and RS_MIN_M < m <= RS_MAX_M and rs_usable(x, group_size):
         config = pick_rs_config(m, n, k)
         config = fit_rs_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
@@ -995,7 +995,7 @@ def tq_gemm(
     if config is None and m <= GEMV_MAX_M:
         config = pick_gemv_config(m, n, k)
     if config is None:
-        config = pick_config(m, n, k, max_bn, group_size, wgmma)
+        config = pick_config(m, n, k, max_bn, group_size)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     has_us = has_lr and up_scale is not None
