@@ -114,6 +114,48 @@ def test_triton_tile_dispatch_never_picks_the_first_wgmma_kernel():
     assert not tg.wgmma_usable(0)  # no CUDA here: the dispatch never reaches a Gluon kernel
 
 
+def test_register_operand_tile_fits_the_slots():
+    """MODE 10's BLOCK_N (16 * MT * warps) is halved until a tile lies inside one slot: fewer
+    16-row tiles per warp first, then fewer warps, never below one warpgroup (64 rows)."""
+    assert tg.fit_rs_tile((128, 256, 64, 8, 4, 2, 10), 256) == (128, 256, 64, 8, 4, 2, 10)
+    assert tg.fit_rs_tile((128, 256, 64, 8, 4, 2, 10), 128) == (128, 128, 64, 8, 4, 2, 10)  # MT 2 -> 1
+    assert tg.fit_rs_tile((64, 128, 64, 4, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)
+    assert tg.fit_rs_tile((64, 128, 64, 8, 3, 1, 10), 64) == (64, 64, 64, 4, 3, 1, 10)  # 8 warps -> 4
+    assert tg.fit_rs_tile((64, 64, 64, 4, 3, 1, 10), 32) is None  # q/k/v slots of 32 rows: another kernel
+    for m in (17, 32, 33, 64, 65, 128, 129, 256):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (1536, 576)):
+            cfg = tg.pick_rs_config(m, n, k)
+            assert cfg is None or (len(cfg) == 7 and cfg[6] == 10 and cfg[2] == 64 and cfg[1] % (16 * cfg[3]) == 0)
+
+
+def test_dispatch_picks_the_register_operand_kernel_where_measured():
+    """MODE 10 for 16 < M <= 256 at the four Llama-3-8B shapes (the H200 sweep,
+    benchmarks/results/tile_h200.json), where `rs_usable`: never on the CPU (or off sm_90), so
+    there the dispatch and tq_linear's dequantization threshold stay as they were."""
+    assert tg.pick_rs_config(32, 28672, 4096) == (32, 128, 64, 4, 4, 1, 10)
+    assert tg.pick_rs_config(64, 4096, 14336) == (64, 64, 64, 4, 4, 4, 10)
+    assert tg.pick_rs_config(100, 6144, 4096) == (64, 64, 64, 4, 4, 2, 10)
+    assert tg.pick_rs_config(200, 4096, 14336) == (256, 128, 64, 8, 4, 4, 10)
+    assert tg.pick_rs_config(256, 4096, 4096) == (64, 64, 64, 4, 4, 1, 10)
+    assert all(tg.pick_rs_config(m, n, k) is not None for m in (17, 256) for n, k in
+               ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    assert not tg.rs_usable(x, 128) and tg.RS_MIN_M == 16 and tg.RS_MAX_M == 256
+
+
+def test_register_operand_kernel_rejects_bad_configs():
+    """launch_rs names what it expects (here reached before any GPU work)."""
+    from csrc_triton import twinquant_wgmma as tw
+
+    args = (None, torch.empty(1, 64), 1, 64, 256, 0, 1 << 30, 1 << 30, 0, (0,) * 6)
+    with pytest.raises(ValueError, match="group size 32"):
+        tw.launch_rs(*args, 32, False, False, False, 64, 64, 4, 3, 1, 16)
+    with pytest.raises(ValueError, match="got 300"):
+        tw.launch_rs(*args, 128, False, False, False, 300, 64, 4, 3, 1, 16)
+    with pytest.raises(ValueError, match="got 96, 4 warps"):
+        tw.launch_rs(*args, 128, False, False, False, 64, 96, 4, 3, 1, 16)
+
+
 @pytest.mark.parametrize("swap,bm,bn,warps,rank,split,dtype,int8,bias,group", [
     (True, 256, 128, 8, 0, 1, "bf16", False, False, 128),  # what the dispatch launches
     (True, 64, 128, 4, 64, 2, "fp16", True, True, 64),
