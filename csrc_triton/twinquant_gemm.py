@@ -770,11 +770,11 @@ RS_CONFIGS = [  # (max M, max N, min K, config): first match
 ]
 
 
-def rs_usable(x: torch.Tensor, group_size: int) -> bool:
-    """Whether the dispatch may pick MODE 10 for activations x: bf16/fp16 on a device where
-    `wgmma_usable`, G 64 or 128."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and group_size in (64, 128)
-            and wgmma_usable(x.device.index or 0))
+def rs_usable(device: torch.device, dtype: torch.dtype, group_size: int) -> bool:
+    """Whether the dispatch may pick MODE 10 for activations of `dtype` on `device`: bf16/fp16
+    on a CUDA device where `wgmma_usable`, G 64 or 128."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and group_size in (64, 128)
+            and wgmma_usable(device.index or 0))
 
 
 def pick_rs_config(m: int, n: int, k: int) -> tuple | None:
@@ -823,6 +823,20 @@ def mma_usable(device: torch.device, dtype: torch.dtype, group_size: int, k: int
     if group_size not in (64, 128) or k % group_size or os.environ.get("TWINQUANT_MMA") == "0":
         return False
     return _mma_device_ok(device.index or 0)
+
+
+def split_scratch_tokens(device: torch.device, dtype: torch.dtype, group_size: int, k: int) -> int:
+    """Tokens the split-K scratch (`twinquant_mma.scratch`) must hold for the kernels the
+    dispatch may pick for such a layer (0: none of them splits through it)."""
+    if rs_usable(device, dtype, group_size):
+        from csrc_triton.twinquant_wgmma import RS_MAX_TOK
+
+        return RS_MAX_TOK
+    if mma_usable(device, dtype, group_size, k):
+        from csrc_triton.twinquant_mma import MAX_TOKENS
+
+        return MAX_TOKENS
+    return 0
 
 
 def fit_mma_tile(config: tuple, max_bn: int) -> tuple | None:
@@ -986,7 +1000,7 @@ def tq_gemm(
         raise ValueError("at most three slots per merged layer")
     b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     max_bn = max_block_n_for((n, *slot_bounds)) if slot_bounds else 256
-    if config is None and RS_MIN_M < m <= RS_MAX_M and rs_usable(x, group_size):
+    if config is None and RS_MIN_M < m <= RS_MAX_M and rs_usable(x.device, x.dtype, group_size):
         config = pick_rs_config(m, n, k)
         config = fit_rs_tile(config, max_bn) if config is not None else None  # (else: the kernels below)
     if config is None and m <= MMA_MAX_M and mma_usable(x.device, x.dtype, group_size, k):
@@ -1188,7 +1202,7 @@ def tq_linear(
     m, k = x.shape
     n = qweight.shape[0]
     thr = dequant_threshold(n, k) if large_m_threshold is None else large_m_threshold
-    if large_m_threshold is None and rs_usable(x, group_size):
+    if large_m_threshold is None and rs_usable(x.device, x.dtype, group_size):
         thr = max(thr, RS_MAX_M)  # MODE 10 measured faster than the dense copy up to its last M
     if m <= thr:
         return tq_gemm(x, qweight, scales, group_size, down, up, bias, slot_bounds,

@@ -288,10 +288,10 @@ def _tq_gemm_wgmma_rs_kernel(
 ):
     """Program (pid % token tiles, pid // token tiles; pid_k): tokens [m0, +TOK) x weight rows
     [off_n, +BN) (BN = 16 * MT * num_warps) over the K-slice pid_k. acc^T [BN, TOK] = w [BN, K] @ x^T
-    with w = (q - 8) * s made in registers straight in wgmma's A-fragment layout (the codes come
-    from global memory in the order `twinquant_mma._code_ptrs` derives, two steps ahead) and x^T
-    read by wgmma from a STAGES-deep shared-memory ring filled by cp.async. The wgmma of step i
-    runs while step i + 1 is dequantized; one CTA barrier per step."""
+    with w = (q - 8) * s made in registers straight in wgmma's A-fragment layout, and x^T read by
+    wgmma from shared memory. x and the codes (in the order `twinquant_mma._code_ptrs` derives)
+    come through one STAGES-deep cp.async ring, the scales four steps ahead in registers. The
+    wgmma of step i runs while step i + 1 is dequantized (`_rs_step`, two steps per iteration)."""
     act: gl.constexpr = x_ptr.dtype.element_ty
     BK: gl.constexpr = 64
     BN: gl.constexpr = 16 * MT * num_warps

@@ -140,7 +140,8 @@ def test_dispatch_picks_the_register_operand_kernel_where_measured():
     assert all(tg.pick_rs_config(m, n, k) is not None for m in (17, 256) for n, k in
                ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))
     x = torch.randn(40, 256).to(torch.bfloat16)
-    assert not tg.rs_usable(x, 128) and tg.RS_MIN_M == 16 and tg.RS_MAX_M == 256
+    assert not tg.rs_usable(x.device, x.dtype, 128) and tg.RS_MIN_M == 16 and tg.RS_MAX_M == 256
+    assert tg.split_scratch_tokens(x.device, x.dtype, 128, 256) == 0  # nothing to allocate on the CPU
 
 
 def test_register_operand_kernel_rejects_bad_configs():

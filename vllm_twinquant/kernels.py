@@ -133,18 +133,14 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         # the split-K scratch of the tensor-core decode kernel and of MODE 10, allocated now
         # rather than during CUDA-graph capture (shared by the layers of a device; all zero
         # between calls)
-        from csrc_triton.twinquant_gemm import mma_usable, wgmma_usable
+        from csrc_triton.twinquant_gemm import split_scratch_tokens
 
         n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * 8
         device = layer.weight_packed.device
-        if mma_usable(device, self.config.act_dtype, self.config.group_size, k):
-            from csrc_triton.twinquant_mma import MAX_TOKENS, scratch
+        tokens = split_scratch_tokens(device, self.config.act_dtype, self.config.group_size, k)
+        if tokens:
+            from csrc_triton.twinquant_mma import scratch
 
-            tokens = MAX_TOKENS
-            if wgmma_usable(device.index or 0):
-                from csrc_triton.twinquant_wgmma import RS_MAX_TOK
-
-                tokens = RS_MAX_TOK
             scratch(device, n, tokens)
 
     def apply(self, layer, x, bias):
