@@ -1112,10 +1112,15 @@ def tq_gemm(
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
-                    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, down_ptr, up_ptr, N, K, R, B1, B2, stride_qn, stride_sn, stride_wn,
+                    stride_dn, stride_un, GROUP: tl.constexpr, CHUNK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LOWRANK: tl.constexpr, UPCAST: tl.constexpr):
     """deq(R) in the checkpoint's column order from `repack`ed codes: each word is loaded once
-    and its nibbles spread over the columns of its chunk by a broadcast and a reshape."""
+    and its nibbles spread over the columns of its chunk by a broadcast and a reshape. With
+    HAS_LOWRANK the tile also gets U_s D_s added (the low-rank component folded into the same
+    transient weights, rows of slot s: B1 <= n < B2 is slot 1, n >= B2 slot 2), tensor-core
+    products over BLOCK_R-wide rank slices of each slot the tile touches, accumulated in fp32,
+    then rounded once to the output dtype."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNK: tl.constexpr = 8 * CHUNK_W
@@ -1128,21 +1133,67 @@ def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn
     p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
     q = ((p >> (tl.arange(0, 8) * 4)[None, None, :, None]) & 0xF) - 8  # [BN, chunk, j, l]
     q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # column c*CHUNK + j*CHUNK_W + l
-    w = tl.reshape(q * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty)
+    w = tl.reshape(q * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K))
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w, mask=nm[:, None] & (offs_k[None, :] < K))
+    if HAS_LOWRANK:
+        offs_r = tl.arange(0, BLOCK_R)
+        n0 = pid_n * BLOCK_N
+        n1 = tl.minimum(n0 + BLOCK_N, N) - 1
+        slot = (offs_n >= B1).to(tl.int32) + (offs_n >= B2).to(tl.int32)
+        s_first = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
+        s_last = (n1 >= B1).to(tl.int32) + (n1 >= B2).to(tl.int32)
+        for sl in range(s_first, s_last + 1):
+            for r0 in range(0, R, BLOCK_R):  # rank in slices: shared memory independent of R
+                rr = r0 + offs_r
+                u = tl.load(up_ptr + offs_n[:, None] * stride_un + rr[None, :],
+                            mask=(nm & (slot == sl))[:, None] & (rr[None, :] < R), other=0.0)
+                d = tl.load(down_ptr + (sl * R + rr)[:, None] * stride_dn + offs_k[None, :],
+                            mask=(rr[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                w = _dot_acc(u, d, w, UPCAST)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=nm[:, None] & (offs_k[None, :] < K))
+
+
+# Tile of the fold (dequantization + U D), (BLOCK_N, BLOCK_K, warps): of (64, 128, 4), (128, 128, 8)
+# and (128, 256, 8), the fastest on 3 of the 4 Llama-3-8B shapes at ranks 32-256 (H200,
+# benchmarks/results/large_m_h200.json; (128, 128, 8) won on q/k/v on the H100, large_m_h100.json)
+FOLD_TILE = (64, 128, 4)
+
+
+def fold_lowrank(m: int, n: int, r: int) -> bool:
+    """Whether the large-M path folds U D into the transient weights (cost ~ N K r tensor-core
+    FLOPs, at ~250 TFLOP/s in the fold pass) rather than running [x | x D^T] @ [deq(R) | U]^T
+    (cost ~ 3 M K bytes: x read twice and copied): fold when M > N r / 256. The rule agrees with
+    every case of benchmarks/results/large_m_h200.json (M 1024/4096, ranks 32-256): it folds q/k/v,
+    o and down at 4096 tokens up to rank 128 (up to -12%), gate_up only at rank 32, and at 1024 tokens
+    only rank 32 below gate_up's width; where it does not fold, folding was up to 24% slower."""
+    return 256 * m > n * r
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """deq(R) [N, K] in the checkpoint's column order from `repack`ed codes, written into
-    `out[:, :K]` (a new tensor if None)."""
+               out: torch.Tensor | None = None, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+               slot_bounds: tuple[int, ...] = (), tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """deq(R) [N, K] in the checkpoint's column order from `repack`ed codes, written into `out`
+    (a new tensor if None). With float factors `down` [slots*r, K] and `up` [N, r]: the effective
+    weights deq(R) + U_s D_s of every slot s (`slot_bounds` as in `tq_gemm`), in one pass."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     w = torch.empty((n, k), dtype=dtype, device=qweight.device) if out is None else out
-    bn, bk = 64, max(128, group_size)
+    has_lr = down is not None and down.shape[0] > 0
+    r = up.shape[1] if has_lr else 0
+    if has_lr:
+        if down.dtype == torch.int8 or up.dtype == torch.int8:
+            raise ValueError("dequantize folds float factors: dequantize int8 ones first (dequantize_rows)")
+        if len(slot_bounds) > 2 or down.shape != ((len(slot_bounds) + 1) * r, k) or up.shape != (n, r):
+            raise ValueError(f"low-rank factors down {list(down.shape)} / up {list(up.shape)} do not fit "
+                             f"[{len(slot_bounds) + 1}*r, {k}] / [{n}, r] for slot bounds {slot_bounds}")
+    bn, bk, warps = tile or (FOLD_TILE if has_lr else (64, max(128, group_size), 4))
+    bk = max(bk, group_size)
+    b1, b2 = (list(slot_bounds) + [1 << 30, 1 << 30])[:2]
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        qweight, scales, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0),
-        GROUP=group_size, CHUNK_W=chunk_words(group_size), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        qweight, scales, w, down if has_lr else w, up if has_lr else w, n, k, r, b1, b2,
+        qweight.stride(0), scales.stride(0), w.stride(0), down.stride(0) if has_lr else 0,
+        up.stride(0) if has_lr else 0, GROUP=group_size, CHUNK_W=chunk_words(group_size), BLOCK_N=bn,
+        BLOCK_K=bk, BLOCK_R=min(64, max(16, _next_pow2(r))), HAS_LOWRANK=has_lr, UPCAST=_INTERPRETED, num_warps=warps,
     )
     return w
 
@@ -1195,10 +1246,10 @@ def tq_linear(
     down_scale: torch.Tensor | None = None,
     up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The layer on CUDA. Up to `large_m_threshold` tokens: the Triton kernels. Above: both
-    components as one cuBLAS GEMM, [x | x D^T] @ [deq(R) | U_blockdiag]^T, from a transient
-    buffer dequantized in one pass (freed after the call; no dense copy is kept; int8 factors
-    are dequantized into it too)."""
+    """The layer on CUDA. Up to `large_m_threshold` tokens: the Triton kernels. Above: one cuBLAS
+    GEMM over transient weights made in one `dequantize` pass (freed after the call; no dense
+    copy is kept; int8 factors are dequantized first): where `fold_lowrank`, x @ W^T with
+    W = deq(R) + U_s D_s per slot s; else [x | x D^T] @ [deq(R) | U_blockdiag]^T."""
     m, k = x.shape
     n = qweight.shape[0]
     thr = dequant_threshold(n, k) if large_m_threshold is None else large_m_threshold
@@ -1213,14 +1264,16 @@ def tq_linear(
         _check_factor(up, up_scale, n, "up")
         if down_scale is not None:
             down, up = dequantize_rows(down, down_scale, x.dtype), dequantize_rows(up, up_scale, x.dtype)
-    extra = down.shape[0] if has_lr else 0
-    w = torch.empty((n, k + extra), dtype=x.dtype, device=x.device)
-    dequantize(qweight, scales, group_size, x.dtype, out=w)
-    if has_lr:
-        r = up.shape[1]
-        w[:, k:].zero_()
-        bounds = (0, *slot_bounds, n)
-        for s in range(len(bounds) - 1):
-            w[bounds[s] : bounds[s + 1], k + s * r : k + (s + 1) * r] = up[bounds[s] : bounds[s + 1]]
-        x = torch.cat([x, torch.mm(x, down.t())], dim=1)
+    r = up.shape[1] if has_lr else 0
+    if not has_lr or fold_lowrank(m, n, r):
+        w = dequantize(qweight, scales, group_size, x.dtype, down=down if has_lr else None,
+                       up=up if has_lr else None, slot_bounds=slot_bounds)
+        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    w = torch.empty((n, k + down.shape[0]), dtype=x.dtype, device=x.device)
+    dequantize(qweight, scales, group_size, x.dtype, out=w[:, :k])
+    w[:, k:].zero_()
+    bounds = (0, *slot_bounds, n)
+    for s in range(len(bounds) - 1):
+        w[bounds[s] : bounds[s + 1], k + s * r : k + (s + 1) * r] = up[bounds[s] : bounds[s + 1]]
+    x = torch.cat([x, torch.mm(x, down.t())], dim=1)
     return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())

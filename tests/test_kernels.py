@@ -77,15 +77,42 @@ def test_tq_gemm_matches_float64(m, n, k, g, r, bounds, dtype, bias):
     assert err <= 1e-2, err
 
 
-@pytest.mark.parametrize("bounds,r", [((), 0), ((), 8), ((64, 128), 8)])
+@pytest.mark.parametrize("bounds,r", [((), 0), ((), 8), ((64, 128), 8), ((80, 176), 24)])
 def test_large_m_path_matches_float64(bounds, r):
-    """Above the threshold: transient dequantization + one GEMM over [x | x D^T]."""
+    """Above the threshold: one GEMM over transient weights, W = deq(R) + U_s D_s (the fold, rank
+    8) or [deq(R) | U_blockdiag] against [x | x D^T] (rank 24: `fold_lowrank` says no)."""
+    assert tg.fold_lowrank(9, 192, 8) and not tg.fold_lowrank(9, 192, 24)
     qw, sc, down, up = _layer(192, 576, 64, r, len(bounds) + 1, torch.bfloat16, seed=7)
     x = torch.randn(9, 576).to(torch.bfloat16)
     b = torch.randn(192).to(torch.bfloat16)
     y = tg.tq_linear(x, tg.repack(qw, 64), sc, 64, down, up, b, slot_bounds=bounds, large_m_threshold=0)
     ref = _reference(x, qw, sc, 64, down, up, b, bounds)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("bounds,tile,r", [((), (64, 128, 4), 12), ((40, 100), (32, 64, 4), 12),
+                                          ((16, 17), (16, 128, 4), 12), ((40,), (64, 64, 4), 80)])
+def test_fold_gives_the_effective_weights(bounds, tile, r):
+    """dequantize with factors = deq(R) + U_s D_s, row by row, against float64, where the low-rank
+    part dominates (so a missing, misplaced or doubled slot product fails), for tiles that hold
+    one slot, two, or all three (K = 320: a short last K tile), and rank 80 (two rank slices)."""
+    n, k, g = 120, 320, 32
+    gen = torch.Generator().manual_seed(len(bounds) + tile[0])
+    qw, sc, _, _ = _layer(n, k, g, 0, 1, torch.float32, seed=3)
+    down = torch.randn((len(bounds) + 1) * r, k, generator=gen)
+    up = torch.randn(n, r, generator=gen)
+    deq = reference_linear(torch.eye(k, dtype=torch.float64), qw, sc, g, None, None, None).T
+    eff = deq.clone()
+    edges = (0, *bounds, n)
+    for s in range(len(edges) - 1):
+        eff[edges[s] : edges[s + 1]] += up[edges[s] : edges[s + 1]].double() @ down[s * r : (s + 1) * r].double()
+    assert (eff - deq).norm() > 5 * deq.norm()
+    w = torch.full((n, k), float("nan"))
+    tg.dequantize(tg.repack(qw, g), sc, g, torch.float32, out=w, down=down, up=up, slot_bounds=bounds, tile=tile)
+    assert not torch.isnan(w).any()
+    assert ((w.double() - eff).norm() / eff.norm()).item() <= 1e-5
+    with pytest.raises(ValueError, match="do not fit"):
+        tg.dequantize(tg.repack(qw, g), sc, g, torch.float32, down=down[:r], up=up, slot_bounds=(40, 100))
 
 
 def test_block_n_respects_slot_boundaries():

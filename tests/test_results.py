@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -40,13 +42,14 @@ def test_readme_table_is_make_tables_output():
     assert table in open(os.path.join(ROOT, "README.md")).read()
 
 
-KERNELS = os.path.join(ROOT, "benchmarks", "results", "kernels_h200.json")
+KERNEL_TABLES = [os.path.join(ROOT, "benchmarks", "results", f"kernels_{t}.json") for t in ("h100", "h200")]
 KERNEL_KEYS = {"M", "K", "N", "rank", "group_size", "ms", "gbps", "tflops", "pct_of_floor", "speedup_vs_bf16",
                "speedup_vs_unfused"}
 
 
-def test_kernel_records_carry_the_issue_keys_and_their_ratios():
-    d = json.load(open(KERNELS))
+@pytest.mark.parametrize("path", KERNEL_TABLES)
+def test_kernel_records_carry_the_issue_keys_and_their_ratios(path):
+    d = json.load(open(path))
     assert d["meta"]["max_rel_err"] <= 1e-2
     cases = {(r["name"], r["M"], r["rank"]) for r in d["records"]}
     assert len(cases) == len(d["records"]) == 4 * 8 * 4  # shapes x M x ranks, each once
@@ -57,8 +60,9 @@ def test_kernel_records_carry_the_issue_keys_and_their_ratios():
         assert abs(r["gbps"] - r["bytes"] / r["ms"] / 1e6) < 1e-6
 
 
-def test_kernel_readme_table_is_make_tables_output():
+@pytest.mark.parametrize("path", KERNEL_TABLES)
+def test_kernel_readme_table_is_make_tables_output(path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        make_tables.kernels(KERNELS)
+        make_tables.kernels(path)
     assert out.getvalue().strip() in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()

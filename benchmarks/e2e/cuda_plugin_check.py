@@ -92,9 +92,11 @@ def main():
     except Exception as e:  # noqa: BLE001  (older/newer LLM API)
         rec["kernels"] = f"unknown ({type(e).__name__})"
     gen = torch.Generator().manual_seed(1)
-    # two batches: 372 prompt tokens in one step (the dequant + cuBLAS path), then 230 (129-256
-    # tokens: the Hopper wgmma kernel on gate_up where the dispatch allows it); decode steps in between
-    rounds = [(1, 7, 64, 300), (100, 130)]
+    # three batches: 372 prompt tokens in one step (the large-M path: transient weights with the
+    # low-rank part folded in + cuBLAS), 230 (MODE 10, the Hopper register-operand wgmma kernel,
+    # where the dispatch allows it), 14 (the tensor-core decode kernel); decode steps of 4, 2 and
+    # 1 tokens in between (the mma decode and the vector kernels)
+    rounds = [(1, 7, 64, 300), (100, 130), (9, 5)]
     sp = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0, logprobs=0, detokenize=False)
     prompts, outs = [], []
     for lens in rounds:

@@ -4,7 +4,8 @@
 
 vLLM captures decode steps in CUDA graphs (and compiles the model with torch.compile); the
 tensor-core decode kernel keeps state between calls (its split-K workspace and tickets must be
-all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100, 200 tokens on merged q/k/v
+all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100, 200, 300 tokens (300: the
+large-M path, transient weights with the low-rank part folded in + cuBLAS) on merged q/k/v
 (slots) and gate/up shapes, rank 0 and 64, the op is captured in one CUDA graph, replayed five
 times with fresh inputs copied into the captured buffer, and each replay's output is compared
 with a float32 reference; at M = 4 and rank 64 also through torch.compile(fullgraph=True,
@@ -48,7 +49,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     recs, worst = [], 0.0
-    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200) for r in (0, 64)]:
+    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200, 300) for r in (0, 64)]:
         qw, sc, down, up = make_layer(k, n, r, dtype, gen, 128, len(bounds) + 1)
         qwr = tg.repack(qw, 128)
         op = torch.ops.twinquant.linear
