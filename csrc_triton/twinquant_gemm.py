@@ -95,6 +95,12 @@ def pdl_trigger(m: int, n: int, k: int, r: int) -> int:
 
 
 @triton.jit
+def _slot(n, B1, B2):
+    """Slot of output row(s) n in a merged layer: 0 below B1, 1 from B1, 2 from B2."""
+    return (n >= B1).to(tl.int32) + (n >= B2).to(tl.int32)
+
+
+@triton.jit
 def _pdl_wait(PDL: tl.constexpr):
     """Wait until the down projection (the launch this one depends on) has finished and its
     writes are visible; a no-op unless launched with PDL."""
@@ -336,7 +342,7 @@ def _tq_gemm_kernel(
     if pid_k == 0:
         if HAS_LOWRANK:
             n0 = pid_n * BLOCK_N
-            slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+            slot = _slot(n0, SLOT_B1, SLOT_B2)
             offs_r = tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -647,7 +653,7 @@ def _tq_gemv_vec_kernel(
                     mask=n_mask[:, None] & (offs_r < R)[None, :], other=0).to(tl.float32)
 
     n0 = pid_n * BLOCK_N
-    slot = (n0 >= SLOT_B1).to(tl.int32) + (n0 >= SLOT_B2).to(tl.int32)
+    slot = _slot(n0, SLOT_B1, SLOT_B2)
     if HAS_LOWRANK:
         _pdl_wait(PDL)  # t is the down projection's, launched just before this kernel
     _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot,
@@ -1139,10 +1145,8 @@ def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, down_ptr, up_ptr, N, K, R, B1, B2, st
         offs_r = tl.arange(0, BLOCK_R)
         n0 = pid_n * BLOCK_N
         n1 = tl.minimum(n0 + BLOCK_N, N) - 1
-        slot = (offs_n >= B1).to(tl.int32) + (offs_n >= B2).to(tl.int32)
-        s_first = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
-        s_last = (n1 >= B1).to(tl.int32) + (n1 >= B2).to(tl.int32)
-        for sl in range(s_first, s_last + 1):
+        slot = _slot(offs_n, B1, B2)
+        for sl in range(_slot(n0, B1, B2), _slot(n1, B1, B2) + 1):
             for r0 in range(0, R, BLOCK_R):  # rank in slices: shared memory independent of R
                 rr = r0 + offs_r
                 u = tl.load(up_ptr + offs_n[:, None] * stride_un + rr[None, :],

@@ -96,12 +96,16 @@ def make_layer(k, n, r, dtype, gen, group=GROUP, slots=1):
     return qw, sc, down, up
 
 
-def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
-    """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton."""
+def residual_weights(qw, sc, group=GROUP):
+    """deq(R) in float32 from the checkpoint's code layout, unpacked in plain torch (no Triton)."""
     n, k = qw.shape[0], qw.shape[1] * 8
     codes = ((qw[:, :, None] >> (4 * torch.arange(8, device=qw.device, dtype=torch.int32))) & 0xF) - 8
-    w = (codes.reshape(n, k // group, group).float() * sc.float()[:, :, None]).reshape(n, k)
-    y = x.float() @ w.t()
+    return (codes.reshape(n, k // group, group).float() * sc.float()[:, :, None]).reshape(n, k)
+
+
+def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
+    """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton."""
+    y = x.float() @ residual_weights(qw, sc, group).t()
     if down is not None:
         r = up.shape[1]
         edges = (0, *bounds, y.shape[1])

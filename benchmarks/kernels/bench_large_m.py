@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench_gemv import load_baseline  # noqa: E402
-from bench_kernels import GROUP, SHAPES, flush_copies, graph_time_ms, layer_bytes, make_layer, reference  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    GROUP, SHAPES, flush_copies, graph_time_ms, layer_bytes, make_layer, reference, residual_weights,
+)
 
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
@@ -55,6 +57,7 @@ def main():
     for (name, k, n), r in [(s, r) for s in SHAPES for r in args.ranks]:
         layers = [make_layer(k, n, r, dtype, gen) for _ in range(flush_copies(layer_bytes(k, n, r), 16))]
         packed = [(tg.repack(L[0], GROUP), L[1], L[2], L[3]) for L in layers]
+        orig = layers[0]  # checkpoint code layout, for the references
         del layers
         # the pass alone: fold tiles (rank 0: the plain dequantization's tile too)
         ref_w = None
@@ -62,8 +65,10 @@ def main():
             L = packed[0]
             w = torch.full((n, k), float("nan"), device="cuda", dtype=dtype)
             tg.dequantize(L[0], L[1], GROUP, dtype, out=w, down=L[2], up=L[3], tile=tile)
-            if ref_w is None:  # float32 effective weights, unpacked in plain torch
-                ref_w = torch_weights(*packed_ref(L))
+            if ref_w is None:  # float32 effective weights deq(R) + U D, unpacked in plain torch
+                ref_w = residual_weights(orig[0], orig[1])
+                if r:
+                    ref_w += orig[3].float() @ orig[2].float()
             err = ((w.float() - ref_w).norm() / ref_w.norm()).item()
             if not err <= 1e-2:
                 raise SystemExit(f"MISMATCH dequantize {name} rank {r} tile {tile}: {err:.3e}")
@@ -77,7 +82,7 @@ def main():
         del ref_w
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-            ref = reference(x, *packed_ref(packed[0]))
+            ref = reference(x, *orig)
             rec = {"name": name, "K": k, "N": n, "M": m, "rank": r}
             paths = {"ms": tg} | ({"ms_baseline": base} if base is not None else {})
             for key, mod in paths.items():
@@ -98,21 +103,8 @@ def main():
                   + f"  x{rec['speedup_vs_bf16']:.2f} vs bf16  ({time.time() - t0:.0f} s)", flush=True)
             with open(path, "w") as f:
                 json.dump(result, f, indent=1)
-        del packed
+        del packed, orig
     print(f"wrote {path} in {time.time() - t0:.0f} s")
-
-
-def torch_weights(qw, sc, down, up):
-    """deq(R) + U D in float32 (TF32 off) from the checkpoint's code layout, without Triton."""
-    n, k = qw.shape[0], qw.shape[1] * 8
-    codes = ((qw[:, :, None] >> (4 * torch.arange(8, device=qw.device, dtype=torch.int32))) & 0xF) - 8
-    w = (codes.reshape(n, k // GROUP, GROUP).float() * sc.float()[:, :, None]).reshape(n, k)
-    return w if down is None else w + up.float() @ down.float()
-
-
-def packed_ref(L):
-    """(codes in the checkpoint layout, scales, down, up) for `reference` from a repacked layer."""
-    return tg.unrepack(L[0], GROUP), L[1], L[2], L[3]
 
 
 if __name__ == "__main__":
