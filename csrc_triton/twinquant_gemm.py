@@ -73,6 +73,16 @@ def pdl_usable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+def rank_chunked() -> bool:
+    """Whether the Gluon kernels' low-rank epilogues (the mma decode kernel up to 16 tokens per
+    program, MODE 10) take the ranks 16 at a time, TWINQUANT_RANK_CHUNK=1, instead of all at once.
+    Their registers (allocated for the kernel's peak) then stop growing with the rank; all at once,
+    rank 64 costs a third to half of the rank-0 programs per SM on several dispatch configs
+    (`benchmarks/kernels/README.md`, v14). Off by default: written and compiled
+    without a GPU, not yet checked or timed on one (`benchmarks/kernels/bench_rank_chunk.py`)."""
+    return os.environ.get("TWINQUANT_RANK_CHUNK") == "1"
+
+
 # Where PDL measured slower than two launches back to back (H200, benchmarks/results/pdl_h200.json,
 # benchmarks/kernels/bench_pdl.py): mma decode configs whose one wave of long programs loses slots
 # to the down projection's programs still running. (min M, max M, min N, max N, min K, min rank)
@@ -1057,7 +1067,7 @@ def tq_gemm(
         mt, warps, split, *tok = fitted
         operands, strides, num_splits = with_t()
         twinquant_mma.launch(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us,
-                             bias is not None, mt, warps, split, br, *tok, pdl=pdl)
+                             bias is not None, mt, warps, split, br, *tok, pdl=pdl, rank_chunk=rank_chunked())
         return out
     if len(config) in (5, 6):
         bm, bn, bw, warps, unpack, *prefetch = config
@@ -1083,7 +1093,8 @@ def tq_gemm(
         from csrc_triton import twinquant_wgmma
         operands, strides, num_splits = with_t()
         twinquant_wgmma.launch_rs(operands, out, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr,
-                                  has_us, bias is not None, bm, bn, warps, stages, split, br, pdl=pdl)
+                                  has_us, bias is not None, bm, bn, warps, stages, split, br, pdl=pdl,
+                                  rank_chunk=rank_chunked())
         return out
     if mode in (8, 9):  # the Hopper wgmma kernel (csrc_triton/twinquant_wgmma.py), 64-column K steps;
         # MODE 9 swaps the operands (tokens on the MMA's N side)

@@ -186,7 +186,7 @@ def _tq_decode_mma_kernel(
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
-    TILED: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    TILED: gl.constexpr, PDL: gl.constexpr, RANK_CHUNK: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Program (pid_n, pid_k, pid_m): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps)
     over the K-slice pid_k, for tokens [pid_m * TOK, +TOK) (TOK 8-64). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
@@ -273,8 +273,11 @@ def _tq_decode_mma_kernel(
         if HAS_LOWRANK:
             slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
             # acc^T += U [BN, BR] @ t^T [BR, TOK] (t: the sum of the down projection's K-slices),
-            # RC ranks at a time (from 32 tokens on 16, so that t's fragment stays small)
-            RC: gl.constexpr = BLOCK_R if TOK <= 16 else 16
+            # RC ranks at a time: 16 from 32 tokens on (so that t's fragment stays small), and with
+            # RANK_CHUNK also below, where all BLOCK_R at once raises the registers of the whole
+            # kernel with the rank (Triton 3.6, ptxas sm_90: (1, 8, 8) 64 -> 85 at rank 64, 159 at
+            # 128; (2, 8, 4) 128 -> 168, 255; with RANK_CHUNK they stay at 64 and 128 at every rank)
+            RC: gl.constexpr = BLOCK_R if TOK <= 16 and not RANK_CHUNK else 16
             un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L))
             if HAS_US:  # int8 codes: scaled and rounded once, as a float factor is stored
                 us = gl.load(us_ptr + un, mask=un < N, other=0.0)
@@ -368,7 +371,7 @@ def plan(m: int, k: int, group_size: int, split: int, max_tok: int = MAX_M.value
 
 
 def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
-           mt, warps, split, br, max_tok=MAX_M.value, pdl=False):
+           mt, warps, split, br, max_tok=MAX_M.value, pdl=False, rank_chunk=False):
     """Launch on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here)."""
     if not usable(m, group_size, k):
         raise ValueError(f"the mma decode kernel takes M <= {MAX_TOKENS}, group size 64 or 128 and K a multiple "
@@ -382,6 +385,6 @@ def launch(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has
     _tq_decode_mma_kernel[(tiles, split, triton.cdiv(m, tok))](
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, *strides, y.stride(0),
         KS=k_per_split, GROUP=group_size, BK=bk, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=mt, TOK=tok,
-        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), PDL=pdl, num_warps=warps,
-        launch_pdl=pdl,
+        BLOCK_R=br, SPLIT=split > 1, EXP=exp, TILED=token_offset_runtime(m, tok), PDL=pdl,
+        RANK_CHUNK=rank_chunk and has_lr, num_warps=warps, launch_pdl=pdl,
     )

@@ -92,13 +92,13 @@ def _issue_loads(x_ptr, qw_ptr, x_buf, q_buf, step, k_lo, k_hi, M, off_m, off_n,
 @gluon.jit
 def _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_ws_s,
                       stride_ws_m, stride_un, TM: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
-                      HAS_US: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
-    """The epilogue's low-rank operands in one blocked layout: t [TM, BLOCK_R] fp32 of tokens
-    m0.. (the sum of the down projection's K-slices, the slot of rows off_n..; with PDL waited
-    for here, after U's load) and U [BN, BLOCK_R] of rows off_n.. (int8 codes times their row
-    scales, in fp32: scaled and rounded once, as a float factor is stored)."""
+                      HAS_US: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr, R0: gl.constexpr = 0):
+    """The epilogue's low-rank operands in one blocked layout, ranks R0 .. R0 + BLOCK_R: t [TM,
+    BLOCK_R] fp32 of tokens m0.. (the sum of the down projection's K-slices, the slot of rows
+    off_n..; with PDL waited for here, after U's load) and U [BN, BLOCK_R] of rows off_n.. (int8
+    codes times their row scales, in fp32: scaled and rounded once, as a float factor is stored)."""
     EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
-    tr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
+    tr = R0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
     un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
     u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
                 mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
@@ -278,13 +278,42 @@ def _rs_step(i, acc, w, s_1, s_2, s_3, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs, q_
 
 
 @gluon.jit
+def _lowrank_epilogue_rs(acc, ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_ws_s,
+                         stride_ws_m, stride_un, TOK: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
+                         HAS_US: gl.constexpr, PDL: gl.constexpr, RC: gl.constexpr, act: gl.constexpr,
+                         MMA: gl.constexpr, num_warps: gl.constexpr):
+    """acc^T [BN, TOK] + U [BN, BLOCK_R] @ t^T, RC ranks at a time through one shared t buffer
+    (RC = BLOCK_R: all at once, the measured kernel; RC = 16 with RANK_CHUNK: one wgmma k-step
+    per chunk, so that the registers it needs, and with them the whole kernel's, which are
+    allocated for the peak, stay those of rank 16 whatever the rank. All at once took 175
+    registers instead of 128 at rank 64 for TOK 64 and 4 warps, and spilled from rank 128 on;
+    Triton 3.6, ptxas for sm_90)."""
+    T_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK, RC], act)
+    t_buf = gl.allocate_shared_memory(act, [TOK, RC], T_SMEM)
+    for r0 in gl.static_range(0, BLOCK_R, RC):
+        t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+                                 stride_ws_s, stride_ws_m, stride_un, TOK, BN, RC, HAS_US, PDL and r0 == 0,
+                                 num_warps, r0)
+        u = u.to(act)
+        t = t.to(act)
+        if r0 > 0:
+            _cta_barrier()  # every warpgroup's wgmma of the previous chunk has retired: t_buf is free
+        t_buf.store(t)
+        fence_async_shared()
+        _cta_barrier()
+        a_op = gl.convert_layout(u, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+        acc = warpgroup_mma(a_op, t_buf.permute((1, 0)), acc)
+    return acc
+
+
+@gluon.jit
 def _tq_gemm_wgmma_rs_kernel(
     x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, k_per_split,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    EXP: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    EXP: gl.constexpr, PDL: gl.constexpr, RANK_CHUNK: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Program (pid % token tiles, pid // token tiles; pid_k): tokens [m0, +TOK) x weight rows
     [off_n, +BN) (BN = 16 * MT * num_warps) over the K-slice pid_k. acc^T [BN, TOK] = w [BN, K] @ x^T
@@ -370,9 +399,9 @@ def _tq_gemm_wgmma_rs_kernel(
         acc, last = _split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, ticket_ptr + pid)
     if last:
         if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T
-            t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-                                     stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, num_warps)
-            acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
+            acc = _lowrank_epilogue_rs(acc, ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2,
+                                       NUM_SPLITS, stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US,
+                                       PDL, 16 if RANK_CHUNK else BLOCK_R, act, MMA, num_warps)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)
             acc += gl.expand_dims(bias, 1)
@@ -383,7 +412,7 @@ RS_MAX_TOK = 256  # tokens per program (wgmma's N side)
 
 
 def launch_rs(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, has_lr, has_us, has_bias,
-              tok, bn, warps, stages, split, br, pdl=False):
+              tok, bn, warps, stages, split, br, pdl=False, rank_chunk=False):
     """MODE 10 on prepared operands (see `twinquant_gemm.tq_gemm`, which dispatches here): tok
     tokens x bn rows per program (bn = 16 * MT * warps), `split` programs along K (whole groups
     each; more than one only for M <= RS_MAX_TOK, the tokens `twinquant_mma.scratch` is sized for)."""
@@ -409,5 +438,6 @@ def launch_rs(operands, y, m, n, k, r, b1, b2, num_splits, strides, group_size, 
     _tq_gemm_wgmma_rs_kernel[(tiles, split)](
         *operands, y, part, ticket, m, n, k, r, b1, b2, num_splits, k_per_split, *strides, y.stride(0),
         GROUP=group_size, HAS_LOWRANK=has_lr, HAS_US=has_us, HAS_BIAS=has_bias, MT=bn // (16 * warps), TOK=tok,
-        BLOCK_R=br, SPLIT=split > 1, STAGES=stages, EXP=exp, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        BLOCK_R=br, SPLIT=split > 1, STAGES=stages, EXP=exp, PDL=pdl, RANK_CHUNK=rank_chunk and has_lr,
+        num_warps=warps, launch_pdl=pdl,
     )

@@ -26,7 +26,7 @@ def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, n
     ("*bf16"); consts: constexpr parameters; every other parameter is an i32. Pointers,
     strides and `aligned_extra` are declared 16-divisible, as the launches make them.
     want_resources: return (ptx, {"REG": .., "STACK": .., "LOCAL": .., ...}) read from the
-    cubin by the cuobjdump that ships with Triton."""
+    cubin by the cuobjdump that ships with Triton, and "SMEM": the shared memory a launch asks for)."""
     spec = dict(module=module, kernel=kernel, ptrs=ptrs, consts=consts, num_warps=num_warps, gluon=gluon,
                 aligned_extra=list(aligned_extra))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -84,6 +84,7 @@ def _main(spec_json: str, out: str) -> None:
         text = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
         line = next(ln for ln in text.splitlines() if "REG:" in ln)
         res = {k: int(v) for k, v in (item.split(":") for item in line.split() if ":" in item and item.split(":")[1].isdigit())}
+        res["SMEM"] = int(compiled.metadata.shared)  # bytes of shared memory a launch asks for (dynamic included)
         with open(os.path.join(out, "kernel.res"), "w") as f:
             json.dump(res, f)
 

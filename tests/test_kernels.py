@@ -210,7 +210,7 @@ def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype,
 
 
 def _compile_rs(tok, mt, warps, rank, split, dtype="bf16", int8=False, bias=False, group=128, stages=4,
-                pdl=False, want_resources=False):
+                pdl=False, want_resources=False, rank_chunk=False):
     """twinquant_wgmma's MODE 10 kernel compiled for sm_90 with the constexprs a launch would pass."""
     from compile_sm90 import compile_sm90
 
@@ -219,7 +219,7 @@ def _compile_rs(tok, mt, warps, rank, split, dtype="bf16", int8=False, bias=Fals
             "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     consts = dict(GROUP=group, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
                   BLOCK_R=max(16, rank), SPLIT=split, STAGES=stages, EXP=0x4300 if dtype == "bf16" else 0x6400,
-                  PDL=pdl)
+                  PDL=pdl, RANK_CHUNK=rank_chunk)
     return compile_sm90("csrc_triton.twinquant_wgmma", "_tq_gemm_wgmma_rs_kernel", ptrs, consts, warps, gluon=True,
                         aligned_extra=("N", "K", "k_per_split"), want_resources=want_resources)
 
@@ -239,20 +239,21 @@ def test_register_operand_wgmma_kernel_compiles_for_sm90(tok, mt, warps, rank, s
     rounding multiply by the scale per pair of codes, no local memory, and (split) the ticket."""
     import re
 
-    ptx = _compile_rs(tok, mt, warps, rank, split, dtype, int8, bias, group)
-    kind = "bf16" if dtype == "bf16" else "f16"
-    # register A: the accumulator's brace group is followed by a second one (not a descriptor)
-    wg = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tok}k16\.f32\.{kind}\.{kind}\s+\{{[^}}]*\}},\s*\{{",
-                    ptx)
-    assert len(wg) >= 4 * mt  # 4 k16 slices of the 64-column step per 64-row warpgroup tile
-    assert "wgmma.wait_group.sync.aligned 0;" in ptx
-    assert "cp.async" in ptx and "fence.proxy.async" in ptx
-    exp = "0x43004300" if dtype == "bf16" else "0x64006400"
-    # 16 codes' LOP3s per 16-row tile and step: the prologue's step and the loop's two
-    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 3 * 16 * mt
-    assert ptx.count(f"mul.rn.{kind}x2") == 3 * 16 * mt
-    assert ".local" not in ptx
-    assert (".acq_rel.add" in ptx) == split
+    for chunk in (False, True) if rank else (False,):  # the low-rank epilogue all at once, or rank-chunked
+        ptx = _compile_rs(tok, mt, warps, rank, split, dtype, int8, bias, group, rank_chunk=chunk)
+        kind = "bf16" if dtype == "bf16" else "f16"
+        # register A: the accumulator's brace group is followed by a second one (not a descriptor)
+        wg = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tok}k16\.f32\.{kind}\.{kind}\s+\{{[^}}]*\}},\s*\{{",
+                        ptx)
+        assert len(wg) >= 4 * mt  # 4 k16 slices of the 64-column step per 64-row warpgroup tile
+        assert "wgmma.wait_group.sync.aligned 0;" in ptx
+        assert "cp.async" in ptx and "fence.proxy.async" in ptx
+        exp = "0x43004300" if dtype == "bf16" else "0x64006400"
+        # 16 codes' LOP3s per 16-row tile and step: the prologue's step and the loop's two
+        assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 3 * 16 * mt
+        assert ptx.count(f"mul.rn.{kind}x2") == 3 * 16 * mt
+        assert ".local" not in ptx
+        assert (".acq_rel.add" in ptx) == split
 
 
 def test_custom_op_used_by_the_plugin():
@@ -365,7 +366,7 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
 
 
 def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16", int8=False, bias=False,
-                 want_resources=False, pdl=False):
+                 want_resources=False, pdl=False, rank_chunk=False):
     """twinquant_mma's kernel compiled for sm_90 with the constexprs a launch would pass."""
     from compile_sm90 import compile_sm90
 
@@ -373,7 +374,8 @@ def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16"
             "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
             "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     consts = dict(KS=ks, GROUP=group, BK=bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias, MT=mt, TOK=tok,
-                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled, PDL=pdl)
+                  BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled, PDL=pdl,
+                  RANK_CHUNK=rank_chunk)
     return compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
                         aligned_extra=("N", "K"), want_resources=want_resources)
 
@@ -398,16 +400,17 @@ def test_mma_decode_kernel_compiles_for_sm90(mt, warps, tok, rank, split, dtype,
     from csrc_triton import twinquant_mma as tm
 
     bk = tm.step_k(tok, group)
-    ptx = _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tm.token_offset_runtime(tok, tok), dtype,
-                       int8, bias)
-    kind = "bf16" if dtype == "bf16" else "f16"
-    assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{kind}\.{kind}\.f32", ptx)
-    exp = "0x43004300" if dtype == "bf16" else "0x64006400"
-    # two steps per loop iteration; per step and 64-column chunk a lane unpacks 2 words of each of
-    # its 2 rows per 16-row tile: 16 codes, 8 LOP3s
-    assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 2 * mt * 2 * (bk // 64) * 8
-    assert ".local" not in ptx
-    assert (".acq_rel.add" in ptx) == split  # the ticket (the partial sums go in as relaxed reductions)
+    for chunk in (False, True) if rank and tok <= 16 else (False,):  # the epilogue all at once, or rank-chunked
+        ptx = _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tm.token_offset_runtime(tok, tok), dtype,
+                           int8, bias, rank_chunk=chunk)
+        kind = "bf16" if dtype == "bf16" else "f16"
+        assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{kind}\.{kind}\.f32", ptx)
+        exp = "0x43004300" if dtype == "bf16" else "0x64006400"
+        # two steps per loop iteration; per step and 64-column chunk a lane unpacks 2 words of each of
+        # its 2 rows per 16-row tile: 16 codes, 8 LOP3s
+        assert ptx.count(f"0x000F000F, {exp}, 0xEA;") == 2 * mt * 2 * (bk // 64) * 8
+        assert ".local" not in ptx
+        assert (".acq_rel.add" in ptx) == split  # the ticket (the partial sums go in as relaxed reductions)
 
 
 _RESIDUAL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
@@ -459,19 +462,24 @@ _PDL_KERNELS = {  # kernel -> (module, gluon, warps, constexprs at rank 64, the 
 }
 
 
-@pytest.mark.parametrize("kernel", [*_PDL_KERNELS, "_tq_decode_mma_kernel"])
-def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(kernel):
+@pytest.mark.parametrize("kernel,rank_chunk", [*((k, False) for k in _PDL_KERNELS), ("_tq_gemm_wgmma_rs_kernel", True),
+                                               ("_tq_decode_mma_kernel", False), ("_tq_decode_mma_kernel", True)])
+def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(kernel, rank_chunk):
     """With PDL the residual kernel is launched while the down projection still runs; its
     `griddepcontrol.wait` must exist (a t read without it is a race) and come after the main
     loop's tensor-core / unpacking work (else PDL overlaps nothing). Without PDL: no wait at all.
+    With the rank-chunked epilogue (rank 64: four chunks), still exactly one wait.
     That the wait holds at run time is checked on the GPU by benchmarks/kernels/pdl_check.py."""
     from compile_sm90 import compile_sm90
 
     for pdl in (True, False):
         if kernel == "_tq_decode_mma_kernel":
-            ptx, loop_op = _compile_mma(1, 8, 8, 128, 512, 128, 64, True, False, pdl=pdl), "mma.sync.aligned"
+            ptx = _compile_mma(1, 8, 8, 128, 512, 128, 64, True, False, pdl=pdl, rank_chunk=rank_chunk)
+            loop_op = "mma.sync.aligned"
         else:
             module, gluon, warps, consts, loop_op = _PDL_KERNELS[kernel]
+            if kernel == "_tq_gemm_wgmma_rs_kernel":
+                consts = {**consts, "RANK_CHUNK": rank_chunk}
             ptx = compile_sm90(module, kernel, _RESIDUAL_PTRS, {**consts, "PDL": pdl}, warps, gluon=gluon,
                                aligned_extra=("N", "K", "k_per_split"))
         waits = ptx.count("griddepcontrol.wait")
@@ -622,3 +630,43 @@ def test_mma_dispatch_configs_do_not_spill(m, n, k, cfg):
         _, res = _compile_mma(mt, warps, tok_, bk, ks, 128, rank, split > 1, tm.token_offset_runtime(m, tok_),
                               want_resources=True)
         assert res["STACK"] <= 32 and res["LOCAL"] == 0, (m, n, k, cfg, rank, res)
+
+
+def _chunked_epilogue_launches():
+    """Every distinct launch the dispatch makes of the two Gluon kernels whose epilogue
+    `rank_chunked` changes: the mma decode kernel up to 16 tokens per program, and MODE 10."""
+    from csrc_triton import twinquant_mma as tm
+
+    out = {}
+    for m, n, k, cfg in _mma_dispatch_launches():
+        mt, warps, split, *tok = cfg
+        tok_, bk, split, ks = tm.plan(m, k, 128, split, *tok)
+        if tok_ <= 16:
+            out.setdefault(("mma", mt, warps, tok_, bk, ks, split > 1, tm.token_offset_runtime(m, tok_)), cfg)
+    for _, _, _, cfg in tg.RS_CONFIGS:
+        tok, bn, _, warps, stages, split, _ = cfg
+        out.setdefault(("rs", tok, bn // (16 * warps), warps, stages, split > 1), cfg)
+    return list(out)
+
+
+@pytest.mark.parametrize("launch", _chunked_epilogue_launches(), ids=str)
+def test_rank_chunked_epilogues_keep_the_rank0_registers(launch):
+    """With TWINQUANT_RANK_CHUNK=1 the low-rank epilogue takes 16 ranks at a time, so a rank-256
+    layer compiles (sm_90) to about the registers of rank 0 and spills no more: registers are
+    allocated for the kernel's peak, so an epilogue holding all of t and U lowered the occupancy
+    of the main loop (Triton 3.6: the mma kernel (1, 8, 8) 64 -> 254 registers at rank 256, MODE 10
+    (64, 64, 64, 4, 4, 4) 128 -> 255 plus 240 bytes of stack; benchmarks/results/
+    rank_chunk_registers_sm90.json). Bounds leave room for ptxas versions (+32 registers, stack
+    +64 bytes or +50%)."""
+    def res(rank):
+        if launch[0] == "mma":
+            _, mt, warps, tok, bk, ks, split, tiled = launch
+            return _compile_mma(mt, warps, tok, bk, ks, 128, rank, split, tiled, want_resources=True,
+                                rank_chunk=True)[1]
+        _, tok, mt, warps, stages, split = launch
+        return _compile_rs(tok, mt, warps, rank, split, stages=stages, want_resources=True, rank_chunk=True)[1]
+
+    r0, r256 = res(0), res(256)
+    assert r256["LOCAL"] == 0
+    assert r256["REG"] <= r0["REG"] + 32, (r0, r256)
+    assert r256["STACK"] <= r0["STACK"] + max(64, r0["STACK"] // 2), (r0, r256)
