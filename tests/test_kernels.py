@@ -42,6 +42,9 @@ CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias
     (5, 80, 320, 32, 24, (), torch.float16, False),
     (1, 48, 640, 128, 0, (), torch.bfloat16, True),  # decode, K % (BLOCK_W * 8) != 0, group 128
     (2, 40, 384, 128, 4, (), torch.float16, False),  # decode kernel forced at M = 2 below
+    (1, 64, 256, 64, 256, (), torch.bfloat16, True),  # rank 256 (the largest the issue names): decode kernel
+    (9, 64, 256, 64, 256, (32,), torch.float16, False),  # ... tile kernel MODE 7, two slots of rank 256
+    (6, 64, 256, 128, 200, (), torch.bfloat16, False),  # ... MODE 4, rank 200 (BLOCK_R 256, masked ranks)
 ]
 
 
