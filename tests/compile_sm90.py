@@ -21,12 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, num_warps: int,
-                 gluon: bool = False, aligned_extra: tuple[str, ...] = (), want_resources: bool = False):
+                 gluon: bool = False, aligned_extra: tuple[str, ...] = (), want_resources: bool = False,
+                 want_sass: bool = False):
     """PTX of `module.kernel` compiled for sm_90. ptrs: pointer parameter -> Triton type
     ("*bf16"); consts: constexpr parameters; every other parameter is an i32. Pointers,
     strides and `aligned_extra` are declared 16-divisible, as the launches make them.
     want_resources: return (ptx, {"REG": .., "STACK": .., "LOCAL": .., ...}) read from the
-    cubin by the cuobjdump that ships with Triton, and "SMEM": the shared memory a launch asks for)."""
+    cubin by the cuobjdump that ships with Triton, and "SMEM": the shared memory a launch asks for).
+    want_sass: also "SASS", cuobjdump's disassembly of the cubin."""
     spec = dict(module=module, kernel=kernel, ptrs=ptrs, consts=consts, num_warps=num_warps, gluon=gluon,
                 aligned_extra=list(aligned_extra))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -39,9 +41,13 @@ def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, n
             raise RuntimeError(f"compiling {module}.{kernel} for sm_90 failed:\n{proc.stderr[-4000:]}")
         with open(os.path.join(out, "kernel.ptx")) as f:
             ptx = f.read()
-        if want_resources:
+        if want_resources or want_sass:
             with open(os.path.join(out, "kernel.res")) as f:
-                return ptx, json.load(f)
+                res = json.load(f)
+            if want_sass:
+                with open(os.path.join(out, "kernel.sass")) as f:
+                    res["SASS"] = f.read()
+            return ptx, res
         return ptx
 
 
@@ -87,6 +93,9 @@ def _main(spec_json: str, out: str) -> None:
         res["SMEM"] = int(compiled.metadata.shared)  # bytes of shared memory a launch asks for (dynamic included)
         with open(os.path.join(out, "kernel.res"), "w") as f:
             json.dump(res, f)
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        with open(os.path.join(out, "kernel.sass"), "w") as f:
+            f.write(sass)
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def test_wgmma_kernel_compiles_for_sm90(swap, bm, bn, warps, rank, split, dtype,
 
 
 def _compile_rs(tok, mt, warps, rank, split, dtype="bf16", int8=False, bias=False, group=128, stages=4,
-                pdl=False, want_resources=False, rank_chunk=False):
+                pdl=False, want_resources=False, rank_chunk=False, want_sass=False):
     """twinquant_wgmma's MODE 10 kernel compiled for sm_90 with the constexprs a launch would pass."""
     from compile_sm90 import compile_sm90
 
@@ -224,7 +224,7 @@ def _compile_rs(tok, mt, warps, rank, split, dtype="bf16", int8=False, bias=Fals
                   BLOCK_R=max(16, rank), SPLIT=split, STAGES=stages, EXP=0x4300 if dtype == "bf16" else 0x6400,
                   PDL=pdl, RANK_CHUNK=rank_chunk)
     return compile_sm90("csrc_triton.twinquant_wgmma", "_tq_gemm_wgmma_rs_kernel", ptrs, consts, warps, gluon=True,
-                        aligned_extra=("N", "K", "k_per_split"), want_resources=want_resources)
+                        aligned_extra=("N", "K", "k_per_split"), want_resources=want_resources, want_sass=want_sass)
 
 
 @pytest.mark.parametrize("tok,mt,warps,rank,split,dtype,int8,bias,group", [
@@ -369,7 +369,7 @@ def test_dispatch_picks_the_mma_decode_kernel_only_where_measured_and_usable():
 
 
 def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16", int8=False, bias=False,
-                 want_resources=False, pdl=False, rank_chunk=False):
+                 want_resources=False, pdl=False, rank_chunk=False, want_sass=False):
     """twinquant_mma's kernel compiled for sm_90 with the constexprs a launch would pass."""
     from compile_sm90 import compile_sm90
 
@@ -380,7 +380,7 @@ def _compile_mma(mt, warps, tok, bk, ks, group, rank, split, tiled, dtype="bf16"
                   BLOCK_R=max(16, rank), SPLIT=split, EXP=0x4300 if dtype == "bf16" else 0x6400, TILED=tiled, PDL=pdl,
                   RANK_CHUNK=rank_chunk)
     return compile_sm90("csrc_triton.twinquant_mma", "_tq_decode_mma_kernel", ptrs, consts, warps, gluon=True,
-                        aligned_extra=("N", "K"), want_resources=want_resources)
+                        aligned_extra=("N", "K"), want_resources=want_resources, want_sass=want_sass)
 
 
 @pytest.mark.parametrize("mt,warps,tok,rank,split,dtype,int8,bias,group,ks", [
@@ -673,3 +673,22 @@ def test_rank_chunked_epilogues_keep_the_rank0_registers(launch):
     assert r256["LOCAL"] == 0
     assert r256["REG"] <= r0["REG"] + 32, (r0, r256)
     assert r256["STACK"] <= r0["STACK"] + max(64, r0["STACK"] // 2), (r0, r256)
+
+
+def test_loop_histogram_finds_the_main_loop():
+    """registers_sm90.py --loop (the static profile in benchmarks/kernels/README.md, v14) counts the
+    SASS of a kernel's main loop: for MODE 10 that is two 64-column steps per iteration, each four
+    k16 wgmmas per 64-row warpgroup tile and 16 codes' LOP3s per 16-row tile."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                    "kernels"))
+    from registers_sm90 import loop_histogram
+
+    for mt in (1, 2):
+        _, res = _compile_rs(64, mt, 4, 0, False, want_sass=True)
+        total, kinds = loop_histogram(res["SASS"])
+        assert kinds["HGMMA (wgmma)"] == 2 * 4 * mt
+        assert kinds["LOP3 (nibbles; addresses)"] >= 2 * 16 * mt
+        assert kinds["branch"] == 1 and total > 2 * 16 * 3 * mt

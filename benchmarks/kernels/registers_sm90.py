@@ -4,6 +4,7 @@ on any machine (no GPU: Triton's own ptxas and cuobjdump), with the low-rank epi
 
     python3 benchmarks/kernels/registers_sm90.py --out DIR [--ranks 0 64 128 256]
     python3 benchmarks/kernels/registers_sm90.py --table benchmarks/results/rank_chunk_registers_sm90.json
+    python3 benchmarks/kernels/registers_sm90.py --loop rs 64 1 4 4 [--rank R]   # MODE 10 (TOK, MT, warps, stages)
 
 Writes rank_chunk_registers_sm90.json: per launch and setting, cuobjdump's REG / STACK / LOCAL,
 the shared memory a launch asks for, and how many programs fit on one SM by registers alone
@@ -13,13 +14,17 @@ helpers (tests/compile_sm90.py, tests/test_kernels.py); the launches are the one
 dispatch's launch on each Llama-3-8B layer shape, the programs of the grid and the waves they
 make on an H100 (132 SMs; per SM the fewest of the register, shared-memory and warp limits) at
 rank 0 and at rank 64 both ways, next to the rank-64 cost measured in kernels_h100.json.
+`--loop` prints the SASS instructions of one MODE 10 or mma-kernel launch's main loop (its
+longest backward branch), by kind: what a program issues per iteration.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import sys
 import time
 
@@ -90,13 +95,63 @@ def table(path: str, kernels_json: str, ms=(4, 16, 64, 128, 256)) -> str:
     return "\n".join(lines)
 
 
+# SASS opcode -> kind, for the main-loop histogram (first match on the opcode's leading name)
+KINDS = [("LOP3", "LOP3 (nibbles; addresses)"), ("SHF", "shifts"), ("PRMT", "PRMT (byte permutes)"),
+         ("HFMA2", "HFMA2 (code - 8)"), ("HMUL2", "HMUL2 (x scale)"), ("HADD2", "HADD2"),
+         ("HGMMA", "HGMMA (wgmma)"), ("HMMA", "HMMA (mma.sync)"), ("LDGSTS", "cp.async"),
+         ("LDGDEPBAR", "cp.async commit"), ("DEPBAR", "cp.async / wgmma waits"), ("WARPGROUP", "warpgroup arrive / wait"),
+         ("LDSM", "ldmatrix"), ("LDS", "shared loads"), ("STS", "shared stores"), ("LDG", "global loads"),
+         ("BAR", "CTA barriers"), ("U", "uniform datapath (descriptors, stage indices)"),
+         ("I", "integer arithmetic"), ("LEA", "integer arithmetic"), ("SEL", "integer arithmetic"),
+         ("VI", "integer arithmetic"), ("PLOP3", "predicate logic"), ("ISETP", "integer arithmetic"),
+         ("MOV", "moves"), ("F2FP", "conversions"), ("BRA", "branch")]
+
+
+def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, kinds) of the longest loop (backward branch) of a kernel's SASS."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"\bBRA\b\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        raise SystemExit("no loop in this kernel's SASS")
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    body = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for addr, text in ins if lo <= addr <= hi]
+    kinds = collections.Counter(next((kind for head, kind in KINDS if op.startswith(head)), "other: " + op)
+                                for op in body)
+    return len(body), kinds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ranks", type=int, nargs="+", default=[0, 64, 128, 256])
     ap.add_argument("--table", default=None, metavar="JSON", help="print the waves table of a written JSON, then stop")
     ap.add_argument("--kernels", default=os.path.join(ROOT, "benchmarks", "results", "kernels_h100.json"))
+    ap.add_argument("--loop", nargs="+", default=None, metavar="X",
+                    help="rs TOK MT WARPS STAGES | mma MT WARPS TOK BK KS: print that launch's main-loop histogram")
+    ap.add_argument("--rank", type=int, default=0, help="with --loop")
+    ap.add_argument("--rank-chunk", action="store_true", help="with --loop")
     args = ap.parse_args()
+    if args.loop:
+        kind, *nums = args.loop
+        if kind == "rs":
+            tok, mt, warps, stages = map(int, nums)
+            res = _compile_rs(tok, mt, warps, args.rank, False, stages=stages, want_sass=True,
+                              rank_chunk=args.rank_chunk)[1]
+        else:
+            mt, warps, tok, bk, ks = map(int, nums)
+            res = _compile_mma(mt, warps, tok, bk, ks, 128, args.rank, False, tok >= 32, want_sass=True,
+                               rank_chunk=args.rank_chunk)[1]
+        total, kinds = loop_histogram(res["SASS"])
+        print(f"{' '.join(args.loop)}, rank {args.rank}, Triton {triton.__version__}: {total} instructions per "
+              f"loop iteration per warp, {res['REG']} registers")
+        for kind_, n in kinds.most_common():
+            print(f"  {n:5d}  {kind_}")
+        return
     if args.table:
         print(table(args.table, args.kernels))
         return
