@@ -282,27 +282,18 @@ def _lowrank_epilogue_rs(acc, ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B
                          stride_ws_m, stride_un, TOK: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
                          HAS_US: gl.constexpr, PDL: gl.constexpr, RC: gl.constexpr, act: gl.constexpr,
                          MMA: gl.constexpr, num_warps: gl.constexpr):
-    """acc^T [BN, TOK] + U [BN, BLOCK_R] @ t^T, RC ranks at a time through one shared t buffer
-    (RC = BLOCK_R: all at once, the measured kernel; RC = 16 with RANK_CHUNK: one wgmma k-step
-    per chunk, so that the registers it needs, and with them the whole kernel's, which are
-    allocated for the peak, stay those of rank 16 whatever the rank. All at once took 175
-    registers instead of 128 at rank 64 for TOK 64 and 4 warps, and spilled from rank 128 on;
-    Triton 3.6, ptxas for sm_90)."""
-    T_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK, RC], act)
-    t_buf = gl.allocate_shared_memory(act, [TOK, RC], T_SMEM)
+    """acc^T [BN, TOK] + U [BN, BLOCK_R] @ t^T, RC ranks at a time (RC = BLOCK_R: all at once, the
+    measured kernel; RC = 16 with RANK_CHUNK: one wgmma k-step per chunk, so that the registers it
+    needs, and with them the whole kernel's, which are allocated for the peak, stay those of rank
+    16 whatever the rank. All at once took 175 registers instead of 128 at rank 64 for TOK 64 and
+    4 warps, and spilled from rank 128 on; Triton 3.6, ptxas for sm_90)."""
     for r0 in gl.static_range(0, BLOCK_R, RC):
         t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
                                  stride_ws_s, stride_ws_m, stride_un, TOK, BN, RC, HAS_US, PDL and r0 == 0,
                                  num_warps, r0)
-        u = u.to(act)
-        t = t.to(act)
         if r0 > 0:
-            _cta_barrier()  # every warpgroup's wgmma of the previous chunk has retired: t_buf is free
-        t_buf.store(t)
-        fence_async_shared()
-        _cta_barrier()
-        a_op = gl.convert_layout(u, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
-        acc = warpgroup_mma(a_op, t_buf.permute((1, 0)), acc)
+            _cta_barrier()  # every warpgroup's wgmma of the previous chunk has read its t
+        acc = _register_smem_mma(u.to(act), t.to(act), acc, MMA)
     return acc
 
 

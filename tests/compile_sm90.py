@@ -30,7 +30,7 @@ def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, n
     cubin by the cuobjdump that ships with Triton, and "SMEM": the shared memory a launch asks for).
     want_sass: also "SASS", cuobjdump's disassembly of the cubin."""
     spec = dict(module=module, kernel=kernel, ptrs=ptrs, consts=consts, num_warps=num_warps, gluon=gluon,
-                aligned_extra=list(aligned_extra))
+                aligned_extra=list(aligned_extra), sass=want_sass)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -93,9 +93,10 @@ def _main(spec_json: str, out: str) -> None:
         res["SMEM"] = int(compiled.metadata.shared)  # bytes of shared memory a launch asks for (dynamic included)
         with open(os.path.join(out, "kernel.res"), "w") as f:
             json.dump(res, f)
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        with open(os.path.join(out, "kernel.sass"), "w") as f:
-            f.write(sass)
+        if spec["sass"]:
+            sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+            with open(os.path.join(out, "kernel.sass"), "w") as f:
+                f.write(sass)
 
 
 if __name__ == "__main__":

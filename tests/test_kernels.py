@@ -652,6 +652,16 @@ def _chunked_epilogue_launches():
     return list(out)
 
 
+def compile_launch(launch, rank, **kw):
+    """A launch as `_chunked_epilogue_launches` names it, compiled for sm_90 at `rank` (group 128;
+    kw as `_compile_mma` / `_compile_rs` take them)."""
+    if launch[0] == "mma":
+        _, mt, warps, tok, bk, ks, split, tiled = launch
+        return _compile_mma(mt, warps, tok, bk, ks, 128, rank, split, tiled, **kw)
+    _, tok, mt, warps, stages, split = launch
+    return _compile_rs(tok, mt, warps, rank, split, stages=stages, **kw)
+
+
 @pytest.mark.parametrize("launch", _chunked_epilogue_launches(), ids=str)
 def test_rank_chunked_epilogues_keep_the_rank0_registers(launch):
     """With TWINQUANT_RANK_CHUNK=1 the low-rank epilogue takes 16 ranks at a time, so a rank-256
@@ -661,15 +671,7 @@ def test_rank_chunked_epilogues_keep_the_rank0_registers(launch):
     (64, 64, 64, 4, 4, 4) 128 -> 255 plus 240 bytes of stack; benchmarks/results/
     rank_chunk_registers_sm90.json). Bounds leave room for ptxas versions (+32 registers, stack
     +64 bytes or +50%)."""
-    def res(rank):
-        if launch[0] == "mma":
-            _, mt, warps, tok, bk, ks, split, tiled = launch
-            return _compile_mma(mt, warps, tok, bk, ks, 128, rank, split, tiled, want_resources=True,
-                                rank_chunk=True)[1]
-        _, tok, mt, warps, stages, split = launch
-        return _compile_rs(tok, mt, warps, rank, split, stages=stages, want_resources=True, rank_chunk=True)[1]
-
-    r0, r256 = res(0), res(256)
+    r0, r256 = (compile_launch(launch, rank, rank_chunk=True, want_resources=True)[1] for rank in (0, 256))
     assert r256["LOCAL"] == 0
     assert r256["REG"] <= r0["REG"] + 32, (r0, r256)
     assert r256["STACK"] <= r0["STACK"] + max(64, r0["STACK"] // 2), (r0, r256)

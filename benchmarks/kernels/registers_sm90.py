@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import triton  # noqa: E402
-from test_kernels import _chunked_epilogue_launches, _compile_mma, _compile_rs  # noqa: E402
+from test_kernels import _chunked_epilogue_launches, compile_launch  # noqa: E402
 
 from csrc_triton import twinquant_gemm as tg  # noqa: E402
 from csrc_triton import twinquant_mma as tm  # noqa: E402
@@ -138,14 +138,9 @@ def main():
     args = ap.parse_args()
     if args.loop:
         kind, *nums = args.loop
-        if kind == "rs":
-            tok, mt, warps, stages = map(int, nums)
-            res = _compile_rs(tok, mt, warps, args.rank, False, stages=stages, want_sass=True,
-                              rank_chunk=args.rank_chunk)[1]
-        else:
-            mt, warps, tok, bk, ks = map(int, nums)
-            res = _compile_mma(mt, warps, tok, bk, ks, 128, args.rank, False, tok >= 32, want_sass=True,
-                               rank_chunk=args.rank_chunk)[1]
+        nums = [int(v) for v in nums]
+        launch = ("rs", *nums, False) if kind == "rs" else ("mma", *nums, False, nums[2] >= 32)  # one program along K
+        res = compile_launch(launch, args.rank, want_sass=True, rank_chunk=args.rank_chunk)[1]
         total, kinds = loop_histogram(res["SASS"])
         print(f"{' '.join(args.loop)}, rank {args.rank}, Triton {triton.__version__}: {total} instructions per "
               f"loop iteration per warp, {res['REG']} registers")
@@ -158,17 +153,12 @@ def main():
     t0 = time.time()
     recs = []
     for launch in _chunked_epilogue_launches():
+        warps = launch[2] if launch[0] == "mma" else launch[3]
         for chunk in (False, True):
             for r in args.ranks:
                 if r == 0 and chunk:
                     continue  # no epilogue to chunk
-                if launch[0] == "mma":
-                    _, mt, warps, tok, bk, ks, split, tiled = launch
-                    res = _compile_mma(mt, warps, tok, bk, ks, 128, r, split, tiled, want_resources=True,
-                                       rank_chunk=chunk)[1]
-                else:
-                    _, tok, mt, warps, stages, split = launch
-                    res = _compile_rs(tok, mt, warps, r, split, stages=stages, want_resources=True, rank_chunk=chunk)[1]
+                res = compile_launch(launch, r, want_resources=True, rank_chunk=chunk)[1]
                 rec = {"kernel": "mma decode" if launch[0] == "mma" else "MODE 10", "launch": list(launch[1:]),
                        "rank_chunk": chunk, "rank": r, "warps": warps, "REG": res["REG"], "STACK": res["STACK"],
                        "LOCAL": res["LOCAL"], "shared_bytes": res["SMEM"],
