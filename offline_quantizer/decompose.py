@@ -42,6 +42,36 @@ class Decomposed:
         return w
 
 
+class ServedLinear(torch.nn.Module):
+    """A decomposed layer as the plugin's torch path serves it, in float32:
+    y = Q_a(x') deq(R)^T + (x' D^T) U^T + b, with x' = x H for layers whose input is rotated
+    online (W4A4) and Q_a the per-token activation quantizer (format.quantize_activations) when
+    activation_bits < 16. The quantizer runs its streams and its end-to-end check through it."""
+
+    def __init__(self, d: Decomposed, bias: torch.Tensor | None, hadamard: bool = False, activation_bits: int = 16,
+                 activation_clip: float = 1.0, subspace: int = 0, subspace_bits: int = 8):
+        super().__init__()
+        self.register_buffer("weight_r", group_dequantize(d.codes.float(), d.scales.float()), persistent=False)
+        self.register_buffer("up", d.up.float() if d.up is not None else None, persistent=False)
+        self.register_buffer("down", d.down.float() if d.down is not None else None, persistent=False)
+        self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
+        self.hadamard, self.bits, self.clip = hadamard, activation_bits, activation_clip
+        self.subspace, self.subspace_bits = subspace, subspace_bits
+        self.in_features, self.out_features = self.weight_r.shape[1], self.weight_r.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from vllm_twinquant.format import apply_online_hadamard, quantize_activations
+
+        x = x.float()
+        if self.hadamard:
+            x = apply_online_hadamard(x)
+        xr = quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits) if self.bits < 16 else x
+        y = xr @ self.weight_r.t()
+        if self.up is not None:
+            y = y + (x @ self.down.t()) @ self.up.t()
+        return y if self.bias is None else y + self.bias
+
+
 def group_dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """deq(R)[n, k] = codes[n, k] * scales[n, k // G] (both already in the result dtype)."""
     n, k = codes.shape
@@ -262,7 +292,8 @@ def decompose_refined(
     return best[1], errs
 
 
-def attention_mixed_gram(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
+def attention_mixed_gram(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,
+                         window: int | None = None, softcap: float | None = None) -> tuple[torch.Tensor, int]:
     """Σ_h Σ_i z_i z_iᵀ with z_i = Σ_j a^h_ij x_j: the calibration statistic of v_proj in the
     metric of the attention output (`--attention-aware`, docs/method.md section 5).
 
@@ -271,13 +302,19 @@ def attention_mixed_gram(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> t
     not the raw inputs, are what GPTQ and the split must be exact on. Tokens that many queries
     attend to (the first token of a window, an "attention sink") weigh in accordingly.
     x: [B, T, K] the input of v_proj; q: [B, H, T, d] and k: [B, Hkv, T, d] after the rotary
-    embedding. Causal attention without padding (calibration windows). Returns the Gram matrix
-    summed over heads and the number of (query, head) pairs it sums."""
+    embedding. Causal attention without padding (calibration windows), scores scaled by `scaling`
+    (default d^-0.5), soft-capped as c tanh(s / c) with `softcap`, and limited to the last
+    `window` keys with a sliding window. Returns the Gram matrix summed over heads and the
+    number of (query, head) pairs it sums."""
     b, h, t, d = q.shape
     kv = k.shape[1]
     k = k.repeat_interleave(h // kv, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (d**-0.5 if scaling is None else scaling)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if window:
+        causal &= ~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(-window)
     a = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [B, H, T, T]
     z = a @ x.float()[:, None]  # [B, H, T, K]
     z = z.reshape(-1, x.shape[-1])

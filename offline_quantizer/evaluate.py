@@ -1,8 +1,11 @@
 """`twinquant-eval CKPT`: perplexity of a checkpoint as vLLM serves it.
 
 The held-out articles are tokenized, joined with EOS and cut into windows of --seqlen
-tokens; vLLM scores every window with prompt logprobs, so a TwinQuant checkpoint is
-measured through the plugin and the same kernels that serve it.
+tokens, each starting with the tokens the model's tokenizer puts before a text (BOS for
+Llama-3, Gemma, ...; `calibration.special_prefix`); vLLM scores every window with prompt
+logprobs, so a TwinQuant checkpoint is measured through the plugin and the same kernels that
+serve it. Every token of the text is scored once, the window's first token only when a prefix
+gives it a context.
 """
 
 from __future__ import annotations
@@ -11,25 +14,15 @@ import argparse
 import json
 import math
 import os
+import shlex
+import sys
 import time
 
-
-def eval_windows(tokenizer, path: str, seqlen: int, max_windows: int) -> list[list[int]]:
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids: list[int] = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                ids.extend(tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [eos])
-            if len(ids) >= seqlen * max_windows:
-                break
-    n = min(len(ids) // seqlen, max_windows)
-    if n == 0:
-        raise SystemExit(f"--eval {path}: fewer than {seqlen} tokens")
-    return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n)]
+from offline_quantizer.calibration import eval_windows
 
 
-def perplexity(llm, windows: list[list[int]]) -> tuple[float, int]:
+def perplexity(llm, windows: list[list[int]], prefix: int = 0) -> tuple[float, int]:
+    """exp(mean NLL) of every window position from max(prefix, 1) on, scored by vLLM."""
     from vllm import SamplingParams
 
     try:
@@ -42,7 +35,7 @@ def perplexity(llm, windows: list[list[int]]) -> tuple[float, int]:
     nll, count = 0.0, 0
     for w, out in zip(windows, outs):
         for pos, lp in enumerate(out.prompt_logprobs):
-            if pos == 0 or lp is None:
+            if pos < max(prefix, 1) or lp is None:
                 continue
             v = lp[w[pos]].logprob
             if not math.isfinite(v):
@@ -63,6 +56,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     ap.add_argument("--label", default=None, help="name of this row in --json")
+    ap.add_argument("--card", action="store_true", help="add the result to the checkpoint's README.md (model card)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -73,7 +67,7 @@ def main(argv=None) -> None:
     on_gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    windows = eval_windows(tok, args.eval, args.seqlen, args.max_windows)
+    windows, prefix = eval_windows(tok, args.eval, args.seqlen, args.max_windows)
     t0 = time.time()
     llm = LLM(
         model=args.checkpoint,
@@ -84,7 +78,7 @@ def main(argv=None) -> None:
         enforce_eager=not on_gpu,
         seed=0,
     )
-    ppl, n = perplexity(llm, windows)
+    ppl, n = perplexity(llm, windows, prefix)
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         cfg = json.load(f)
     qc = cfg.get("quantization_config") or {}
@@ -99,8 +93,19 @@ def main(argv=None) -> None:
         "group_size": qc.get("group_size", None),
         "recipe": qc.get("recipe", "dense"),
         "seconds": round(time.time() - t0, 1),
+        "seqlen": args.seqlen,
+        "special_prefix_tokens": prefix,
+        "eval_file": os.path.basename(args.eval),
+        "command": "twinquant-eval " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(result))
+    if args.card and qc:
+        from offline_quantizer.card import add_evaluation
+
+        path = os.path.join(args.checkpoint, "README.md")
+        card = open(path).read() if os.path.exists(path) else ""
+        with open(path, "w") as f:
+            f.write(add_evaluation(card, result))
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -18,7 +18,7 @@ before tuning and after every `--eval-every` steps, and the best point (the star
 written, so the stage never makes that loss worse. docs/method.md section 6 has the numbers.
 
 Output: a new checkpoint folder (written to a temporary folder beside it, renamed at the end);
-the recipe gains "-e2e" ("-e2e-codes" with `--code-lr`) and the metadata an "e2e_tuning" record.
+the recipe gains "-e2e" ("-e2e-codes" with `--code-lr`) and the metadata's "e2e_tuning" list a record of the round.
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 
+from offline_quantizer.calibration import make_windows
+from offline_quantizer.checkpoint import read_tensors, write_checkpoint
 from offline_quantizer.decompose import group_dequantize
-from offline_quantizer.quantize import _peak_rss_gib, load_calibration
+from offline_quantizer.families import family_for
+from offline_quantizer.pipeline import peak_rss_gib
+from offline_quantizer.reference import StoredLayer, checkpoint_config, load_checkpoint_model
 from vllm_twinquant import format as fmt
 
 
@@ -92,43 +95,19 @@ class _TunedLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _load_student(dense_dir: str, ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec, train_codes: bool = False):
-    """transformers' model of the dense checkpoint's architecture holding the TwinQuant
-    checkpoint: its unquantized tensors as they are, each quantized layer as a _TunedLinear."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_student(ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec, train_codes: bool = False):
+    """transformers' model of the checkpoint's architecture holding the TwinQuant checkpoint: its
+    unquantized tensors as they are, each quantized layer as a _TunedLinear. Returns the model and
+    {stored layer name: its _TunedLinear}."""
+    layers: dict[str, _TunedLinear] = {}
 
-    cfg = AutoConfig.from_pretrained(dense_dir)
-    with open(os.path.join(ckpt, "config.json")) as f:
-        cfg.tie_word_embeddings = json.load(f).get("tie_word_embeddings", cfg.tie_word_embeddings)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    layers = {}
-    for key in tensors:
-        if key.endswith("." + fmt.WEIGHT_PACKED):
-            layers[key[: -len(fmt.WEIGHT_PACKED) - 1]] = None
-    state = {k: v.float() for k, v in tensors.items()
-             if not k.rsplit(".", 1)[-1].startswith(("weight_", "lowrank_")) and k.rsplit(".", 1)[0] not in layers}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise SystemExit(f"{ckpt}: tensors {unexpected[:4]} do not belong to {dense_dir}'s architecture")
-    for name in layers:
-        parent, attr = name.rsplit(".", 1)
-        lin = model.get_submodule(name)
-        k = lin.in_features
-        codes = fmt.unpack_codes(tensors[f"{name}.{fmt.WEIGHT_PACKED}"], k)
-        down = tensors.get(f"{name}.{fmt.LOWRANK_DOWN}")
-        up = tensors.get(f"{name}.{fmt.LOWRANK_UP}")
-        if down is not None:
-            down = fmt.dequantize_lowrank(down, tensors.get(f"{name}.{fmt.LOWRANK_DOWN_SCALE}"))
-            up = fmt.dequantize_lowrank(up, tensors.get(f"{name}.{fmt.LOWRANK_UP_SCALE}"))
-        setattr(model.get_submodule(parent), attr,
-                _TunedLinear(codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"],
-                             up, down, tensors.get(f"{name}.bias"), spec.lowrank_torch_dtype,
-                             spec.has_online_hadamard(name), spec.activation_bits, spec.activation_clip_ratio,
-                             train_codes, spec.subspace_channels_for(name), spec.activation_subspace_bits))
-    left = [m for m in missing if not (m.endswith(".weight") and m[: -len(".weight")] in layers)
-            and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if left:
-        raise SystemExit(f"{ckpt}: no tensor for {left[:4]}")
+    def make(name: str, s: StoredLayer) -> torch.nn.Module:
+        layers[name] = _TunedLinear(s.codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"], s.up, s.down, s.bias,
+                                    spec.lowrank_torch_dtype, s.hadamard, spec.activation_bits,
+                                    spec.activation_clip_ratio, train_codes, s.subspace, spec.activation_subspace_bits)
+        return layers[name]
+
+    model, _ = load_checkpoint_model(ckpt, make, tensors)
     return model, layers
 
 
@@ -137,39 +116,40 @@ def _kl(student_logits, teacher_logp):
     return torch.sum(teacher_logp.exp() * (teacher_logp - logq), dim=-1).mean()
 
 
-def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsamples: int = 128, seqlen: int = 256,
+def finetune(ckpt: str, dense_dir: str, output_dir: str, calibration, nsamples: int = 128, seqlen: int = 256,
              batch_size: int = 4, epochs: int = 1, lr: float = 1e-4, eval_every: int = 8, seed: int = 0,
              code_lr: float = 0.0, device: str = "cpu", max_minutes: float = 0.0) -> dict:
-    from safetensors.torch import load_file, save_file
+    """Tune the checkpoint `ckpt` against the dense model `dense_dir` on `calibration` (a text
+    path or a list of strings, as `quantize()` takes) and write the result to `output_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     torch.manual_seed(seed)
     if os.path.exists(output_dir):
-        raise SystemExit(f"--output {output_dir} already exists; remove it or choose another folder")
-    spec = fmt.validate_checkpoint(ckpt)
-    path = os.path.join(ckpt, "model.safetensors")
-    if not os.path.exists(path):
-        raise SystemExit(f"{ckpt}: expected one model.safetensors (as twinquant-quantize writes)")
-    tensors = load_file(path)
+        raise FileExistsError(f"{output_dir} already exists; remove it or choose another folder")
     if code_lr < 0:
-        raise SystemExit(f"--code-lr must be >= 0 (0 keeps the stored codes); got {code_lr}")
+        raise ValueError(f"code_lr must be >= 0 (0 keeps the stored codes); got {code_lr}")
     if max_minutes < 0:
-        raise SystemExit(f"--max-minutes must be >= 0 (0: no limit); got {max_minutes}")
-    student, layers = _load_student(dense_dir, ckpt, tensors, spec, train_codes=code_lr > 0)
+        raise ValueError(f"max_minutes must be >= 0 (0: no limit); got {max_minutes}")
+    spec = fmt.validate_checkpoint(ckpt)
+    tensors = read_tensors(ckpt)
+    offset = family_for(checkpoint_config(ckpt)).norm_offset
+    student, layers = _load_student(ckpt, tensors, spec, train_codes=code_lr > 0)
     student.to(device)
     teacher = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval().to(device)
-    calib = load_calibration(calib_path, AutoTokenizer.from_pretrained(dense_dir), nsamples, seqlen, seed).to(device)
-    batches = list(calib.split(batch_size))
+    text = not (isinstance(calibration, torch.Tensor) or calibration == "random")
+    windows = make_windows(calibration, AutoTokenizer.from_pretrained(dense_dir) if text else None, nsamples, seqlen, 0,
+                           seed, teacher.config.vocab_size)
+    batches = list(windows.calib.to(device).split(batch_size))
     if len(batches) < 2:
-        raise SystemExit("end-to-end tuning needs at least 2 calibration batches (one is held out); raise --nsamples")
+        raise ValueError("end-to-end tuning needs at least 2 calibration batches (one is held out); raise nsamples")
     train, held = batches[:-1], batches[-1]
     with torch.no_grad():
         held_logp = torch.log_softmax(teacher(input_ids=held).logits.float(), dim=-1)
 
     tuned = [m for m in student.modules() if isinstance(m, _TunedLinear)]
     norms = [m for n, m in student.named_modules() if type(m).__name__.endswith("RMSNorm")]
-    g0 = [m.weight.detach().clone() for m in norms]
+    g0 = [m.weight.detach().clone() + offset for m in norms]  # the scale each norm applies
     norm_logs = [torch.nn.Parameter(torch.zeros_like(g)) for g in g0]
     groups = [{"params": [m.a for m in tuned] + norm_logs, "lr": lr}]
     for m in tuned:
@@ -188,7 +168,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
 
     def set_norms():  # each norm weight as a tensor differentiable in its log-multiplier
         for m, g, b in zip(norms, g0, norm_logs):
-            m.weight = g * torch.exp(b)
+            m.weight = g * torch.exp(b) - offset
 
     for m in norms:  # the norm weights become functions of their log-multipliers
         del m.weight
@@ -199,7 +179,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
         try:
             with torch.no_grad():
                 for m, g, b in zip(norms, g0, norm_logs):
-                    m.weight = (g * torch.exp(b)).to(tensors_dtype(m)).float()
+                    m.weight = (g * torch.exp(b) - offset).to(tensors_dtype(m)).float()
                 return float(_kl(student(input_ids=held).logits, held_logp))
         finally:
             for m in tuned:
@@ -252,7 +232,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
                     evaluate()
                 break
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: nothing was written to --output") from None
+        raise KeyboardInterrupt(f"interrupted: nothing was written to {output_dir}") from None
     finally:
         bar.close()
 
@@ -261,8 +241,7 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
             p.copy_(v)
     out = dict(tensors)
     flipped = total_codes = 0
-    for name in layers:
-        m = student.get_submodule(name)
+    for name, m in layers.items():
         s, up, down = (t.cpu() if t is not None else None for t in m.stored())
         out[f"{name}.{fmt.WEIGHT_SCALE}"] = s.contiguous()
         if code_lr > 0:
@@ -276,37 +255,28 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calib_path: str, nsampl
     codes_changed = round(flipped / max(total_codes, 1), 6)
     for m, g, b in zip(norms, g0, norm_logs):
         key = f"{norm_names[id(m)]}.weight"
-        out[key] = (g * torch.exp(b)).detach().to("cpu", tensors[key].dtype).contiguous()
+        out[key] = (g * torch.exp(b) - offset).detach().to("cpu", tensors[key].dtype).contiguous()
 
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = json.load(f)
     q = cfg["quantization_config"]
     q["recipe"] = q.get("recipe", "") + ("-e2e-codes" if code_lr > 0 else "-e2e")
-    q.setdefault("metadata", {})["e2e_tuning"] = {
+    q.setdefault("metadata", {}).setdefault("e2e_tuning", []).append({
         "objective": "KL(dense || quantized) per token", "epochs": epochs, "lr": lr, "steps": step,
-        "calibration": {"file": os.path.basename(calib_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "calibration": {"data": windows.source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "heldout_kl": log, "kept_step": best[1], "code_lr": code_lr,
         "codes_changed": codes_changed, "source_checkpoint": os.path.basename(os.path.normpath(ckpt)),
         "seconds": round(time.time() - t0, 1), "device": torch.device(device).type,
-        "planned_steps": total, "max_minutes": max_minutes or None,
-    }
-    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
-    tmp = tempfile.mkdtemp(prefix=".twinquant-finetune-", dir=parent)
-    try:
-        for f in os.listdir(ckpt):
-            if f not in ("model.safetensors", "config.json") and os.path.isfile(os.path.join(ckpt, f)):
-                shutil.copy2(os.path.join(ckpt, f), tmp)
-        save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        fmt.validate_checkpoint(tmp)
-        os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        "planned_steps": total, "max_minutes": max_minutes or None, "kept_kl": round(best[0], 6),
+    })
+    readme = None
+    if os.path.exists(os.path.join(ckpt, "README.md")):
+        with open(os.path.join(ckpt, "README.md")) as f:
+            readme = f.read()
+    write_checkpoint(output_dir, [out], cfg, ckpt, readme)
     summary = {"output": output_dir, "heldout_kl_start": start, "heldout_kl_end": best[0], "kept_step": best[1],
                "codes_changed": codes_changed,
-               "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_gib(), 2)}
+               "steps": step, "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(peak_rss_gib(), 2)}
     if torch.device(device).type == "cuda":
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / (1 << 30), 2)
     return summary
@@ -318,13 +288,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dense", required=True, help="the dense checkpoint it was quantized from (the teacher)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--calib", required=True, help=".jsonl with a 'text' field per line, or a .txt file")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--eval-every", type=int, default=8, help="steps between held-out evaluations")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per window (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per step (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the windows (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="Adam rate of scales and norms (default: %(default)s)")
+    ap.add_argument("--eval-every", type=int, default=8, help="steps between held-out evaluations (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the windows and their order (default: %(default)s)")
     ap.add_argument("--code-lr", type=float, default=0.0,
                     help="also learn the 4-bit codes (latent values, straight-through rounding) at this Adam rate, "
                          "in code units; 0 (default) keeps the stored codes")
@@ -338,8 +308,12 @@ def main(argv=None) -> None:
         summary = finetune(args.checkpoint, args.dense, args.output, args.calib, args.nsamples, args.seqlen,
                            args.batch_size, args.epochs, args.lr, args.eval_every, args.seed, args.code_lr,
                            args.device, args.max_minutes)
-    except fmt.TwinQuantFormatError as e:
-        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:
+        print(f"{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(summary, indent=2))
 
 

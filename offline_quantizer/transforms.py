@@ -1,107 +1,164 @@
-"""Exact, foldable transforms of a Llama-family model that make its weights easier to
-quantize (docs/method.md has the derivation and every choice).
+"""Exact, foldable transforms that make a model's weights easier to quantize (docs/method.md
+has the derivation and every choice). Each works on one decoder block at a time, through the
+block's `families.Family` (which norms feed which linears, how the norms scale):
 
-* `fold_norms`: RMSNorm weights moved into the linears that read them (q/k/v, gate/up,
-  lm_head); the norms become all-ones. The model computes the same function.
-* `rotate_residual_stream`: one orthogonal Q (576x576 for SmolLM2) applied to the residual
-  stream: embeddings and every reader (q/k/v, gate/up, lm_head) right-multiplied by Q, every
-  writer (o_proj, down_proj) left-multiplied by Q^T. Exact after `fold_norms`, because
-  RMSNorm(h Q) = RMSNorm(h) Q for unit norm weights.
+* `fold_block_norms`: every pre-norm's scale moved into the linears that read it, leaving the
+  norm at unit scale (weight 1, or 0 for Gemma's 1 + w norms); `fold_head_norm` does the same
+  for the final norm and lm_head. The block computes the same function.
+* `rotate_block`: one orthogonal Q applied to the residual stream: every reader of the stream
+  right-multiplied by Q, every writer left-multiplied by Q^T (and the embeddings and lm_head by
+  Q, outside the blocks). Exact after norm folding, because RMSNorm(h Q) = RMSNorm(h) Q at unit
+  scale; refused for families with post-norms (`Family.rotation_refusal`).
 * `learn_rotation`: Q learned on the Stiefel manifold (Riemannian gradient, Cayley
   retraction) to minimise the 4-bit round-to-nearest error of all the weights it touches,
   with a straight-through estimator for the rounding.
-* `residual_stream_covariance`, `subspace_rotation_init`: ResQ's start for the rotation (W4A4
-  with an 8-bit activation subspace): the principal directions of the normalised residual
-  stream in the last columns; `learn_rotation(..., blocks=...)` then keeps them there.
-* `learn_smoothing`: a positive diagonal (the general-linear transform that can be folded
-  exactly into the preceding norm or up_proj) per group of layers sharing one input, learned
-  with the same estimator against the calibration-weighted output error.
+* `subspace_rotation_init`: ResQ's start for the rotation (W4A4 with an 8-bit activation
+  subspace): the principal directions of the normalised residual stream in the last columns;
+  `learn_rotation(..., blocks=...)` then keeps them there.
+* `learn_smoothing` / `smooth_block`: a positive diagonal (the general-linear transform that
+  folds exactly into the preceding pre-norm, or into the rows that feed down_proj) per group of
+  layers sharing one input, learned against the calibration-weighted output error.
 
-Nothing here is executed at inference time: every transform ends up inside stored tensors.
+`fold_norms` and `rotate_residual_stream` apply the block functions to a whole transformers
+model (tests and diagnostics). Nothing here runs at inference time: every transform ends up
+inside stored tensors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+from offline_quantizer.families import Family, family_for
 
 
-def check_llama_like(model) -> None:
-    inner = getattr(model, "model", None)
-    ok = inner is not None and hasattr(inner, "layers") and hasattr(inner, "norm") and hasattr(inner, "embed_tokens")
-    if ok:
-        b = inner.layers[0]
-        ok = all(hasattr(b, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))
-        ok = ok and all(_has(b, p) for p in READERS + WRITERS)
-    if not ok:
-        raise SystemExit(
-            f"{type(model).__name__}: --rotation/--smoothing need a Llama-family layout "
-            "(model.layers[i].{input_layernorm,post_attention_layernorm,self_attn.{q,k,v,o}_proj,"
-            "mlp.{gate,up,down}_proj}, model.norm, model.embed_tokens); use --recipe svd for this model"
-        )
-    if any(b.get_submodule(p).bias is not None for b in inner.layers for p in WRITERS):
-        raise SystemExit(f"{type(model).__name__}: o_proj/down_proj with a bias are not supported by --rotation")
+def _scale_of(norm_weight: torch.Tensor, family: Family) -> torch.Tensor:
+    """The per-channel factor a norm applies, in float64."""
+    return norm_weight.detach().double() + family.norm_offset
 
 
-def _has(b, path):
-    try:
-        b.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
+def _unit_norm(norm: torch.nn.Module, family: Family) -> None:
+    norm.weight.data.fill_(1.0 - family.norm_offset)
 
 
 @torch.no_grad()
-def fold_norms(model, include_head: bool = True) -> None:
-    """Move every RMSNorm weight into the linears that read its output. include_head: also the
-    final norm into lm_head, which unties lm_head from the embeddings (needed by a rotation)."""
-    inner = model.model
-    for b in inner.layers:
-        for norm, readers in ((b.input_layernorm, READERS[:3]), (b.post_attention_layernorm, READERS[3:])):
-            g = norm.weight.data.double()
-            for p in readers:
-                lin = b.get_submodule(p)
-                lin.weight.data = (lin.weight.data.double() * g[None, :]).to(lin.weight.dtype)
-            norm.weight.data.fill_(1.0)
+def fold_block_norms(block: torch.nn.Module, family: Family) -> None:
+    """Move every pre-norm's scale into the linears that read its output; the norms become unit."""
+    for group in family.pre_norms:
+        norm = block.get_submodule(group.norm)
+        g = _scale_of(norm.weight, family)
+        for name in group.readers:
+            lin = block.get_submodule(name)
+            lin.weight.data = (lin.weight.data.double() * g[None, :]).to(lin.weight.dtype)
+        _unit_norm(norm, family)
+
+
+@torch.no_grad()
+def fold_head_norm(norm_weight: torch.Tensor, head_weight: torch.Tensor, family: Family) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit final-norm weight, lm_head with the final norm's scale folded in): new tensors."""
+    head = (head_weight.double() * _scale_of(norm_weight, family)[None, :]).to(head_weight.dtype)
+    return torch.full_like(norm_weight, 1.0 - family.norm_offset), head
+
+
+def rotation_refusal(family: Family) -> str | None:
+    return family.rotation_refusal()
+
+
+@torch.no_grad()
+def rotate_block(block: torch.nn.Module, family: Family, q: torch.Tensor) -> None:
+    """Readers W <- W Q, writers W <- Q^T W; call fold_block_norms first."""
+    why = family.rotation_refusal()
+    if why:
+        raise ValueError(why)
+    q = q.double().to(next(block.parameters()).device)
+    for group in family.pre_norms:
+        for name in group.readers:
+            lin = block.get_submodule(name)
+            lin.weight.data = (lin.weight.data.double() @ q).to(lin.weight.dtype)
+    for name in family.writers:
+        lin = block.get_submodule(name)
+        lin.weight.data = (q.t() @ lin.weight.data.double()).to(lin.weight.dtype)
+        if lin.bias is not None:
+            lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
+
+
+def _down_input_rows(block: torch.nn.Module, family: Family) -> tuple[torch.nn.Linear, slice]:
+    name, which = family.down_input_rows
+    lin = block.get_submodule(name)
+    n = lin.weight.shape[0]
+    return lin, slice(n // 2, n) if which == "second_half" else slice(0, n)
+
+
+@torch.no_grad()
+def smooth_block(block: torch.nn.Module, family: Family, hessians: dict, group_size: int,
+                 norm_dtype: torch.dtype, skip: frozenset = frozenset(), steps: int = 60, lr: float = 0.02) -> list[str]:
+    """Learned diagonal GL transforms (`learn_smoothing`), folded exactly: into each pre-norm for
+    its readers, into the rows feeding down_proj for down_proj. hessians: linear name -> input
+    Hessian, transformed with them (X -> X diag(s)^-1). Layers in `skip` (inputs rotated online:
+    a diagonal fold into the rows feeding them would act in the unrotated basis) are left alone.
+    norm_dtype: the dtype the norm weights are stored in (the fold is exact for the stored value).
+    Returns the names of the smoothed linears."""
+    done = []
+    groups = [(g.norm, g.readers) for g in family.pre_norms] + [(None, (family.writers[-1],))]
+    for owner, names in groups:
+        if any(n in skip or n not in hessians for n in names):
+            continue
+        h = hessians[names[0]]
+        s = learn_smoothing([block.get_submodule(n).weight.data for n in names], h, group_size, steps, lr)
+        if owner is None:  # down_proj: divide the rows that make its input
+            lin, rows = _down_input_rows(block, family)
+            lin.weight.data[rows] = lin.weight.data[rows] / s[:, None].to(lin.weight.dtype)
+            if lin.bias is not None:
+                lin.bias.data[rows] = lin.bias.data[rows] / s.to(lin.bias.dtype)
+        else:
+            norm = block.get_submodule(owner)
+            g = _scale_of(norm.weight, family)
+            stored = (g / s.double() - family.norm_offset).to(norm_dtype)  # what the checkpoint keeps
+            s = (g / (stored.double() + family.norm_offset)).float()  # the exact factor it applies
+            norm.weight.data = stored.to(norm.weight.dtype)
+        for n in names:
+            lin = block.get_submodule(n)
+            lin.weight.data = lin.weight.data * s[None, :].to(lin.weight.dtype)
+            hessians[n] = hessians[n] / s[:, None] / s[None, :]
+        done += list(names)
+    return done
+
+
+def _model_family(model, family: Family | None) -> Family:
+    return family or family_for(model.config)
+
+
+@torch.no_grad()
+def fold_norms(model, include_head: bool = True, family: Family | None = None) -> None:
+    """fold_block_norms on every block of a transformers model; include_head: also the final norm
+    into lm_head, which unties lm_head from the embeddings (needed by a rotation)."""
+    fam = _model_family(model, family)
+    for b in model.model.layers:
+        fold_block_norms(b, fam)
     if not include_head:
         return
-    head = model.lm_head
-    g = inner.norm.weight.data.double()
-    w = head.weight.data.double().clone()  # a copy: a tied lm_head must not change the embeddings
-    head.weight = torch.nn.Parameter((w * g[None, :]).to(head.weight.dtype), requires_grad=False)
-    inner.norm.weight.data.fill_(1.0)
+    norm, head = fold_head_norm(model.model.norm.weight.data, model.lm_head.weight.data, fam)
+    model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)  # a new tensor: untied
+    model.model.norm.weight.data.copy_(norm)
     model.config.tie_word_embeddings = False
 
 
-def rotation_targets(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(reader weights [N, d], writer weights [d, K]) of the residual stream, fp32 copies."""
-    readers, writers = [], []
-    for b in model.model.layers:
-        readers += [b.get_submodule(p).weight.data.float() for p in READERS]
-        writers += [b.get_submodule(p).weight.data.float() for p in WRITERS]
-    return readers, writers
-
-
 @torch.no_grad()
-def rotate_residual_stream(model, q: torch.Tensor) -> None:
-    """Apply Q (orthogonal [d, d]) to the residual stream; call `fold_norms` first."""
-    q = q.double()
-    emb = model.model.embed_tokens
-    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
-    head = model.lm_head
-    head.weight.data = (head.weight.data.double() @ q).to(head.weight.dtype)
+def rotate_residual_stream(model, q: torch.Tensor, family: Family | None = None) -> None:
+    """Apply Q (orthogonal [d, d]) to a whole transformers model; call `fold_norms` first."""
+    fam = _model_family(model, family)
+    qd = q.double()
+    for lin in (model.model.embed_tokens, model.lm_head):
+        lin.weight.data = (lin.weight.data.double() @ qd).to(lin.weight.dtype)
     for b in model.model.layers:
-        for p in READERS:
-            lin = b.get_submodule(p)
-            lin.weight.data = (lin.weight.data.double() @ q).to(lin.weight.dtype)
-        for p in WRITERS:
-            lin = b.get_submodule(p)
-            lin.weight.data = (q.t() @ lin.weight.data.double()).to(lin.weight.dtype)
+        rotate_block(b, fam, q)
+
+
+def _weight(w: "torch.Tensor | Callable[[], torch.Tensor]") -> torch.Tensor:
+    return w() if callable(w) else w
 
 
 def _ste_rtn_residual(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -129,8 +186,8 @@ def random_orthogonal(d: int, seed: int) -> torch.Tensor:
 
 @torch.enable_grad()
 def learn_rotation(
-    readers: list[torch.Tensor],
-    writers: list[torch.Tensor],
+    readers: list,
+    writers: list,
     group_size: int,
     init: "str | torch.Tensor" = "random",
     steps: int = 100,
@@ -151,13 +208,15 @@ def learn_rotation(
     device: where the products run (default: that of the weights). The loss and its gradient are
     accumulated one matrix at a time, each weight moved to `device` for its term, so the memory
     beyond the weights is that of one matrix's term (an 8B model's 224 matrices need not fit at once).
+    readers and writers may be tensors or callables returning them (weights read lazily from disk).
 
     init: "random", "identity" or a starting Q [d, d]. blocks (sizes summing to d): keep the
     span of each block of Q's columns fixed, i.e. move only within O(b1) x O(b2) x ... (the
     ResQ subspaces of `subspace_rotation_init`): the step is taken in Q's own coordinates,
     Q <- Q (I + lr/2 A')^-1 (I - lr/2 A') with A' = Q^T A Q masked to its diagonal blocks."""
-    d = readers[0].shape[1]
-    dev = torch.device(device) if device is not None else readers[0].device
+    first = _weight(readers[0])
+    d = first.shape[1]
+    dev = torch.device(device) if device is not None else first.device
     if isinstance(init, torch.Tensor):
         q = init.float().to(dev)
     else:
@@ -168,7 +227,7 @@ def learn_rotation(
             raise ValueError(f"rotation blocks {blocks} do not partition {d} dimensions")
         mask = torch.block_diag(*[torch.ones(b, b) for b in blocks]).to(dev)
     terms = [(w, False) for w in readers] + [(w, True) for w in writers]
-    norms = [float(w.pow(2).sum()) * len(terms) for w, _ in terms]
+    norms = [float(_weight(w).float().pow(2).sum()) * len(terms) for w, _ in terms]
     eye = torch.eye(d, device=dev)
     history: list[float] = []
     best = (math.inf, q.clone())
@@ -176,7 +235,7 @@ def learn_rotation(
         qv = q.clone().requires_grad_(True)
         loss, grad = 0.0, torch.zeros_like(q)
         for (w, writer), n in zip(terms, norms):
-            w = w.to(dev)
+            w = _weight(w).to(dev, torch.float32)
             term = _ste_rtn_error(qv.t() @ w if writer else w @ qv, group_size) / n
             if step < steps:
                 grad += torch.autograd.grad(term, qv)[0]
@@ -197,39 +256,6 @@ def learn_rotation(
             q = q @ torch.linalg.solve(eye + 0.5 * eta * a, eye - 0.5 * eta * a)
     return best[1].cpu(), history
 
-
-@torch.no_grad()
-def residual_stream_covariance(model, batches, device: str = "cpu") -> torch.Tensor:
-    """sum over tokens and blocks of x^T x, x the inputs of q_proj and gate_proj (the normalised
-    residual stream every reader sees; call `fold_norms` first so that the norms are all ones
-    and every token has the same weight), float64 [d, d]. The parameters run on `device` in
-    float32 and go back to the CPU in their own dtypes (lossless from bf16/fp16); buffers
-    (rotary frequencies) travel in theirs."""
-    d = model.config.hidden_size
-    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
-
-    def hook(_m, args):
-        x = args[0].reshape(-1, d).double()
-        cov.addmm_(x.t(), x)
-
-    hooks = [b.get_submodule(p).register_forward_pre_hook(hook)
-             for b in model.model.layers for p in (READERS[0], READERS[3])]
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}  # parameters only: buffers keep theirs
-    for p in model.parameters():
-        p.data = p.data.to(device, torch.float32)
-    for b in model.buffers():
-        b.data = b.data.to(device)
-    try:
-        for b in tqdm(batches, desc="residual-stream covariance", unit="batch", leave=False):
-            model.model(input_ids=b.to(device), use_cache=False)  # the decoder only: no lm_head
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.data = p.data.to("cpu", dtypes[n])
-        for b in model.buffers():
-            b.data = b.data.to("cpu")
-    return cov.cpu()
 
 
 def subspace_rotation_init(cov: torch.Tensor, channels: int, seed: int) -> tuple[torch.Tensor, float]:
@@ -273,16 +299,15 @@ def learn_smoothing(
             tot = tot + torch.sum((e @ h) * e) / dn
         return tot / len(ws)
 
-    with torch.no_grad():
-        best = (float(objective(a)), torch.zeros_like(a))
-    for _ in range(steps):
-        opt.zero_grad()
+    best = (math.inf, torch.zeros_like(a))
+    for step in range(steps + 1):  # every point is evaluated once: the start and after each step
         loss = objective(a)
+        if float(loss) < best[0]:
+            best = (float(loss), a.detach().clone())
+        if step == steps:
+            break
+        opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            val = float(objective(a))
-            if val < best[0]:
-                best = (val, a.detach().clone())
     av = best[1]
     return torch.exp(av - av.mean()).detach()

@@ -36,8 +36,6 @@ from torch.func import functional_call
 from offline_quantizer.decompose import Decomposed, group_dequantize
 from vllm_twinquant.format import quantize_activations, round_lowrank
 
-NORMS = ("input_layernorm", "post_attention_layernorm")
-
 
 @dataclass
 class TuneResult:
@@ -64,7 +62,7 @@ def tune_block(
     kwargs_list: list[dict],
     epochs: int,
     lr: float = 1e-3,
-    tune_norms: bool = True,
+    norms: dict[str, float] | None = None,
     norm_dtype: torch.dtype | None = None,
     activation_bits: dict[str, int] | None = None,
     activation_clip: float = 1.0,
@@ -73,7 +71,8 @@ def tune_block(
     activation_subspace_bits: int = 8,
 ) -> TuneResult:
     """Tune `decomposed` (name -> Decomposed of block.get_submodule(name)) in place, and the
-    block's norm weights, on (inputs -> targets). At the end the block's linear weights are the
+    block's norms (`norms`: name -> the family's norm offset, the norm scaling by offset + weight;
+    the scale is tuned as scale0 * exp(b)), on (inputs -> targets). At the end the block's linear weights are the
     served weights. norm_dtype: the dtype the norm weights are stored in. activation_bits:
     name -> bits of the residual product's input (16 or 4), quantized with `activation_clip`
     (format: activation_clip_ratio); activation_subspace: name -> how many last input columns
@@ -101,8 +100,9 @@ def tune_block(
                 p = t.to(dev, torch.float32).clone().requires_grad_(True)
                 tuned[f"{n}/{key}"] = p
                 groups.append({"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt())})
-    norms = [n for n in NORMS if tune_norms and hasattr(block, n) and getattr(block, n).weight is not None]
-    g0 = {n: block.get_submodule(n).weight.detach().to(dev, torch.float32).clone() for n in norms}
+    offsets = {n: off for n, off in (norms or {}).items() if getattr(block.get_submodule(n), "weight", None) is not None}
+    norms = list(offsets)
+    g0 = {n: block.get_submodule(n).weight.detach().to(dev, torch.float32).clone() + offsets[n] for n in norms}
     for n in norms:
         tuned[f"{n}/b"] = torch.zeros_like(g0[n], requires_grad=True)
         groups.append({"params": [tuned[f"{n}/b"]], "lr": lr})
@@ -141,8 +141,8 @@ def tune_block(
         try:
             gam = {}
             for n in norms:
-                g = g0[n] * torch.exp(tuned[f"{n}/b"])
-                gam[f"{n}.weight"] = g.to(norm_dtype).float() if stored else g
+                w = g0[n] * torch.exp(tuned[f"{n}/b"]) - offsets[n]
+                gam[f"{n}.weight"] = w.to(norm_dtype).float() if stored else w
             out = functional_call(block, gam, (x,), kw)
         finally:
             for lin in lins.values():
@@ -186,5 +186,6 @@ def tune_block(
             lin.weight.data = d.dequantized(torch.float32).to(lin.weight.device, lin.weight.dtype)
         for n in norms:
             norm = block.get_submodule(n)
-            norm.weight.data = (g0[n] * torch.exp(tuned[f"{n}/b"])).to(norm_dtype).to(norm.weight.dtype)
+            w = g0[n] * torch.exp(tuned[f"{n}/b"]) - offsets[n]
+            norm.weight.data = w.to(norm_dtype).to(norm.weight.dtype)
     return TuneResult(heldout_start=start, heldout_end=best[0], steps=step)

@@ -49,29 +49,40 @@ def tiny_dense(tmp_path_factory, tokenizer_dir):
     return str(out)
 
 
+def small_recipe(*stages, rank=8, nsamples=8, seqlen=64, batch_size=4, heldout=2, **split):
+    """A recipe sized for the tests: `stages` (dicts) around an SVD split of `rank` and GPTQ g64."""
+    from offline_quantizer.recipe import recipe_from_dict
+
+    body = [{"split": {"rank": rank, **split}}, {"residual": {"group_size": 64}}]
+    order = ["rotation", "smoothing", "activations", "split", "residual", "block_tuning", "end_to_end"]
+    merged = {}
+    for st in list(stages) + body:
+        (name, values), = st.items()
+        merged.setdefault(name, {}).update(values)
+    return recipe_from_dict({"name": "test", "calibration": {"nsamples": nsamples, "seqlen": seqlen,
+                                                            "batch_size": batch_size, "heldout": heldout},
+                             "stages": [{n: merged[n]} for n in order if n in merged]})
+
+
 @pytest.fixture(scope="session")
 def tiny_tq(tiny_dense, tmp_path_factory):
     """The tiny model quantized: rank 8 (q_proj of block 0 rank 4, to exercise slot padding), g64."""
-    from offline_quantizer.quantize import quantize_model
+    from offline_quantizer import quantize
 
     out = str(tmp_path_factory.mktemp("tq") / "tq")
-    quantize_model(
-        tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
-        rank_overrides={"model.layers.0.self_attn.q_proj": 4}, random_calibration=True,
-    )
+    quantize(tiny_dense, small_recipe(rank_overrides={"model.layers.0.self_attn.q_proj": 4}), "random", out,
+             device="cpu")
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_tq_int8(tiny_dense, tmp_path_factory):
     """tiny_tq's recipe with int8 low-rank factors (lowrank_dtype "int8")."""
-    from offline_quantizer.quantize import quantize_model
+    from offline_quantizer import quantize
 
     out = str(tmp_path_factory.mktemp("tq8") / "tq8")
-    quantize_model(
-        tiny_dense, out, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4, lowrank_dtype="int8",
-        rank_overrides={"model.layers.0.self_attn.q_proj": 4}, random_calibration=True,
-    )
+    quantize(tiny_dense, small_recipe(lowrank_dtype="int8", rank_overrides={"model.layers.0.self_attn.q_proj": 4}),
+             "random", out, device="cpu")
     return out
 
 
@@ -88,3 +99,58 @@ def checkpoint_layer(tensors, prefix, names=("weight_packed", "weight_scale", "l
         t = tensors[f"{prefix}.{n}"]
         setattr(layer, n, torch.nn.Parameter(t if n == "weight_packed" else t.float(), requires_grad=False))
     return layer
+
+
+# tiny random models of every supported family (offline_quantizer/families.py)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+
+
+def tiny_family_model(kind: str, seed: int = 0, layers: int = 2, peaked: bool = True):
+    """A 2-block model of family `kind` (hidden 128) with random weights, norm weights away from
+    their neutral value (so a wrong fold shows) and, with `peaked`, an output layer scaled so the
+    next-token distributions are far from flat (so logprob comparisons mean something). Gemma 3's
+    blocks are one sliding-window and one global layer (their rotary frequencies differ)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+    extra = {
+        "gemma2": dict(sliding_window=16, query_pre_attn_scalar=32),
+        "gemma3": dict(sliding_window=16, query_pre_attn_scalar=32,
+                       layer_types=["sliding_attention", "full_attention"][:layers] if layers == 2 else None),
+        "qwen2": dict(tie_word_embeddings=True),
+    }.get(kind, {})
+    cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config,
+           "gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "gemma3": T.Gemma3TextConfig,
+           "phi3": T.Phi3Config}[kind]
+    cfg = cls(**common, **{k: v for k, v in extra.items() if v is not None})
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    offset = 1.0 if kind.startswith("gemma") else 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand_like(p) - offset)
+            elif name.endswith("proj.weight"):  # a few outlier input channels, as real models have
+                p.mul_(1.0 + 4.0 * (torch.rand(p.shape[1]) < 0.03).to(p.dtype))
+        if peaked:  # logits a few units apart, and not dominated by the input token (tied embeddings)
+            for name, p in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(128.0 if cfg.tie_word_embeddings else 8.0)
+                elif name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")) \
+                        and kind in ("gemma2", "gemma3"):  # post-norms set the size of the blocks' updates
+                    p.add_(7.0)
+            head = model.get_output_embeddings().weight
+            head.mul_((0.2 if cfg.tie_word_embeddings else 0.35) / head.std())
+    return model
+
+
+def save_family_model(kind: str, path, dtype=torch.bfloat16, tokenizer_dir=None, **kw) -> str:
+    model = tiny_family_model(kind, **kw).to(dtype)
+    model.save_pretrained(path)
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return str(path)

@@ -7,12 +7,15 @@ import os
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from vllm_twinquant import format as fmt
 from vllm_twinquant.linear_method import TwinQuantLinearMethod
+
+logger = init_logger("vllm.twinquant")
 
 
 @register_quantization_config(fmt.QUANT_METHOD)
@@ -52,9 +55,15 @@ class TwinQuantConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         # A local checkpoint is checked file by file before any weight is read, so a bad one
-        # fails with the file and tensor named instead of deep inside the model loader.
+        # fails with the file and tensor named instead of deep inside the model loader. vLLM
+        # wraps the exception in its config validation's traceback, so the reason is also
+        # logged on one line of its own, ahead of it.
         if os.path.isdir(model_name):
-            fmt.validate_checkpoint(model_name, check_values=False)
+            try:
+                fmt.validate_checkpoint(model_name, check_values=False)
+            except fmt.TwinQuantFormatError as e:
+                logger.error("twinquant: cannot serve %s: %s", model_name, e)
+                raise
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         if self.spec.rank_overrides and hasattr(hf_to_vllm_mapper, "apply_dict"):
@@ -63,6 +72,9 @@ class TwinQuantConfig(QuantizationConfig):
             self.spec.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.spec.modules_to_not_convert)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if type(layer).__name__ == "FusedMoE":
+            raise ValueError(f"{prefix}: a mixture-of-experts layer; TwinQuant checkpoints quantize dense linear "
+                             "layers only (twinquant-quantize refuses MoE models)")
         if not isinstance(layer, LinearBase):
             return None  # embeddings and lm_head stay unquantized
         if self.spec.is_skipped(prefix):
@@ -80,6 +92,8 @@ class TwinQuantConfig(QuantizationConfig):
         head, _, last = prefix.rpartition(".")
         mapping = self.packed_modules_mapping or fmt.DEFAULT_PACKED_MODULES
         subs = mapping.get(last)
+        if subs == [last]:  # fused on disk (Phi-3): the checkpoint stores the parts (format.DEFAULT_PACKED_MODULES)
+            subs = fmt.DEFAULT_PACKED_MODULES.get(last)
         if not subs:
             return [query(prefix)]
         return [query(f"{head}.{s}" if head else s) for s in subs]

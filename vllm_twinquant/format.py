@@ -54,9 +54,13 @@ FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 LOWRANK_DTYPES = ("bfloat16", "float16", "int8")
 INT8_MAX = 127
 SAFETENSORS_DTYPES = {"I32": torch.int32, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F32": torch.float32}
+                      "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
-# The HF module names of the sub-layers vLLM fuses into one linear layer.
+# The HF module names of the sub-layers vLLM fuses into one linear layer. A layer that a model
+# keeps fused on disk (Phi-3's qkv_proj and gate_up_proj) is stored split into these parts, by
+# output rows, each part with its own residual and scales, its rows of U and a copy of the shared
+# D; vLLM's loader maps the part names back into the fused layer.
 DEFAULT_PACKED_MODULES = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
     "gate_up_proj": ["gate_proj", "up_proj"],
@@ -474,6 +478,12 @@ def load_spec(model_dir: str) -> TwinQuantSpec:
     return TwinQuantSpec.from_dict(qc)
 
 
+def checkpoint_tensors_of_file(path: str) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
+    """name -> (file, shape, dtype) of one safetensors file."""
+    return {name: (path, tuple(meta["shape"]), SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))
+            for name, meta in read_safetensors_header(path).items()}
+
+
 def checkpoint_tensors(model_dir: str) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
     """name -> (file, shape, dtype) over every *.safetensors file of a checkpoint directory."""
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
@@ -481,9 +491,7 @@ def checkpoint_tensors(model_dir: str) -> dict[str, tuple[str, tuple[int, ...], 
         raise TwinQuantFormatError(f"{model_dir}: no *.safetensors files")
     out = {}
     for fn in files:
-        path = os.path.join(model_dir, fn)
-        for name, meta in read_safetensors_header(path).items():
-            out[name] = (path, tuple(meta["shape"]), SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))
+        out.update(checkpoint_tensors_of_file(os.path.join(model_dir, fn)))
     return out
 
 

@@ -4,9 +4,12 @@ style of vLLM's mixed-precision linear kernels, and the two implementations.
 * `TritonTwinQuantKernel` (CUDA, fp16/bf16): the fused dual-component kernel of
   `csrc_triton`, behind one custom op so that torch.compile and CUDA graphs see a
   single opaque call.
-* `TorchTwinQuantKernel` (any device, the CPU path): dequantize and matmul in torch.
+* `CpuWna16TwinQuantKernel` (vLLM's CPU build, fp16/bf16): vLLM's own 4-bit CPU GEMM for the
+  residual, torch for the low-rank term.
+* `TorchTwinQuantKernel` (any device; the reference, and the CPU path for float32 and W4A4):
+  dequantize and matmul in torch.
 
-`VLLM_TWINQUANT_KERNEL=torch|triton` forces one.
+`VLLM_TWINQUANT_KERNEL=torch|cpu|triton` forces one.
 """
 
 from __future__ import annotations
@@ -105,6 +108,119 @@ class TorchTwinQuantKernel(TwinQuantKernel):
         return y
 
 
+class CpuWna16TwinQuantKernel(TwinQuantKernel):
+    """vLLM CPU build's 4-bit weight-only GEMM (`cpu_gemm_wna16`, the kernel of its CPUWNA16
+    linear method: AVX-512/AMX, 16-bit activations) for the residual, reading the codes once per
+    call instead of dequantizing the layer; the low-rank term in torch as two small matmuls
+    (x D^T, then one product with U laid out block-diagonally over the merged layer's slots)."""
+
+    @classmethod
+    def can_implement(cls, c):
+        if torch.cuda.is_available():
+            return False, "a CUDA device is present"
+        try:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                return False, "vLLM's platform is not the CPU"
+            import vllm._custom_ops  # noqa: F401  (loads the build's operators)
+
+            op = torch.ops._C.cpu_gemm_wna16  # noqa: F841
+        except (ImportError, AttributeError, RuntimeError):
+            return False, "this vLLM build has no cpu_gemm_wna16 kernel"
+        if c.act_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"activations in {c.act_dtype}; the kernel takes float16/bfloat16 (serve with --dtype float16)"
+        if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
+            return False, "W4A4 checkpoints are served by the torch path"
+        if c.in_features % 32 or c.out_features % 32 or c.group_size % 2:
+            return False, f"layer {c.in_features} -> {c.out_features}: the kernel needs multiples of 32"
+        return True, None
+
+    def process_weights_after_loading(self, layer):
+        from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
+        from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+        from vllm.scalar_type import scalar_types
+
+        c = self.config
+        k, n = c.in_features, c.out_features
+        biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # uint4b8: code + 8
+        # the kernel's layout: packed along the output, blocks of 16 output channels contiguous
+        w = pack_quantized_values_into_int32(biased.t().contiguous(), scalar_types.uint4b8, 1)
+        w = w.view(k, -1, 2).permute(1, 0, 2).reshape(-1, k * 2).contiguous()
+        layer.weight_packed = torch.nn.Parameter(w, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data.t().contiguous().to(c.act_dtype),
+                                                requires_grad=False)
+        layer.twinquant_isa = _get_isa_hint(c.act_dtype)
+        self._lowrank(layer)
+
+    def _lowrank(self, layer) -> None:
+        """The factors in the activation dtype, U block-diagonal over the slots: [N, slots * rank]."""
+        c = self.config
+        n = c.out_features
+        if c.rank:
+            ds, us = _factor_scales(layer, c)
+            down = fmt.dequantize_lowrank(layer.lowrank_down.data, ds, c.act_dtype)
+            up = fmt.dequantize_lowrank(layer.lowrank_up.data, us, c.act_dtype)
+            bounds = (0, *c.slot_bounds, n)
+            up_bd = torch.zeros(n, len(c.slot_sizes) * c.rank, dtype=c.act_dtype)
+            for s in range(len(bounds) - 1):
+                up_bd[bounds[s] : bounds[s + 1], s * c.rank : (s + 1) * c.rank] = up[bounds[s] : bounds[s + 1]]
+            layer.lowrank_down = torch.nn.Parameter(down.contiguous(), requires_grad=False)
+            layer.lowrank_up = torch.nn.Parameter(up_bd, requires_grad=False)
+
+    def apply(self, layer, x, bias):
+        c = self.config
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.ops._C.cpu_gemm_wna16  # resolved here: the op exists only in vLLM's CPU build
+        out = torch.empty(x2.shape[0], c.out_features, dtype=x.dtype)
+        y(x2, layer.weight_packed, out, layer.weight_scale, None, bias, fmt.PACK_FACTOR, layer.twinquant_isa)
+        if c.rank:
+            out.addmm_(x2 @ layer.lowrank_down.t(), layer.lowrank_up.t())
+        return out.reshape(*shape[:-1], c.out_features)
+
+
+class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
+    """PyTorch's own 4-bit CPU GEMM (`aten._weight_int4pack_mm_for_cpu`, bf16 activations) for the
+    residual, torch for the low-rank term (as CpuWna16TwinQuantKernel)."""
+
+    @classmethod
+    def can_implement(cls, c):
+        if torch.cuda.is_available():
+            return False, "a CUDA device is present"
+        if c.act_dtype != torch.bfloat16:
+            return False, f"activations in {c.act_dtype}; PyTorch's int4 CPU GEMM is fast in bfloat16 only"
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return False, "this PyTorch has no _weight_int4pack_mm_for_cpu"
+        if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
+            return False, "W4A4 checkpoints are served by the torch path"
+        if c.in_features % 32 or c.out_features % 32:
+            return False, f"layer {c.in_features} -> {c.out_features}: the kernel needs multiples of 32"
+        return True, None
+
+    def process_weights_after_loading(self, layer):
+        c = self.config
+        k = c.in_features
+        biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # (q + 8) * s - 8 s
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(biased.contiguous(), 1)
+        layer.weight_packed = torch.nn.Parameter(w, requires_grad=False)
+        s = layer.weight_scale.data.t().to(torch.bfloat16)
+        layer.weight_scale = torch.nn.Parameter(torch.stack([s, torch.zeros_like(s)], -1).contiguous(),
+                                                requires_grad=False)
+        self._lowrank(layer)
+
+    def apply(self, layer, x, bias):
+        c = self.config
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.weight_packed, c.group_size, layer.weight_scale)
+        if c.rank:
+            out.addmm_(x2 @ layer.lowrank_down.t(), layer.lowrank_up.t())
+        if bias is not None:
+            out += bias
+        return out.reshape(*shape[:-1], c.out_features)
+
+
 class TritonTwinQuantKernel(TwinQuantKernel):
     """The fused dual-component Triton kernel (csrc_triton/twinquant_gemm.py)."""
 
@@ -156,7 +272,8 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         return y.reshape(*shape[:-1], c.out_features)
 
 
-_KERNELS: list[type[TwinQuantKernel]] = [TritonTwinQuantKernel, TorchTwinQuantKernel]
+_KERNELS: list[type[TwinQuantKernel]] = [TritonTwinQuantKernel, CpuInt4PackTwinQuantKernel, CpuWna16TwinQuantKernel,
+                                         TorchTwinQuantKernel]
 
 
 def choose_kernel(c: TwinQuantLayerConfig) -> type[TwinQuantKernel]:

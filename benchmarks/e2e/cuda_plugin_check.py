@@ -66,9 +66,10 @@ def main():
     make_model(dense, args.layers, 0)
     rec["make_model_s"] = round(time.time() - t0, 1)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output", tq,
-                    "--random-calibration", "--nsamples", "32", "--seqlen", "256", "--group-size", "128",
-                    "--rank", str(args.rank), "--lowrank-dtype", args.lowrank_dtype, "--device", "cuda"], check=True)
+    subprocess.run([sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output", tq,
+                    "--calib", "random", "--recipe", "svd-split", "--nsamples", "32", "--seqlen", "256",
+                    "--group-size", "128", "--max-kl", "inf", "--rank", str(args.rank),
+                    "--set", f"split.lowrank_dtype={args.lowrank_dtype}", "--device", "cuda"], check=True)
     rec["quantize_s"] = round(time.time() - t0, 1)
 
     from importlib.metadata import entry_points

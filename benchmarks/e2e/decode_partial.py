@@ -33,9 +33,9 @@ def main():
         t0 = time.time()
         make_model(dense, a.layers, 0)
         t1 = time.time()
-        subprocess.run([sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output", tq,
-                        "--random-calibration", "--nsamples", "32", "--seqlen", "256", "--group-size", "128",
-                        "--rank", str(a.rank), "--device", "cuda"], check=True)
+        subprocess.run([sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output", tq,
+                        "--calib", "random", "--recipe", "svd-split", "--nsamples", "32", "--seqlen", "256",
+                        "--group-size", "128", "--max-kl", "inf", "--rank", str(a.rank), "--device", "cuda"], check=True)
         print(json.dumps({"make_s": round(t1 - t0, 1), "quantize_s": round(time.time() - t1, 1)}))
         return
     import torch

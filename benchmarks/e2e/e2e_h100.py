@@ -17,8 +17,8 @@ Serving: one OpenAI-API server per config; `vllm bench serve` with random 512-to
 256 output tokens, ignore_eos, at each concurrency (4 x concurrency prompts, at least 8): TTFT,
 TPOT, output tokens/s ($OUT/serve_<config>.json). The checkpoints carry a synthetic word-level
 tokenizer (token i <-> the word "t<i>"), so random prompts keep their exact token counts.
-The TwinQuant checkpoints are made with `twinquant-quantize --residual rtn --lowrank-weighting
-none` and 8 x 128 random calibration tokens: speed depends on the format, not on the values,
+The TwinQuant checkpoints are made with `twinquant-quantize --recipe rtn --set split.weighting=none
+--max-kl inf` and 8 x 128 random calibration tokens: speed depends on the format, not on the values,
 and GPTQ's Hessian pass over 32 blocks does not fit the device time (its time on 6 blocks is
 in e2e_partial_h100.json).
 """
@@ -125,10 +125,10 @@ def cmd_make(a) -> None:
     for r in a.ranks:  # quantize every rank concurrently with the GPTQ conversion
         log = open(os.path.join(a.out, f"quantize_r{r}.log"), "w")
         procs[r] = (time.time(), subprocess.Popen(
-            [sys.executable, "-m", "offline_quantizer.quantize", "--model", dense, "--output",
-             os.path.join(a.workdir, f"tq_r{r}"), "--random-calibration", "--nsamples", "8", "--seqlen", "128",
-             "--residual", "rtn", "--lowrank-weighting", "none", "--group-size", str(GROUP), "--rank", str(r),
-             "--device", a.device], stdout=log, stderr=subprocess.STDOUT))
+            [sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output",
+             os.path.join(a.workdir, f"tq_r{r}"), "--calib", "random", "--recipe", "rtn", "--nsamples", "8",
+             "--seqlen", "128", "--set", "split.weighting=none", "--group-size", str(GROUP), "--rank", str(r),
+             "--max-kl", "inf", "--device", a.device], stdout=log, stderr=subprocess.STDOUT))
     t0 = time.time()
     write_gptq(dense, os.path.join(a.workdir, "gptq"), a.device)
     rec["write_gptq_s"] = round(time.time() - t0, 1)

@@ -48,13 +48,13 @@ def test_finetune_tunes_scales_factors_norms_only_and_never_worsens_heldout(tiny
             assert torch.equal(a[k], b[k]), k
     with open(os.path.join(out, "config.json")) as f:
         q = json.load(f)["quantization_config"]
-    assert q["recipe"].endswith("-e2e") and q["metadata"]["e2e_tuning"]["kept_step"] == summary["kept_step"]
-    with pytest.raises(SystemExit, match="already exists"):
+    assert q["recipe"].endswith("-e2e") and q["metadata"]["e2e_tuning"][-1]["kept_step"] == summary["kept_step"]
+    with pytest.raises(FileExistsError, match="already exists"):
         finetune(tiny_tq_int8, tiny_dense, out, str(calib), nsamples=8, seqlen=32, batch_size=2)
-    with pytest.raises(SystemExit, match="at least 2 calibration batches"):
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
         finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ft1"), str(calib), nsamples=2, seqlen=32, batch_size=2)
     assert not os.path.exists(tmp_path / "ft1")
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".twinquant-finetune-")]  # no half-written folder
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".twinquant-")]  # no half-written folder
 
 
 def test_finetune_max_minutes_stops_on_time_and_writes_the_best_point(tiny_dense, tiny_tq_int8, tmp_path):
@@ -72,7 +72,7 @@ def test_finetune_max_minutes_stops_on_time_and_writes_the_best_point(tiny_dense
     assert summary["steps"] == 0 and summary["kept_step"] == 0
     assert summary["heldout_kl_end"] == summary["heldout_kl_start"]
     with open(os.path.join(out, "config.json")) as f:
-        e2e = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"]
+        e2e = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"][-1]
     assert e2e["planned_steps"] == 6 and e2e["steps"] == 0 and e2e["max_minutes"] == 1e-9
 
 
@@ -81,17 +81,19 @@ def test_finetune_w4a4_student_computes_what_the_torch_kernel_serves(tiny_dense,
     quantizer exactly as vLLM's torch path does, and the tuned checkpoint keeps its W4A4 config."""
     from safetensors.torch import load_file
 
+    from conftest import small_recipe
+
+    from offline_quantizer import quantize
     from offline_quantizer.finetune import _load_student, finetune
-    from offline_quantizer.quantize import quantize_model
     from vllm_twinquant import format as fmt
     from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
 
     ckpt = str(tmp_path / "a4")
-    quantize_model(tiny_dense, ckpt, None, group_size=64, rank=8, nsamples=8, seqlen=64, batch_size=4,
-                   random_calibration=True, rotation="random", activation_bits=4, activation_clip=0.9)
+    quantize(tiny_dense, small_recipe({"rotation": {"kind": "random"}}, {"activations": {"bits": 4, "clip": 0.9}}),
+             "random", ckpt, device="cpu")
     spec = fmt.load_spec(ckpt)
     q = load_file(os.path.join(ckpt, "model.safetensors"))
-    student, _ = _load_student(tiny_dense, ckpt, q, spec)
+    student, _ = _load_student(ckpt, q, spec)
     pre = "model.layers.1.mlp.down_proj"
     tuned = student.get_submodule(pre)
     tuned.use_stored = True
@@ -141,11 +143,11 @@ def test_finetune_code_lr_learns_codes_straight_through(tiny_dense, tiny_tq_int8
     assert (changed > 0) == (summary["kept_step"] > 0), (changed, summary)
     assert summary["codes_changed"] == round(changed / total, 6)
     with open(os.path.join(out, "config.json")) as f:
-        meta = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"]
+        meta = json.load(f)["quantization_config"]["metadata"]["e2e_tuning"][-1]
     assert meta["code_lr"] == 0.6
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["quantization_config"]["recipe"].endswith("-e2e-codes")
-    with pytest.raises(SystemExit, match="--code-lr must be >= 0"):
+    with pytest.raises(ValueError, match="code_lr must be >= 0"):
         finetune(tiny_tq_int8, tiny_dense, str(tmp_path / "ftn"), str(calib), nsamples=8, seqlen=32, code_lr=-1)
 
 
