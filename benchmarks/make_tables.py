@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import re
 import sys
 
@@ -13,18 +14,22 @@ import sys
 def kernels(path="benchmarks/results/kernels_h100.json", ms=None, ranks=None):
     d = json.load(open(path))
     m = d["meta"]
+    setting = (f"launch table {os.path.basename(m['launch_table'])}" if "launch_table" in m
+               else f"large-M threshold {m['large_m_threshold']}")
     print(f"{m['device']}, torch {m['torch']}, Triton {m['triton']}; measured copy {m['copy_gbps']:.0f} GB/s, "
-          f"BF16 matmul {m['bf16_peak_tflops']:.0f} TFLOP/s; large-M threshold {m['large_m_threshold']}; "
-          f"max rel. error {m['max_rel_err']:.1e}\n")
-    pdl = any("ms_no_pdl" in r for r in d["records"])  # v10 on: the layer also timed without PDL
-    print("| layer (K→N) | M | rank | TwinQuant µs |" + (" without PDL µs |" if pdl else "")
+          f"BF16 matmul {m['bf16_peak_tflops']:.0f} TFLOP/s; {setting}; max rel. error {m['max_rel_err']:.1e}\n")
+    pdl = any("ms_no_pdl" in r for r in d["records"])
+    kern = any("kernel" in r for r in d["records"])
+    print("| layer (K→N) | M | rank |" + (" kernel |" if kern else "") + " TwinQuant µs |"
+          + (" without PDL µs |" if pdl else "")
           + " fused kernel µs | dequant+cuBLAS µs | unfused µs | BF16 µs | × vs BF16 | × vs unfused | GB/s | % of floor |")
-    print("|---|---|---|---|" + ("---|" if pdl else "") + "---|---|---|---|---|---|---|---|")
+    print("|---|---|---|" + ("---|" if kern else "") + "---|" + ("---|" if pdl else "") + "---|---|---|---|---|---|---|---|")
     for r in d["records"]:
         if (ms and r["M"] not in ms) or (ranks is not None and r["rank"] not in ranks):
             continue
         no_pdl = (f" {r['ms_no_pdl']*1e3:.1f} |" if "ms_no_pdl" in r else " – |") if pdl else ""
-        print(f"| {r['name']} ({r['K']}→{r['N']}) | {r['M']} | {r['rank']} | {r['ms']*1e3:.1f} |{no_pdl} "
+        k = f" {r.get('kernel', '')} |" if kern else ""
+        print(f"| {r['name']} ({r['K']}→{r['N']}) | {r['M']} | {r['rank']} |{k} {r['ms']*1e3:.1f} |{no_pdl} "
               f"{r['ms_fused_kernel']*1e3:.1f} | {r['ms_dequant_cublas']*1e3:.1f} | {r['ms_unfused']*1e3:.1f} | "
               f"{r['ms_bf16']*1e3:.1f} | {r['speedup_vs_bf16']:.2f} | {r['speedup_vs_unfused']:.2f} | "
               f"{r['gbps']:.0f} | {r['pct_of_floor']:.0f} |")

@@ -66,20 +66,3 @@ def test_kernel_readme_table_is_make_tables_output(path):
     with contextlib.redirect_stdout(out):
         make_tables.kernels(path)
     assert out.getvalue().strip() in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
-
-
-def test_rank_chunk_table_is_the_register_records():
-    """The kernel README's v14 table (registers, programs per SM, waves of the dispatch's Gluon
-    launches, compiled for sm_90 without a GPU) is what registers_sm90.py prints from the committed
-    records, and those records hold every launch of the CI's register test, both settings."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "kernels"))
-    import registers_sm90
-
-    path = os.path.join(ROOT, "benchmarks", "results", "rank_chunk_registers_sm90.json")
-    recs = json.load(open(path))["records"]
-    keys = {("mma" if r["kernel"] == "mma decode" else "rs", *r["launch"]) for r in recs}
-    assert keys == set(registers_sm90._chunked_epilogue_launches())
-    assert {(r["rank_chunk"], r["rank"]) for r in recs} == {(False, 0), (False, 64), (False, 128), (False, 256),
-                                                             (True, 64), (True, 128), (True, 256)}
-    table = registers_sm90.table(path, os.path.join(ROOT, "benchmarks", "results", "kernels_h100.json"))
-    assert table in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()

@@ -1,26 +1,31 @@
-"""How a TwinQuant linear layer is executed: a small `can_implement` interface in the
-style of vLLM's mixed-precision linear kernels, and the two implementations.
+"""How a TwinQuant linear layer is executed: the layer kernels, in the style of vLLM's
+mixed-precision linear kernels (`can_implement` with a reason, a priority list, one log line per
+layer kind saying which kernel runs it).
 
-* `TritonTwinQuantKernel` (CUDA, fp16/bf16): the fused dual-component kernel of
-  `csrc_triton`, behind one custom op so that torch.compile and CUDA graphs see a
-  single opaque call.
-* `CpuWna16TwinQuantKernel` (vLLM's CPU build, fp16/bf16): vLLM's own 4-bit CPU GEMM for the
-  residual, torch for the low-rank term.
-* `TorchTwinQuantKernel` (any device; the reference, and the CPU path for float32 and W4A4):
-  dequantize and matmul in torch.
-
-`VLLM_TWINQUANT_KERNEL=torch|cpu|triton` forces one.
+Priority (`KERNELS`), first that can implement the layer:
+* `triton` (CUDA, fp16/bf16): the fused dual-component kernels of `csrc_triton`, behind one
+  custom op (`twinquant::linear`) so that torch.compile and CUDA graphs see a single opaque call;
+  inside it, `csrc_triton.dispatch` picks the CUDA kernel per token count (logged once per layer shape).
+* `cpu_int4pack` (vLLM's CPU build, bf16): PyTorch's 4-bit CPU GEMM for the residual.
+* `cpu_wna16` (vLLM's CPU build, fp16/bf16): vLLM's own 4-bit CPU GEMM for the residual.
+* `torch` (any device; the reference, and the CPU path for float32 and W4A4): dequantize and
+  matmul in torch.
+TWINQUANT_DISABLED_KERNELS (vllm_twinquant/envs.py) removes kernels from the list, at this
+level and in the CUDA plan.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
+from vllm_twinquant import envs
 from vllm_twinquant import format as fmt
+
+log = logging.getLogger("vllm.twinquant")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class TwinQuantLayerConfig:
     activation_subspace: int = 0  # W4A4: the last this-many input columns are quantized apart (ResQ)
     activation_subspace_bits: int = 8  # ... at this width (16: not quantized)
     int8_lowrank: bool = False  # factors int8 with fp32 row scales (lowrank_down_scale, lowrank_up_scale)
+    name: str = ""  # the layer's module name, for the log
 
     @property
     def out_features(self) -> int:
@@ -59,6 +65,8 @@ def _factor_scales(layer: torch.nn.Module, c: TwinQuantLayerConfig):
 
 
 class TwinQuantKernel(ABC):
+    name = ""  # what TWINQUANT_DISABLED_KERNELS and the log call it
+
     def __init__(self, c: TwinQuantLayerConfig) -> None:
         ok, why = self.can_implement(c)
         assert ok, why
@@ -82,6 +90,8 @@ class TorchTwinQuantKernel(TwinQuantKernel):
     path for W4A4 checkpoints: the online Hadamard rotation and the per-token 4-bit quantization
     of the residual's input are simulated in the activation dtype (no int4 GEMM yet); the
     low-rank branch reads the unquantized (rotated) input, as in SVDQuant."""
+
+    name = "torch"
 
     @classmethod
     def can_implement(cls, c):
@@ -113,6 +123,8 @@ class CpuWna16TwinQuantKernel(TwinQuantKernel):
     linear method: AVX-512/AMX, 16-bit activations) for the residual, reading the codes once per
     call instead of dequantizing the layer; the low-rank term in torch as two small matmuls
     (x D^T, then one product with U laid out block-diagonally over the merged layer's slots)."""
+
+    name = "cpu_wna16"
 
     @classmethod
     def can_implement(cls, c):
@@ -184,6 +196,8 @@ class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
     """PyTorch's own 4-bit CPU GEMM (`aten._weight_int4pack_mm_for_cpu`, bf16 activations) for the
     residual, torch for the low-rank term (as CpuWna16TwinQuantKernel)."""
 
+    name = "cpu_int4pack"
+
     @classmethod
     def can_implement(cls, c):
         if torch.cuda.is_available():
@@ -222,42 +236,49 @@ class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
 
 
 class TritonTwinQuantKernel(TwinQuantKernel):
-    """The fused dual-component Triton kernel (csrc_triton/twinquant_gemm.py)."""
+    """The fused dual-component kernels of csrc_triton; csrc_triton.dispatch picks one per call."""
+
+    name = "triton"
 
     @classmethod
     def can_implement(cls, c):
         if not torch.cuda.is_available():
             return False, "needs CUDA"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
-            return False, f"activations in {c.act_dtype}; the kernel takes fp16/bf16"
+            return False, f"activations in {c.act_dtype}; the kernels take fp16/bf16"
         if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
-            return False, "W4A4 (activation_bits 4, online Hadamard) has no Triton kernel yet"
+            return False, "W4A4 (activation_bits 4, online Hadamard) has no CUDA kernel yet"
         if len(c.slot_sizes) > 3:
             return False, "more than three sub-layers in one merged layer"
         if c.rank and len(c.slot_sizes) > 1:
-            from csrc_triton.twinquant_gemm import max_block_n_for
+            from csrc_triton.layout import max_block_n_for
 
             if max_block_n_for((c.out_features, *c.slot_bounds)) < 16 or any(s % 16 for s in c.slot_sizes):
                 return False, f"sub-layer sizes {c.slot_sizes} are not multiples of 16"
         return True, None
 
+    def shape(self):
+        from csrc_triton import LayerShape
+
+        c = self.config
+        return LayerShape(c.out_features, c.in_features, c.group_size, c.rank, c.slot_bounds, c.act_dtype,
+                          c.int8_lowrank)
+
     def process_weights_after_loading(self, layer):
-        # once, losslessly: the column order the kernels read (csrc_triton.twinquant_gemm.repack)
-        from csrc_triton.twinquant_gemm import repack
+        import csrc_triton
+        from csrc_triton.gluon_common import scratch
 
-        layer.weight_packed.data = repack(layer.weight_packed.data, self.config.group_size)
-        # the split-K scratch of the tensor-core decode kernel and of MODE 10, allocated now
-        # rather than during CUDA-graph capture (shared by the layers of a device; all zero
-        # between calls)
-        from csrc_triton.twinquant_gemm import split_scratch_tokens
-
-        n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * 8
-        device = layer.weight_packed.device
-        tokens = split_scratch_tokens(device, self.config.act_dtype, self.config.group_size, k)
+        # once, losslessly: the column order the kernels read (csrc_triton.layout.repack)
+        layer.weight_packed.data = csrc_triton.repack(layer.weight_packed.data, self.config.group_size)
+        device = csrc_triton.Device.of(layer.weight_packed.device)
+        shape = self.shape()
+        # the split-K scratch of the Gluon kernels, allocated now rather than during a CUDA-graph
+        # capture (shared by the layers of a device; all zero between calls)
+        tokens = csrc_triton.scratch_tokens(shape, device)
         if tokens:
-            from csrc_triton.twinquant_mma import scratch
-
-            scratch(device, n, tokens)
+            scratch(layer.weight_packed.device, shape.n, tokens)
+        _log_once(("triton", self.config.name.rsplit(".", 1)[-1], shape),
+                  lambda: csrc_triton.summary(self.config.name.rsplit(".", 1)[-1] or "layer", shape, device))
 
     def apply(self, layer, x, bias):
         c = self.config
@@ -272,20 +293,32 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         return y.reshape(*shape[:-1], c.out_features)
 
 
-_KERNELS: list[type[TwinQuantKernel]] = [TritonTwinQuantKernel, CpuInt4PackTwinQuantKernel, CpuWna16TwinQuantKernel,
-                                         TorchTwinQuantKernel]
+KERNELS: list[type[TwinQuantKernel]] = [TritonTwinQuantKernel, CpuInt4PackTwinQuantKernel, CpuWna16TwinQuantKernel,
+                                        TorchTwinQuantKernel]
+_LOGGED: set = set()
+
+
+def _log_once(key, message) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info(message())
 
 
 def choose_kernel(c: TwinQuantLayerConfig) -> type[TwinQuantKernel]:
-    forced = os.environ.get("VLLM_TWINQUANT_KERNEL")
+    """The first kernel of KERNELS that is not disabled and can implement the layer."""
     reasons = []
-    for k in _KERNELS:
-        if forced and not k.__name__.lower().startswith(forced.lower()):
+    for k in KERNELS:
+        if envs.disabled(k.name):
+            reasons.append(f"{k.name}: disabled by TWINQUANT_DISABLED_KERNELS")
             continue
         ok, why = k.can_implement(c)
         if ok:
+            kind = c.name.rsplit(".", 1)[-1]
+            _log_once((k.name, kind, c.in_features, c.out_features), lambda: (
+                f"twinquant: {kind or 'layer'} {c.in_features}->{c.out_features} r{c.rank}: {k.name}"
+                + (f" (not: {'; '.join(reasons)})" if reasons else "")))
             return k
-        reasons.append(f"{k.__name__}: {why}")
+        reasons.append(f"{k.name}: {why}")
     raise ValueError(f"no TwinQuant kernel can run {c}: " + "; ".join(reasons))
 
 
@@ -306,7 +339,7 @@ def _register_custom_op() -> None:
         down_scale: torch.Tensor | None = None,
         up_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from csrc_triton.twinquant_gemm import tq_linear
+        from csrc_triton import linear as tq_linear
 
         return tq_linear(x, qweight, scales, group_size, down, up, bias, tuple(slot_bounds),
                          down_scale=down_scale, up_scale=up_scale)

@@ -213,7 +213,7 @@ class TwinQuantLinearMethod(LinearMethodBase):
             activation_bits=spec.activation_bits, activation_clip=float(spec.activation_clip_ratio),
             online_hadamard=hadamard, activation_subspace=subspace,
             activation_subspace_bits=spec.activation_subspace_bits,
-            int8_lowrank=bool(rank) and spec.lowrank_dtype == "int8",
+            int8_lowrank=bool(rank) and spec.lowrank_dtype == "int8", name=self.prefix,
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -93,10 +93,9 @@ def main():
     except Exception as e:  # noqa: BLE001  (older/newer LLM API)
         rec["kernels"] = f"unknown ({type(e).__name__})"
     gen = torch.Generator().manual_seed(1)
-    # three batches: 372 prompt tokens in one step (the large-M path: transient weights with the
-    # low-rank part folded in + cuBLAS), 230 (MODE 10, the Hopper register-operand wgmma kernel,
-    # where the dispatch allows it), 14 (the tensor-core decode kernel); decode steps of 4, 2 and
-    # 1 tokens in between (the mma decode and the vector kernels)
+    # three batches: 372 prompt tokens in one step (dequant_cublas: transient weights with the
+    # low-rank part folded in + cuBLAS), 230 (wgmma_rs where the plan allows it), 14 (mma_decode);
+    # decode steps of 4, 2 and 1 tokens in between (mma_decode and gemv)
     rounds = [(1, 7, 64, 300), (100, 130), (9, 5)]
     sp = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0, logprobs=0, detokenize=False)
     prompts, outs = [], []
@@ -104,8 +103,9 @@ def main():
         batch = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in lens]
         prompts += batch
         outs += llm.generate([{"prompt_token_ids": p} for p in batch], sp)
-    from csrc_triton import twinquant_gemm as tg
-    rec["wgmma_dispatch"] = tg.wgmma_usable(0)
+    import csrc_triton as ct
+    rec["plan_gate_up"] = ct.summary("gate_up_proj", ct.LayerShape(28672, 4096, 128, args.rank, (14336,)),
+                                     ct.Device.of(torch.device("cuda")))
     ref_model = effective_model(dense, tq)
     worst, agree, total = 0.0, 0, 0
     for p, o in zip(prompts, outs):

@@ -1,10 +1,10 @@
 """The plugin's custom op (torch.ops.twinquant.linear) under CUDA graphs and torch.compile, on the GPU.
 
-    python3 benchmarks/kernels/graph_check.py [--out DIR] [--tag h200] [--rs-config TOK BN 64 WARPS STAGES SPLIT 10]
+    python3 benchmarks/kernels/graph_check.py [--out DIR] [--tag h200]
 
 vLLM captures decode steps in CUDA graphs (and compiles the model with torch.compile); the
-tensor-core decode kernel keeps state between calls (its split-K workspace and tickets must be
-all zero again after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100, 200, 300 tokens (300: the
+Gluon kernels keep state between calls (their split-K scratch and tickets must be all zero again
+after every call). For batches of M = 1, 2, 4, 9, 16, 24, 64, 100, 200, 300 tokens (300: the
 large-M path, transient weights with the low-rank part folded in + cuBLAS) on merged q/k/v
 (slots) and gate/up shapes, rank 0 and 64, the op is captured in one CUDA graph, replayed five
 times with fresh inputs copied into the captured buffer, and each replay's output is compared
@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench_kernels import make_layer, reference  # noqa: E402
+from common import make_layer, reference  # noqa: E402
 
+import csrc_triton as ct  # noqa: E402
 import vllm_twinquant.kernels  # noqa: E402, F401  (registers torch.ops.twinquant.linear)
-from csrc_triton import twinquant_gemm as tg  # noqa: E402
 
 CASES = [("qkv", 4096, 6144, (4096, 5120)), ("o", 4096, 4096, ()), ("gate_up", 4096, 28672, (14336,)),
          ("down", 14336, 4096, ())]
@@ -40,18 +40,14 @@ def rel(y, ref):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--rs-config", type=int, nargs=7, default=None, metavar="C",
-                    help="MODE 10 config the dispatch then takes at every 16 < M <= 256 (in place of RS_CONFIGS)")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
-    if args.rs_config:
-        tg.RS_CONFIGS = [(1 << 62, 1 << 62, 0, tuple(args.rs_config))]
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     recs, worst = [], 0.0
     for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200, 300) for r in (0, 64)]:
         qw, sc, down, up = make_layer(k, n, r, dtype, gen, 128, len(bounds) + 1)
-        qwr = tg.repack(qw, 128)
+        qwr = ct.repack(qw, 128)
         op = torch.ops.twinquant.linear
 
         def f(x, qwr=qwr, sc=sc, down=down, up=up, bounds=bounds):
@@ -77,11 +73,10 @@ def main():
             for x, ref in zip(xs, refs):
                 cerrs.append(rel(fc(x).clone(), ref))
             del fc
-        cfg = tg.pick_mma_config(m, n, k) if 1 < m <= tg.MMA_MAX_M else None
-        rs = tg.pick_rs_config(m, n, k) if tg.RS_MIN_M < m <= tg.RS_MAX_M and tg.wgmma_usable(0) else None
-        if rs is not None:
-            cfg = tg.fit_rs_tile(rs, tg.max_block_n_for((n, *bounds)) if bounds else 256)
-        rec = {"name": name, "M": m, "rank": r, "config": cfg, "graph_rel_err": errs, "compiled_rel_err": cerrs}
+        p = ct.plan(ct.LayerShape(n, k, 128, r, bounds, dtype), m, ct.Device.of(x_static.device))
+        cfg = f"{p.kernel} {vars(p.config)}"
+        rec = {"name": name, "M": m, "rank": r, "kernel": p.kernel, "config": vars(p.config), "graph_rel_err": errs,
+               "compiled_rel_err": cerrs}
         recs.append(rec)
         worst = max(worst, *errs, *cerrs)
         print(f"{name:8s} M={m:3d} r={r:2d} {cfg}: graph replays {max(errs):.2e}"

@@ -2,14 +2,14 @@
 
     python3 benchmarks/kernels/pdl_check.py [--out DIR] [--expect-race]
 
-With programmatic dependent launch (`twinquant_gemm.pdl_usable`) the residual kernel starts
+With programmatic dependent launch (`csrc_triton.dispatch.pdl_usable`) the residual kernel starts
 while the down projection t = x @ D^T still runs, and only its epilogue waits for t
 (`griddepcontrol.wait`). A wait in the wrong place would pass ordinary checks, because the
 down projection is short and is usually done in time. Here it is made slow on purpose: one
 program per rank tile walks all of K (`lowrank_down(..., num_splits=1)`, K = 14336). Each
-dispatch path (vector kernel, mma decode kernel, tile kernel with and without split-K, the
-Hopper wgmma kernel) then runs against a float32 reference, output NaN-poisoned; a t read too
-early is the uninitialised workspace or zeros, several percent off or NaN.
+kernel (gemv, mma_decode, tile with and without split-K, wgmma_rs) then runs with PDL against a
+float32 reference, output NaN-poisoned; a t read too early is the uninitialised workspace or
+zeros, several percent off or NaN.
 Exit status 1 on a mismatch; --expect-race inverts it (the negative control, run on a copy of
 the kernels with the wait removed, must fail).
 """
@@ -26,18 +26,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench_kernels import fresh_case, mode8_available  # noqa: E402
+from common import fresh_case  # noqa: E402
 
-from csrc_triton import twinquant_gemm as tg  # noqa: E402
+import csrc_triton as ct  # noqa: E402
+from csrc_triton import dispatch, layer  # noqa: E402
+from csrc_triton.kernels.gemv import GemvConfig  # noqa: E402
+from csrc_triton.kernels.mma_decode import MmaConfig  # noqa: E402
+from csrc_triton.kernels.tile import TileConfig  # noqa: E402
+from csrc_triton.kernels.wgmma_rs import RsConfig  # noqa: E402
 
 K, N, RANK = 14336, 4096, 128
-CASES = [  # (M, forced config or None for the dispatch's, what runs)
-    (1, None, "vector decode kernel"),
-    (8, None, "mma decode kernel"),
-    (64, None, "mma decode kernel, 64 tokens per program"),
-    (100, (64, 64, 128, 8, 3, 1, 7), "tile kernel MODE 7"),
-    (100, (64, 64, 128, 8, 3, 4, 7), "tile kernel MODE 7, split-K 4"),
-    (200, (256, 128, 64, 8, 3, 1, 9), "wgmma kernel MODE 9"),
+CASES = [  # (M, forced config, what runs)
+    (1, GemvConfig(1, 4, 256, 2, 2, 1), "gemv"),
+    (8, MmaConfig(1, 8, 8), "mma_decode"),
+    (64, MmaConfig(2, 4, 16, 64), "mma_decode, 64 tokens per program"),
+    (100, TileConfig(64, 64, 128, 8, 3, 1, 7), "tile MODE 7"),
+    (100, TileConfig(64, 64, 128, 8, 3, 4, 7), "tile MODE 7, split-K 4"),
+    (200, RsConfig(256, 128, 8, 4, 4), "wgmma_rs"),
 ]
 
 
@@ -46,27 +51,28 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--expect-race", action="store_true")
     args = ap.parse_args()
-    if not tg.pdl_usable(0):
-        raise SystemExit("PDL is not in use on this device (sm_90+ and TWINQUANT_PDL unset needed)")
+    device = ct.Device.of(torch.device("cuda"))
+    if not dispatch.pdl_usable(device):
+        raise SystemExit("PDL is not in use on this device (sm_90+ and pdl not in TWINQUANT_DISABLED_KERNELS)")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    slow_down, trigger = tg.lowrank_down, tg.pdl_trigger
-    tg.lowrank_down = lambda x, down, num_splits=None, **kw: slow_down(x, down, 1, **kw)
-    tg.pdl_trigger = lambda m, n, k, r: 1  # PDL on every path, also where the dispatch leaves it off
+    slow_down, trigger = layer.lowrank_down, dispatch.pdl_trigger
+    layer.lowrank_down = lambda x, down, num_splits=None, **kw: slow_down(x, down, 1, **kw)
+    dispatch.pdl_trigger = lambda *args: 1  # PDL on every path, also where the table leaves it off
     recs = []
     for m, cfg, what in CASES:
-        if cfg is not None and cfg[6] == 9 and not mode8_available():
+        if not dispatch.kernels()[layer.config_kernel(cfg)].can_implement(ct.LayerShape(N, K, 128, RANK), device)[0]:
             continue
         errs = []
         for _ in range(3):
             x, qw, sc, down, up, b, scales, ref = fresh_case(m, K, N, RANK, torch.bfloat16, gen)
             out = torch.full((m, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            tg.tq_gemm(x, qw, sc, 128, down, up, b, out=out, config=cfg)
+            ct.gemm(x, qw, sc, 128, down, up, b, out=out, config=cfg)
             torch.cuda.synchronize()
             e = ((out.float() - ref).norm() / ref.norm()).item()
             errs.append(float("inf") if e != e else e)
-        recs.append({"M": m, "config": cfg, "path": what, "rel_err": max(errs)})
+        recs.append({"M": m, "config": vars(cfg), "path": what, "rel_err": max(errs)})
         print(f"M={m:4d} {what:45s} worst rel. error {max(errs):.2e}", flush=True)
-    tg.lowrank_down, tg.pdl_trigger = slow_down, trigger
+    layer.lowrank_down, dispatch.pdl_trigger = slow_down, trigger
     ok = all(r["rel_err"] <= 1e-2 for r in recs)
     os.makedirs(args.out, exist_ok=True)
     name = "pdl_check_race.json" if args.expect_race else "pdl_check.json"

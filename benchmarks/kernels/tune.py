@@ -1,0 +1,151 @@
+"""Launch tables for a device: sweep the kernels' configurations on the GPU, then write the table
+the plan reads (csrc_triton/configs/<device name>.json).
+
+    python benchmarks/kernels/tune.py sweep --out DIR [--ms 1 2 4 8 16 32 64 128 256]   # on the GPU
+    python benchmarks/kernels/tune.py table --sweep DIR/sweep_<device>.json --base csrc_triton/configs/NVIDIA_H100_80GB_HBM3.json \\
+        --write csrc_triton/configs/<device>.json
+
+The sweep times, for Llama-3-8B's four layer shapes (the table's shape classes: down N <= 4096,
+K >= 8192; o N <= 4096; q/k/v N <= 8192; gate/up wider) and each M, every candidate config of
+every kernel that can run there (each first checked against a float32 reference on the timed
+shape, rank 64: the cost that decides is the layer's with its low-rank term). `table` then gives
+each (M, shape class) to the fastest measured (kernel, config): the rows of the kernels before it
+in the plan's priority say null there, its own row names the config, and a token count between
+two swept ones takes the choice of the next swept M above it. The tile kernel's rules, the large-M thresholds and the PDL rows are taken from
+--base (they come from their own, longer sweeps). The `sources` of the written table say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CLASSES = [  # (name, max_n, min_k, representative (N, K))
+    ("down", 4096, 8192, (4096, 14336)),
+    ("o", 4096, 0, (4096, 4096)),
+    ("qkv", 8192, 0, (6144, 4096)),
+    ("gate_up", None, 0, (28672, 4096)),
+]
+PRIORITY = ("wgmma_rs", "mma_decode", "gemv", "tile")
+TABLE_KERNELS = ("wgmma_rs", "mma_decode", "gemv")  # the kernels whose rows the sweep writes
+
+
+def candidates(kernel: str, m: int) -> list:
+    from csrc_triton.kernels.gemv import GemvConfig
+    from csrc_triton.kernels.mma_decode import MmaConfig
+    from csrc_triton.kernels.tile import TileConfig
+    from csrc_triton.kernels.wgmma_rs import RsConfig
+
+    if kernel == "gemv" and m <= 4:
+        rows = (1,) if m == 1 else (2,)
+        return [GemvConfig(bm, bn, bw, w, u, pf) for bm in rows for bn, bw, w in ((4, 256, 2), (8, 256, 2), (8, 128, 1))
+                for u in (1, 2) for pf in (0, 1)]
+    if kernel == "mma_decode" and 2 <= m <= 128:
+        tok = max(8, min(64, 1 << (m - 1).bit_length()))
+        return [MmaConfig(mt, w, s, tok) for mt in (1, 2) for w in (4, 8) for s in (2, 4, 8, 16)]
+    if kernel == "wgmma_rs" and 16 < m <= 256:
+        toks = sorted({t for t in (32, 64, 128, 256) if t >= min(m, 256) // 2})
+        return [RsConfig(t, bn, w, 4, s) for t in toks for bn, w in ((64, 4), (128, 4), (128, 8)) for s in (1, 2, 4)]
+    if kernel == "tile":
+        return [TileConfig(bm, bn, bk, w, st, 1, 7) for bm, bn, bk, w, st in
+                ((64, 64, 128, 8, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 4))]
+    return []
+
+
+def sweep(out: str, ms: list[int]) -> str:
+    import torch
+    from common import GROUP, flush_copies, fresh_case, graph_time_ms, layer_bytes, make_layer
+
+    import csrc_triton as ct
+
+    device = ct.Device.of(torch.device("cuda"))
+    dtype, rank = torch.bfloat16, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    recs, t0 = [], time.time()
+    for (cls, _, _, (n, k)), m in itertools.product(CLASSES, ms):
+        shape = ct.LayerShape(n, k, GROUP, rank, (), dtype)
+        layers = [make_layer(k, n, rank, dtype, gen) for _ in range(flush_copies(layer_bytes(k, n, rank)))]
+        layers = [(ct.repack(L[0], GROUP), *L[1:]) for L in layers]
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        for kernel in PRIORITY:
+            if not ct.dispatch.kernels()[kernel].can_implement(shape, device)[0]:
+                continue
+            for cfg in candidates(kernel, m):
+                try:
+                    xc, qw, sc, down, up, _, _, ref = fresh_case(m, k, n, rank, dtype, gen)
+                    y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                    ct.gemm(xc, qw, sc, GROUP, down, up, out=y, config=cfg)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    if not err <= 1e-2:
+                        print(f"  MISMATCH {kernel} {cfg} M={m} {cls}: {err:.2e}", flush=True)
+                        continue
+                    ms_ = graph_time_ms([lambda L=L: ct.gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg)
+                                         for L in layers], reps=20)
+                except (ValueError, RuntimeError) as e:  # out of shared memory, a config that cannot launch here
+                    print(f"  {kernel} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    continue
+                recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": kernel, "config": vars(cfg), "ms": ms_,
+                             "rel_err": err})
+        best = min((r for r in recs if r["class"] == cls and r["M"] == m), key=lambda r: r["ms"])
+        print(f"{cls:8s} M={m:4d}: best {best['kernel']} {best['config']} {best['ms'] * 1e3:.1f} us", flush=True)
+    path = os.path.join(out, f"sweep_{device.name.replace(' ', '_')}.json")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": device.name, "capability": list(device.capability), "ms": ms, "rank": rank,
+                   "seconds": round(time.time() - t0, 1), "command": " ".join(sys.argv), "records": recs}, f, indent=1)
+    return path
+
+
+def build_table(sweep_data: dict, base: dict) -> dict:
+    """The device table the sweep implies (module docstring), on top of `base`'s other tables."""
+    ms = sorted(sweep_data["ms"])
+    best = {}  # (class, M) -> fastest record
+    for r in sweep_data["records"]:
+        key = (r["class"], r["M"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    rows = {k: [] for k in TABLE_KERNELS}
+    for m in ms:
+        for cls, max_n, min_k, _ in CLASSES:
+            win = best.get((cls, m))
+            for kernel in TABLE_KERNELS:
+                cfg = win["config"] if win is not None and win["kernel"] == kernel else None
+                rows[kernel].append({"max_m": m, "max_n": max_n, "min_k": min_k, "config": cfg})
+    table = dict(base)
+    table.update(device=sweep_data["device"], capability=sweep_data["capability"], **rows)
+    table["sources"] = dict(base.get("sources", {}))
+    for kernel in TABLE_KERNELS:
+        table["sources"][kernel] = (f"benchmarks/kernels/tune.py sweep on this device ({sweep_data['command']}; "
+                                    f"M {ms}, rank {sweep_data['rank']})")
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep", help="time every candidate config on this GPU")
+    s.add_argument("--out", default=os.environ.get("OUT", "."))
+    s.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    t = sub.add_parser("table", help="write the launch table a sweep implies")
+    t.add_argument("--sweep", required=True)
+    t.add_argument("--base", required=True, help="table whose tile, large_m and pdl_off rows are kept")
+    t.add_argument("--write", required=True)
+    args = ap.parse_args()
+    if args.cmd == "sweep":
+        print(sweep(args.out, args.ms))
+        return
+    with open(args.sweep) as f, open(args.base) as g:
+        table = build_table(json.load(f), json.load(g))
+    with open(args.write, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""What every CUDA kernel of the plan shares: the layer it serves (`LayerShape`), the device
+(`Device`), one call's operands (`Launch`), and the interface (`Kernel`): `can_implement` with a
+reason, `choose` a launch configuration from the device's table, `launch`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from csrc_triton.layout import max_block_n_for
+from vllm_twinquant import envs
+
+NO_BOUNDARY = 1 << 30  # a slot boundary past every row: that slot does not exist
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A TwinQuant linear layer as the kernels see it (this tensor-parallel rank's part)."""
+
+    n: int  # output rows
+    k: int  # input columns
+    group_size: int
+    rank: int = 0
+    slot_bounds: tuple[int, ...] = ()  # first output row of slots 1 and 2 of a merged layer
+    dtype: torch.dtype = torch.bfloat16  # activations
+    int8_factors: bool = False
+
+    @property
+    def max_block_n(self) -> int:
+        """Widest power-of-two output tile that lies inside one slot (0: none from 16 up)."""
+        return max_block_n_for((self.n, *self.slot_bounds)) if self.slot_bounds else 256
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the plan needs to know about the device a layer runs on."""
+
+    name: str  # torch.cuda.get_device_name(), or "cpu"
+    capability: tuple[int, int] | None  # None: not CUDA
+    smem_optin: int  # bytes of shared memory a program may opt into
+    triton: str  # triton.__version__
+    interpreted: bool  # TRITON_INTERPRET=1
+    index: int | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.capability is not None and not self.interpreted
+
+    @staticmethod
+    def of(device: torch.device) -> Device:
+        return _device(device.type, device.index if device.index is not None else 0)
+
+    @staticmethod
+    def named(name: str, capability: tuple[int, int] = (9, 0), triton_version: str = "3.6.0") -> Device:
+        """A device described rather than present (python -m vllm_twinquant.explain)."""
+        return Device(name, capability, 227 << 10, triton_version, False, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device(kind: str, index: int) -> Device:
+    interpreted = envs.triton_interpreted()
+    if kind != "cuda" or not torch.cuda.is_available():
+        return Device("cpu", None, 48 << 10, triton.__version__, interpreted, None)
+    props = torch.cuda.get_device_properties(index)
+    return Device(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index),
+                  getattr(props, "shared_memory_per_block_optin", 48 << 10), triton.__version__, interpreted, index)
+
+
+@dataclass
+class Launch:
+    """One call of a residual kernel. `make_t` launches the low-rank down projection and returns
+    (t's workspace, its number of K-slices); a kernel calls it right before its own launch, after
+    any buffer it allocates, so that with PDL the two launches are adjacent."""
+
+    x: torch.Tensor
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    down_scale: torch.Tensor | None
+    up_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+    out: torch.Tensor
+    group_size: int
+    slot_b1: int
+    slot_b2: int
+    max_block_n: int  # widest output tile inside one slot (LayerShape.max_block_n)
+    pdl: bool
+    make_t: Callable[[], tuple[torch.Tensor | None, int]]
+
+    @property
+    def m(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def has_lr(self) -> bool:
+        return self.up is not None
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1] if self.up is not None else 0
+
+    @property
+    def has_us(self) -> bool:
+        return self.up_scale is not None
+
+    def operands(self, ws: torch.Tensor | None) -> tuple:
+        """The residual kernels' first pointer arguments: x, codes, scales, U, U's scales, t, bias
+        (an unused one gets x, never read)."""
+        x = self.x
+        return (x, self.qweight, self.scales, self.up if self.has_lr else x, self.up_scale if self.has_us else x,
+                ws if ws is not None else x, self.bias if self.bias is not None else x)
+
+    def strides(self, ws: torch.Tensor | None) -> tuple:
+        return (self.x.stride(0), self.qweight.stride(0), self.scales.stride(0),
+                self.up.stride(0) if self.has_lr else 0, ws.stride(0) if ws is not None else 0,
+                ws.stride(1) if ws is not None else 0)
+
+
+class Kernel:
+    """A residual kernel of the plan. `name` is what TWINQUANT_DISABLED_KERNELS and the plan
+    print call it."""
+
+    name = ""
+
+    def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
+        raise NotImplementedError
+
+    def choose(self, m: int, shape: LayerShape, tables):
+        """The launch configuration for m tokens from the device's tables, or None where the
+        table gives these tokens and this layer shape to another kernel."""
+        raise NotImplementedError
+
+    def launch(self, a: Launch, config) -> None:
+        raise NotImplementedError
+
+    def disabled(self) -> str | None:
+        return "disabled by TWINQUANT_DISABLED_KERNELS" if envs.disabled(self.name) else None
+
+
+class Unavailable(Kernel):
+    """A kernel whose module could not be imported (no Gluon in this Triton, say)."""
+
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+
+    def can_implement(self, shape, device):
+        return False, self.why

@@ -1,0 +1,203 @@
+"""The launch plan (csrc_triton/dispatch.py) as properties: every token count of every layer gets a
+kernel that can run it with a config that fits the layer, the tables are data, switches remove
+kernels, a device without a table gets the nearest one, and what runs where can be printed."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from csrc_triton import Device, LayerShape, plan, ranges, summary, tables_for
+from csrc_triton import dispatch as P
+from csrc_triton.kernels.dequant import DequantConfig, fold_lowrank
+from csrc_triton.kernels.gemv import GemvConfig
+from csrc_triton.kernels.mma_decode import MmaConfig
+from csrc_triton.kernels.tile import TileConfig
+from csrc_triton.kernels.wgmma_rs import RsConfig
+
+H100 = Device.named("NVIDIA H100 80GB HBM3")
+H200 = Device.named("NVIDIA H200")
+DEVICES = {
+    "h100": H100, "h200": H200,
+    "sm90-new-triton": Device.named("NVIDIA H100 80GB HBM3", (9, 0), "3.9.0"),  # wgmma_rs not measured there
+    "cpu-interpreter": Device.of(torch.device("cpu")),
+}
+LAYERS = {  # (N, K, slot bounds): Llama-3-8B and SmolLM2-135M, merged as vLLM merges them
+    "llama-qkv": (6144, 4096, (4096, 5120)), "llama-o": (4096, 4096, ()), "llama-gate_up": (28672, 4096, (14336,)),
+    "llama-down": (4096, 14336, ()), "smollm2-qkv": (960, 576, (576, 768)), "smollm2-gate_up": (3072, 576, (1536,)),
+    "smollm2-down": (576, 1536, ()),
+}
+MS = list(range(1, 300)) + [384, 512, 1000, 1024, 4096, 16384]
+
+
+def _fits(p, shape: LayerShape) -> None:
+    c, max_bn = p.config, shape.max_block_n
+    if isinstance(c, TileConfig):
+        assert c.block_n <= max_bn and max_bn % c.block_n == 0 and shape.group_size % c.block_k == 0
+        assert c.mode in (4, 7) and (c.mode == 7 or shape.group_size % 128 == 0)
+    elif isinstance(c, MmaConfig):
+        assert 16 * c.mt * c.warps <= max_bn and shape.group_size in (64, 128)
+    elif isinstance(c, RsConfig):
+        assert c.block_n <= max_bn and c.block_n % (16 * c.warps) == 0
+    elif isinstance(c, GemvConfig):
+        assert c.block_m in (1, 2) and c.block_w % 4 == 0
+    else:
+        assert isinstance(c, DequantConfig)
+
+
+@pytest.mark.parametrize("device", sorted(DEVICES))
+def test_every_token_count_of_every_layer_gets_a_kernel_that_can_run_it(device):
+    dev = DEVICES[device]
+    kernels = P.kernels()
+    for (n, k, slots), g, r, dtype in [(v, g, r, d) for v in LAYERS.values() for g in (32, 64, 128)
+                                       for r in (0, 64) for d in (torch.bfloat16, torch.float16)]:
+        if k % g:
+            continue
+        shape = LayerShape(n, k, g, r, slots, dtype)
+        for m in MS:
+            p = plan(shape, m, dev)
+            ok, why = kernels[p.kernel].can_implement(shape, dev)
+            assert ok, (p, why)
+            _fits(p, shape)
+            if p.kernel == "wgmma_rs":
+                assert 16 < m <= 256 and dev.capability == (9, 0)
+            assert (p.lowrank is None) == (r == 0 or p.kernel == "dequant_cublas")
+
+
+def test_the_gluon_kernels_are_planned_only_where_they_can_run():
+    shape = LayerShape(28672, 4096, 128, 64, (14336,))
+    used = {d: {plan(shape, m, dev).kernel for m in MS} for d, dev in DEVICES.items()}
+    assert {"gemv", "mma_decode", "wgmma_rs", "dequant_cublas"} <= used["h100"]
+    assert "wgmma_rs" not in used["sm90-new-triton"] and "mma_decode" in used["sm90-new-triton"]
+    assert used["cpu-interpreter"] <= {"gemv", "tile", "dequant_cublas"}
+    assert plan(LayerShape(28672, 4096, 32, 64), 8, H100).kernel != "mma_decode"  # G 32: whole chunks only
+
+
+def test_above_the_large_m_threshold_the_plan_dequantizes_and_folds_by_the_rule():
+    tables = tables_for(H100.name, H100.capability)
+    for (n, k, slots) in LAYERS.values():
+        for r in (0, 32, 64, 128):
+            shape = LayerShape(n, k, 64, r, slots)
+            thr = P.large_m_threshold(shape, H100, tables)
+            assert thr >= 256  # wgmma_rs runs up to its last token count where it can
+            assert plan(shape, thr, H100).kernel != "dequant_cublas"
+            for m in (thr + 1, 4 * thr, 65536):
+                p = plan(shape, m, H100)
+                assert p.kernel == "dequant_cublas" and p.config.fold == (r == 0 or fold_lowrank(m, n, r))
+    assert plan(LayerShape(4096, 4096, 128, 64), 1, H100, large_m=0).kernel == "dequant_cublas"
+    assert plan(LayerShape(4096, 4096, 128, 64), 9000, H100, fused_only=True).kernel != "dequant_cublas"
+
+
+def test_the_low_rank_launch_follows_the_kernel():
+    """t in one reduced slice for the tensor-core kernels from 17 tokens and for mma_decode (one
+    finishing program per column tile); 8 K-slices for gemv with PDL; PDL only on sm_90 and off
+    where the table measured it slower."""
+    shape = LayerShape(4096, 4096, 128, 64)
+    for m in MS:
+        p = plan(shape, m, H100)
+        if p.lowrank is None:
+            continue
+        assert p.lowrank.reduce == (p.kernel == "mma_decode" or (p.kernel in ("tile", "wgmma_rs") and m > 16))
+        assert p.lowrank.splits == (8 if p.kernel == "gemv" and p.pdl_trigger else None)
+    assert all(plan(shape, m, DEVICES["cpu-interpreter"]).pdl_trigger == 0 for m in MS)
+    tables = tables_for(H100.name, H100.capability)
+    off = tables.pdl_off[0]
+    gate_up = LayerShape(28672, 4096, 128, 64)
+    assert off["min_m"] <= 4 <= off["max_m"] and plan(gate_up, 4, H100).pdl_trigger == 0
+    assert plan(gate_up, 1, H100).pdl_trigger == 1
+
+
+def test_disabled_kernels_leave_the_plan(monkeypatch):
+    shape = LayerShape(28672, 4096, 128, 64)
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "wgmma_rs, mma_decode,pdl")
+    kinds = {plan(shape, m, H100).kernel for m in MS}
+    assert kinds == {"gemv", "tile", "dequant_cublas"}
+    assert all(plan(shape, m, H100).pdl_trigger == 0 for m in MS)
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "tile,gemv")
+    with pytest.raises(P.NoKernel, match="tile: disabled by TWINQUANT_DISABLED_KERNELS"):
+        plan(shape, 300, DEVICES["cpu-interpreter"], fused_only=True)
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "wgmma")
+    with pytest.raises(ValueError, match=r"TWINQUANT_DISABLED_KERNELS names \['wgmma'\]"):
+        plan(shape, 64, H100)
+
+
+def test_every_table_is_data_the_plan_reads(tmp_path):
+    """Each shipped table loads into the kernels' config dataclasses; a field no config has is an
+    error naming it, not a silently ignored launch parameter."""
+    folder = os.path.join(os.path.dirname(P.__file__), "configs")
+    names = [f for f in os.listdir(folder) if f.endswith(".json")]
+    assert {"NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"} <= set(names)
+    for fn in names:
+        t = P.load_tables(os.path.join(folder, fn))
+        assert t.device.replace(" ", "_") + ".json" == fn
+        assert t.tile.rules[-1].max_m is None and t.large_m[-1][0] is None  # every M, every layer covered
+    bad = json.load(open(os.path.join(folder, names[0])))
+    bad["gemv"][0]["config"]["block_x"] = 3
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"GemvConfig has no fields \['block_x'\]"):
+        P.load_tables(str(path))
+
+
+def test_a_device_without_a_table_uses_the_nearest_and_says_so(caplog):
+    a100 = Device.named("NVIDIA A100-SXM4-80GB", (8, 0))
+    gh = Device.named("NVIDIA GH200 480GB", (9, 0))
+    with caplog.at_level(logging.WARNING, logger="vllm.twinquant"):
+        t1 = tables_for(a100.name, a100.capability)
+        t2 = tables_for(gh.name, gh.capability)
+    assert t1.device == "NVIDIA H100 80GB HBM3"  # no sm_80 table: the H100's
+    assert t2.device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200")  # same compute capability
+    assert "no launch table for NVIDIA A100-SXM4-80GB" in caplog.text and "NVIDIA GH200 480GB" in caplog.text
+    shape = LayerShape(28672, 4096, 128, 64)
+    assert all(plan(shape, m, a100).kernel != "wgmma_rs" for m in MS)  # sm_80: no wgmma
+
+
+def test_the_plan_reads_in_one_line_and_in_ranges(capsys):
+    shape = LayerShape(6144, 4096, 128, 64, (4096, 5120))
+    line = summary("qkv_proj", shape, H100)
+    assert line == ("twinquant: qkv_proj 4096->6144 r64 g128: gemv <=1, mma_decode <=16, wgmma_rs <=256, "
+                    "dequant_cublas >256")
+    rs = ranges(shape, H100, with_config=True)
+    assert rs[0][0] == 1 and rs[-1][1] == 65536
+    assert all(a[1] + 1 == b[0] for a, b in zip(rs, rs[1:]))  # contiguous, no M left out
+    fold_at = next(lo for lo, _, label in rs if "fold=True" in label)
+    assert fold_at == 6144 * 64 // 256 + 1  # the fold rule's exact boundary, found between the samples
+    from vllm_twinquant.explain import main
+
+    main(["--k", "4096", "--n", "28672", "--slots", "14336", "--rank", "64", "--device", "h200"])
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "M = 17-256" in out and "wgmma_rs" in out
+
+
+def test_a_tuned_table_makes_the_plan_pick_the_fastest_measured_config(tmp_path):
+    """benchmarks/kernels/tune.py: from a sweep (here synthetic timings), the table it writes makes
+    the plan choose, at every swept (M, shape class), the (kernel, config) measured fastest."""
+    import random
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                    "kernels"))
+    import tune
+
+    rng = random.Random(0)
+    ms = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    recs = []
+    for (cls, _, _, (n, k)), m in [(c, m) for c in tune.CLASSES for m in ms]:
+        for kernel in tune.PRIORITY:
+            for cfg in tune.candidates(kernel, m):
+                recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": kernel, "config": vars(cfg),
+                             "ms": rng.uniform(0.01, 0.1)})
+    sweep = {"device": "NVIDIA TEST 1", "capability": [9, 0], "ms": ms, "rank": 64, "command": "synthetic",
+             "records": recs}
+    base = json.load(open(os.path.join(os.path.dirname(P.__file__), "configs", "NVIDIA_H100_80GB_HBM3.json")))
+    path = tmp_path / "NVIDIA_TEST_1.json"
+    path.write_text(json.dumps(tune.build_table(sweep, base)))
+    tables = P.load_tables(str(path))
+    dev = Device.named("NVIDIA TEST 1")
+    for (cls, _, _, (n, k)), m in [(c, m) for c in tune.CLASSES for m in ms]:
+        win = min((r for r in recs if r["class"] == cls and r["M"] == m), key=lambda r: r["ms"])
+        p = plan(LayerShape(n, k, 128, 64), m, dev, tables)
+        assert (p.kernel, vars(p.config) if p.kernel != "tile" else None) == \
+            (win["kernel"], win["config"] if win["kernel"] != "tile" else None), (cls, m, p, win)

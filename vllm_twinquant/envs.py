@@ -1,0 +1,49 @@
+"""Every environment switch of vllm-twinquant, read in one place (vLLM's envs.py in spirit).
+
+| variable | default | effect |
+|---|---|---|
+| `TWINQUANT_DISABLED_KERNELS` | (none) | comma-separated kernel names the selection skips: the layer kernels of the plugin (`triton`, `cpu_int4pack`, `cpu_wna16`, `torch`) and the CUDA kernels of the launch plan (`wgmma_rs`, `mma_decode`, `gemv`, `tile`, `dequant_cublas`), and `pdl` (programmatic dependent launch between the low-rank down projection and the residual kernel). `python -m vllm_twinquant.explain` shows the result. |
+| `TWINQUANT_CONFIG_DIR` | `csrc_triton/configs` | folder of the per-device launch tables (`<device name>.json`) |
+| `TWINQUANT_GLUON_ANY_TRITON` | `0` | `1`: let the plan pick the Hopper Gluon kernel (`wgmma_rs`) with a Triton version it was not measured with |
+| `TRITON_INTERPRET` | `0` | Triton's own: `1` runs the Triton kernels in its CPU interpreter (tests); the kernels then take their plain-Triton code paths instead of inline PTX, and no Gluon or PDL is used |
+
+Functions, not constants, so that tests (and a process that changes its environment) see the
+current value.
+"""
+
+from __future__ import annotations
+
+import os
+
+LAYER_KERNELS = ("triton", "cpu_int4pack", "cpu_wna16", "torch")
+CUDA_KERNELS = ("wgmma_rs", "mma_decode", "gemv", "tile", "dequant_cublas")
+FEATURES = ("pdl",)
+
+
+def disabled_kernels() -> frozenset[str]:
+    """The names in TWINQUANT_DISABLED_KERNELS; an unknown name is an error (a typo would
+    otherwise silently disable nothing)."""
+    raw = os.environ.get("TWINQUANT_DISABLED_KERNELS", "")
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(names - set(LAYER_KERNELS + CUDA_KERNELS + FEATURES))
+    if unknown:
+        raise ValueError(f"TWINQUANT_DISABLED_KERNELS names {unknown}; known: "
+                         f"{list(LAYER_KERNELS + CUDA_KERNELS + FEATURES)}")
+    return names
+
+
+def disabled(name: str) -> bool:
+    return name in disabled_kernels()
+
+
+def config_dir() -> str:
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc_triton", "configs")
+    return os.environ.get("TWINQUANT_CONFIG_DIR", default)
+
+
+def gluon_any_triton() -> bool:
+    return os.environ.get("TWINQUANT_GLUON_ANY_TRITON") == "1"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

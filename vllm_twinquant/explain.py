@@ -1,0 +1,52 @@
+"""Which CUDA kernel runs a TwinQuant layer for every token count, and with which launch config.
+
+    python -m vllm_twinquant.explain --k 4096 --n 28672 --rank 64 --device h100
+    python -m vllm_twinquant.explain --k 4096 --n 6144 --slots 4096,5120 --rank 64 --configs
+
+Prints the ranges of M that share a kernel (with --configs: a launch configuration), as
+`csrc_triton.dispatch` decides them for that device's table (a device without one gets the nearest,
+as at serving time), honouring TWINQUANT_DISABLED_KERNELS. Needs Triton, not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEVICES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vllm_twinquant.explain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, required=True, help="input features (this tensor-parallel rank's)")
+    ap.add_argument("--n", type=int, required=True, help="output features (all slots of a merged layer)")
+    ap.add_argument("--rank", type=int, default=0, help="low-rank width (default: %(default)s)")
+    ap.add_argument("--group-size", type=int, default=128, help="residual group size (default: %(default)s)")
+    ap.add_argument("--slots", default="", help="first output row of slots 1 and 2 of a merged layer, e.g. 4096,5120")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activations (default: %(default)s)")
+    ap.add_argument("--device", default="h100",
+                    help="h100, h200 or a CUDA device name as torch reports it (default: %(default)s)")
+    ap.add_argument("--capability", default="9.0", help="compute capability of that device (default: %(default)s)")
+    ap.add_argument("--triton", default="3.6.0", help="Triton version assumed there (default: %(default)s)")
+    ap.add_argument("--configs", action="store_true", help="also print each range's launch configuration")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from csrc_triton import Device, LayerShape, ranges, tables_for
+
+    major, minor = (int(v) for v in args.capability.split("."))
+    device = Device.named(DEVICES.get(args.device, args.device), (major, minor), args.triton)
+    slots = tuple(int(v) for v in args.slots.split(",") if v)
+    shape = LayerShape(args.n, args.k, args.group_size, args.rank, slots, getattr(torch, DTYPES[args.dtype]))
+    tables = tables_for(device.name, device.capability)
+    print(f"{shape.k} -> {shape.n}, rank {shape.rank}, group {shape.group_size}, slots {list(slots) or 'none'}, "
+          f"{args.dtype} on {device.name} (sm_{major}{minor}, Triton {args.triton}); table {tables.path}")
+    for lo, hi, label in ranges(shape, device, tables, with_config=args.configs):
+        span = f"M = {lo}" if lo == hi else f"M = {lo}-{hi}"
+        print(f"  {span:16s} {label}")
+
+
+if __name__ == "__main__":
+    main()
