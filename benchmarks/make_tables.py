@@ -3,6 +3,8 @@
     python benchmarks/make_tables.py kernels [benchmarks/results/kernels_h100.json]
     python benchmarks/make_tables.py accuracy [benchmarks/results/accuracy_smollm2.jsonl]
     python benchmarks/make_tables.py accuracy-json [JSONL] [OUT_JSON]   # the records of issue 5
+    python benchmarks/make_tables.py readme-accuracy [JSONL]            # README's short table
+    python benchmarks/make_tables.py readme-speed [benchmarks/results/e2e_h100.json]   # README's speed table
 """
 
 import json
@@ -20,10 +22,20 @@ def kernels(path="benchmarks/results/kernels_h100.json", ms=None, ranks=None):
           f"BF16 matmul {m['bf16_peak_tflops']:.0f} TFLOP/s; {setting}; max rel. error {m['max_rel_err']:.1e}\n")
     pdl = any("ms_no_pdl" in r for r in d["records"])
     kern = any("kernel" in r for r in d["records"])
-    print("| layer (K→N) | M | rank |" + (" kernel |" if kern else "") + " TwinQuant µs |"
-          + (" without PDL µs |" if pdl else "")
-          + " fused kernel µs | dequant+cuBLAS µs | unfused µs | BF16 µs | × vs BF16 | × vs unfused | GB/s | % of floor |")
-    print("|---|---|---|" + ("---|" if kern else "") + "---|" + ("---|" if pdl else "") + "---|---|---|---|---|---|---|---|")
+    print(
+        "| layer (K→N) | M | rank |"
+        + (" kernel |" if kern else "")
+        + " TwinQuant µs |"
+        + (" without PDL µs |" if pdl else "")
+        + " fused kernel µs | dequant+cuBLAS µs | unfused µs | BF16 µs | × vs BF16 | × vs unfused | GB/s | % of floor |"
+    )
+    print(
+        "|---|---|---|"
+        + ("---|" if kern else "")
+        + "---|"
+        + ("---|" if pdl else "")
+        + "---|---|---|---|---|---|---|---|"
+    )
     for r in d["records"]:
         if (ms and r["M"] not in ms) or (ranks is not None and r["rank"] not in ranks):
             continue
@@ -36,7 +48,7 @@ def kernels(path="benchmarks/results/kernels_h100.json", ms=None, ranks=None):
 
 
 def accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = [json.loads(line) for line in open(path) if line.strip()]
     base = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
     print("| checkpoint | method | group | rank | activations | effective bits/weight | perplexity | vs dense |")
     print("|---|---|---|---|---|---|---|---|")
@@ -45,6 +57,59 @@ def accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
         print(f"| {r['label']} | {METHODS.get(r['recipe'], r['recipe'])} | {r['group_size'] or ''} | "
               f"{r['rank'] if r['rank'] is not None else ''} | {_act_label(r)} | "
               f"{r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
+
+
+# README's short table: one row per method, the checkpoint that shows it, and the preset that makes it
+README_ROWS = [
+    ("dense (fp32 compute)", "dense (unquantized)", ""),
+    ("rtn-g64", "RTN, group 64", "`rtn`"),
+    ("gptq-g64", "GPTQ, group 64", "`gptq`"),
+    ("svd4-gptq-g64", "SVD split (rank 4) + GPTQ (LQER / SVDQuant-like)", "`svd-split`"),
+    ("tq-attn-tune4-r4-g64-c128", "TwinQuant W4A16", "`twinquant-w4a16`"),
+    ("tq-attn-tune4-r4-g64-c128-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr1e-3-e2e1s2-lr1e-3",
+     "TwinQuant W4A16 + end-to-end tuning (one GPU)", "`twinquant-w4a16-e2e`"),
+    ("tq-attn-tune4-sub64-clip0.8-r4-g64-c128-w4a4-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr2e-3-e2e1s2-lr2e-3",
+     "TwinQuant W4A4, ResQ 8-bit subspace, + e2e tuning", "`twinquant-w4a4-resq`+e2e"),
+]
+
+
+def readme_accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
+    rows = {r["label"]: r for r in (json.loads(line) for line in open(path) if line.strip())}
+    base = rows["dense (fp32 compute)"]["ppl"]
+    print("| method | recipe | bits / weight | perplexity | vs dense |")
+    print("|---|---|---|---|---|")
+    for label, method, recipe in README_ROWS:
+        r = rows[label]
+        rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if r["recipe"] != "dense" else ""
+        print(f"| {method} | {recipe} | {r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
+
+
+def w4a8_accuracy(path="benchmarks/results/accuracy_w4a8_smollm2.jsonl"):
+    """Each checkpoint of `w4a8_redeclare.sh` under its three declarations, against its W4A16 one."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| checkpoint (recipe) | served as | perplexity | vs its W4A16 declaration |")
+    print("|---|---|---|---|")
+    for r in rows:
+        name, served = r["label"].rsplit(" as ", 1)
+        base = next(b["ppl"] for b in rows if b["label"] == f"{name} as W4A16")
+        rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if served != "W4A16" else ""
+        print(f"| {name} (`{r['recipe'].split('+')[0]}`) | {served} | {r['ppl']:.2f} | {rel} |")
+
+
+SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g128 (Machete)",
+               "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64"}
+
+
+def readme_speed(path="benchmarks/results/e2e_h100.json"):
+    d = json.load(open(path))
+    recs = {r["config"]: r for r in d["records"]}
+    base = recs["bf16"]
+    print("| config | batch 1, ms / token | × BF16 | 512 prompts, output tok/s | × BF16 |")
+    print("|---|---|---|---|---|")
+    for cfg, name in SPEED_NAMES.items():
+        r = recs[cfg]
+        print(f"| {name} | {r['bs1_ms_per_token']:.2f} | {base['bs1_ms_per_token'] / r['bs1_ms_per_token']:.2f} "
+              f"| {r['out_tok_s']:,.0f} | {r['out_tok_s'] / base['out_tok_s']:.2f} |")
 
 
 def _act_bits(r) -> int:
@@ -79,33 +144,56 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "rot-learned-smooth-svd-gptq-attn-tuned": "TwinQuant (transforms, attention-aware GPTQ, block tuning)",
     "a4-hadamard-rot-learned-smooth-learned-split-gptq": "TwinQuant W4A4 (+ online Hadamard)",
     "a4-hadamard-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, A4-aware block tuning)",
-    "rot-learned-smooth-svd-gptq-attn-tuned-token": "TwinQuant (transforms, attention-aware GPTQ, block tuning, per-token loss)",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + end-to-end tuning",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + two rounds of end-to-end tuning",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + three rounds of end-to-end tuning",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + four rounds of end-to-end tuning (the fourth with `--code-lr`)",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + four rounds of end-to-end tuning (the fourth with `--code-lr`)",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the fourth with `--code-lr`)",
-    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the fourth with `--code-lr`)",
-    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant W4A4 (as above) + two rounds of end-to-end tuning",
-    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant W4A4 (as above) + three rounds of end-to-end tuning",
-    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 + ResQ 8-bit subspace (PCA rotation, attention-aware, block tuning with clip 0.8)",
-    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + end-to-end tuning",
-    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + two rounds of end-to-end tuning",
-    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + three rounds of end-to-end tuning",
-    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e": "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + four rounds of end-to-end tuning",
-    "rot-learned-smooth-svd-gptq-attn-tuned-lrint8": "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors",
-    "a4-hadamard-rot-learned-svd-gptq-attn-tuned+clip0.8-at-serve": "TwinQuant W4A4 (as above) served with activation clip 0.8",
-    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned": "TwinQuant W4A4 (rotation, attention-aware, block tuning with activation clip 0.8)",
+    "rot-learned-smooth-svd-gptq-attn-tuned-token":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning, per-token loss)",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + two rounds of end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + three rounds of end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + four rounds of end-to-end tuning (the "
+        "fourth with `--code-lr`)",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + four rounds of end-to-end tuning (the "
+        "fourth with `--code-lr`)",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the "
+        "fourth with `--code-lr`)",
+    "rot-learned-smooth-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e-codes-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning) + five rounds of end-to-end tuning (the "
+        "fourth with `--code-lr`)",
+    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e":
+        "TwinQuant W4A4 (as above) + two rounds of end-to-end tuning",
+    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e":
+        "TwinQuant W4A4 (as above) + three rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned":
+        "TwinQuant W4A4 + ResQ 8-bit subspace (PCA rotation, attention-aware, block tuning with clip 0.8)",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e":
+        "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e":
+        "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + two rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e":
+        "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + three rounds of end-to-end tuning",
+    "a4-hadamard-sub64-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e-e2e-e2e-e2e":
+        "TwinQuant W4A4 + ResQ 8-bit subspace (as above) + four rounds of end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-lrint8":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors",
+    "a4-hadamard-rot-learned-svd-gptq-attn-tuned+clip0.8-at-serve":
+        "TwinQuant W4A4 (as above) served with activation clip 0.8",
+    "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned":
+        "TwinQuant W4A4 (rotation, attention-aware, block tuning with activation clip 0.8)",
     "a4-hadamard-clip0.8-rot-learned-svd-gptq-attn-tuned-e2e": "TwinQuant W4A4 (as above) + end-to-end tuning",
-    "rot-learned-smooth-svd-gptq-attn-tuned-lrint8-e2e": "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors, + end-to-end tuning",
+    "rot-learned-smooth-svd-gptq-attn-tuned-lrint8-e2e":
+        "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors, + end-to-end tuning",
     "a4-hadamard-rtn": "RTN W4A4 (online Hadamard only)",
     "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
 }
 
 
 def accuracy_json(path="benchmarks/results/accuracy_smollm2.jsonl", out="benchmarks/results/accuracy_smollm2.json"):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = [json.loads(line) for line in open(path) if line.strip()]
     base = next(r["ppl"] for r in rows if r["recipe"] == "dense")
     recs = []
     for r in rows:
@@ -132,5 +220,11 @@ if __name__ == "__main__":
         kernels(*args, ms=[1, 16, 64, 256, 4096], ranks=[0, 64])
     elif what == "accuracy-json":
         accuracy_json(*args)
+    elif what == "readme-speed":
+        readme_speed(*args)
+    elif what == "readme-accuracy":
+        readme_accuracy(*args)
+    elif what == "w4a8-accuracy":
+        w4a8_accuracy(*args)
     else:
         accuracy(*args)

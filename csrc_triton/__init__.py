@@ -6,12 +6,12 @@
 kernels (the Gluon ones compile for a GPU only).
 """
 
+from csrc_triton.dispatch import KernelPlan, NoKernel, plan, ranges, scratch_tokens, summary, tables_for
 from csrc_triton.kernels.base import Device, LayerShape
 from csrc_triton.kernels.dequant import dequantize, dequantize_rows, fold_lowrank
 from csrc_triton.kernels.lowrank_down import lowrank_down
-from csrc_triton.layout import chunk_words, max_block_n_for, repack, unrepack
 from csrc_triton.layer import gemm, linear
-from csrc_triton.dispatch import KernelPlan, NoKernel, plan, ranges, scratch_tokens, summary, tables_for
+from csrc_triton.layout import chunk_words, max_block_n_for, repack, unrepack
 
 __all__ = ["Device", "KernelPlan", "LayerShape", "NoKernel", "chunk_words", "dequantize", "dequantize_rows",
            "fold_lowrank", "gemm", "linear", "lowrank_down", "max_block_n_for", "plan", "ranges", "repack",

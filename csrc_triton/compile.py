@@ -90,7 +90,10 @@ def _main(spec_json: str, out: str) -> None:
     if os.path.exists(tool):
         text = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
         line = next(ln for ln in text.splitlines() if "REG:" in ln)
-        res = {k: int(v) for k, v in (item.split(":") for item in line.split() if ":" in item and item.split(":")[1].isdigit())}
+        res = {
+            k: int(v)
+            for k, v in (item.split(":") for item in line.split() if ":" in item and item.split(":")[1].isdigit())
+        }
         res["SMEM"] = int(compiled.metadata.shared)  # bytes of shared memory a launch asks for (dynamic included)
         with open(os.path.join(out, "kernel.res"), "w") as f:
             json.dump(res, f)

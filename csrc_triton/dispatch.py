@@ -4,6 +4,11 @@
     -> KernelPlan(kernel="mma_decode", config=MmaConfig(mt=2, warps=8, split_k=4, max_tokens=64), ...)
 
 The rule, in full:
+0. A W4A8 layer (`LayerShape.act_quant` fp8/int8): `fp8_cublas` where it can run and the table's
+   `w4a8_fp8_cublas` rows say so (large M), else the `w4a8` kernel where its table row for
+   (M, N, K) names a config; below the table's first such M (decode), the rule below for the
+   same layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8
+   product's by the activation rounding; README, "Limits").
 1. Above the large-M threshold (the device table's `large_m`, by layer size; at least the last
    token count wgmma_rs takes where it can run): `dequant_cublas`.
 2. Else the first kernel of PRIORITY that can run the layer on the device (`can_implement`) and
@@ -22,6 +27,7 @@ for every M.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -36,7 +42,7 @@ log = logging.getLogger("vllm.twinquant")
 
 PRIORITY = ("wgmma_rs", "mma_decode", "gemv", "tile")
 KERNEL_MODULES = {"wgmma_rs": "wgmma_rs", "mma_decode": "mma_decode", "gemv": "gemv", "tile": "tile",
-                  "dequant_cublas": "dequant"}
+                  "dequant_cublas": "dequant", "w4a8": "w4a8", "fp8_cublas": "fp8_cublas"}
 FALLBACK_TABLE = "NVIDIA H100 80GB HBM3"
 
 
@@ -44,7 +50,7 @@ class NoKernel(ValueError):
     """No kernel of the plan can run a layer for some token count; the message gives each reason."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels() -> dict[str, Kernel]:
     """name -> kernel; one that cannot be imported (no Gluon in this Triton) stands in as Unavailable."""
     out: dict[str, Kernel] = {}
@@ -59,21 +65,21 @@ def kernels() -> dict[str, Kernel]:
 # -- the tables ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rule:
-    max_m: int
+    max_m: int | None  # None: any M
     max_n: int | None  # None: any N
     min_k: int
     config: object | None  # None: these tokens and shapes go to the next kernel
 
 
 class RuleTable:
-    """Rules matched first to last: M <= max_m, N <= max_n, K >= min_k."""
+    """Rules matched first to last: M <= max_m, N <= max_n (None: any), K >= min_k."""
 
     def __init__(self, rules: list[Rule]):
         self.rules = rules
 
     def lookup(self, m: int, n: int, k: int):
         for r in self.rules:
-            if m <= r.max_m and (r.max_n is None or n <= r.max_n) and k >= r.min_k:
+            if (r.max_m is None or m <= r.max_m) and (r.max_n is None or n <= r.max_n) and k >= r.min_k:
                 return r.config
         return None
 
@@ -121,6 +127,8 @@ class Tables:
     gemv: RuleTable
     mma_decode: RuleTable
     wgmma_rs: RuleTable
+    w4a8: dict[str, RuleTable]  # act_quant ("fp8", "int8") -> the W4A8 kernel's rows
+    w4a8_fp8_cublas: RuleTable  # where W4A8-FP8 layers run cuBLAS's block-scaled GEMM instead
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
@@ -144,8 +152,10 @@ def _rules(rows: list[dict], config_type) -> RuleTable:
 
 
 def load_tables(path: str) -> Tables:
+    from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
     from csrc_triton.kernels.gemv import GemvConfig
     from csrc_triton.kernels.mma_decode import MmaConfig
+    from csrc_triton.kernels.w4a8 import W4a8Config
     from csrc_triton.kernels.wgmma_rs import RsConfig
 
     with open(path) as f:
@@ -154,6 +164,8 @@ def load_tables(path: str) -> Tables:
         device=d["device"], path=path,
         gemv=_rules(d["gemv"], GemvConfig), mma_decode=_rules(d["mma_decode"], MmaConfig),
         wgmma_rs=_rules(d["wgmma_rs"], RsConfig),
+        w4a8={aq: _rules(d[f"w4a8_{aq}"], W4a8Config) for aq in ("fp8", "int8")},
+        w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
     )
@@ -163,7 +175,7 @@ def table_file(device_name: str) -> str:
     return os.path.join(envs.config_dir(), device_name.replace(" ", "_") + ".json")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tables_for(device_name: str, capability: tuple[int, int] | None) -> Tables:
     """The device's own table, else the nearest: a table of the same compute capability, else the
     H100's (logged once per device)."""
@@ -225,8 +237,10 @@ def large_m_threshold(shape: LayerShape, device: Device, tables: Tables) -> int:
 
 
 def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables: Tables) -> KernelPlan:
-    if not shape.rank or name == "dequant_cublas":
+    if not shape.rank or name in ("dequant_cublas", "fp8_cublas"):  # (they make t themselves)
         return KernelPlan(name, config, None, 0)
+    if name == "w4a8":  # launched after quantize_rows, without PDL
+        return KernelPlan(name, config, LowrankPlan(None, m > 16), 0)
     trigger = pdl_trigger(tables, m, shape.n, shape.k, shape.rank) if pdl_usable(device) else 0
     # The gemv kernel takes t in 8 K-slices with PDL (fewer partial slices in its epilogue, and the
     # longer down projection runs under its loop); the tensor-core kernels from 17 tokens on and
@@ -242,6 +256,18 @@ def plan(shape: LayerShape, m: int, device: Device, tables: Tables | None = None
     large_m: a threshold in place of the table's (0: always dequant_cublas); fused_only: never it."""
     tables = tables or tables_for(device.name, device.capability)
     ks = kernels()
+    if shape.act_quant != "none":
+        if ks["fp8_cublas"].can_implement(shape, device)[0]:
+            cfg = ks["fp8_cublas"].choose(m, shape, tables)
+            if cfg is not None:
+                return _finish("fp8_cublas", cfg, m, shape, device, tables)
+        ok, why = ks["w4a8"].can_implement(shape, device)
+        if not ok:
+            raise NoKernel(f"no kernel runs {shape} for M={m} on {device.name}: w4a8: {why}")
+        cfg = ks["w4a8"].choose(m, shape, tables)
+        if cfg is not None:
+            return _finish("w4a8", cfg, m, shape, device, tables)
+        shape = dataclasses.replace(shape, act_quant="none")
     thr = large_m_threshold(shape, device, tables) if large_m is None else large_m
     reasons = []
     if m > thr and not fused_only:

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import torch
 
+from csrc_triton.dispatch import KernelPlan, _finish, cached_plan, kernels, tables_for
 from csrc_triton.kernels.base import NO_BOUNDARY, Device, Launch, LayerShape
 from csrc_triton.kernels.dequant import DequantConfig
+from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
 from csrc_triton.kernels.gemv import GemvConfig
 from csrc_triton.kernels.lowrank_down import lowrank_down
 from csrc_triton.kernels.tile import TileConfig
+from csrc_triton.kernels.w4a8 import W4a8Config
 from csrc_triton.layout import check_factor
-from csrc_triton.dispatch import KernelPlan, _finish, cached_plan, kernels, tables_for
 
-CONFIG_KERNELS = {GemvConfig: "gemv", TileConfig: "tile", DequantConfig: "dequant_cublas"}
+CONFIG_KERNELS = {GemvConfig: "gemv", TileConfig: "tile", DequantConfig: "dequant_cublas", W4a8Config: "w4a8",
+                  Fp8CublasConfig: "fp8_cublas"}
 
 
 def config_kernel(config) -> str:
@@ -53,12 +56,14 @@ def linear(
     config=None,
     out: torch.Tensor | None = None,
     fused_only: bool = False,
+    act_quant: str = "none",
 ) -> torch.Tensor:
     """The layer for x [M, K] (fp16/bf16, row-major). qweight int32 [N, K/8] in the `repack`
     layout, scales [N, K/G] as stored; down [slots*R, K] and up [N, R] in x's dtype, or int8 with
     fp32 row scales down_scale [slots*R], up_scale [N] (None for rank 0). slot_bounds: first output
     row of slots 1 and 2 of a merged layer. large_m_threshold: in place of the table's (0: always
-    the dequantize + cuBLAS path); fused_only: never that path; config: a forced launch config."""
+    the dequantize + cuBLAS path); fused_only: never that path; config: a forced launch config;
+    act_quant: "fp8"/"int8" for a W4A8 layer (`kernels/w4a8.py`)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("x must be a row-major 2-D tensor")
     m, k = x.shape
@@ -69,25 +74,25 @@ def linear(
         raise ValueError("at most three slots per merged layer")
     has_lr = down is not None and down.shape[0] > 0
     shape = LayerShape(n, k, group_size, up.shape[1] if has_lr else 0, tuple(slot_bounds), x.dtype,
-                       down_scale is not None)
+                       down_scale is not None, act_quant)
     device = Device.of(x.device)
     if config is not None:
         p = _finish(config_kernel(config), config, m, shape, device, tables_for(device.name, device.capability))
     else:
         p = cached_plan(shape, m, device, large_m_threshold, fused_only)
     return run(p, x, qweight, scales, group_size, down if has_lr else None, up if has_lr else None, bias,
-               tuple(slot_bounds), down_scale, up_scale, out)
+               tuple(slot_bounds), down_scale, up_scale, out, act_quant)
 
 
 def gemm(x, qweight, scales, group_size, down=None, up=None, bias=None, slot_bounds=(), config=None, out=None,
-         down_scale=None, up_scale=None) -> torch.Tensor:
+         down_scale=None, up_scale=None, act_quant="none") -> torch.Tensor:
     """`linear` without the large-M path: one of the fused kernels at every M."""
     return linear(x, qweight, scales, group_size, down, up, bias, slot_bounds, down_scale=down_scale,
-                  up_scale=up_scale, config=config, out=out, fused_only=True)
+                  up_scale=up_scale, config=config, out=out, fused_only=True, act_quant=act_quant)
 
 
 def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_bounds, down_scale, up_scale,
-        out=None) -> torch.Tensor:
+        out=None, act_quant: str = "none") -> torch.Tensor:
     m, n = x.shape[0], qweight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -105,6 +110,6 @@ def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_boun
     shape = LayerShape(n, x.shape[1], group_size, slot_bounds=slot_bounds)
     a = Launch(x, qweight, scales, down, up, down_scale if up is not None else None,
                up_scale if up is not None else None, bias, out, group_size, b1, b2, shape.max_block_n,
-               p.pdl_trigger > 0, make_t)
+               p.pdl_trigger > 0, make_t, act_quant)
     kernels()[p.kernel].launch(a, p.config)
     return out

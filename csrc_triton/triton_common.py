@@ -114,6 +114,8 @@ fma.rn.TYPE $0, v, $3, nz;
 
 LOW_PTX_BF16 = tl.constexpr(_LOW_NIBBLE_SCALED_PTX.replace("TYPE", "bf16x2").replace(
     "ONE2", "0x3F803F80").replace("OFFSET2", "0xC308C308").replace("EXP1", "0x4300"))
+LOW_PTX_FP16 = tl.constexpr(_LOW_NIBBLE_SCALED_PTX.replace("TYPE", "f16x2").replace(
+    "ONE2", "0x3C003C00").replace("OFFSET2", "0xE408E408").replace("EXP1", "0x6400"))
 
 
 @triton.jit

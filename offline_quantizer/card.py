@@ -68,6 +68,8 @@ def model_card(name: str, config: dict, result, recipe) -> str:
 def _activations(q: dict) -> str:
     if q.get("activation_bits", 16) == 16:
         return "16-bit"
+    if q["activation_bits"] == 8:
+        return "FP8 e4m3 per token" if q.get("activation_type") == "float" else "INT8 per token"
     sub = q.get("activation_subspace_channels") or 0
     extra = f", {sub} channels at {q.get('activation_subspace_bits')} bits" if sub else ""
     return f"{q['activation_bits']}-bit per token (clip {q.get('activation_clip_ratio', 1.0)}{extra})"

@@ -2,7 +2,8 @@
 
 Block tuning (`tune.py`) matches each block's output in isolation; what is served is judged on
 the model's next-token distribution. This stage starts from a finished checkpoint (W4A16, or W4A4 with
-the served online Hadamard and per-token activation quantizer in the loop) and tunes the same continuous parameters for the whole model at once,
+the served online Hadamard and per-token activation quantizer in the loop) and tunes the same continuous
+parameters for the whole model at once,
 
     min  E_tokens KL( p_dense(. | context) || p_quantized(. | context) )
 
@@ -46,9 +47,9 @@ class _TunedLinear(torch.nn.Module):
     """A TwinQuant layer whose scales and factors are trainable: y = x deq(R)^T + (x D^T) U^T + b."""
 
     def __init__(self, codes, scales, up, down, bias, lowrank_dtype, hadamard=False, act_bits=16, act_clip=1.0,
-                 train_codes=False, act_subspace=0, act_subspace_bits=8):
+                 train_codes=False, act_subspace=0, act_subspace_bits=8, act_type="int"):
         super().__init__()
-        self.hadamard, self.act_bits, self.act_clip = hadamard, act_bits, act_clip
+        self.hadamard, self.act_bits, self.act_clip, self.act_type = hadamard, act_bits, act_clip, act_type
         self.act_subspace, self.act_subspace_bits = act_subspace, act_subspace_bits
         if train_codes:  # latent codes z; the forward pass rounds them (straight-through)
             self.codes = torch.nn.Parameter(codes.float())
@@ -86,8 +87,9 @@ class _TunedLinear(torch.nn.Module):
         if self.hadamard:  # as served: the stored weights act on H x
             x = fmt.apply_online_hadamard(x)
         xr = x
-        if self.act_bits < 16:  # W4A4: per-token 4-bit input of the residual (straight-through rounding)
-            xq = fmt.quantize_activations(x, self.act_bits, self.act_clip, self.act_subspace, self.act_subspace_bits)
+        if self.act_bits < 16:  # W4A8/W4A4: per-token codes of the residual's input (straight-through rounding)
+            xq = fmt.quantize_activations(x, self.act_bits, self.act_clip, self.act_subspace, self.act_subspace_bits,
+                                          self.act_type)
             xr = x + (xq - x).detach()
         y = xr @ group_dequantize(self.rounded_codes(), s).t()
         if up is not None:
@@ -104,7 +106,8 @@ def _load_student(ckpt: str, tensors: dict, spec: fmt.TwinQuantSpec, train_codes
     def make(name: str, s: StoredLayer) -> torch.nn.Module:
         layers[name] = _TunedLinear(s.codes, tensors[f"{name}.{fmt.WEIGHT_SCALE}"], s.up, s.down, s.bias,
                                     spec.lowrank_torch_dtype, s.hadamard, spec.activation_bits,
-                                    spec.activation_clip_ratio, train_codes, s.subspace, spec.activation_subspace_bits)
+                                    spec.activation_clip_ratio, train_codes, s.subspace, spec.activation_subspace_bits,
+                                    spec.activation_type)
         return layers[name]
 
     model, _ = load_checkpoint_model(ckpt, make, tensors)
@@ -283,7 +286,9 @@ def finetune(ckpt: str, dense_dir: str, output_dir: str, calibration, nsamples: 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("checkpoint", help="a TwinQuant checkpoint (twinquant-quantize's output)")
     ap.add_argument("--dense", required=True, help="the dense checkpoint it was quantized from (the teacher)")
     ap.add_argument("--output", required=True)
@@ -293,7 +298,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="windows per step (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the windows (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-4, help="Adam rate of scales and norms (default: %(default)s)")
-    ap.add_argument("--eval-every", type=int, default=8, help="steps between held-out evaluations (default: %(default)s)")
+    ap.add_argument(
+        "--eval-every", type=int, default=8, help="steps between held-out evaluations (default: %(default)s)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the windows and their order (default: %(default)s)")
     ap.add_argument("--code-lr", type=float, default=0.0,
                     help="also learn the 4-bit codes (latent values, straight-through rounding) at this Adam rate, "

@@ -65,7 +65,7 @@ CACHE_ROTATION_TARGETS_BYTES = 4 << 30
 class CheckpointRefused(RuntimeError):
     """The finished checkpoint failed the end-to-end check; nothing was written to the output."""
 
-    def __init__(self, message: str, result: "QuantizeResult"):
+    def __init__(self, message: str, result: QuantizeResult):
         super().__init__(message)
         self.result = result
 
@@ -277,8 +277,8 @@ def _plan(recipe: rcp.Recipe, family: Family) -> _Plan:
     spec = fmt.TwinQuantSpec(
         group_size=residual.group_size, rank=split.rank, rank_overrides=dict(split.rank_overrides),
         lowrank_dtype=split.lowrank_dtype, modules_to_not_convert=list(residual.modules_to_not_convert),
-        recipe=recipe.name, activation_bits=act.bits, activation_clip_ratio=act.clip,
-        online_hadamard=list(ONLINE_HADAMARD_MODULES) if act.bits < 16 else [],
+        recipe=recipe.name, activation_bits=act.bits, activation_type=act.type, activation_clip_ratio=act.clip,
+        online_hadamard=list(ONLINE_HADAMARD_MODULES) if act.bits == 4 else [],
         activation_subspace_channels=act.subspace,
         activation_subspace_modules=list(SUBSPACE_MODULES) if act.subspace else [],
     )
@@ -366,7 +366,9 @@ class _Run:
                 readers += [self._folded_reader(i, r, g.norm) for r in g.readers]
             writers += [self._writer(i, w) for w in self.fam.writers]
         hidden = self.src.config.hidden_size
-        total = sum(self.src.tensor(f"{LAYERS}.0.{n}.weight").numel() for n in self.fam.linears) * 4 * self.src.num_layers
+        total = (
+            sum(self.src.tensor(f"{LAYERS}.0.{n}.weight").numel() for n in self.fam.linears) * 4 * self.src.num_layers
+        )
         if total <= CACHE_ROTATION_TARGETS_BYTES:  # small enough to keep: read each weight once
             readers, writers = [r() for r in readers], [w() for w in writers]
         init, blocks = "random", None
@@ -423,7 +425,9 @@ def _check_shapes(src: Source, spec: fmt.TwinQuantSpec) -> None:
     for full, k in widths.items():
         if k % spec.group_size or k % fmt.PACK_FACTOR:
             fits = [g for g in fmt.SUPPORTED_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
-            hint = f"group size {max(fits)} divides every layer" if fits else "no supported group size divides every layer"
+            hint = (
+                f"group size {max(fits)} divides every layer" if fits else "no supported group size divides every layer"
+            )
             raise fmt.TwinQuantFormatError(
                 f"{full}: group_size {spec.group_size} does not divide its in_features {k} ({hint}; set it with "
                 f"--group-size or residual.group_size)")
@@ -766,9 +770,11 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
                          activation_bits=dict.fromkeys(decomposed, act.bits), activation_clip=act.clip,
                          loss=plan.tuning.loss,
                          activation_subspace={n: spec.subspace_channels_for(f"{prefix}.{n}") for n in decomposed},
-                         activation_subspace_bits=spec.activation_subspace_bits)
+                         activation_subspace_bits=spec.activation_subspace_bits, activation_type=act.type)
         applied.append("block tuning")
-        tqdm.write(f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} ({res.steps} steps)")
+        tqdm.write(
+            f"block {i}: held-out relative MSE {res.heldout_start:.5f} -> {res.heldout_end:.5f} ({res.steps} steps)"
+        )
 
     tensors: dict[str, torch.Tensor] = {}
     stats = {"layers": 0, "weights": 0, "stored_bits": 0.0, "errors": []}
@@ -791,7 +797,8 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
             stats["weights"] += codes.numel()
             stats["stored_bits"] += spec.effective_bits(codes.shape[0], codes.shape[1], r) * codes.numel()
         served = ServedLinear(d, bias, name in hadamard, spec.activation_bits, spec.activation_clip_ratio,
-                              spec.subspace_channels_for(full), spec.activation_subspace_bits).to(dev)
+                              spec.subspace_channels_for(full), spec.activation_subspace_bits,
+                              spec.activation_type).to(dev)
         parent, _, attr = name.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, served)
     for name, p in block.named_parameters():  # norms (folded, smoothed, tuned) and linears kept dense
@@ -968,12 +975,20 @@ def _metadata(run: _Run, result: QuantizeResult, plan: _Plan) -> dict:
         "recipe": plan.recipe.to_dict(),
         "skipped_stages": plan.skipped or None,
         "transforms": transforms or None,
-        "calibration": {"data": w.source, "nsamples": int(w.calib.shape[0]), "seqlen": int(w.calib.shape[1]),
-                        "heldout": int(w.heldout.shape[0]), "special_prefix_tokens": w.prefix, "seed": run.seed},
+        "calibration": {
+            "data": w.source,
+            "nsamples": int(w.calib.shape[0]),
+            "seqlen": int(w.calib.shape[1]),
+            "heldout": int(w.heldout.shape[0]),
+            "special_prefix_tokens": w.prefix,
+            "seed": run.seed,
+        },
         "effective_bits_per_weight": round(result.effective_bits, 4),
         "mean_relative_output_error": round(result.mean_relative_output_error, 6),
         "end_to_end_check": None if c is None else _check_record(c, run.bounds),
-        "blocks": [{"block": b.block, "local_error": b.local_error, "stream_error": b.stream_error} for b in result.blocks],
+        "blocks": [
+            {"block": b.block, "local_error": b.local_error, "stream_error": b.stream_error} for b in result.blocks
+        ],
         "quantize_seconds": result.seconds,
         "created_by": "vllm-twinquant",
     }

@@ -67,10 +67,13 @@ class Smoothing:
 
 @dataclass
 class Activations:
-    """Precision of the residual product's input as served. 4: per-token 4-bit codes, online
-    Hadamard before o_proj/down_proj; `subspace`: ResQ's 8-bit subspace of that many channels."""
+    """Precision of the residual product's input as served, quantized per token at run time
+    (format: activation_bits, activation_type). 8 with type float: FP8 e4m3 (W4A8-FP8), with type
+    int: INT8; 4: 4-bit codes with an online Hadamard before o_proj/down_proj, `clip` the scale's
+    clip ratio and `subspace` ResQ's 8-bit subspace of that many channels."""
 
-    bits: int = field(default=4, metadata=_choice(4, 16))
+    bits: int = field(default=4, metadata=_choice(4, 8, 16))
+    type: str = field(default="int", metadata=_choice("int", "float"))
     clip: float = 1.0
     subspace: int = 0
 
@@ -168,13 +171,13 @@ class Recipe:
                 "calibration": dataclasses.asdict(self.calibration),
                 "stages": [{stage_name(s): _asdict(s)} for s in self.stages]}
 
-    def replace_stage(self, stage) -> "Recipe":
+    def replace_stage(self, stage) -> Recipe:
         """A copy with `stage` in place of the stage of its type (added, in order, if absent)."""
         stages = [s for s in self.stages if type(s) is not type(stage)] + [stage]
         stages.sort(key=lambda s: STAGE_ORDER.index(stage_name(s)))
         return Recipe(self.name, self.description, self.calibration, stages)
 
-    def without(self, cls: type) -> "Recipe":
+    def without(self, cls: type) -> Recipe:
         return Recipe(self.name, self.description, self.calibration, [s for s in self.stages if not isinstance(s, cls)])
 
 
@@ -197,7 +200,9 @@ def _check_values(recipe: Recipe) -> None:
             v = getattr(obj, f.name)
             choices = f.metadata.get("choices")
             if choices and v not in choices:
-                raise RecipeError(f"recipe {recipe.name!r}, stage {where!r}: {f.name} = {v!r}; expected one of {list(choices)}")
+                raise RecipeError(
+                    f"recipe {recipe.name!r}, stage {where!r}: {f.name} = {v!r}; expected one of {list(choices)}"
+                )
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise RecipeError(f"recipe {recipe.name!r}, stage {where!r}: {f.name} = {v!r}; expected a value >= 0")
     cal = recipe.calibration
@@ -207,9 +212,13 @@ def _check_values(recipe: Recipe) -> None:
     act = recipe.get(Activations)
     if act is not None:
         if not 0 < act.clip <= 1:
-            raise RecipeError(f"recipe {recipe.name!r}, stage 'activations': clip = {act.clip!r}; expected a number in (0, 1]")
-        if act.bits == 16 and (act.clip != 1 or act.subspace):
+            raise RecipeError(
+                f"recipe {recipe.name!r}, stage 'activations': clip = {act.clip!r}; expected a number in (0, 1]"
+            )
+        if act.bits != 4 and (act.clip != 1 or act.subspace):
             raise RecipeError(f"recipe {recipe.name!r}, stage 'activations': clip and subspace need bits 4")
+        if act.type == "float" and act.bits != 8:
+            raise RecipeError(f"recipe {recipe.name!r}, stage 'activations': type float (FP8 e4m3) needs bits 8")
         if act.subspace and recipe.get(Rotation) is None:
             raise RecipeError(f"recipe {recipe.name!r}, stage 'activations': subspace {act.subspace} needs a "
                               "'rotation' stage (the subspace is made by the residual-stream rotation)")
@@ -299,7 +308,7 @@ def presets() -> list[str]:
     return sorted(os.path.splitext(f)[0] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
 
-def load_recipe(recipe: "str | Recipe | dict") -> Recipe:
+def load_recipe(recipe: str | Recipe | dict) -> Recipe:
     """A Recipe from itself, a dict, a preset name (`presets()`) or a YAML file path."""
     import yaml
 

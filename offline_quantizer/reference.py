@@ -131,6 +131,6 @@ def served_model(ckpt: str):
     def make(name: str, s: StoredLayer) -> torch.nn.Module:
         d = Decomposed(s.codes, s.scales.float(), s.down, s.up)
         return ServedLinear(d, s.bias, s.hadamard, spec.activation_bits, spec.activation_clip_ratio, s.subspace,
-                            spec.activation_subspace_bits)
+                            spec.activation_subspace_bits, spec.activation_type)
 
     return load_checkpoint_model(ckpt, make)[0]

@@ -126,11 +126,13 @@ class Source:
             full = f"{prefix}.{name}" if prefix else name
             t = self.tensor(full)
             if tuple(t.shape) != tuple(p.shape):
-                raise SourceError(f"{self.path}: tensor {full} has shape {list(t.shape)}, the config says {list(p.shape)}")
+                raise SourceError(
+                    f"{self.path}: tensor {full} has shape {list(t.shape)}, the config says {list(p.shape)}"
+                )
             owner, _, attr = name.rpartition(".")
             mod = module.get_submodule(owner) if owner else module
             mod._parameters[attr] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-        for owner, mod in module.named_modules():
+        for _, mod in module.named_modules():
             for attr, b in list(mod._buffers.items()):
                 if b is not None and not b.is_meta:
                     mod._buffers[attr] = b.to(device)

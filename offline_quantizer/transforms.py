@@ -57,7 +57,9 @@ def fold_block_norms(block: torch.nn.Module, family: Family) -> None:
 
 
 @torch.no_grad()
-def fold_head_norm(norm_weight: torch.Tensor, head_weight: torch.Tensor, family: Family) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_head_norm(
+    norm_weight: torch.Tensor, head_weight: torch.Tensor, family: Family
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit final-norm weight, lm_head with the final norm's scale folded in): new tensors."""
     head = (head_weight.double() * _scale_of(norm_weight, family)[None, :]).to(head_weight.dtype)
     return torch.full_like(norm_weight, 1.0 - family.norm_offset), head
@@ -93,8 +95,16 @@ def _down_input_rows(block: torch.nn.Module, family: Family) -> tuple[torch.nn.L
 
 
 @torch.no_grad()
-def smooth_block(block: torch.nn.Module, family: Family, hessians: dict, group_size: int,
-                 norm_dtype: torch.dtype, skip: frozenset = frozenset(), steps: int = 60, lr: float = 0.02) -> list[str]:
+def smooth_block(
+    block: torch.nn.Module,
+    family: Family,
+    hessians: dict,
+    group_size: int,
+    norm_dtype: torch.dtype,
+    skip: frozenset = frozenset(),
+    steps: int = 60,
+    lr: float = 0.02,
+) -> list[str]:
     """Learned diagonal GL transforms (`learn_smoothing`), folded exactly: into each pre-norm for
     its readers, into the rows feeding down_proj for down_proj. hessians: linear name -> input
     Hessian, transformed with them (X -> X diag(s)^-1). Layers in `skip` (inputs rotated online:
@@ -157,7 +167,7 @@ def rotate_residual_stream(model, q: torch.Tensor, family: Family | None = None)
         rotate_block(b, fam, q)
 
 
-def _weight(w: "torch.Tensor | Callable[[], torch.Tensor]") -> torch.Tensor:
+def _weight(w: torch.Tensor | Callable[[], torch.Tensor]) -> torch.Tensor:
     return w() if callable(w) else w
 
 
@@ -189,7 +199,7 @@ def learn_rotation(
     readers: list,
     writers: list,
     group_size: int,
-    init: "str | torch.Tensor" = "random",
+    init: str | torch.Tensor = "random",
     steps: int = 100,
     lr: float = 0.05,
     seed: int = 0,

@@ -69,15 +69,17 @@ def tune_block(
     loss: str = "tensor",
     activation_subspace: dict[str, int] | None = None,
     activation_subspace_bits: int = 8,
+    activation_type: str = "int",
 ) -> TuneResult:
     """Tune `decomposed` (name -> Decomposed of block.get_submodule(name)) in place, and the
     block's norms (`norms`: name -> the family's norm offset, the norm scaling by offset + weight;
     the scale is tuned as scale0 * exp(b)), on (inputs -> targets). At the end the block's linear weights are the
     served weights. norm_dtype: the dtype the norm weights are stored in. activation_bits:
-    name -> bits of the residual product's input (16 or 4), quantized with `activation_clip`
-    (format: activation_clip_ratio); activation_subspace: name -> how many last input columns
-    are quantized apart at activation_subspace_bits (format: activation_subspace_*). loss: "token" (relative error per token, averaged) or
-    "tensor" (over the whole output). Needs at least two batches (the last one is held out)."""
+    name -> bits of the residual product's input (16, 8 or 4), quantized as `activation_type`
+    codes ("float": FP8 e4m3) with `activation_clip` (format: activation_clip_ratio);
+    activation_subspace: name -> how many last input columns are quantized apart at
+    activation_subspace_bits (format: activation_subspace_*). loss: "token" (relative error per
+    token, averaged) or "tensor" (over the whole output). Needs at least two batches (the last one is held out)."""
     if loss not in TUNE_LOSSES:
         raise ValueError(f"tune loss {loss!r}: expected one of {TUNE_LOSSES}")
     if len(inputs) < 2:
@@ -100,7 +102,9 @@ def tune_block(
                 p = t.to(dev, torch.float32).clone().requires_grad_(True)
                 tuned[f"{n}/{key}"] = p
                 groups.append({"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt())})
-    offsets = {n: off for n, off in (norms or {}).items() if getattr(block.get_submodule(n), "weight", None) is not None}
+    offsets = {
+        n: off for n, off in (norms or {}).items() if getattr(block.get_submodule(n), "weight", None) is not None
+    }
     norms = list(offsets)
     g0 = {n: block.get_submodule(n).weight.detach().to(dev, torch.float32).clone() + offsets[n] for n in norms}
     for n in norms:
@@ -126,7 +130,8 @@ def tune_block(
             w = group_dequantize(codes[n], s)
             xr = x
             if abits.get(n, 16) < 16:
-                xq = quantize_activations(x, abits[n], activation_clip, subspace.get(n, 0), activation_subspace_bits)
+                xq = quantize_activations(x, abits[n], activation_clip, subspace.get(n, 0), activation_subspace_bits,
+                                          activation_type)
                 xr = x + (xq - x).detach()
             y = xr @ w.t()
             if up is not None:

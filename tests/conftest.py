@@ -86,6 +86,20 @@ def tiny_tq_int8(tiny_dense, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tq_fp8(tiny_tq, tmp_path_factory):
+    """tiny_tq re-declared W4A8-FP8 by its config alone (activation_bits 8, activation_type float)."""
+    import shutil
+
+    out = str(tmp_path_factory.mktemp("tqfp8") / "tqfp8")
+    shutil.copytree(tiny_tq, out)
+    cfg = read_config(out)
+    cfg["quantization_config"].update(activation_bits=8, activation_type="float")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out
+
+
 def read_config(path):
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)

@@ -36,7 +36,9 @@ def test_checkpoint_roundtrip(tiny_dense, tiny_tq):
         w_hat = fmt.dequantize_residual(q[f"{layer}.weight_packed"], q[f"{layer}.weight_scale"], 64)
         w_hat += q[f"{layer}.lowrank_up"].float() @ q[f"{layer}.lowrank_down"].float()
         rel = ((w_hat - w).norm() / w.norm()).item()
-        assert rel < 0.3, f"{layer}: effective weight is {rel:.3f} away from the source"  # GPTQ trades weight error for output error
+        assert rel < 0.3, (
+            f"{layer}: effective weight is {rel:.3f} away from the source"
+        )  # GPTQ trades weight error for output error
         assert f"{layer}.weight" not in q
     assert "lm_head.weight" not in q and "model.embed_tokens.weight" in q  # tied, kept dense
     for fn in ("tokenizer.json", "chat_template.jinja"):
@@ -68,22 +70,59 @@ NAME = "model.layers.1.mlp.up_proj"
 @pytest.mark.parametrize(
     "case,edit,expect",
     [
-        ("missing", lambda d: _edit_tensors(d, lambda t: t.pop(f"{NAME}.lowrank_up")), f"missing tensor {NAME}.lowrank_up"),
-        ("shape", lambda d: _edit_tensors(d, lambda t: t.__setitem__(f"{NAME}.weight_scale", t[f"{NAME}.weight_scale"][:-1].clone())),
-         f"tensor {NAME}.weight_scale is"),
-        ("dtype", lambda d: _edit_tensors(d, lambda t: t.__setitem__(f"{NAME}.lowrank_down", t[f"{NAME}.lowrank_down"].float())),
-         f"tensor {NAME}.lowrank_down is torch.float32"),
+        (
+            "missing",
+            lambda d: _edit_tensors(d, lambda t: t.pop(f"{NAME}.lowrank_up")),
+            f"missing tensor {NAME}.lowrank_up",
+        ),
+        (
+            "shape",
+            lambda d: _edit_tensors(
+                d, lambda t: t.__setitem__(f"{NAME}.weight_scale", t[f"{NAME}.weight_scale"][:-1].clone())
+            ),
+            f"tensor {NAME}.weight_scale is",
+        ),
+        (
+            "dtype",
+            lambda d: _edit_tensors(
+                d, lambda t: t.__setitem__(f"{NAME}.lowrank_down", t[f"{NAME}.lowrank_down"].float())
+            ),
+            f"tensor {NAME}.lowrank_down is torch.float32",
+        ),
         ("version", lambda d: _edit_config(d, lambda q: q.__setitem__("format_version", 7)), "format_version = 7"),
-        ("group", lambda d: _edit_config(d, lambda q: q.__setitem__("group_size", 128)), "group_size 128 does not divide in_features 576"),
-        ("nan", lambda d: _edit_tensors(d, lambda t: t[f"{NAME}.weight_scale"].view(-1).__setitem__(3, float("nan"))),
-         f"tensor {NAME}.weight_scale has 1 NaN/inf"),
+        (
+            "group",
+            lambda d: _edit_config(d, lambda q: q.__setitem__("group_size", 128)),
+            "group_size 128 does not divide in_features 576",
+        ),
+        (
+            "nan",
+            lambda d: _edit_tensors(d, lambda t: t[f"{NAME}.weight_scale"].view(-1).__setitem__(3, float("nan"))),
+            f"tensor {NAME}.weight_scale has 1 NaN/inf",
+        ),
         ("method", lambda d: _edit_config(d, lambda q: q.__setitem__("quant_method", "gptq")), "quant_method = 'gptq'"),
-        ("unknown key", lambda d: _edit_config(d, lambda q: q.__setitem__("zero_points", True)), "unknown keys ['zero_points']"),
-        ("subspace", lambda d: _edit_config(d, lambda q: q.update(activation_bits=4, activation_subspace_channels=576,
-                                                                   activation_subspace_modules=["up_proj"])),
-         "activation_subspace_channels 576 is not below in_features 576"),
-        ("truncated", lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(
-            os.path.getsize(os.path.join(d, "model.safetensors")) - 100), "truncated safetensors file"),
+        (
+            "unknown key",
+            lambda d: _edit_config(d, lambda q: q.__setitem__("zero_points", True)),
+            "unknown keys ['zero_points']",
+        ),
+        (
+            "subspace",
+            lambda d: _edit_config(
+                d,
+                lambda q: q.update(
+                    activation_bits=4, activation_subspace_channels=576, activation_subspace_modules=["up_proj"]
+                ),
+            ),
+            "activation_subspace_channels 576 is not below in_features 576",
+        ),
+        (
+            "truncated",
+            lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(
+                os.path.getsize(os.path.join(d, "model.safetensors")) - 100
+            ),
+            "truncated safetensors file",
+        ),
     ],
 )
 def test_bad_checkpoint(tiny_tq, tmp_path, case, edit, expect):
@@ -103,8 +142,8 @@ def test_effective_bits():
 
 def test_activation_bits_and_online_hadamard_are_validated():
     assert fmt.TwinQuantSpec(activation_bits=4, online_hadamard=["o_proj"]).activation_bits == 4
-    with pytest.raises(fmt.TwinQuantFormatError, match="activation_bits = 8"):
-        fmt.TwinQuantSpec(activation_bits=8)
+    with pytest.raises(fmt.TwinQuantFormatError, match="activation_bits = 6"):
+        fmt.TwinQuantSpec(activation_bits=6)
     with pytest.raises(fmt.TwinQuantFormatError, match="online_hadamard"):
         fmt.TwinQuantSpec(online_hadamard="o_proj")
     h = fmt.hadamard_matrix(64, torch.float64)
@@ -134,7 +173,9 @@ def test_int8_lowrank_rounding_is_balanced_exact_and_close():
     assert t["p.lowrank_down"].dtype == t["p.lowrank_up"].dtype == torch.int8
     assert int(t["p.lowrank_up"].abs().max()) == 127 and t["p.lowrank_up_scale"].shape == (96,)
     assert torch.allclose(fmt.dequantize_lowrank(t["p.lowrank_up"], t["p.lowrank_up_scale"]), up, rtol=1e-6, atol=0)
-    assert torch.allclose(fmt.dequantize_lowrank(t["p.lowrank_down"], t["p.lowrank_down_scale"]), down, rtol=1e-6, atol=0)
+    assert torch.allclose(
+        fmt.dequantize_lowrank(t["p.lowrank_down"], t["p.lowrank_down_scale"]), down, rtol=1e-6, atol=0
+    )
     specs = fmt.tensor_specs("p", 96, 160, 8, spec)
     assert {k: (tuple(v.shape), v.dtype) for k, v in t.items()} == {k: specs[k] for k in t}
     assert len(t) == 4 and set(t) < set(specs)
@@ -167,7 +208,9 @@ def test_int8_lowrank_checkpoint(tiny_dense, tiny_tq, tiny_tq_int8, tmp_path):
         fmt.validate_checkpoint(d)
     d = _copy(tiny_tq, tmp_path / "stray")
     _edit_tensors(d, lambda t: t.__setitem__(f"{NAME}.lowrank_up_scale", torch.ones(1536)))
-    with pytest.raises(fmt.TwinQuantFormatError, match=f"{NAME}.lowrank_up_scale present but lowrank_dtype is 'bfloat16'"):
+    with pytest.raises(
+        fmt.TwinQuantFormatError, match=f"{NAME}.lowrank_up_scale present but lowrank_dtype is 'bfloat16'"
+    ):
         fmt.validate_checkpoint(d)
 
 
@@ -227,3 +270,35 @@ def test_activation_subspace_is_quantized_as_its_own_group():
     assert err(xq) < 0.2 * err(plain)  # the large channels no longer set the small ones' step (plain: all 0)
     with pytest.raises(ValueError, match="80-wide"):
         fmt.quantize_activations(x, 4, 1.0, subspace=80)
+
+
+def test_w4a8_declarations_are_validated_by_name():
+    assert fmt.TwinQuantSpec(activation_bits=8, activation_type="float").to_dict()["activation_type"] == "float"
+    assert fmt.TwinQuantSpec(activation_bits=8).activation_type == "int"
+    bad = [
+        (dict(activation_bits=4, activation_type="float"), "activation_type = 'float' needs activation_bits 8"),
+        (dict(activation_bits=8, activation_type="fp8"), r"activation_type = 'fp8': expected one of \['int', 'fl"),
+        (dict(activation_bits=8, activation_clip_ratio=0.9), "activation_clip_ratio = 0.9 needs activation_bits 4"),
+        (dict(activation_bits=8, activation_subspace_channels=8, activation_subspace_modules=["q_proj"]),
+         "activation_subspace_channels = 8 needs activation_bits 4"),
+    ]
+    for kwargs, msg in bad:
+        with pytest.raises(fmt.TwinQuantFormatError, match=msg):
+            fmt.TwinQuantSpec(**kwargs)
+
+
+def test_per_token_codes_are_the_formats_fp8_and_int8_grids():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=g, dtype=torch.float64) * torch.tensor([1e-4, 1, 50, 1e3, 0.0])[:, None].double()
+    q8, s8 = fmt.per_token_codes(x, 8, "float")
+    assert torch.equal(q8, q8.to(torch.float8_e4m3fn).float())  # on the e4m3 grid
+    assert torch.allclose(q8.abs().amax(1)[:4], torch.full((4,), 448.0))  # the largest entry maps to e4m3's max
+    assert (q8[4] == 0).all() and s8[4] == 1e-12
+    rel = ((q8 * s8 - x).abs() / x.abs().clamp_min(1e-30))[:4]
+    assert rel[x[:4].abs() / x[:4].abs().amax(1, keepdim=True) > 2**-6].max() <= 2**-4  # 3 mantissa bits, half a step
+    qi, si = fmt.per_token_codes(x, 8, "int")
+    assert torch.equal(qi, qi.round()) and qi.abs().max() == 127 and ((qi * si - x).abs() <= si / 2 + 1e-12).all()
+    # the fake quantization the torch path and the quantizer's loops use is the same numbers in x's dtype
+    assert torch.equal(fmt.quantize_activations(x.float(), 8, kind="float"), (q8 * s8).float())
+    with pytest.raises(ValueError, match="FP8 e4m3"):
+        fmt.per_token_codes(x, 4, "float")

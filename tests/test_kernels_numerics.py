@@ -210,14 +210,21 @@ def test_dequantize_returns_checkpoint_column_order():
         assert torch.equal(w.double(), ref)
 
 
-@pytest.mark.parametrize("cfg,k,g", [
-    (Tile(16, 32, 64, 4, 2, 1, 7), 576, 64),  # MODE 7: words spread over their chunk by broadcast + reshape,
-    (Tile(16, 16, 32, 4, 2, 4, 7), 576, 32),  # scaled before the dot (PTX replaced by plain Triton here); split-K, group 32
-    (Tile(32, 64, 128, 4, 2, 3, 7), 640, 128),  # ... with a short last slice
-    (Tile(16, 64, 128, 4, 2, 1, 4), 640, 128),  # MODE 4: swapped operands, nibble-plane dots (its PTX
-    (Tile(16, 64, 128, 4, 2, 2, 4), 640, 128),  # conversion replaced by plain Triton here), split-K
-    (Tile(32, 64, 128, 4, 2, 3, 4), 640, 128),  # ... with a short last slice
-])
+@pytest.mark.parametrize(
+    "cfg,k,g",
+    [
+        (Tile(16, 32, 64, 4, 2, 1, 7), 576, 64),  # MODE 7: words spread over their chunk by broadcast + reshape,
+        (
+            Tile(16, 16, 32, 4, 2, 4, 7),
+            576,
+            32,
+        ),  # scaled before the dot (PTX replaced by plain Triton here); split-K, group 32
+        (Tile(32, 64, 128, 4, 2, 3, 7), 640, 128),  # ... with a short last slice
+        (Tile(16, 64, 128, 4, 2, 1, 4), 640, 128),  # MODE 4: swapped operands, nibble-plane dots (its PTX
+        (Tile(16, 64, 128, 4, 2, 2, 4), 640, 128),  # conversion replaced by plain Triton here), split-K
+        (Tile(32, 64, 128, 4, 2, 3, 4), 640, 128),  # ... with a short last slice
+    ],
+)
 def test_tile_kernel_variants(cfg, k, g):
     m, n = 5, 192
     qw, sc, down, up = _layer(n, k, g, 8, 3, torch.bfloat16, seed=cfg.split_k * 10 + cfg.mode)

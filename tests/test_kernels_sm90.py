@@ -11,7 +11,7 @@ import torch
 
 from csrc_triton import Device, LayerShape, plan
 from csrc_triton.compile import compile_sm90
-from csrc_triton.kernels import mma_decode, wgmma_rs
+from csrc_triton.kernels import mma_decode, tile, wgmma_rs
 from csrc_triton.kernels.mma_decode import MmaConfig
 from csrc_triton.kernels.wgmma_rs import RsConfig
 
@@ -50,7 +50,7 @@ def planned_gluon_launches():
     """Every distinct launch of the Gluon kernels the plan makes for Llama-3-8B's layers on an H100
     (2-256 tokens): (kernel, M, N, K, config), one per distinct compiled form."""
     seen, out = set(), []
-    for name, (n, k, slots) in LLAMA3_8B.items():
+    for n, k, slots in LLAMA3_8B.values():
         for m in range(2, 257):
             p = plan(LayerShape(n, k, 128, 64, slots), m, H100)
             if p.kernel == "mma_decode":
@@ -186,6 +186,23 @@ def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(ker
             ptx = compile_sm90("csrc_triton.kernels.tile", "_tq_gemm_kernel", RESIDUAL_PTRS, consts, 8,
                                aligned_extra=("N", "K", "k_per_split"))
             _wait_after_loop(ptx, "wgmma.mma_async", pdl)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("mode", tile.MODES)
+def test_the_tile_kernel_compiles_its_inline_ptx_for_both_activation_dtypes(mode, dtype):
+    """The CPU interpreter runs the plain-Triton branch, so only a compile reaches the inline PTX of each
+    activation dtype (a constant missing from one branch would otherwise surface at the first fp16 launch on a
+    GPU)."""
+    consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64,
+                  BLOCK_K=128, BLOCK_R=64, GROUP_M=8, SPLIT_K=1, MODE=mode, EXP=0x4300 if dtype == "bf16" else 0x6400,
+                  ASM=True, UPCAST=False, PDL=False)
+    ptx = compile_sm90("csrc_triton.kernels.tile", "_tq_gemm_kernel", _ptrs(dtype, False, gluon=False), consts, 8,
+                       aligned_extra=("N", "K", "k_per_split"))
+    assert re.search(r"lop3\.b32[^;]*0xEA;", ptx, re.I)  # a nibble put under a float exponent in one LOP3
+    if mode == 7:  # the nibble under the dtype's exponent, then (q - 8) * s in the dtype's packed FMA
+        assert re.search(r"lop3\.b32[^;]*0x" + ("4300" if dtype == "bf16" else "6400"), ptx, re.I)
+        assert ("fma.rn.bf16x2" if dtype == "bf16" else "fma.rn.f16x2") in ptx
 
 
 def test_down_projection_lets_the_residual_kernel_start_early():

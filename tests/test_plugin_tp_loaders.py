@@ -6,10 +6,10 @@ full layer. Row-parallel: the sum of the ranks' partial outputs must equal the f
 
 import pytest
 import torch
-
 import vllm.model_executor.parameter as vparam
+
 from vllm_twinquant import format as fmt
-from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+from vllm_twinquant.kernels import TorchTwinQuantKernel
 from vllm_twinquant.linear_method import TwinQuantLinearMethod
 
 K, G, TP = 256, 32, 2
@@ -58,8 +58,10 @@ def _run(layer, x):
     kernel = TorchTwinQuantKernel(c)
     names = ("weight_packed", "weight_scale", "lowrank_down", "lowrank_up")
     names += ("lowrank_down_scale", "lowrank_up_scale") if c.int8_lowrank else ()
-    p = {n: getattr(layer, n).data.double() if n.startswith("lowrank") and not c.int8_lowrank else getattr(layer, n).data
-         for n in names}
+    p = {
+        n: getattr(layer, n).data.double() if n.startswith("lowrank") and not c.int8_lowrank else getattr(layer, n).data
+        for n in names
+    }
     holder = torch.nn.Module()
     for n, v in p.items():
         setattr(holder, n, v)
@@ -93,7 +95,9 @@ def test_merged_gate_up_column_parallel(monkeypatch, tp_rank, lowrank_dtype):
     layer, _ = _make_layer(monkeypatch, tp_rank, K, [48, 48], [8, 8], lowrank_dtype)
     for i, t in enumerate(full):
         for name, v in t.items():
-            getattr(layer, name).load_merged_column_weight(loaded_weight=v, shard_id=i, shard_offset=48 * i, shard_size=48)
+            getattr(layer, name).load_merged_column_weight(
+                loaded_weight=v, shard_id=i, shard_offset=48 * i, shard_size=48
+            )
     x = torch.randn(2, K)
     y = _run(layer, x)
     expect = torch.cat([_full_out(x, t)[:, tp_rank * 48 : (tp_rank + 1) * 48] for t in full], dim=1)

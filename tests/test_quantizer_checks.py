@@ -168,7 +168,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from offline_quantizer import quantize, recipe as rcp
     folder = sys.argv[1]
-    r = rcp.recipe_from_dict({"name": "mem", "calibration": {"nsamples": 4, "seqlen": 64, "batch_size": 4, "heldout": 1},
+    r = rcp.recipe_from_dict({"name": "mem",
+                              "calibration": {"nsamples": 4, "seqlen": 64, "batch_size": 4, "heldout": 1},
                               "stages": [{"split": {"rank": 16}}, {"residual": {"method": "rtn", "group_size": 128}}]})
     quantize(folder + "/dense", r, "random", folder + "/tq", device="cpu")
     print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -24,19 +24,30 @@ def test_every_preset_is_a_valid_recipe_with_a_description():
         assert rcp.recipe_from_dict(yaml.safe_load(yaml.safe_dump(r.to_dict()))).to_dict() == r.to_dict()
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"stages": [{"residual": {"group_size": 100}}]}, r"stage 'residual': group_size = 100; expected one of \[32, 64"),
-    ({"stages": [{"residual": {"gruop_size": 64}}]}, r"stage 'residual': unknown key\(s\) \['gruop_size'\]"),
-    ({"stages": [{"split": {"rank": 4}}]}, "no 'residual' stage"),
-    ({"stages": [{"residual": {}}, {"rotation": {}}]}, "out of order"),
-    ({"stages": [{"residual": {"group_size": "64"}}]}, r"group_size = '64'; expected int"),
-    ({"stages": [{"rotate": {}}]}, r"stage 0 is 'rotate'; stages are \['rotation'"),
-    ({"stages": [{"activations": {"bits": 4, "subspace": 64}}, {"residual": {}}]}, "needs a 'rotation' stage"),
-    ({"stages": [{"split": {"rank": -1}}, {"residual": {}}]}, r"stage 'split': rank = -1; expected a value >= 0"),
-    ({"calibration": {"nsample": 3}, "stages": [{"residual": {}}]}, r"stage 'calibration': unknown key\(s\) \['nsample'\]"),
-    ({"stages": [{"residual": {}}, {"end_to_end": {"rounds": [{"lrs": [], "lr_from_previous": True}]}}]},
-     "round 0: give either lrs or lr_from_previous"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (
+            {"stages": [{"residual": {"group_size": 100}}]},
+            r"stage 'residual': group_size = 100; expected one of \[32, 64",
+        ),
+        ({"stages": [{"residual": {"gruop_size": 64}}]}, r"stage 'residual': unknown key\(s\) \['gruop_size'\]"),
+        ({"stages": [{"split": {"rank": 4}}]}, "no 'residual' stage"),
+        ({"stages": [{"residual": {}}, {"rotation": {}}]}, "out of order"),
+        ({"stages": [{"residual": {"group_size": "64"}}]}, r"group_size = '64'; expected int"),
+        ({"stages": [{"rotate": {}}]}, r"stage 0 is 'rotate'; stages are \['rotation'"),
+        ({"stages": [{"activations": {"bits": 4, "subspace": 64}}, {"residual": {}}]}, "needs a 'rotation' stage"),
+        ({"stages": [{"split": {"rank": -1}}, {"residual": {}}]}, r"stage 'split': rank = -1; expected a value >= 0"),
+        (
+            {"calibration": {"nsample": 3}, "stages": [{"residual": {}}]},
+            r"stage 'calibration': unknown key\(s\) \['nsample'\]",
+        ),
+        (
+            {"stages": [{"residual": {}}, {"end_to_end": {"rounds": [{"lrs": [], "lr_from_previous": True}]}}]},
+            "round 0: give either lrs or lr_from_previous",
+        ),
+    ],
+)
 def test_a_bad_recipe_is_an_error_naming_the_stage_and_key(data, match):
     with pytest.raises(rcp.RecipeError, match=match):
         rcp.recipe_from_dict(data)

@@ -53,7 +53,11 @@ def test_lowrank_reduces_error_and_is_deterministic():
 def test_top_singular_triplets_match_a_full_svd(shape, rank):
     g = torch.Generator().manual_seed(3)
     # a decaying spectrum, as trained weights have, so the kept subspace is well defined
-    a = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -2, shape[1])) @ torch.randn(shape[1], shape[1], generator=g)
+    a = (
+        torch.randn(*shape, generator=g)
+        @ torch.diag(torch.logspace(0, -2, shape[1]))
+        @ torch.randn(shape[1], shape[1], generator=g)
+    )
     u, s, vh = top_singular_triplets(a, rank)
     u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
     r = min(rank, min(shape))
@@ -97,4 +101,6 @@ def test_attention_mixed_gram_is_the_attention_output_error_metric():
         s = (q[:, head] @ k[:, 0].transpose(-1, -2)) / d**0.5
         a = torch.softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), dim=-1)
         err1 += float(((a @ dv1[:, 0]) ** 2).sum())
-    assert abs(err1 - float(torch.sum((dw[:d] @ g1.double()) * dw[:d]))) <= 1e-5 * err1  # the Gram is accumulated in float32
+    assert (
+        abs(err1 - float(torch.sum((dw[:d] @ g1.double()) * dw[:d]))) <= 1e-5 * err1
+    )  # the Gram is accumulated in float32

@@ -79,9 +79,8 @@ def test_finetune_max_minutes_stops_on_time_and_writes_the_best_point(tiny_dense
 def test_finetune_w4a4_student_computes_what_the_torch_kernel_serves(tiny_dense, tmp_path):
     """A W4A4 checkpoint: each tuned layer applies the online Hadamard and the per-token 4-bit
     quantizer exactly as vLLM's torch path does, and the tuned checkpoint keeps its W4A4 config."""
-    from safetensors.torch import load_file
-
     from conftest import small_recipe
+    from safetensors.torch import load_file
 
     from offline_quantizer import quantize
     from offline_quantizer.finetune import _load_student, finetune

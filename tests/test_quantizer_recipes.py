@@ -106,7 +106,46 @@ def test_w4a4_checkpoint_rotates_online_and_quantizes_the_residual_input(tiny_de
     assert 1e-3 < rel < 0.3, rel  # 4-bit inputs change the output, but only by quantization noise
 
 
+def test_w4a8_fp8_checkpoint_declares_fp8_activations_without_online_rotation(tiny_dense, tiny_tq, tmp_path):
+    """activations bits 8 type float: the same residual and factors as W4A16, no online Hadamard, the
+    declaration in the checkpoint and its card; served (torch path), the residual reads e4m3 codes per
+    token; and the checkpoint re-declared W4A16 by config alone is a valid W4A16 checkpoint."""
+    from vllm_twinquant.kernels import TorchTwinQuantKernel, TwinQuantLayerConfig
+
+    out = str(tmp_path / "tq-a8")
+    quantize(tiny_dense, small_recipe({"rotation": {"kind": "random"}}, {"activations": {"bits": 8, "type": "float"}}),
+             "random", out, device="cpu")
+    spec = fmt.validate_checkpoint(out)
+    assert (spec.activation_bits, spec.activation_type, spec.online_hadamard) == (8, "float", [])
+    with open(os.path.join(out, "README.md")) as f:
+        assert "FP8 e4m3 per token" in f.read()
+    errs = logit_errors(tiny_dense, a8=out, svd=tiny_tq)
+    assert errs["a8"] < 0.6, errs
+
+    q = load_file(os.path.join(out, "model.safetensors"))
+    pre = "model.layers.0.mlp.down_proj"
+    c = TwinQuantLayerConfig(in_features=1536, slot_sizes=(576,), rank=8, group_size=64, act_dtype=torch.float32,
+                             activation_bits=8, activation_type="float")
+    assert c.act_quant == "fp8"
+    x = torch.randn(5, 1536) * torch.logspace(-2, 1, 5)[:, None]
+    y = TorchTwinQuantKernel(c).apply(checkpoint_layer(q, pre), x, None).double()
+    codes, scale = fmt.per_token_codes(x, 8, "float")
+    deq = fmt.dequantize_residual(q[f"{pre}.weight_packed"], q[f"{pre}.weight_scale"], 64, torch.float64)
+    low = x.double() @ q[f"{pre}.lowrank_down"].double().T @ q[f"{pre}.lowrank_up"].double().T
+    want = (codes.double() * scale.double()) @ deq.T + low
+    assert ((y - want).norm() / want.norm()).item() < 1e-5
+
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"].update(activation_bits=16, activation_type="int")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert fmt.validate_checkpoint(out).activation_bits == 16
+
+
 def _tiny_llama(seed=0):
+    """A 2-block float64 Llama (hidden 128, GQA 4/2 heads) with non-trivial norm weights, so that folding the
+    norms into the next layers matters."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -114,7 +153,7 @@ def _tiny_llama(seed=0):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
                       rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():  # non-trivial norm weights
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(0.5 + torch.rand_like(p))
@@ -189,6 +228,21 @@ def test_block_tuning_tunes_a_gemma_norm_through_its_offset():
     assert not torch.equal(norm.weight.data, torch.ones_like(norm.weight.data))
 
 
+def test_block_tuning_with_fp8_activations_sees_the_fp8_rounding_in_the_loop():
+    """activation_bits 8, type float: the held-out error starts above W4A16's (the e4m3 rounding of the
+    residual's input is in the loop) but far below 4-bit activations', and tuning does not raise it."""
+    from offline_quantizer.tune import tune_block
+
+    block, ds, xs, targets, kw, _ = _tuning_case()
+    a16 = tune_block(block, ds, xs, targets, [kw] * len(xs), epochs=0, norms=NORMS)
+    a4 = tune_block(block, ds, xs, targets, [kw] * len(xs), epochs=0, norms=NORMS,
+                    activation_bits=dict.fromkeys(ds, 4))
+    a8 = tune_block(block, ds, xs, targets, [kw] * len(xs), epochs=2, norms=NORMS,
+                    activation_bits=dict.fromkeys(ds, 8), activation_type="float")
+    assert a16.heldout_start < a8.heldout_start < a4.heldout_start, (a16, a8, a4)
+    assert a8.heldout_end <= a8.heldout_start
+
+
 def test_block_tuning_with_4_bit_activations_quantizes_the_residual_input_in_the_loop():
     """activation_bits 4: the held-out error includes the per-token activation quantization
     (larger than W4A16's from the same start) and tuning against it does not raise it."""
@@ -224,7 +278,9 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_
     assert errs["tuned"] <= 1.10 * errs["untuned"], errs
 
 
-def test_w4a4_subspace_checkpoint_serves_its_residual_stream_readers_with_8_bit_principal_channels(tiny_dense, tmp_path):
+def test_w4a4_subspace_checkpoint_serves_its_residual_stream_readers_with_8_bit_principal_channels(
+    tiny_dense, tmp_path
+):
     """activations.subspace C: the checkpoint records it for q/k/v and gate/up only, the stored
     function still computes the model, the torch kernel quantizes the last C inputs apart, and the
     vLLM config hands the fused qkv / gate_up layers the same subspace."""

@@ -9,21 +9,6 @@ from offline_quantizer import transforms as tf
 from offline_quantizer.decompose import decompose, decompose_refined, output_error
 
 
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-                      rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():  # non-trivial norm weights, so that folding them matters
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.copy_(0.5 + torch.rand_like(p))
-    return model
-
-
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_every_transform_folds_exactly_into_every_family(kind, monkeypatch):
     """Norm folding, the residual-stream rotation (where the family allows it) and smoothing with
@@ -107,7 +92,9 @@ def test_refined_split_is_never_worse_than_svd_and_usually_better():
     w = torch.randn(128, 192, generator=g) * 0.02
     w[:, :6] *= 10
     d, errs = decompose_refined(w, 8, 64, torch.float16, torch.bfloat16, h, iters=3)
-    assert errs[0] == pytest.approx(output_error(w, decompose_refined(w, 8, 64, torch.float16, torch.bfloat16, h, 0)[0].dequantized(), h))
+    assert errs[0] == pytest.approx(
+        output_error(w, decompose_refined(w, 8, 64, torch.float16, torch.bfloat16, h, 0)[0].dequantized(), h)
+    )
     assert output_error(w, d.dequantized(), h) == pytest.approx(min(errs))
     assert min(errs) < 0.95 * errs[0]
     assert d.down.shape == (8, 192) and d.up.shape == (128, 8) and d.down.dtype == torch.bfloat16

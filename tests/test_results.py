@@ -1,6 +1,7 @@
 """The committed results stay consistent: the accuracy JSON records come from the JSONL that
-twinquant-eval writes, and README's table is the one make_tables.py prints from it; the kernel
-records carry the keys of issue 3 with ratios that match their timings, and the kernel README's
+twinquant-eval writes, README's and docs/accuracy.md's tables are the ones make_tables.py prints from the
+committed results; the kernel records carry the keys of issue 3 with ratios that match their timings, and the
+kernel README's
 current table is make_tables.py's output."""
 
 import contextlib
@@ -22,7 +23,7 @@ KEYS = {"method", "weight_bits", "activation_bits", "rank", "effective_bits", "p
 
 
 def test_json_records_match_jsonl():
-    rows = [json.loads(l) for l in open(JSONL) if l.strip()]
+    rows = [json.loads(line) for line in open(JSONL) if line.strip()]
     recs = json.load(open(JSON))
     assert len(recs) == len(rows)
     base = next(r["ppl"] for r in rows if r["recipe"] == "dense")
@@ -34,12 +35,27 @@ def test_json_records_match_jsonl():
         assert rec["method"] == make_tables.METHODS[row["recipe"]], f"no method name for recipe {row['recipe']}"
 
 
-def test_readme_table_is_make_tables_output():
+def _printed(fn, *args) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        make_tables.accuracy(JSONL)
-    table = out.getvalue().strip()
-    assert table in open(os.path.join(ROOT, "README.md")).read()
+        fn(*args)
+    return out.getvalue().strip()
+
+
+def test_the_full_accuracy_table_in_docs_is_make_tables_output():
+    assert _printed(make_tables.accuracy, JSONL) in open(os.path.join(ROOT, "docs", "accuracy.md")).read()
+
+
+def test_the_w4a8_accuracy_table_in_docs_is_make_tables_output():
+    path = os.path.join(ROOT, "benchmarks", "results", "accuracy_w4a8_smollm2.jsonl")
+    table = _printed(make_tables.w4a8_accuracy, path)
+    assert table.count("\n") >= 4 and table in open(os.path.join(ROOT, "docs", "accuracy.md")).read()
+
+
+def test_readme_tables_are_make_tables_output_of_the_committed_results():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert _printed(make_tables.readme_accuracy, JSONL) in readme
+    assert _printed(make_tables.readme_speed, os.path.join(ROOT, "benchmarks", "results", "e2e_h100.json")) in readme
 
 
 KERNEL_TABLES = [os.path.join(ROOT, "benchmarks", "results", f"kernels_{t}.json") for t in ("h100", "h200")]

@@ -50,7 +50,7 @@ class TwinQuantConfig(QuantizationConfig):
         return []  # the config lives in config.json's quantization_config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "TwinQuantConfig":
+    def from_config(cls, config: dict[str, Any]) -> TwinQuantConfig:
         return cls(fmt.TwinQuantSpec.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:

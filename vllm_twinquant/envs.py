@@ -1,11 +1,17 @@
 """Every environment switch of vllm-twinquant, read in one place (vLLM's envs.py in spirit).
 
-| variable | default | effect |
-|---|---|---|
-| `TWINQUANT_DISABLED_KERNELS` | (none) | comma-separated kernel names the selection skips: the layer kernels of the plugin (`triton`, `cpu_int4pack`, `cpu_wna16`, `torch`) and the CUDA kernels of the launch plan (`wgmma_rs`, `mma_decode`, `gemv`, `tile`, `dequant_cublas`), and `pdl` (programmatic dependent launch between the low-rank down projection and the residual kernel). `python -m vllm_twinquant.explain` shows the result. |
-| `TWINQUANT_CONFIG_DIR` | `csrc_triton/configs` | folder of the per-device launch tables (`<device name>.json`) |
-| `TWINQUANT_GLUON_ANY_TRITON` | `0` | `1`: let the plan pick the Hopper Gluon kernel (`wgmma_rs`) with a Triton version it was not measured with |
-| `TRITON_INTERPRET` | `0` | Triton's own: `1` runs the Triton kernels in its CPU interpreter (tests); the kernels then take their plain-Triton code paths instead of inline PTX, and no Gluon or PDL is used |
+Each variable, its default and its effect:
+
+- `TWINQUANT_DISABLED_KERNELS` (none): comma-separated kernel names the selection skips: the layer kernels
+  of the plugin (`triton`, `cpu_int4pack`, `cpu_wna16`, `torch`), the CUDA kernels of the launch plan
+  (`wgmma_rs`, `mma_decode`, `gemv`, `tile`, `dequant_cublas`), and `pdl` (programmatic dependent launch
+  between the low-rank down projection and the residual kernel). `python -m vllm_twinquant.explain` shows
+  the result.
+- `TWINQUANT_CONFIG_DIR` (`csrc_triton/configs`): folder of the per-device launch tables (`<device name>.json`).
+- `TWINQUANT_GLUON_ANY_TRITON` (`0`): `1` lets the plan pick the Hopper Gluon kernel (`wgmma_rs`) with a
+  Triton version it was not measured with.
+- `TRITON_INTERPRET` (`0`): Triton's own; `1` runs the Triton kernels in its CPU interpreter (tests), and the
+  kernels then take their plain-Triton code paths instead of inline PTX, with no Gluon or PDL.
 
 Functions, not constants, so that tests (and a process that changes its environment) see the
 current value.

@@ -48,7 +48,9 @@ QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, *LOWRANK_TENSORS)
 
 PACK_FACTOR = 8  # 4-bit codes per int32
 SUPPORTED_WEIGHT_BITS = (4,)
-SUPPORTED_ACTIVATION_BITS = (16, 4)
+SUPPORTED_ACTIVATION_BITS = (16, 8, 4)
+ACTIVATION_TYPES = ("int", "float")  # "float" with 8 bits: FP8 e4m3
+FP8_E4M3_MAX = 448.0
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOWRANK_DTYPES = ("bfloat16", "float16", "int8")
@@ -91,6 +93,7 @@ class TwinQuantSpec:
     lowrank_dtype: str = "bfloat16"
     scale_dtype: str = "float16"
     activation_bits: int = 16
+    activation_type: str = "int"
     activation_clip_ratio: float = 1.0
     online_hadamard: list[str] = field(default_factory=list)
     activation_subspace_channels: int = 0
@@ -125,18 +128,31 @@ class TwinQuantSpec:
         if self.activation_bits not in SUPPORTED_ACTIVATION_BITS:
             raise TwinQuantFormatError(
                 f"quantization_config.activation_bits = {self.activation_bits!r}: expected one of "
-                f"{list(SUPPORTED_ACTIVATION_BITS)} (16: W4A16; 4: the residual's input quantized per token)"
+                f"{list(SUPPORTED_ACTIVATION_BITS)} (16: W4A16; 8 and 4: the residual's input quantized per token)"
+            )
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_type = {self.activation_type!r}: expected one of "
+                f"{list(ACTIVATION_TYPES)}"
+            )
+        if self.activation_type == "float" and self.activation_bits != 8:
+            raise TwinQuantFormatError(
+                f"quantization_config.activation_type = 'float' needs activation_bits 8 (FP8 e4m3), "
+                f"got {self.activation_bits}"
             )
         if not isinstance(self.activation_clip_ratio, (int, float)) or not 0 < self.activation_clip_ratio <= 1:
             raise TwinQuantFormatError(
-                f"quantization_config.activation_clip_ratio = {self.activation_clip_ratio!r}: expected a number in (0, 1]"
+                f"quantization_config.activation_clip_ratio = {self.activation_clip_ratio!r}: "
+                "expected a number in (0, 1]"
             )
-        if self.activation_clip_ratio != 1 and self.activation_bits == 16:
+        if self.activation_clip_ratio != 1 and self.activation_bits != 4:
             raise TwinQuantFormatError(
                 f"quantization_config.activation_clip_ratio = {self.activation_clip_ratio!r} needs activation_bits 4 "
-                "(it sets the per-token activation scale)"
+                "(it sets the per-token 4-bit activation scale)"
             )
-        if not isinstance(self.online_hadamard, list) or not all(isinstance(m, str) and m for m in self.online_hadamard):
+        if not isinstance(self.online_hadamard, list) or not all(
+            isinstance(m, str) and m for m in self.online_hadamard
+        ):
             raise TwinQuantFormatError(
                 f"quantization_config.online_hadamard = {self.online_hadamard!r}: expected a list of module "
                 "names, e.g. [\"o_proj\", \"down_proj\"]"
@@ -166,7 +182,7 @@ class TwinQuantSpec:
             raise TwinQuantFormatError(
                 f"quantization_config.activation_subspace_modules = {mods!r}: expected a list of module names"
             )
-        if c and (self.activation_bits == 16 or not mods):
+        if c and (self.activation_bits != 4 or not mods):
             raise TwinQuantFormatError(
                 f"quantization_config.activation_subspace_channels = {c} needs activation_bits 4 and a non-empty "
                 "activation_subspace_modules (the layers whose last inputs are kept at activation_subspace_bits)"
@@ -180,7 +196,7 @@ class TwinQuantSpec:
 
     # -- (de)serialisation ---------------------------------------------------------------
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "TwinQuantSpec":
+    def from_dict(cls, cfg: dict[str, Any]) -> TwinQuantSpec:
         method = cfg.get("quant_method")
         if method != QUANT_METHOD:
             raise TwinQuantFormatError(
@@ -244,7 +260,9 @@ class TwinQuantSpec:
         return total / (n * k)
 
 
-def tensor_specs(prefix: str, out_features: int, in_features: int, rank: int, spec: TwinQuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tensor_specs(
+    prefix: str, out_features: int, in_features: int, rank: int, spec: TwinQuantSpec
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor a quantized linear layer stores."""
     check_layer_shape(prefix, out_features, in_features, spec.group_size)
     n, k = out_features, in_features
@@ -295,7 +313,9 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return unpack_from_int32(packed, 4, torch.Size([packed.shape[0], in_features]), packed_dim=1)
 
 
-def dequantize_residual(packed: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_residual(
+    packed: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """deq(R)[n, k] = code[n, k] * scale[n, k // G]."""
     k = packed.shape[1] * PACK_FACTOR
     q = unpack_codes(packed, k).to(dtype)
@@ -338,7 +358,7 @@ def round_lowrank(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> t
     return dequantize_lowrank(*int8_rows(up / c)), dequantize_lowrank(*int8_rows(down * c[:, None]))
 
 
-def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "TwinQuantSpec") -> dict[str, torch.Tensor]:
+def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: TwinQuantSpec) -> dict[str, torch.Tensor]:
     """The stored tensors of a layer's factors, already rounded by `round_lowrank`."""
     if spec.lowrank_dtype != "int8":
         return {f"{prefix}.{LOWRANK_DOWN}": down.to(spec.lowrank_torch_dtype).contiguous(),
@@ -354,7 +374,9 @@ def lowrank_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor, spec: "Tw
     return out
 
 
-def dequantize_lowrank(factor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_lowrank(
+    factor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A stored factor in `dtype`: codes * scale per row for int8, a cast otherwise."""
     if scale is None:
         return factor.to(dtype)
@@ -391,11 +413,32 @@ def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Te
     return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
 
 
+def per_token_codes(x: torch.Tensor, bits: int, kind: str = "int",
+                    clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes and scales (float32) of the residual product's input, x ~ codes * scale:
+    kind "int": codes = clamp(round_half_even(x / s), -qmax, qmax), s = clip_ratio * max|x_token| / qmax,
+    qmax = 2^(bits-1) - 1; kind "float" (bits 8): codes = e4m3(x / s) (round to nearest even),
+    s = max|x_token| / 448. An all-zero token gets s = 1e-12 (codes 0)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    if kind == "float":
+        if bits != 8:
+            raise ValueError(f"float activation codes are FP8 e4m3 (8 bits), not {bits}")
+        s = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
+        return (xf / s).to(torch.float8_e4m3fn).float(), s
+    if kind != "int":
+        raise ValueError(f"activation code kind {kind!r}: expected one of {list(ACTIVATION_TYPES)}")
+    qmax = 2 ** (bits - 1) - 1
+    s = (amax * clip_ratio / qmax).clamp_min(1e-12)
+    return torch.round(xf / s).clamp(-qmax, qmax), s
+
+
 def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
-                         subspace: int = 0, subspace_bits: int = 8) -> torch.Tensor:
-    """Symmetric per-token fake quantization: clamp(round(x / s)) * s with
-    s = clip_ratio * max|x_token| / (2^(b-1) - 1) (clip_ratio < 1 saturates the largest entries
-    to make the step finer for the rest, as QuaRot's activation clipping).
+                         subspace: int = 0, subspace_bits: int = 8, kind: str = "int") -> torch.Tensor:
+    """Symmetric per-token fake quantization, codes * s of `per_token_codes` in x's dtype: for
+    kind "int" clamp(round(x / s)) * s with s = clip_ratio * max|x_token| / (2^(b-1) - 1)
+    (clip_ratio < 1 saturates the largest entries to make the step finer for the rest, as
+    QuaRot's activation clipping); kind "float" (FP8 e4m3, bits 8, no clip) e4m3(x / s) * s.
 
     subspace > 0 (format: activation_subspace_channels): the last `subspace` columns are a
     separate per-token group at `subspace_bits` (8: symmetric, unclipped; 16: kept as they are)
@@ -410,10 +453,8 @@ def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0
         if subspace_bits < 16:
             hi = quantize_activations(hi, subspace_bits, 1.0)
         return torch.cat([lo, hi], -1)
-    qmax = 2 ** (bits - 1) - 1
-    xf = x.float()
-    s = (xf.abs().amax(-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-12)
-    return (torch.round(xf / s).clamp(-qmax, qmax) * s).to(x.dtype)
+    q, s = per_token_codes(x, bits, kind, clip_ratio)
+    return (q * s).to(x.dtype)
 
 
 def effective_weights(tensors: dict[str, torch.Tensor], group_size: int,
@@ -431,7 +472,9 @@ def effective_weights(tensors: dict[str, torch.Tensor], group_size: int,
         w = dequantize_residual(tensors[key], tensors[f"{layer}.{WEIGHT_SCALE}"], group_size)
         if f"{layer}.{LOWRANK_DOWN}" in tensors:
             up = dequantize_lowrank(tensors[f"{layer}.{LOWRANK_UP}"], tensors.get(f"{layer}.{LOWRANK_UP_SCALE}"))
-            w = w + up @ dequantize_lowrank(tensors[f"{layer}.{LOWRANK_DOWN}"], tensors.get(f"{layer}.{LOWRANK_DOWN_SCALE}"))
+            w = w + up @ dequantize_lowrank(
+                tensors[f"{layer}.{LOWRANK_DOWN}"], tensors.get(f"{layer}.{LOWRANK_DOWN_SCALE}")
+            )
         if spec.has_online_hadamard(layer):
             w = apply_online_hadamard(w)  # (W H) H = W, row by row
         out[f"{layer}.weight"] = w
@@ -512,7 +555,9 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
     for prefix in prefixes:  # first the layout-wide rule, so its error names the real cause
         path, pshape, _ = tensors[f"{prefix}.{WEIGHT_PACKED}"]
         if len(pshape) != 2:
-            raise TwinQuantFormatError(f"{path}: tensor {prefix}.{WEIGHT_PACKED} has shape {list(pshape)}, expected [N, K/8]")
+            raise TwinQuantFormatError(
+                f"{path}: tensor {prefix}.{WEIGHT_PACKED} has shape {list(pshape)}, expected [N, K/8]"
+            )
         if (pshape[1] * PACK_FACTOR) % spec.group_size:
             raise TwinQuantFormatError(
                 f"{path}: quantization_config.group_size {spec.group_size} does not divide in_features "

@@ -3,12 +3,14 @@ mixed-precision linear kernels (`can_implement` with a reason, a priority list, 
 layer kind saying which kernel runs it).
 
 Priority (`KERNELS`), first that can implement the layer:
-* `triton` (CUDA, fp16/bf16): the fused dual-component kernels of `csrc_triton`, behind one
+* `triton` (CUDA, fp16/bf16; W4A16, and W4A8 on GPUs with FP8 (sm_89+) or INT8 (sm_80+) tensor
+  cores): the fused dual-component kernels of `csrc_triton`, behind one
   custom op (`twinquant::linear`) so that torch.compile and CUDA graphs see a single opaque call;
   inside it, `csrc_triton.dispatch` picks the CUDA kernel per token count (logged once per layer shape).
 * `cpu_int4pack` (vLLM's CPU build, bf16): PyTorch's 4-bit CPU GEMM for the residual.
 * `cpu_wna16` (vLLM's CPU build, fp16/bf16): vLLM's own 4-bit CPU GEMM for the residual.
-* `torch` (any device; the reference, and the CPU path for float32 and W4A4): dequantize and
+* `torch` (any device; the reference, and the path for float32, W4A4, and W4A8 where the
+  `triton` kernels cannot run it): dequantize and
   matmul in torch.
 TWINQUANT_DISABLED_KERNELS (vllm_twinquant/envs.py) removes kernels from the list, at this
 level and in the CUDA plan.
@@ -35,8 +37,9 @@ class TwinQuantLayerConfig:
     rank: int  # low-rank width of every slot (0: residual only)
     group_size: int
     act_dtype: torch.dtype
-    activation_bits: int = 16  # 4: the residual's input is quantized per token (W4A4, simulated)
-    activation_clip: float = 1.0  # the per-token scale is activation_clip * max|x| / 7
+    activation_bits: int = 16  # 8, 4: the residual's input is quantized per token (format.per_token_codes)
+    activation_type: str = "int"  # "float": FP8 e4m3 codes (activation_bits 8)
+    activation_clip: float = 1.0  # 4 bits: the per-token scale is activation_clip * max|x| / 7
     online_hadamard: int = 0  # block size of the Hadamard rotation applied to the input first (0: none)
     activation_subspace: int = 0  # W4A4: the last this-many input columns are quantized apart (ResQ)
     activation_subspace_bits: int = 8  # ... at this width (16: not quantized)
@@ -46,6 +49,15 @@ class TwinQuantLayerConfig:
     @property
     def out_features(self) -> int:
         return sum(self.slot_sizes)
+
+    @property
+    def act_quant(self) -> str:
+        """The CUDA kernels' name for the residual input's precision: "none", "fp8" or "int8"
+        (other precisions have no CUDA kernel)."""
+        if self.activation_bits == 16:
+            return "none"
+        return {(8, "float"): "fp8", (8, "int"): "int8"}.get((self.activation_bits, self.activation_type),
+                                                             f"int{self.activation_bits}")
 
     @property
     def slot_bounds(self) -> tuple[int, ...]:
@@ -86,10 +98,10 @@ class TwinQuantKernel(ABC):
 
 
 class TorchTwinQuantKernel(TwinQuantKernel):
-    """Reference execution in torch; runs wherever torch does (vLLM's CPU backend). The only
-    path for W4A4 checkpoints: the online Hadamard rotation and the per-token 4-bit quantization
-    of the residual's input are simulated in the activation dtype (no int4 GEMM yet); the
-    low-rank branch reads the unquantized (rotated) input, as in SVDQuant."""
+    """Reference execution in torch; runs wherever torch does (vLLM's CPU backend). The path for
+    W4A4 and for W4A8 off the GPU: the online Hadamard rotation and the per-token quantization of
+    the residual's input are simulated in the activation dtype (codes * scale, then a matmul);
+    the low-rank branch reads the unquantized (rotated) input, as in SVDQuant."""
 
     name = "torch"
 
@@ -104,7 +116,7 @@ class TorchTwinQuantKernel(TwinQuantKernel):
         xr = x
         if c.activation_bits < 16:
             xr = fmt.quantize_activations(x, c.activation_bits, c.activation_clip,
-                                          c.activation_subspace, c.activation_subspace_bits)
+                                          c.activation_subspace, c.activation_subspace_bits, c.activation_type)
         w = fmt.dequantize_residual(layer.weight_packed, layer.weight_scale, c.group_size, x.dtype)
         y = torch.nn.functional.linear(xr, w, bias)
         if c.rank:
@@ -141,9 +153,12 @@ class CpuWna16TwinQuantKernel(TwinQuantKernel):
         except (ImportError, AttributeError, RuntimeError):
             return False, "this vLLM build has no cpu_gemm_wna16 kernel"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
-            return False, f"activations in {c.act_dtype}; the kernel takes float16/bfloat16 (serve with --dtype float16)"
+            return (
+                False,
+                f"activations in {c.act_dtype}; the kernel takes float16/bfloat16 (serve with --dtype float16)",
+            )
         if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
-            return False, "W4A4 checkpoints are served by the torch path"
+            return False, "W4A8 and W4A4 checkpoints are served by the torch path"
         if c.in_features % 32 or c.out_features % 32 or c.group_size % 2:
             return False, f"layer {c.in_features} -> {c.out_features}: the kernel needs multiples of 32"
         return True, None
@@ -154,7 +169,7 @@ class CpuWna16TwinQuantKernel(TwinQuantKernel):
         from vllm.scalar_type import scalar_types
 
         c = self.config
-        k, n = c.in_features, c.out_features
+        k = c.in_features
         biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # uint4b8: code + 8
         # the kernel's layout: packed along the output, blocks of 16 output channels contiguous
         w = pack_quantized_values_into_int32(biased.t().contiguous(), scalar_types.uint4b8, 1)
@@ -207,7 +222,7 @@ class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return False, "this PyTorch has no _weight_int4pack_mm_for_cpu"
         if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
-            return False, "W4A4 checkpoints are served by the torch path"
+            return False, "W4A8 and W4A4 checkpoints are served by the torch path"
         if c.in_features % 32 or c.out_features % 32:
             return False, f"layer {c.in_features} -> {c.out_features}: the kernel needs multiples of 32"
         return True, None
@@ -246,8 +261,14 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, "needs CUDA"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
             return False, f"activations in {c.act_dtype}; the kernels take fp16/bf16"
-        if c.activation_bits != 16 or c.online_hadamard or c.activation_subspace:
+        if c.act_quant not in ("none", "fp8", "int8") or c.online_hadamard or c.activation_subspace:
             return False, "W4A4 (activation_bits 4, online Hadamard) has no CUDA kernel yet"
+        if c.act_quant != "none":
+            from csrc_triton.kernels.w4a8 import device_supports
+
+            ok, why = device_supports(c.act_quant, torch.cuda.get_device_capability())
+            if not ok:
+                return False, why
         if len(c.slot_sizes) > 3:
             return False, "more than three sub-layers in one merged layer"
         if c.rank and len(c.slot_sizes) > 1:
@@ -262,7 +283,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
 
         c = self.config
         return LayerShape(c.out_features, c.in_features, c.group_size, c.rank, c.slot_bounds, c.act_dtype,
-                          c.int8_lowrank)
+                          c.int8_lowrank, c.act_quant)
 
     def process_weights_after_loading(self, layer):
         import csrc_triton
@@ -288,7 +309,8 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         up = layer.lowrank_up if c.rank else None
         ds, us = _factor_scales(layer, c)
         y = torch.ops.twinquant.linear(
-            x2, layer.weight_packed, layer.weight_scale, down, up, bias, c.group_size, list(c.slot_bounds), ds, us
+            x2, layer.weight_packed, layer.weight_scale, down, up, bias, c.group_size, list(c.slot_bounds), ds, us,
+            c.act_quant,
         )
         return y.reshape(*shape[:-1], c.out_features)
 
@@ -314,7 +336,7 @@ def choose_kernel(c: TwinQuantLayerConfig) -> type[TwinQuantKernel]:
         ok, why = k.can_implement(c)
         if ok:
             kind = c.name.rsplit(".", 1)[-1]
-            _log_once((k.name, kind, c.in_features, c.out_features), lambda: (
+            _log_once((k.name, kind, c.in_features, c.out_features), lambda k=k, kind=kind: (
                 f"twinquant: {kind or 'layer'} {c.in_features}->{c.out_features} r{c.rank}: {k.name}"
                 + (f" (not: {'; '.join(reasons)})" if reasons else "")))
             return k
@@ -338,14 +360,16 @@ def _register_custom_op() -> None:
         slot_bounds: list[int],
         down_scale: torch.Tensor | None = None,
         up_scale: torch.Tensor | None = None,
+        act_quant: str = "none",
     ) -> torch.Tensor:
         from csrc_triton import linear as tq_linear
 
         return tq_linear(x, qweight, scales, group_size, down, up, bias, tuple(slot_bounds),
-                         down_scale=down_scale, up_scale=up_scale)
+                         down_scale=down_scale, up_scale=up_scale, act_quant=act_quant)
 
     @linear.register_fake
-    def _(x, qweight, scales, down, up, bias, group_size, slot_bounds, down_scale=None, up_scale=None):
+    def _(x, qweight, scales, down, up, bias, group_size, slot_bounds, down_scale=None, up_scale=None,
+          act_quant="none"):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
 

@@ -194,7 +194,9 @@ class TwinQuantLinearMethod(LinearMethodBase):
                 )
                 layer.register_parameter(
                     fmt.LOWRANK_UP_SCALE,
-                    ChannelQuantScaleParameter(data=torch.zeros(n, dtype=torch.float32), output_dim=0, weight_loader=wl),
+                    ChannelQuantScaleParameter(
+                        data=torch.zeros(n, dtype=torch.float32), output_dim=0, weight_loader=wl
+                    ),
                 )
         hadamard = fmt.hadamard_block_size(input_size) if spec.has_online_hadamard(self.prefix) else 0
         if hadamard and k % hadamard:
@@ -210,7 +212,8 @@ class TwinQuantLinearMethod(LinearMethodBase):
             )
         layer.twinquant_config = TwinQuantLayerConfig(
             in_features=k, slot_sizes=tuple(output_partition_sizes), rank=rank, group_size=g, act_dtype=params_dtype,
-            activation_bits=spec.activation_bits, activation_clip=float(spec.activation_clip_ratio),
+            activation_bits=spec.activation_bits, activation_type=spec.activation_type,
+            activation_clip=float(spec.activation_clip_ratio),
             online_hadamard=hadamard, activation_subspace=subspace,
             activation_subspace_bits=spec.activation_subspace_bits,
             int8_lowrank=bool(rank) and spec.lowrank_dtype == "int8", name=self.prefix,

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +52,8 @@ ms = []
 for _ in range(3):
     ms.append((run(1, 64) - run(1, 1)) / 63 * 1e3)
 t16 = statistics.median(run(16, 64) for _ in range(2))
-print("RESULT " + json.dumps({"bs1_ms_per_token": round(statistics.median(ms), 2), "bs1_runs_ms": [round(m, 2) for m in ms],
+print("RESULT " + json.dumps({"bs1_ms_per_token": round(statistics.median(ms), 2),
+                              "bs1_runs_ms": [round(m, 2) for m in ms],
                               "bs16_out_tok_s": round(16 * 64 / t16, 1), "startup_s": round(startup, 1)}))
 """
 
@@ -99,7 +99,9 @@ def table(path: str) -> str:
         if best is not None:
             ratio = (f"{best['bs1_ms_per_token'] / r['bs1_ms_per_token']:.2f} / "
                      f"{r['bs16_out_tok_s'] / max(d['bs16_out_tok_s'] for d in dense.values()):.2f}")
-        rows.append(f"| {r['model']} | {r['dtype']} | {r['bs1_ms_per_token']:.1f} | {r['bs16_out_tok_s']:.0f} | {ratio} |")
+        rows.append(
+            f"| {r['model']} | {r['dtype']} | {r['bs1_ms_per_token']:.1f} | {r['bs16_out_tok_s']:.0f} | {ratio} |"
+        )
     return "\n".join(rows)
 
 

@@ -89,7 +89,8 @@ def main():
     rec["engine_start_s"] = round(time.time() - t0, 1)
     try:
         rec["kernels"] = llm.apply_model(
-            lambda m: sorted({type(x.twinquant_kernel).__name__ for x in m.modules() if hasattr(x, "twinquant_kernel")}))[0]
+            lambda m: sorted({type(x.twinquant_kernel).__name__ for x in m.modules() if hasattr(x, "twinquant_kernel")})
+        )[0]
     except Exception as e:  # noqa: BLE001  (older/newer LLM API)
         rec["kernels"] = f"unknown ({type(e).__name__})"
     gen = torch.Generator().manual_seed(1)
@@ -113,7 +114,11 @@ def main():
         seq = p + toks
         with torch.no_grad():
             lp = torch.log_softmax(ref_model(torch.tensor([seq], device="cuda")).logits[0].double(), -1)
-        served = [(i, d[t].logprob) for i, (t, d) in enumerate(zip(seq[1:], (o.prompt_logprobs or [None])[1:] + o.outputs[0].logprobs), start=1) if d is not None]
+        served = [
+            (i, d[t].logprob)
+            for i, (t, d) in enumerate(zip(seq[1:], (o.prompt_logprobs or [None])[1:] + o.outputs[0].logprobs), start=1)
+            if d is not None
+        ]
         for i, s in served:
             worst = max(worst, abs(lp[i - 1, seq[i]].item() - s))
         for j, t in enumerate(toks):
@@ -122,7 +127,10 @@ def main():
     rec.update(max_abs_logprob_diff=worst, greedy_agreement=agree / total, tokens_checked=total)
     # decode speed of this 2-block model at batch 1 (orientation only)
     t0 = time.time()
-    o = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False))
+    o = llm.generate(
+        [{"prompt_token_ids": prompts[1]}],
+        SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False),
+    )
     rec["bs1_ms_per_token_2_blocks"] = round((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids), 3)
     print(json.dumps(rec, indent=1))
     os.makedirs(args.out, exist_ok=True)

@@ -33,9 +33,34 @@ def main():
         t0 = time.time()
         make_model(dense, a.layers, 0)
         t1 = time.time()
-        subprocess.run([sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output", tq,
-                        "--calib", "random", "--recipe", "svd-split", "--nsamples", "32", "--seqlen", "256",
-                        "--group-size", "128", "--max-kl", "inf", "--rank", str(a.rank), "--device", "cuda"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "offline_quantizer.cli",
+                "--model",
+                dense,
+                "--output",
+                tq,
+                "--calib",
+                "random",
+                "--recipe",
+                "svd-split",
+                "--nsamples",
+                "32",
+                "--seqlen",
+                "256",
+                "--group-size",
+                "128",
+                "--max-kl",
+                "inf",
+                "--rank",
+                str(a.rank),
+                "--device",
+                "cuda",
+            ],
+            check=True,
+        )
         print(json.dumps({"make_s": round(t1 - t0, 1), "quantize_s": round(time.time() - t1, 1)}))
         return
     import torch
@@ -58,7 +83,9 @@ def main():
             f.write(table)
         print(table[:6000])
         return
-    rec.update(offline_throughput(llm, random_prompts(g, 128, 512)), throughput_workload="128 prompts x 512 in, 256 out")
+    rec.update(
+        offline_throughput(llm, random_prompts(g, 128, 512)), throughput_workload="128 prompts x 512 in, 256 out"
+    )
     print(json.dumps(rec))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"decode_partial_{a.which}.json"), "w") as f:

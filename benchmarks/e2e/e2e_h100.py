@@ -64,10 +64,21 @@ def make_dense(path: str, layers: int, vocab: int, shape: str = "llama3-8b", dev
 
     torch.manual_seed(0)
     hidden, mlp, heads, kv, head_dim = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=8192,
-                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
-                      eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")
@@ -101,7 +112,9 @@ def write_gptq(dense: str, out: str, device: str = "cuda") -> None:
             packed = (q.reshape(k // 8, 8, n) << shifts[None, :, None]).sum(1)
             res[pre + ".qweight"] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
             res[pre + ".scales"] = s.t().contiguous().half()
-            res[pre + ".qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device=device)  # zero 8, stored as 8 - 1
+            res[pre + ".qzeros"] = torch.full(
+                (k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device=device
+            )  # zero 8, stored as 8 - 1
             res[pre + ".g_idx"] = (torch.arange(k, device=device, dtype=torch.int32) // GROUP)
         save_file({a: b.contiguous().cpu() for a, b in res.items()}, os.path.join(out, fn), metadata={"format": "pt"})
     with open(os.path.join(dense, "config.json")) as f:
@@ -172,7 +185,11 @@ def offline_throughput(llm, prompts: list[dict]) -> dict:
     dt = time.time() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(p["prompt_token_ids"]) for p in prompts)
-    return {"out_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + n_in) / dt, 1), "throughput_s": round(dt, 1)}
+    return {
+        "out_tok_s": round(n_out / dt, 1),
+        "total_tok_s": round((n_out + n_in) / dt, 1),
+        "throughput_s": round(dt, 1),
+    }
 
 
 def decode_profile_table(llm, prompt: dict, row_limit: int = 25, width: int = 80) -> str:
@@ -218,8 +235,21 @@ def cmd_one(a) -> None:
 def cmd_bench(a) -> None:
     os.makedirs(a.out, exist_ok=True)
     for cfg in a.configs:
-        args = [sys.executable, os.path.abspath(__file__), "one", "--workdir", a.workdir, "--config", cfg, "--out", a.out,
-                "--dtype", a.dtype, "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+        args = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "one",
+            "--workdir",
+            a.workdir,
+            "--config",
+            cfg,
+            "--out",
+            a.out,
+            "--dtype",
+            a.dtype,
+            "--gpu-memory-utilization",
+            str(a.gpu_memory_utilization),
+        ]
         env = dict(os.environ)
         if cfg in (a.profile or []):
             args.append("--profile")

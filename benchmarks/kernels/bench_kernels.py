@@ -31,8 +31,18 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (GROUP, MS, RANKS, SHAPES, flush_copies, fresh_case, graph_time_ms, layer_bytes,  # noqa: E402
-                    make_layer, measure_peaks)
+from common import (  # noqa: E402
+    GROUP,
+    MS,
+    RANKS,
+    SHAPES,
+    flush_copies,
+    fresh_case,
+    graph_time_ms,
+    layer_bytes,
+    make_layer,
+    measure_peaks,
+)
 
 import csrc_triton as ct  # noqa: E402
 from csrc_triton.kernels.gemv import GemvConfig  # noqa: E402
@@ -113,7 +123,7 @@ def correctness(dtype, gen) -> float:
     """The plan at the table's shapes, odd shapes (M 1, 3, 17, 300; K not a multiple of the block;
     576-wide layers; merged slots) and each kernel forced with int8 factors and bias."""
     worst = 0.0
-    for (name, k, n), m, r in itertools.product(SHAPES, [1, 16, 256, 4096], [0, 64, 128]):
+    for (_, k, n), m, r in itertools.product(SHAPES, [1, 16, 256, 4096], [0, 64, 128]):
         worst = max(worst, check(m, k, n, r, dtype, gen))
     for m, r in itertools.product([1, 3, 17, 300, 1500], [0, 32]):
         for k, n, g in [(576, 1536, 64), (1536, 576, 32), (4224, 1088, 128)]:
@@ -132,8 +142,15 @@ def correctness(dtype, gen) -> float:
     if gluon["wgmma_rs"]:
         forced += [(m, c) for m in (17, 100, 256) for c in (RsConfig(64, 64, 4, 4, 4), RsConfig(128, 128, 8, 4, 1),
                                                             RsConfig(256, 128, 8, 4, 4))]
-    forced += [(m, c) for m in (7, 100) for c in (TileConfig(16, 64, 128, 4, 3, 4, 4), TileConfig(64, 64, 64, 4, 4, 2, 7),
-                                                  TileConfig(128, 128, 64, 8, 4, 1, 7))]
+    forced += [
+        (m, c)
+        for m in (7, 100)
+        for c in (
+            TileConfig(16, 64, 128, 4, 3, 4, 4),
+            TileConfig(64, 64, 64, 4, 4, 2, 7),
+            TileConfig(128, 128, 64, 8, 4, 1, 7),
+        )
+    ]
     for m, cfg in forced:
         worst = max(worst, check(m, 4224, 1088, 32, dtype, gen, 128, config=cfg))  # masked steps
         worst = max(worst, check(m, 4096, 6144, 64, dtype, gen, 128, (4096, 5120), config=cfg, int8=True, bias=True))
@@ -164,7 +181,9 @@ def main():
             "command": " ".join(sys.argv)}
     t0 = time.time()
     meta["copy_gbps"], meta["bf16_peak_tflops"] = measure_peaks()
-    print(f"{dev.name}: copy {meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['bf16_peak_tflops']:.0f} TFLOP/s", flush=True)
+    print(
+        f"{dev.name}: copy {meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['bf16_peak_tflops']:.0f} TFLOP/s", flush=True
+    )
     meta["max_rel_err"] = 0.0 if args.no_check else correctness(dtype, gen)
     print(f"correctness: max ||out-ref||/||ref|| = {meta['max_rel_err']:.2e}", flush=True)
     if args.check_only:

@@ -4,6 +4,7 @@ from HBM (enough copies to overflow L2), as in decode."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -11,10 +12,12 @@ import sys
 import torch
 from triton.testing import do_bench
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # after PYTHONPATH: compare.py runs a baseline from there
+sys.path.append(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+)  # after PYTHONPATH: compare.py runs a baseline from there
 
 import csrc_triton as ct  # noqa: E402
-from vllm_twinquant.format import int8_rows  # noqa: E402
+from vllm_twinquant.format import int8_rows, per_token_codes  # noqa: E402
 
 SHAPES = [  # (name, K, N)
     ("qkv", 4096, 6144),
@@ -56,11 +59,11 @@ def graph_time_ms(fns, reps: int = 50) -> float:
 
 def measure_peaks():
     n = 1 << 28  # 512 MiB of bf16
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
-    copy_gbps = 2 * a.numel() * 2 / ms / 1e6
-    del a, b
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    copy = functools.partial(torch.empty_like(src).copy_, src)
+    ms = do_bench(copy, warmup=25, rep=100, return_mode="median")
+    copy_gbps = 2 * n * 2 / ms / 1e6
+    del src, copy
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = do_bench(lambda: x @ y, warmup=25, rep=100, return_mode="median")
@@ -87,9 +90,14 @@ def residual_weights(qw, sc, group=GROUP):
 
 
 
-def reference(x, qw, sc, down, up, group=GROUP, bounds=()):
-    """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton."""
-    y = x.float() @ residual_weights(qw, sc, group).t()
+def reference(x, qw, sc, down, up, group=GROUP, bounds=(), act_quant="none"):
+    """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton.
+    act_quant "fp8"/"int8": the residual product reads the format's per-token codes of x (W4A8)."""
+    xr = x.float()
+    if act_quant != "none":
+        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
+        xr = q * s
+    y = xr @ residual_weights(qw, sc, group).t()
     if down is not None:
         r = up.shape[1]
         edges = (0, *bounds, y.shape[1])

@@ -40,11 +40,11 @@ def run(tag: str, out: str) -> None:
         layers = [make_layer(k, n, r, torch.bfloat16, gen) for _ in range(flush_copies(layer_bytes(k, n, r)))]
         layers = [(repack(L[0], GROUP), *L[1:]) for L in layers]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        ms = graph_time_ms([lambda L=L: linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers])
+        ms = graph_time_ms([lambda L=L, x=x: linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers])
         del layers
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
               for _ in range(flush_copies(n * k * 2, 16))]
-        bf16 = [graph_time_ms([lambda w=w: x @ w.t() for w in ws]) for _ in range(2)]
+        bf16 = [graph_time_ms([lambda w=w, x=x: x @ w.t() for w in ws]) for _ in range(2)]
         del ws
         recs.append({"name": name, "M": m, "rank": r, "ms": ms, "ms_bf16": bf16})
         print(f"{tag} {name:8s} M={m:5d} r={r:3d} {ms * 1e3:8.1f} us  bf16 {bf16[0] * 1e3:.1f} / {bf16[1] * 1e3:.1f}",

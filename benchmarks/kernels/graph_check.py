@@ -45,12 +45,14 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     recs, worst = [], 0.0
-    for (name, k, n, bounds), m, r in [(c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200, 300) for r in (0, 64)]:
+    for (name, k, n, bounds), m, r in [
+        (c, m, r) for c in CASES for m in (1, 2, 4, 9, 16, 24, 64, 100, 200, 300) for r in (0, 64)
+    ]:
         qw, sc, down, up = make_layer(k, n, r, dtype, gen, 128, len(bounds) + 1)
         qwr = ct.repack(qw, 128)
         op = torch.ops.twinquant.linear
 
-        def f(x, qwr=qwr, sc=sc, down=down, up=up, bounds=bounds):
+        def f(x, qwr=qwr, sc=sc, down=down, up=up, bounds=bounds, op=op):
             return op(x, qwr, sc, down, up, None, 128, list(bounds))
 
         xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(5)]

@@ -72,15 +72,35 @@ def fitting_programs(regs: int, smem: int, warps: int) -> int:
 
 
 # SASS opcode -> kind, for the main-loop histogram (first match on the opcode's leading name)
-KINDS = [("LOP3", "LOP3 (nibbles; addresses)"), ("SHF", "shifts"), ("PRMT", "PRMT (byte permutes)"),
-         ("HFMA2", "HFMA2 (code - 8)"), ("HMUL2", "HMUL2 (x scale)"), ("HADD2", "HADD2"),
-         ("HGMMA", "HGMMA (wgmma)"), ("HMMA", "HMMA (mma.sync)"), ("LDGSTS", "cp.async"),
-         ("LDGDEPBAR", "cp.async commit"), ("DEPBAR", "cp.async / wgmma waits"), ("WARPGROUP", "warpgroup arrive / wait"),
-         ("LDSM", "ldmatrix"), ("LDS", "shared loads"), ("STS", "shared stores"), ("LDG", "global loads"),
-         ("BAR", "CTA barriers"), ("U", "uniform datapath (descriptors, stage indices)"),
-         ("I", "integer arithmetic"), ("LEA", "integer arithmetic"), ("SEL", "integer arithmetic"),
-         ("VI", "integer arithmetic"), ("PLOP3", "predicate logic"), ("ISETP", "integer arithmetic"),
-         ("MOV", "moves"), ("F2FP", "conversions"), ("BRA", "branch")]
+KINDS = [
+    ("LOP3", "LOP3 (nibbles; addresses)"),
+    ("SHF", "shifts"),
+    ("PRMT", "PRMT (byte permutes)"),
+    ("HFMA2", "HFMA2 (code - 8)"),
+    ("HMUL2", "HMUL2 (x scale)"),
+    ("HADD2", "HADD2"),
+    ("HGMMA", "HGMMA (wgmma)"),
+    ("HMMA", "HMMA (mma.sync)"),
+    ("LDGSTS", "cp.async"),
+    ("LDGDEPBAR", "cp.async commit"),
+    ("DEPBAR", "cp.async / wgmma waits"),
+    ("WARPGROUP", "warpgroup arrive / wait"),
+    ("LDSM", "ldmatrix"),
+    ("LDS", "shared loads"),
+    ("STS", "shared stores"),
+    ("LDG", "global loads"),
+    ("BAR", "CTA barriers"),
+    ("U", "uniform datapath (descriptors, stage indices)"),
+    ("I", "integer arithmetic"),
+    ("LEA", "integer arithmetic"),
+    ("SEL", "integer arithmetic"),
+    ("VI", "integer arithmetic"),
+    ("PLOP3", "predicate logic"),
+    ("ISETP", "integer arithmetic"),
+    ("MOV", "moves"),
+    ("F2FP", "conversions"),
+    ("BRA", "branch"),
+]
 
 
 def loop_histogram(sass: str) -> tuple[int, collections.Counter]:

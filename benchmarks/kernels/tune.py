@@ -2,8 +2,8 @@
 the plan reads (csrc_triton/configs/<device name>.json).
 
     python benchmarks/kernels/tune.py sweep --out DIR [--ms 1 2 4 8 16 32 64 128 256]   # on the GPU
-    python benchmarks/kernels/tune.py table --sweep DIR/sweep_<device>.json --base csrc_triton/configs/NVIDIA_H100_80GB_HBM3.json \\
-        --write csrc_triton/configs/<device>.json
+    python benchmarks/kernels/tune.py table --sweep DIR/sweep_<device>.json \\
+        --base csrc_triton/configs/NVIDIA_H100_80GB_HBM3.json --write csrc_triton/configs/<device>.json
 
 The sweep times, for Llama-3-8B's four layer shapes (the table's shape classes: down N <= 4096,
 K >= 8192; o N <= 4096; q/k/v N <= 8192; gate/up wider) and each M, every candidate config of
@@ -11,8 +11,21 @@ every kernel that can run there (each first checked against a float32 reference 
 shape, rank 64: the cost that decides is the layer's with its low-rank term). `table` then gives
 each (M, shape class) to the fastest measured (kernel, config): the rows of the kernels before it
 in the plan's priority say null there, its own row names the config, and a token count between
-two swept ones takes the choice of the next swept M above it. The tile kernel's rules, the large-M thresholds and the PDL rows are taken from
---base (they come from their own, longer sweeps). The `sources` of the written table say so.
+two swept ones takes the choice of the next swept M above it. The tile kernel's rules, the large-M
+thresholds and the PDL rows are taken from --base (they come from their own, longer sweeps). The `sources` of
+the written table say so.
+
+The W4A8 kernel's rows (`w4a8_fp8`, `w4a8_int8`: layers with 8-bit activations) come from their own
+sweeps, into the same table:
+
+    python benchmarks/kernels/tune.py sweep-w4a8 --act-quant fp8|int8 --out DIR           # on the GPU
+    python benchmarks/kernels/tune.py table-w4a8 --sweep DIR/sweep_w4a8_<act>_<device>.json --write TABLE
+
+For every shape class and M it times the layer as the plan runs it as W4A16 (x unquantized) and
+every W4A8 candidate (--act-quant fp8 or int8, rank 64, each first checked against a float32
+reference of the W4A8 numerics). A row names the fastest W4A8 config; at decode sizes (M <= 16)
+it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there. M above
+the last swept one takes its choice.
 """
 
 from __future__ import annotations
@@ -85,7 +98,7 @@ def sweep(out: str, ms: list[int]) -> str:
                     if not err <= 1e-2:
                         print(f"  MISMATCH {kernel} {cfg} M={m} {cls}: {err:.2e}", flush=True)
                         continue
-                    ms_ = graph_time_ms([lambda L=L: ct.gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg)
+                    ms_ = graph_time_ms([lambda L=L, x=x, cfg=cfg: ct.gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg)
                                          for L in layers], reps=20)
                 except (ValueError, RuntimeError) as e:  # out of shared memory, a config that cannot launch here
                     print(f"  {kernel} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
@@ -100,6 +113,106 @@ def sweep(out: str, ms: list[int]) -> str:
         json.dump({"device": device.name, "capability": list(device.capability), "ms": ms, "rank": rank,
                    "seconds": round(time.time() - t0, 1), "command": " ".join(sys.argv), "records": recs}, f, indent=1)
     return path
+
+
+W4A8_MS = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
+DECODE_M = 16  # up to here a W4A8 layer may run as W4A16 (x unquantized) where that is faster
+
+
+def w4a8_candidates(m: int, act_quant: str) -> list:
+    from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
+
+    cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
+    return cublas + _triton_candidates(m)
+
+
+def _triton_candidates(m: int) -> list:
+    from csrc_triton.kernels.w4a8 import W4a8Config as C
+
+    if m <= 16:
+        return [C(16, 64, 4, 4, s) for s in (1, 4)]
+    if m <= 64:
+        return [C(64, 64, 4, 4, s) for s in (2, 4)] + [C(64, 128, 4, 4, 1)]
+    if m <= 256:
+        return [C(64, 128, 4, 4, 1), C(128, 64, 4, 4, 1), C(128, 64, 4, 4, 2), C(64, 128, 4, 4, 1, dense=True),
+                C(128, 128, 8, 4, 1, dense=True)]
+    return [C(128, 64, 4, 4, 1), C(256, 64, 8, 3, 1), C(128, 128, 8, 4, 1, dense=True),
+            C(128, 256, 8, 3, 1, dense=True), C(128, 256, 8, 3, 1, 64, dense=True)]
+
+
+def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
+    import torch
+    from common import GROUP, flush_copies, graph_time_ms, layer_bytes, make_layer, reference
+
+    import csrc_triton as ct
+
+    device = ct.Device.of(torch.device("cuda"))
+    dtype, rank = torch.bfloat16, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    recs, t0 = [], time.time()
+    os.makedirs(out, exist_ok=True)
+    for (cls, _, _, (n, k)), m in itertools.product(CLASSES, ms):
+        layers = [make_layer(k, n, rank, dtype, gen) for _ in range(flush_copies(layer_bytes(k, n, rank)))]
+        layers = [(ct.repack(L[0], GROUP), *L[1:]) for L in layers]
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        w16 = graph_time_ms([lambda L=L, x=x: ct.linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers], reps=20)
+        recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": "w4a16_plan", "config": None, "ms": w16})
+        for cfg in w4a8_candidates(m, act_quant):
+            kernel = ct.layer.config_kernel(cfg)
+            try:
+                qw, sc, down, up = make_layer(k, n, rank, dtype, gen)
+                xc = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                ref = reference(xc, qw, sc, down, up, GROUP, act_quant=act_quant)
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                ct.gemm(xc, ct.repack(qw, GROUP), sc, GROUP, down, up, out=y, config=cfg, act_quant=act_quant)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err <= 1e-2:
+                    print(f"  MISMATCH {kernel} {cfg} M={m} {cls}: {err:.2e}", flush=True)
+                    continue
+                ms_ = graph_time_ms([lambda L=L, x=x, cfg=cfg: ct.gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg,
+                                                                       act_quant=act_quant) for L in layers], reps=20)
+            except Exception as e:  # noqa: BLE001 -- a config that cannot compile or launch here is skipped
+                print(f"  {kernel} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": kernel, "config": vars(cfg), "ms": ms_,
+                         "rel_err": err})
+        best = min((r for r in recs if r["class"] == cls and r["M"] == m and r["kernel"] != "w4a16_plan"),
+                   key=lambda r: r["ms"], default=None)
+        with open(os.path.join(out, f"sweep_w4a8_{act_quant}.partial.json"), "w") as f:
+            json.dump({"records": recs}, f)
+        print(f"{cls:8s} M={m:4d}: W4A16 plan {w16 * 1e3:.1f} us, best W4A8 {best['kernel'] if best else None} "
+              f"{best['config'] if best else None} {best['ms'] * 1e3 if best else float('nan'):.1f} us", flush=True)
+    path = os.path.join(out, f"sweep_w4a8_{act_quant}_{device.name.replace(' ', '_')}.json")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": device.name, "capability": list(device.capability), "ms": ms, "rank": rank,
+                   "act_quant": act_quant, "seconds": round(time.time() - t0, 1), "command": " ".join(sys.argv),
+                   "records": recs}, f, indent=1)
+    return path
+
+
+def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
+    """The table's W4A8 rows a sweep implies (module docstring): `w4a8_<act>` names the fastest
+    Triton W4A8 config at every swept M, except at decode sizes (M <= DECODE_M) where the W4A16 plan
+    measured faster (null); `w4a8_fp8_cublas` ({} or null) where cuBLAS's block-scaled GEMM was the
+    fastest of all."""
+    ms = sorted(sweep_data["ms"])
+    rows: dict[str, list[dict]] = {f"w4a8_{sweep_data['act_quant']}": []}
+    if any(r["kernel"] == "fp8_cublas" for r in sweep_data["records"]):
+        rows["w4a8_fp8_cublas"] = []
+    for i, m in enumerate(ms):
+        for cls, max_n, min_k, _ in CLASSES:
+            recs = [r for r in sweep_data["records"] if r["class"] == cls and r["M"] == m]
+            w16 = next(r["ms"] for r in recs if r["kernel"] == "w4a16_plan")
+            best = min((r for r in recs if r["kernel"] == "w4a8"), key=lambda r: r["ms"], default=None)
+            cfg = None if best is None or (m <= DECODE_M and best["ms"] >= w16) else best["config"]
+            key = {"max_m": m if i < len(ms) - 1 else None, "max_n": max_n, "min_k": min_k}
+            rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
+            if "w4a8_fp8_cublas" in rows:
+                fastest = min((r for r in recs if r["kernel"] != "w4a16_plan"), key=lambda r: r["ms"], default=None)
+                use = fastest is not None and fastest["kernel"] == "fp8_cublas"
+                rows["w4a8_fp8_cublas"].append({**key, "config": {} if use else None})
+    return rows
 
 
 def build_table(sweep_data: dict, base: dict) -> dict:
@@ -136,9 +249,30 @@ def main() -> None:
     t.add_argument("--sweep", required=True)
     t.add_argument("--base", required=True, help="table whose tile, large_m and pdl_off rows are kept")
     t.add_argument("--write", required=True)
+    s8 = sub.add_parser("sweep-w4a8", help="time the W4A8 kernel's candidate configs on this GPU")
+    s8.add_argument("--out", default=os.environ.get("OUT", "."))
+    s8.add_argument("--ms", type=int, nargs="+", default=W4A8_MS)
+    s8.add_argument("--act-quant", choices=["fp8", "int8"], default="fp8")
+    t8 = sub.add_parser("table-w4a8", help="write the w4a8 rows a W4A8 sweep implies into a table")
+    t8.add_argument("--sweep", required=True)
+    t8.add_argument("--write", required=True, help="the device's table, updated in place")
     args = ap.parse_args()
     if args.cmd == "sweep":
         print(sweep(args.out, args.ms))
+        return
+    if args.cmd == "sweep-w4a8":
+        print(sweep_w4a8(args.out, args.ms, args.act_quant))
+        return
+    if args.cmd == "table-w4a8":
+        with open(args.sweep) as f, open(args.write) as g:
+            data, table = json.load(f), json.load(g)
+        for key, rows in build_w4a8_rows(data).items():
+            table[key] = rows
+            table.setdefault("sources", {})[key] = (f"benchmarks/kernels/tune.py sweep-w4a8 on this device "
+                                                    f"({data['command']}; M {data['ms']}, rank {data['rank']})")
+        with open(args.write, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
         return
     with open(args.sweep) as f, open(args.base) as g:
         table = build_table(json.load(f), json.load(g))

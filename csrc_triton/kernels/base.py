@@ -28,6 +28,7 @@ class LayerShape:
     slot_bounds: tuple[int, ...] = ()  # first output row of slots 1 and 2 of a merged layer
     dtype: torch.dtype = torch.bfloat16  # activations
     int8_factors: bool = False
+    act_quant: str = "none"  # the residual product's input: "none" (W4A16), "fp8" or "int8" (W4A8)
 
     @property
     def max_block_n(self) -> int:
@@ -60,7 +61,7 @@ class Device:
         return Device(name, capability, 227 << 10, triton_version, False, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device(kind: str, index: int) -> Device:
     interpreted = envs.triton_interpreted()
     if kind != "cuda" or not torch.cuda.is_available():
@@ -91,6 +92,7 @@ class Launch:
     max_block_n: int  # widest output tile inside one slot (LayerShape.max_block_n)
     pdl: bool
     make_t: Callable[[], tuple[torch.Tensor | None, int]]
+    act_quant: str = "none"  # LayerShape.act_quant
 
     @property
     def m(self) -> int:
@@ -136,7 +138,10 @@ class Kernel:
     name = ""
 
     def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
-        raise NotImplementedError
+        """(True, None), or (False, the reason). The default: any layer on any device, unless disabled;
+        kernels with conditions check the switch first, then their own."""
+        why = self.disabled()
+        return why is None, why
 
     def choose(self, m: int, shape: LayerShape, tables):
         """The launch configuration for m tokens from the device's tables, or None where the

@@ -41,8 +41,14 @@ def _dequant_kernel(qw_ptr, sc_ptr, w_ptr, down_ptr, up_ptr, N, K, R, B1, B2, st
     offs_p = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_g = pid_k * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
     nm = offs_n < N
-    p = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_p[None, :], mask=nm[:, None] & (offs_p[None, :] < K // 8), other=0)
-    s = tl.load(sc_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=nm[:, None] & (offs_g[None, :] < K // GROUP), other=0.0)
+    p = tl.load(
+        qw_ptr + offs_n[:, None] * stride_qn + offs_p[None, :], mask=nm[:, None] & (offs_p[None, :] < K // 8), other=0
+    )
+    s = tl.load(
+        sc_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
+        mask=nm[:, None] & (offs_g[None, :] < K // GROUP),
+        other=0.0,
+    )
     p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
     q = ((p >> (tl.arange(0, 8) * 4)[None, None, :, None]) & 0xF) - 8  # [BN, chunk, j, l]
     q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # column c*CHUNK + j*CHUNK_W + l
@@ -118,7 +124,9 @@ def _dequant_rows_kernel(q_ptr, s_ptr, out_ptr, ROWS, COLS, stride_q, stride_o,
     mask = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
     q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0).to(tl.float32)
     s = tl.load(s_ptr + rows, mask=rows < ROWS, other=0.0)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + rows[:, None] * stride_o + cols[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -135,11 +143,6 @@ class DequantCublasKernel(Kernel):
     """Always implementable; the plan takes it above the large-M threshold of the device's table."""
 
     name = "dequant_cublas"
-
-    def can_implement(self, shape: LayerShape, device) -> tuple[bool, str | None]:
-        if self.disabled():
-            return False, self.disabled()
-        return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> DequantConfig:
         return DequantConfig(fold=shape.rank == 0 or fold_lowrank(m, shape.n, shape.rank))

@@ -119,7 +119,8 @@ mov.b32 {$2, $3}, b;
 
 
 _QUAD_F16_PTX_0, _QUAD_F16_PTX_8 = (
-    tl.constexpr(_QUAD_F16_PTX.replace("SHIFT", "mov.b32 t, $4;" if s == 0 else f"shr.u32 t, $4, {s};")) for s in (0, 8))
+    tl.constexpr(_QUAD_F16_PTX.replace("SHIFT", "mov.b32 t, $4;" if s == 0 else f"shr.u32 t, $4, {s};")) for s in (0, 8)
+)
 
 
 @triton.jit

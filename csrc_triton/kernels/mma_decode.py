@@ -80,7 +80,8 @@ def _tq_decode_mma_kernel(
     x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
-    KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
+    KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
     TILED: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -217,7 +218,9 @@ def token_offset_runtime(m: int, tok: int) -> bool:
     return m > tok or tok >= 32
 
 
-def launch_shape(m: int, k: int, group_size: int, split: int, max_tok: int, smem_optin: int) -> tuple[int, int, int, int]:
+def launch_shape(
+    m: int, k: int, group_size: int, split: int, max_tok: int, smem_optin: int
+) -> tuple[int, int, int, int]:
     """(tokens per program, K step, programs along K, K per program) of a launch asked for
     `split` programs along K and at most `max_tok` tokens per program (8-64, a power of two): more
     programs along K where the x K-slice would not fit in X_SMEM_MAX bytes or the device's opt-in

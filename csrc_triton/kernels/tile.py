@@ -16,7 +16,16 @@ import triton.language as tl
 
 from csrc_triton.kernels.base import Kernel, Launch, LayerShape
 from csrc_triton.layout import chunk_words, next_pow2
-from csrc_triton.triton_common import INTERPRETED, dot, dot_acc, operand, pdl_wait, plane_pair, scaled_low_nibble, slot_of
+from csrc_triton.triton_common import (
+    INTERPRETED,
+    dot,
+    dot_acc,
+    operand,
+    pdl_wait,
+    plane_pair,
+    scaled_low_nibble,
+    slot_of,
+)
 
 MODES = (4, 7)
 
@@ -105,7 +114,9 @@ def _tq_gemm_kernel(
                 xj = tl.load(x_rows + (col + j * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
                 part += dot(lo, tl.trans(xj), UPCAST)
                 xs += tl.sum(xj.to(tl.float32), axis=1)
-                xj = tl.load(x_rows + (col + (j + 4) * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                xj = tl.load(
+                    x_rows + (col + (j + 4) * CHUNK_W)[None, :], mask=m_mask[:, None] & w_mask[None, :], other=0.0
+                )
                 part += dot(hi, tl.trans(xj), UPCAST)
                 xs += tl.sum(xj.to(tl.float32), axis=1)
             e_plus_8 = 136.0 if EXP == 0x4300 else 1032.0
@@ -114,7 +125,9 @@ def _tq_gemm_kernel(
             s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(act)
             p = tl.reshape(p, (BLOCK_N, BLOCK_K // CHUNK, 1, CHUNK_W))
             p = p >> (tl.arange(0, 8) * 4)[None, None, :, None]  # nibble j of [BN, chunk, j, l] at bits 0-3
-            w = scaled_low_nibble(tl.reshape(p, (BLOCK_N, BLOCK_K)), s[:, None], EXP, ASM, act)  # col c*CHUNK + j*CHUNK_W + l
+            w = scaled_low_nibble(
+                tl.reshape(p, (BLOCK_N, BLOCK_K)), s[:, None], EXP, ASM, act
+            )  # col c*CHUNK + j*CHUNK_W + l
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < k_hi), other=0.0)
             acc = dot_acc(xk, tl.trans(w), acc, UPCAST)
@@ -163,11 +176,6 @@ class TileKernel(Kernel):
     """Always implementable: the plan's last resort below the large-M threshold."""
 
     name = "tile"
-
-    def can_implement(self, shape: LayerShape, device) -> tuple[bool, str | None]:
-        if self.disabled():
-            return False, self.disabled()
-        return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> TileConfig:
         return tables.tile.pick(m, shape.n, shape.k, shape.max_block_n, shape.group_size)

@@ -1,0 +1,72 @@
+"""W4A8-FP8 at large M: cuBLAS's block-scaled FP8 GEMM over a transient FP8 copy of the codes.
+
+    y = blockscaled_fp8_gemm(xq, e4m3(q)) + (x @ D^T) @ U^T + bias
+
+The format's numerics are a block-scaled FP8 GEMM with 1 x 128 blocks on both sides: the
+activation codes xq with their per-token scale (the same for every block of a token), the weight
+codes q = c - 8 with the group scales (group size 128). So above the table's threshold the layer
+makes e4m3(q) for the whole layer in one pass (`w4a8.codes_to_8bit`, N x K bytes, freed after
+the call, as `dequant_cublas` does for W4A16) and calls `torch._scaled_mm` with 1x128 x 1x128
+block scaling (cuBLAS, sm_90, CUDA 12.9+). The low-rank term reads x unquantized, as everywhere:
+t = x @ D^T from `lowrank_down`, then one bf16 product per slot added into y, and the bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from csrc_triton.kernels.base import Kernel, Launch, LayerShape
+from csrc_triton.kernels.lowrank_down import lowrank_down
+from csrc_triton.kernels.w4a8 import codes_to_8bit, quantize_rows
+
+BLOCK = 128  # cuBLAS's 1D block: the group size this kernel takes
+
+
+@dataclass(frozen=True)
+class Fp8CublasConfig:
+    """Nothing to choose: cuBLAS picks its own algorithm."""
+
+
+class Fp8CublasKernel(Kernel):
+    name = "fp8_cublas"
+
+    def can_implement(self, shape: LayerShape, device) -> tuple[bool, str | None]:
+        why = self.disabled()
+        if why:
+            return False, why
+        if shape.act_quant != "fp8":
+            return False, "the layer's activations are not FP8"
+        if shape.group_size != BLOCK:
+            return False, f"group size {shape.group_size}; cuBLAS's block-scaled FP8 GEMM takes {BLOCK}-wide groups"
+        if not device.cuda or tuple(device.capability) != (9, 0):
+            return False, "cuBLAS's 1x128 block-scaled FP8 GEMM runs on sm_90 only"
+        if shape.n % 16 or shape.k % 16:
+            return False, f"layer {shape.k} -> {shape.n}: cuBLAS's FP8 GEMM needs multiples of 16"
+        return True, None
+
+    def choose(self, m: int, shape: LayerShape, tables) -> Fp8CublasConfig | None:
+        return tables.w4a8_fp8_cublas.lookup(m, shape.n, shape.k)
+
+    def launch(self, a: Launch, cfg: Fp8CublasConfig) -> None:
+        m, k = a.m, a.k
+        xq, xs, _ = quantize_rows(a.x, "fp8", a.group_size)
+        w8 = codes_to_8bit(a.qweight, a.group_size, "fp8")  # [N, K]
+        scale_a = xs.expand(k // BLOCK, m).contiguous().t()  # [M, K/128], M-major
+        scale_b = a.scales.float().t().contiguous()  # [K/128, N], N-major
+        y = a.out
+        torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype, out=y)
+        del w8
+        if a.has_lr:
+            t = lowrank_down(a.x, a.down, reduce=True, down_scale=a.down_scale)[0].to(a.x.dtype)
+            up = a.up if a.up_scale is None else (a.up.float() * a.up_scale[:, None]).to(a.x.dtype)
+            r, bounds = a.rank, (0, *[b for b in (a.slot_b1, a.slot_b2) if b < a.n], a.n)
+            for s in range(len(bounds) - 1):
+                lo, hi = bounds[s], bounds[s + 1]
+                y[:, lo:hi].addmm_(t[:, s * r:(s + 1) * r], up[lo:hi].t())
+        if a.bias is not None:
+            y += a.bias
+
+
+KERNEL = Fp8CublasKernel()

@@ -1,0 +1,156 @@
+"""The W4A8 kernel (csrc_triton/kernels/w4a8.py) in Triton's CPU interpreter, against a float64
+reference of the same numerics: the format's per-token codes (format.per_token_codes), the 4-bit
+residual and the low-rank term read the unquantized x. Every case draws fresh random data and
+poisons the output first. Full size on the GPU: benchmarks/kernels/bench_w4a8.py."""
+
+import re
+
+import pytest
+import torch
+
+import csrc_triton as ct
+from csrc_triton.kernels.w4a8 import W4a8Config, quantize_rows
+from vllm_twinquant.format import pack_codes, per_token_codes, reference_linear
+
+
+def _layer(n, k, g, r, slots, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qw = pack_codes(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen))
+    sc = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.001).half()
+    down = (torch.randn(slots * r, k, generator=gen) * 0.05).to(dtype) if r else None
+    up = (torch.randn(n, r, generator=gen) * 0.05).to(dtype) if r else None
+    return qw, sc, down, up
+
+
+def _reference(x, qw, sc, g, down, up, bias, bounds, act_quant):
+    """float64 of the layer; act_quant None: the W4A16 product (x unquantized)."""
+    xr = x.double()
+    if act_quant is not None:
+        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
+        xr = q.double() * s.double()
+    y = reference_linear(xr, qw, sc, g, None, None, bias)
+    if down is not None:
+        r = up.shape[1]
+        edges = (0, *bounds, y.shape[1])
+        t = x.double() @ down.double().T
+        for i in range(len(edges) - 1):
+            a, b = edges[i], edges[i + 1]
+            y[:, a:b] += t[:, i * r : (i + 1) * r] @ up[a:b].double().T
+    return y
+
+
+CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias, W4a8Config
+    (1, 64, 128, 32, 0, (), torch.bfloat16, False, (16, 32, 4, 2, 1)),  # M = 1, group 32
+    (17, 576, 576, 64, 16, (), torch.bfloat16, True, (16, 64, 4, 2, 1)),  # 576-wide layer, odd M, bias
+    (5, 960, 576, 64, 8, (576, 768), torch.float16, False, (16, 64, 4, 2, 1)),  # merged q/k/v, fp16
+    (9, 96, 640, 128, 24, (), torch.bfloat16, False, (16, 32, 4, 2, 2, 64)),  # split-K, short last split, group in 2
+    (33, 64, 384, 128, 0, (32,), torch.float16, True, (32, 32, 4, 2, 3)),  # two slots, split 3, M > block_m
+    (33, 64, 384, 128, 16, (32,), torch.float16, True, (32, 32, 4, 2, 1, 128, True)),  # the 8-bit copy of the codes
+    (19, 576, 576, 64, 16, (), torch.bfloat16, False, (16, 64, 4, 2, 2, 64, True)),  # ... group 64, split 2
+]
+
+
+@pytest.mark.parametrize("act_quant", ["fp8", "int8"])
+@pytest.mark.parametrize("m,n,k,g,r,bounds,dtype,bias,cfg", CASES)
+def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bounds, dtype, bias, cfg, act_quant):
+    torch.manual_seed(m + n + k)
+    qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
+    x[0, : k // 3] = 0  # a token with a zero stretch and (M > 1) tokens of different ranges
+    b = torch.randn(n).to(dtype) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=W4a8Config(*cfg),
+            act_quant=act_quant)
+    assert not torch.isnan(out).any(), "some outputs were never written"
+    ref = _reference(x, qw, sc, g, down, up, b, bounds, act_quant)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, err
+    # and it is the 8-bit product: closer to its own reference than to the W4A16 product's
+    w16 = _reference(x, qw, sc, g, down, up, b, bounds, None)
+    assert (out.double() - ref).norm() < (out.double() - w16).norm()
+
+
+@pytest.mark.parametrize("act_quant", ["fp8", "int8"])
+def test_quantize_rows_gives_the_format_codes_bit_for_bit(act_quant):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4160, generator=gen) * torch.tensor([1e-3, 1, 30, 1e4, 1, 0])[:, None]
+    x[4, 7] = 200.0  # an outlier: every other entry of that token gets a coarse step
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dtype)
+        q, s, sums = quantize_rows(xd, act_quant, 64)
+        q_ref, s_ref = per_token_codes(xd, 8, "float" if act_quant == "fp8" else "int")
+        assert torch.equal(s, s_ref[:, 0])
+        assert torch.equal(q.float(), q_ref)
+        assert not q.float()[5].any() and s[5] == 1e-12  # an all-zero token
+        if act_quant == "int8":  # the codes' sum of every 64 columns, for the kernel's -8 term
+            assert torch.equal(sums, q_ref.reshape(6, 65, 64).sum(-1).int())
+        else:
+            assert sums is None
+
+
+def test_w4a8_layers_decode_on_the_w4a16_kernels_and_batch_on_the_w4a8_kernel():
+    h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
+    for slots in ((), (4096, 5120)):
+        shape = ct.LayerShape(6144, 4096, 128, 64, slots, torch.bfloat16, act_quant="fp8")
+        w16 = ct.LayerShape(6144, 4096, 128, 64, slots, torch.bfloat16)
+        kernels = {m: ct.plan(shape, m, h100).kernel for m in (1, 2, 8, 16, 17, 64, 128, 256, 1024, 8192)}
+        assert kernels[1] == ct.plan(w16, 1, h100).kernel and kernels[16] == ct.plan(w16, 16, h100).kernel
+        assert all(kernels[m] == "w4a8" for m in (17, 64, 128, 256, 1024, 8192)), kernels
+        # the W4A16 layer itself never reaches the W4A8 kernel
+        assert all(ct.plan(w16, m, h100).kernel != "w4a8" for m in kernels)
+
+
+def test_w4a8_is_refused_with_the_reason_where_the_tensor_cores_are_missing():
+    a100 = ct.Device.named("NVIDIA A100-SXM4-80GB", (8, 0))
+    tables = ct.tables_for("NVIDIA H100 80GB HBM3", (9, 0))  # (the A100 has none; asking would log that)
+    shape = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="fp8")
+    with pytest.raises(ct.NoKernel, match=r"FP8 tensor cores \(sm_89\+\); this device is sm_80"):
+        ct.plan(shape, 256, a100, tables)
+    int8 = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="int8")
+    with pytest.raises(ct.NoKernel, match="int8 W4A8 kernel has not been checked on a GPU"):
+        ct.plan(int8, 256, ct.Device.named("NVIDIA H100 80GB HBM3"))
+
+
+@pytest.mark.parametrize("act_quant,dtype", [("fp8", "bf16"), ("int8", "fp16")])
+def test_w4a8_kernel_compiles_for_sm90_to_8_bit_wgmma(act_quant, dtype):
+    """The interpreter checks the arithmetic; only a compile shows the product runs on Hopper's 8-bit
+    tensor cores (an asynchronous wgmma of e4m3 or s8 operands, fp32 or s32 results)."""
+    from csrc_triton.compile import compile_sm90
+
+    ptrs = {"x_ptr": f"*{dtype}", "xq_ptr": "*fp8e4nv" if act_quant == "fp8" else "*i8", "xs_ptr": "*fp32",
+            "xsum_ptr": "*i32", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": f"*{dtype}", "us_ptr": "*fp32",
+            "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
+    consts = dict(GROUP=128, CHUNK_W=8, FP8=act_quant == "fp8", DENSE=False, HAS_LOWRANK=True, HAS_US=False,
+                  HAS_BIAS=True,
+                  BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=64, GROUP_M=8, SPLIT_K=1, UPCAST=False, PDL=False)
+    ptx = compile_sm90("csrc_triton.kernels.w4a8", "_w4a8_kernel", ptrs, consts, 8, aligned_extra=("N", "K"))
+    kind = r"f32\.e4m3\.e4m3" if act_quant == "fp8" else r"s32\.s8\.s8"
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\." + kind, ptx), "no 8-bit wgmma"
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\." + dtype.replace("fp", "f"), ptx)  # U term
+
+
+def test_w4a8_fp8_layers_take_cublas_block_scaled_gemm_where_the_table_says_and_it_can_run(tmp_path):
+    """The `w4a8_fp8_cublas` rows route FP8 layers of 128-wide groups on sm_90 to cuBLAS's 1x128 block-scaled
+    GEMM; other group sizes and GPUs other than sm_90 keep the Triton W4A8 kernel, with the reason."""
+    import json
+
+    from csrc_triton.dispatch import load_tables, table_file
+
+    h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
+    with open(table_file(h100.name)) as f:
+        table = json.load(f)
+    table["w4a8_fp8_cublas"] = [{"max_m": 256, "max_n": None, "min_k": 0, "config": None},
+                                {"max_m": None, "max_n": None, "min_k": 0, "config": {}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    tables = load_tables(str(path))
+    fp8 = ct.LayerShape(4096, 4096, 128, 64, (), torch.bfloat16, act_quant="fp8")
+    assert [ct.plan(fp8, m, h100, tables).kernel for m in (256, 257, 8192)] == ["w4a8", "fp8_cublas", "fp8_cublas"]
+    for shape, device, why in [
+        (ct.LayerShape(4096, 4096, 64, 64, (), torch.bfloat16, act_quant="fp8"), h100, "group size 64"),
+        (fp8, ct.Device.named("NVIDIA L40S", (8, 9)), "sm_90 only"),
+    ]:
+        assert ct.plan(shape, 8192, device, tables).kernel == "w4a8"
+        assert why in ct.dispatch.kernels()["fp8_cublas"].can_implement(shape, device)[1]
+    int8 = ct.LayerShape(4096, 4096, 128, 64, (), torch.bfloat16, act_quant="int8")
+    assert "not FP8" in ct.dispatch.kernels()["fp8_cublas"].can_implement(int8, h100)[1]
