@@ -70,6 +70,7 @@ README_ROWS = [
      "TwinQuant W4A16 + end-to-end tuning (one GPU)", "`twinquant-w4a16-e2e`"),
     ("tq-attn-tune4-sub64-clip0.8-r4-g64-c128-w4a4-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr2e-3-e2e1s2-lr2e-3",
      "TwinQuant W4A4, ResQ 8-bit subspace, + e2e tuning", "`twinquant-w4a4-resq`+e2e"),
+    ("twinquant-w4a8", "TwinQuant W4A8-FP8", "`twinquant-w4a8`"),
 ]
 
 
@@ -82,6 +83,43 @@ def readme_accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
         r = rows[label]
         rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if r["recipe"] != "dense" else ""
         print(f"| {method} | {recipe} | {r['effective_bits']:.2f} | {r['ppl']:.2f} | {rel} |")
+
+
+def w4a8_kernels(path="benchmarks/results/w4a8_h100.json"):
+    """bench_w4a8.py's table: µs per layer call, and W4A8's ratio to FP8 W8A8 and to W4A16."""
+    d = json.load(open(path))
+    m = d["meta"]
+    print(f"{m['device']}, torch {m['torch']}, Triton {m['triton']}; max rel. error {m['max_rel_err']:.1e}\n")
+    print("| layer (K→N) | M | rank | BF16 | FP8 W8A8 (GEMM alone) | W4A16 | W4A8-FP8 (kernel) | W4A8-INT8 "
+          "| W4A8-FP8 × vs FP8 | × vs W4A16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in d["records"]:
+        print(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['rank']} | {r['ms_bf16'] * 1e3:.1f} | "
+              f"{r['ms_fp8'] * 1e3:.1f} ({r['ms_fp8_mm'] * 1e3:.1f}) | {r['ms_w4a16'] * 1e3:.1f} | "
+              f"{r['ms_w4a8_fp8'] * 1e3:.1f} ({r['kernel_w4a8_fp8']}) | {r['ms_w4a8_int8'] * 1e3:.1f} | "
+              f"{r['w4a8_fp8_vs_fp8']:.2f} | {r['ms_w4a16'] / r['ms_w4a8_fp8']:.2f} |")
+
+
+def w4a8_sweep(path="benchmarks/results/sweeps/w4a8_fp8_h100.json"):
+    """tune.py sweep-w4a8: per layer and M, the W4A16 plan against the fastest W4A8 candidate (µs)."""
+    d = json.load(open(path))
+    best: dict = {}
+    for r in d["records"]:
+        key = (r["class"], r["M"], r["kernel"] == "w4a16_plan")
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    classes = list(dict.fromkeys(r["class"] for r in d["records"]))
+    print(f"{d['device']}, {d['act_quant']}, rank {d['rank']}: W4A16 plan µs / fastest W4A8 µs (kernel)\n")
+    print("| layer | " + " | ".join(str(m) for m in d["ms"]) + " |")
+    print("|---|" + "---|" * len(d["ms"]))
+    for c in classes:
+        cells = []
+        for m in d["ms"]:
+            w16, w8 = best[(c, m, True)], best.get((c, m, False))
+            name = "" if w8 is None else ("cuBLAS" if w8["kernel"] == "fp8_cublas" else
+                                          "Triton, 8-bit copy" if w8["config"].get("dense") else "Triton")
+            cells.append(f"{w16['ms'] * 1e3:.0f} / " + (f"{w8['ms'] * 1e3:.0f} ({name})" if w8 else "–"))
+        print(f"| {c} | " + " | ".join(cells) + " |")
 
 
 def w4a8_accuracy(path="benchmarks/results/accuracy_w4a8_smollm2.jsonl"):
@@ -113,7 +151,9 @@ def readme_speed(path="benchmarks/results/e2e_h100.json"):
 
 
 def _act_bits(r) -> int:
-    """W4A4 checkpoints carry it in their recipe name (quantizer: a4-hadamard-...)."""
+    """W4A4 checkpoints carry it in their recipe name (quantizer: a4-hadamard-...), W4A8 in their preset's."""
+    if r["recipe"].startswith("twinquant-w4a8"):
+        return 8
     return 4 if r["recipe"].startswith("a4-") else 16
 
 
@@ -124,6 +164,8 @@ def _subspace(r) -> int:
 
 
 def _act_label(r) -> str:
+    if _act_bits(r) == 8:
+        return "8 (INT8)" if r["recipe"].endswith("-int8") else "8 (FP8 e4m3)"
     c = _subspace(r)
     return f"4 (8 on {c} of 576 channels in q/k/v, gate/up)" if c else str(_act_bits(r))
 
@@ -189,6 +231,8 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
         "TwinQuant (transforms, attention-aware GPTQ, block tuning), int8 factors, + end-to-end tuning",
     "a4-hadamard-rtn": "RTN W4A4 (online Hadamard only)",
     "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
+    "twinquant-w4a8": "TwinQuant W4A8-FP8 (transforms, attention-aware GPTQ, block tuning with FP8 activations)",
+    "twinquant-w4a8-int8": "TwinQuant W4A8-INT8 (transforms, attention-aware GPTQ, block tuning with INT8 activations)",
 }
 
 
@@ -226,5 +270,9 @@ if __name__ == "__main__":
         readme_accuracy(*args)
     elif what == "w4a8-accuracy":
         w4a8_accuracy(*args)
+    elif what == "w4a8-kernels":
+        w4a8_kernels(*args)
+    elif what == "w4a8-sweep":
+        w4a8_sweep(*args)
     else:
         accuracy(*args)

@@ -25,6 +25,17 @@ def slot_of(n, B1, B2):
 
 
 @triton.jit
+def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid, in groups of GROUP_M row tiles that walk the columns
+    together (neighbouring programs share their x rows and weight columns in L2)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_rows, (pid % width) // group_rows
+
+
+@triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Wait until the down projection (the launch this one depends on) has finished and its
     writes are visible; a no-op unless launched with PDL."""

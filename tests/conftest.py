@@ -168,3 +168,34 @@ def save_family_model(kind: str, path, dtype=torch.bfloat16, tokenizer_dir=None,
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return str(path)
+
+
+def kernel_layer(n, k, g, r, slots, dtype, seed):
+    """A random layer for the kernel tests: codes in the checkpoint layout, fp16 scales, factors (None at rank 0)."""
+    from vllm_twinquant.format import pack_codes
+
+    gen = torch.Generator().manual_seed(seed)
+    qw = pack_codes(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen))
+    sc = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.001).half()
+    down = (torch.randn(slots * r, k, generator=gen) * 0.05).to(dtype) if r else None
+    up = (torch.randn(n, r, generator=gen) * 0.05).to(dtype) if r else None
+    return qw, sc, down, up
+
+
+def kernel_reference(x, qw, sc, g, down, up, bias, bounds, act_quant=None):
+    """float64 of the layer; act_quant "fp8"/"int8": the residual reads the format's per-token codes of x."""
+    from vllm_twinquant.format import per_token_codes, reference_linear
+
+    xr = x.double()
+    if act_quant is not None:
+        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
+        xr = q.double() * s.double()
+    y = reference_linear(xr, qw, sc, g, None, None, bias)
+    if down is not None:
+        r = up.shape[1]
+        edges = (0, *bounds, y.shape[1])
+        t = x.double() @ down.double().T
+        for i in range(len(edges) - 1):
+            a, b = edges[i], edges[i + 1]
+            y[:, a:b] += t[:, i * r : (i + 1) * r] @ up[a:b].double().T
+    return y

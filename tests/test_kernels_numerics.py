@@ -8,33 +8,12 @@ kernels have no interpreter: tests/test_kernels_sm90.py compiles them.)"""
 
 import pytest
 import torch
+from conftest import kernel_layer, kernel_reference
 
 import csrc_triton as ct
 from csrc_triton.kernels.gemv import GemvConfig as Gemv
 from csrc_triton.kernels.tile import TileConfig as Tile
 from vllm_twinquant.format import pack_codes, reference_linear
-
-
-def _layer(n, k, g, r, slots, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    qw = pack_codes(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen))
-    sc = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.001).half()
-    down = (torch.randn(slots * r, k, generator=gen) * 0.05).to(dtype) if r else None
-    up = (torch.randn(n, r, generator=gen) * 0.05).to(dtype) if r else None
-    return qw, sc, down, up
-
-
-def _reference(x, qw, sc, g, down, up, bias, bounds):
-    y = reference_linear(x, qw, sc, g, None, None, bias)
-    if down is not None:
-        r = up.shape[1]
-        edges = (0, *bounds, y.shape[1])
-        t = x.double() @ down.double().T
-        for s in range(len(edges) - 1):
-            a, b = edges[s], edges[s + 1]
-            y[:, a:b] += t[:, s * r : (s + 1) * r] @ up[a:b].double().T
-    return y
-
 
 CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias
     (1, 64, 128, 32, 0, (), torch.bfloat16, False),  # decode kernel, rank 0
@@ -71,14 +50,14 @@ def test_repack_is_a_lossless_column_permutation():
 @pytest.mark.parametrize("m,n,k,g,r,bounds,dtype,bias", CASES)
 def test_fused_kernels_match_float64(m, n, k, g, r, bounds, dtype, bias):
     torch.manual_seed(m * 1000 + n)
-    qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
+    qw, sc, down, up = kernel_layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype)
     cfg = Gemv(2, 16, 32, 1, 1) if m == 2 else None
     ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=cfg)
     assert not torch.isnan(out).any(), "some outputs were never written"
-    ref = _reference(x, qw, sc, g, down, up, b, bounds)
+    ref = kernel_reference(x, qw, sc, g, down, up, b, bounds)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
 
@@ -88,11 +67,11 @@ def test_large_m_path_matches_float64(bounds, r):
     """Above the threshold: one GEMM over transient weights, W = deq(R) + U_s D_s (the fold, rank
     8) or [deq(R) | U_blockdiag] against [x | x D^T] (rank 24: `fold_lowrank` says no)."""
     assert ct.fold_lowrank(9, 192, 8) and not ct.fold_lowrank(9, 192, 24)
-    qw, sc, down, up = _layer(192, 576, 64, r, len(bounds) + 1, torch.bfloat16, seed=7)
+    qw, sc, down, up = kernel_layer(192, 576, 64, r, len(bounds) + 1, torch.bfloat16, seed=7)
     x = torch.randn(9, 576).to(torch.bfloat16)
     b = torch.randn(192).to(torch.bfloat16)
     y = ct.linear(x, ct.repack(qw, 64), sc, 64, down, up, b, slot_bounds=bounds, large_m_threshold=0)
-    ref = _reference(x, qw, sc, 64, down, up, b, bounds)
+    ref = kernel_reference(x, qw, sc, 64, down, up, b, bounds)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
@@ -104,7 +83,7 @@ def test_fold_gives_the_effective_weights(bounds, tile, r):
     one slot, two, or all three (K = 320: a short last K tile), and rank 80 (two rank slices)."""
     n, k, g = 120, 320, 32
     gen = torch.Generator().manual_seed(len(bounds) + tile[0])
-    qw, sc, _, _ = _layer(n, k, g, 0, 1, torch.float32, seed=3)
+    qw, sc, _, _ = kernel_layer(n, k, g, 0, 1, torch.float32, seed=3)
     down = torch.randn((len(bounds) + 1) * r, k, generator=gen)
     up = torch.randn(n, r, generator=gen)
     deq = reference_linear(torch.eye(k, dtype=torch.float64), qw, sc, g, None, None, None).T
@@ -126,10 +105,10 @@ def test_custom_op_used_by_the_plugin():
     torch.compile) dispatches to the same kernels; here on CPU tensors in the interpreter."""
     import vllm_twinquant.kernels  # noqa: F401  (registers the op)
 
-    qw, sc, down, up = _layer(192, 576, 64, 8, 3, torch.bfloat16, seed=3)
+    qw, sc, down, up = kernel_layer(192, 576, 64, 8, 3, torch.bfloat16, seed=3)
     x = torch.randn(2, 576).to(torch.bfloat16)
     y = torch.ops.twinquant.linear(x, ct.repack(qw, 64), sc, down, up, None, 64, [64, 128])
-    ref = _reference(x, qw, sc, 64, down, up, None, (64, 128))
+    ref = kernel_reference(x, qw, sc, 64, down, up, None, (64, 128))
     assert y.shape == (2, 192) and ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
@@ -140,7 +119,7 @@ def test_triton_kernel_class_repacks_at_load_and_matches_torch_kernel():
     so the instance is built without it)."""
     from vllm_twinquant import kernels as K
 
-    qw, sc, down, up = _layer(192, 576, 64, 8, 3, torch.bfloat16, seed=11)
+    qw, sc, down, up = kernel_layer(192, 576, 64, 8, 3, torch.bfloat16, seed=11)
     c = K.TwinQuantLayerConfig(in_features=576, slot_sizes=(64, 64, 64), rank=8, group_size=64,
                                act_dtype=torch.bfloat16)
     layer = torch.nn.Module()
@@ -162,12 +141,12 @@ def test_triton_kernel_class_repacks_at_load_and_matches_torch_kernel():
 @pytest.mark.parametrize("m,cfg", [(1, Gemv(1, 16, 16, 1, 1)), (3, Gemv(2, 16, 16, 1, 1)), (5, Gemv(2, 16, 32, 1, 0))])
 def test_decode_kernel_row_blocking(m, cfg):
     """The decode kernel with 1 or 2 token rows per program (rows past M masked)."""
-    qw, sc, down, up = _layer(48, 384, 128, 8, 1, torch.bfloat16, seed=m)
+    qw, sc, down, up = kernel_layer(48, 384, 128, 8, 1, torch.bfloat16, seed=m)
     x = torch.randn(m, 384).to(torch.bfloat16)
     out = torch.full((m, 48), float("nan"), dtype=torch.bfloat16)
     ct.gemm(x, ct.repack(qw, 128), sc, 128, down, up, out=out, config=cfg)
     assert not torch.isnan(out).any()
-    ref = _reference(x, qw, sc, 128, down, up, None, ())
+    ref = kernel_reference(x, qw, sc, 128, down, up, None, ())
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
@@ -191,20 +170,20 @@ def test_vector_decode_kernel(m, n, k, g, r, bounds, cfg, dtype, bias):
     and without prefetch, both row counts, masked and unmasked steps, against float64; the PTX
     nibble conversion is replaced by plain Triton here (its sm_90 code is checked in
     test_vector_decode_kernel_ptx)."""
-    qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=m * 1000 + n + k)
+    qw, sc, down, up = kernel_layer(n, k, g, r, len(bounds) + 1, dtype, seed=m * 1000 + n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype)
     ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=cfg)
     assert not torch.isnan(out).any()
-    ref = _reference(x, qw, sc, g, down, up, b, bounds)
+    ref = kernel_reference(x, qw, sc, g, down, up, b, bounds)
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
 def test_dequantize_returns_checkpoint_column_order():
     for g in (32, 64, 128):
-        qw, sc, _, _ = _layer(16, 384, g, 0, 1, torch.float32, seed=g)
+        qw, sc, _, _ = kernel_layer(16, 384, g, 0, 1, torch.float32, seed=g)
         w = ct.dequantize(ct.repack(qw, g), sc, g, torch.float32)
         ref = reference_linear(torch.eye(384, dtype=torch.float64), qw, sc, g, None, None, None).T
         assert torch.equal(w.double(), ref)
@@ -227,13 +206,13 @@ def test_dequantize_returns_checkpoint_column_order():
 )
 def test_tile_kernel_variants(cfg, k, g):
     m, n = 5, 192
-    qw, sc, down, up = _layer(n, k, g, 8, 3, torch.bfloat16, seed=cfg.split_k * 10 + cfg.mode)
+    qw, sc, down, up = kernel_layer(n, k, g, 8, 3, torch.bfloat16, seed=cfg.split_k * 10 + cfg.mode)
     x = torch.randn(m, k).to(torch.bfloat16)
     b = torch.randn(n).to(torch.bfloat16)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=(64, 128), out=out, config=cfg)
     assert not torch.isnan(out).any()
-    ref = _reference(x, qw, sc, g, down, up, b, (64, 128))
+    ref = kernel_reference(x, qw, sc, g, down, up, b, (64, 128))
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
@@ -269,13 +248,13 @@ INT8_CASES = [  # M, N, K, group, rank, slot bounds, forced config
 def test_int8_lowrank_factors_match_float64(m, n, k, g, r, bounds, cfg):
     """int8 factors with fp32 row scales (format: lowrank_dtype int8), read by every path."""
     gen = torch.Generator().manual_seed(m + n + k)
-    qw, sc, _, _ = _layer(n, k, g, 0, 1, torch.bfloat16, seed=m)
+    qw, sc, _, _ = kernel_layer(n, k, g, 0, 1, torch.bfloat16, seed=m)
     qd, ds = _int8_factor((len(bounds) + 1) * r, k, gen)
     qu, us = _int8_factor(n, r, gen)
     down_ref, up_ref = qd.double() * ds.double()[:, None], qu.double() * us.double()[:, None]
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    ref = _reference(x, qw, sc, g, down_ref, up_ref, None, bounds)
-    lowrank_only = ref - _reference(x, qw, sc, g, None, None, None, bounds)
+    ref = kernel_reference(x, qw, sc, g, down_ref, up_ref, None, bounds)
+    lowrank_only = ref - kernel_reference(x, qw, sc, g, None, None, None, bounds)
     assert lowrank_only.norm() > 1.5 * (ref - lowrank_only).norm()  # the factors dominate
 
     def run(d_scale, u_scale):

@@ -7,37 +7,11 @@ import re
 
 import pytest
 import torch
+from conftest import kernel_layer, kernel_reference
 
 import csrc_triton as ct
 from csrc_triton.kernels.w4a8 import W4a8Config, quantize_rows
-from vllm_twinquant.format import pack_codes, per_token_codes, reference_linear
-
-
-def _layer(n, k, g, r, slots, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    qw = pack_codes(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen))
-    sc = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.001).half()
-    down = (torch.randn(slots * r, k, generator=gen) * 0.05).to(dtype) if r else None
-    up = (torch.randn(n, r, generator=gen) * 0.05).to(dtype) if r else None
-    return qw, sc, down, up
-
-
-def _reference(x, qw, sc, g, down, up, bias, bounds, act_quant):
-    """float64 of the layer; act_quant None: the W4A16 product (x unquantized)."""
-    xr = x.double()
-    if act_quant is not None:
-        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
-        xr = q.double() * s.double()
-    y = reference_linear(xr, qw, sc, g, None, None, bias)
-    if down is not None:
-        r = up.shape[1]
-        edges = (0, *bounds, y.shape[1])
-        t = x.double() @ down.double().T
-        for i in range(len(edges) - 1):
-            a, b = edges[i], edges[i + 1]
-            y[:, a:b] += t[:, i * r : (i + 1) * r] @ up[a:b].double().T
-    return y
-
+from vllm_twinquant.format import per_token_codes
 
 CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias, W4a8Config
     (1, 64, 128, 32, 0, (), torch.bfloat16, False, (16, 32, 4, 2, 1)),  # M = 1, group 32
@@ -54,7 +28,7 @@ CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias, W4a8Config
 @pytest.mark.parametrize("m,n,k,g,r,bounds,dtype,bias,cfg", CASES)
 def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bounds, dtype, bias, cfg, act_quant):
     torch.manual_seed(m + n + k)
-    qw, sc, down, up = _layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
+    qw, sc, down, up = kernel_layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
     x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
     x[0, : k // 3] = 0  # a token with a zero stretch and (M > 1) tokens of different ranges
     b = torch.randn(n).to(dtype) if bias else None
@@ -62,11 +36,11 @@ def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bound
     ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=W4a8Config(*cfg),
             act_quant=act_quant)
     assert not torch.isnan(out).any(), "some outputs were never written"
-    ref = _reference(x, qw, sc, g, down, up, b, bounds, act_quant)
+    ref = kernel_reference(x, qw, sc, g, down, up, b, bounds, act_quant)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
     # and it is the 8-bit product: closer to its own reference than to the W4A16 product's
-    w16 = _reference(x, qw, sc, g, down, up, b, bounds, None)
+    w16 = kernel_reference(x, qw, sc, g, down, up, b, bounds, None)
     assert (out.double() - ref).norm() < (out.double() - w16).norm()
 
 
@@ -106,6 +80,14 @@ def test_w4a8_is_refused_with_the_reason_where_the_tensor_cores_are_missing():
     shape = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="fp8")
     with pytest.raises(ct.NoKernel, match=r"FP8 tensor cores \(sm_89\+\); this device is sm_80"):
         ct.plan(shape, 256, a100, tables)
+    int8 = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="int8")
+    assert ct.plan(int8, 256, a100, tables).kernel == "w4a8"  # INT8 tensor cores from sm_80
+
+
+def test_a_precision_not_yet_checked_on_a_gpu_is_not_planned_there(monkeypatch):
+    from csrc_triton.kernels import w4a8
+
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8",))
     int8 = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="int8")
     with pytest.raises(ct.NoKernel, match="int8 W4A8 kernel has not been checked on a GPU"):
         ct.plan(int8, 256, ct.Device.named("NVIDIA H100 80GB HBM3"))

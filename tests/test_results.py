@@ -52,6 +52,14 @@ def test_the_w4a8_accuracy_table_in_docs_is_make_tables_output():
     assert table.count("\n") >= 4 and table in open(os.path.join(ROOT, "docs", "accuracy.md")).read()
 
 
+def test_the_w4a8_kernel_tables_in_the_kernel_readme_are_make_tables_output():
+    readme = open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert _printed(make_tables.w4a8_kernels, os.path.join(results, "w4a8_h100.json")) in readme
+    for act in ("fp8", "int8"):
+        assert _printed(make_tables.w4a8_sweep, os.path.join(results, "sweeps", f"w4a8_{act}_h100.json")) in readme
+
+
 def test_readme_tables_are_make_tables_output_of_the_committed_results():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert _printed(make_tables.readme_accuracy, JSONL) in readme

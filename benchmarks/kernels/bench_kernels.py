@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from common import (  # noqa: E402
     layer_bytes,
     make_layer,
     measure_peaks,
+    save_records,
 )
 
 import csrc_triton as ct  # noqa: E402
@@ -203,12 +203,8 @@ def main():
               f"{rec['ms_fused_kernel']*1e3:8.1f}  deq+cublas {rec['ms_dequant_cublas']*1e3:8.1f}  "
               f"no-pdl {rec.get('ms_no_pdl', rec['ms'])*1e3:8.1f}  bf16 {rec['ms_bf16']*1e3:8.1f} "
               f"({rec['ms_bf16_repeat']*1e3:.1f})  x{rec['speedup_vs_bf16']:.2f}", flush=True)
-        with open(os.path.join(args.out, f"kernels_{args.tag}.partial.json"), "w") as f:
-            json.dump({"meta": meta, "records": recs}, f)
-    meta["seconds"] = time.time() - t0
-    with open(os.path.join(args.out, f"kernels_{args.tag}.json"), "w") as f:
-        json.dump({"meta": meta, "records": recs}, f, indent=1)
-    print(f"wrote {args.out}/kernels_{args.tag}.json in {meta['seconds']:.0f} s")
+        save_records(args.out, f"kernels_{args.tag}", meta, recs)
+    print(f"wrote {save_records(args.out, f'kernels_{args.tag}', meta, recs, t0)} in {meta['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

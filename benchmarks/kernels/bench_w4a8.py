@@ -37,7 +37,16 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GROUP, SHAPES, flush_copies, graph_time_ms, layer_bytes, make_layer, reference  # noqa: E402
+from common import (  # noqa: E402
+    GROUP,
+    SHAPES,
+    flush_copies,
+    graph_time_ms,
+    layer_bytes,
+    make_layer,
+    reference,
+    save_records,
+)
 
 import csrc_triton as ct  # noqa: E402
 from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig  # noqa: E402
@@ -170,7 +179,7 @@ def main():
     tables = ct.tables_for(device.name, device.capability)
     meta = {"device": dev.name, "sms": dev.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "launch_table": tables.path,
-            "w4a8_rows": tables.path and json.load(open(tables.path))["sources"].get("w4a8"),
+            "w4a8_rows": {k: v for k, v in json.load(open(tables.path))["sources"].items() if k.startswith("w4a8")},
             "command": " ".join(sys.argv)}
     t0 = time.time()
     meta["unusable"] = {aq: why for aq in ("fp8", "int8") if (why := usable(aq))}
@@ -195,12 +204,8 @@ def main():
               f"(mm {us['fp8_mm']}) "
               f"w4a16 {us['w4a16']} w4a8 fp8 {us['w4a8_fp8']} [{rec.get('kernel_w4a8_fp8')}] int8 {us['w4a8_int8']}",
               flush=True)
-        with open(os.path.join(args.out, f"w4a8_{args.tag}.partial.json"), "w") as f:
-            json.dump({"meta": meta, "records": recs}, f)
-    meta["seconds"] = time.time() - t0
-    with open(os.path.join(args.out, f"w4a8_{args.tag}.json"), "w") as f:
-        json.dump({"meta": meta, "records": recs}, f, indent=1)
-    print(f"wrote {args.out}/w4a8_{args.tag}.json in {meta['seconds']:.0f} s")
+        save_records(args.out, f"w4a8_{args.tag}", meta, recs)
+    print(f"wrote {save_records(args.out, f'w4a8_{args.tag}', meta, recs, t0)} in {meta['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import sys
+import time
 
 import torch
 from triton.testing import do_bench
@@ -55,6 +56,19 @@ def graph_time_ms(fns, reps: int = 50) -> float:
     del g
     return ms / len(fns)
 
+
+
+def save_records(out: str, stem: str, meta: dict, recs: list, t0: float | None = None) -> str:
+    """Write {"meta", "records"} to OUT/STEM.json; with t0 (the run's start), the finished file with
+    meta["seconds"], else the partial one a stopped run leaves (OUT/STEM.partial.json)."""
+    import json
+
+    if t0 is not None:
+        meta["seconds"] = time.time() - t0
+    path = os.path.join(out, f"{stem}.json" if t0 is not None else f"{stem}.partial.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": recs}, f, indent=1 if t0 is not None else None)
+    return path
 
 
 def measure_peaks():

@@ -25,6 +25,7 @@ from csrc_triton.triton_common import (
     plane_pair,
     scaled_low_nibble,
     slot_of,
+    tile_of,
 )
 
 MODES = (4, 7)
@@ -71,16 +72,8 @@ def _tq_gemm_kernel(
     SPLIT_K > 1: program (tile, s) reduces K-slice s and adds into an fp32 y (zeroed by the
     caller); split 0 adds the low-rank term and the bias. int8 U (HAS_US): each row of codes is
     scaled and rounded to the activation dtype in registers before the epilogue dot."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -28,13 +28,13 @@ import triton.language as tl
 
 from csrc_triton.kernels.base import Kernel, Launch, LayerShape
 from csrc_triton.layout import chunk_words, next_pow2
-from csrc_triton.triton_common import INTERPRETED, dot_acc, operand, pdl_wait, slot_of
+from csrc_triton.triton_common import INTERPRETED, dot_acc, operand, pdl_wait, slot_of, tile_of
 
 ACT_QUANTS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0)}
 # Activation precisions whose kernel has been compiled and checked on a GPU (benchmarks/kernels/run_w4a8.sh);
 # the others run in the interpreter and compile for sm_90 here, but are not planned on a GPU.
-CHECKED_ON_GPU = ("fp8",)
+CHECKED_ON_GPU = ("fp8", "int8")
 FP8_E4M3_MAX = 448.0
 INT8_MAX = 127.0
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + M - M rounds |x| < 2^22 to the nearest integer, ties to even
@@ -81,19 +81,15 @@ def _e4m3_grid(v):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_qm, stride_sm,
                           BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr):
-    """One token per program, its whole row at once (BLOCK_K >= K): s = max|x| / QMAX (at least
-    1e-12), codes e4m3(x / s) or round_half_even(x / s) clamped to +-127, both divisions correctly
-    rounded (format.per_token_codes); INT8: also the sum of the codes of every GROUP columns
-    (xsum, int32), for the kernel's -8 term."""
+    """One token per program, its whole row at once (BLOCK_K >= K), given its scale s (xs_ptr):
+    codes e4m3(x / s) or round_half_even(x / s) clamped to +-127, the division correctly rounded
+    (format.per_token_codes); INT8: also the sum of the codes of every GROUP columns (xsum, int32),
+    for the kernel's -8 term."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    if FP8:
-        s = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
-    else:
-        s = tl.maximum(tl.div_rn(amax, 127.0), 1e-12)
+    s = tl.load(xs_ptr + row)
     v = tl.div_rn(x, tl.zeros_like(x) + s)
     if FP8:
         q = _e4m3_grid(v).to(tl.float8e4nv)
@@ -104,7 +100,6 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_
         g = tl.arange(0, BLOCK_K // GROUP)
         tl.store(xsum_ptr + row * stride_sm + g, sums, mask=g < K // GROUP)
     tl.store(xq_ptr + row * stride_qm + offs, q, mask=mask)
-    tl.store(xs_ptr + row, s)
 
 
 def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128):
@@ -112,8 +107,9 @@ def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128):
     codes' sums over every group_size columns [M, K / group_size] int32, else None)."""
     m, k = x.shape
     xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
-    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
     fp8 = act_quant == "fp8"
+    # the scale as format.per_token_codes computes it (max|x| is exact in x's dtype)
+    xs = (torch.amax(x.abs(), dim=-1).float() / (FP8_E4M3_MAX if fp8 else INT8_MAX)).clamp_min_(1e-12)
     xsum = None if fp8 else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
     bk = max(group_size, next_pow2(k))
     _quantize_rows_kernel[(m,)](x, xq, xs, xs if fp8 else xsum, k, x.stride(0), xq.stride(0),
@@ -176,16 +172,8 @@ def _w4a8_kernel(
     (`repack` layout) by a broadcast and a reshape, as the tile kernel's MODE 7 does; DENSE: qw_ptr
     is the layer's 8-bit copy [N, K] (`codes_to_8bit`), read as it is. x_ptr (the unquantized
     input) gives the activation dtype of the low-rank product; it is not read."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,7 +196,7 @@ def _w4a8_kernel(
             else:
                 w = _unpacked(tl.load(q_rows + ((k0 + kk) // 8 + tl.arange(0, WORDS))[None, :], mask=n_mask[:, None],
                                       other=0), BLOCK_N, BLOCK_K, CHUNK_W, FP8)
-            part = tl.dot(xk, tl.trans(w), part)
+            part = tl.dot(xk, tl.trans(w), part, out_dtype=tl.float32 if FP8 else tl.int32)
         if not FP8:
             part -= 8 * tl.load(xsum_ptr + offs_m * stride_sm + k0 // GROUP, mask=m_mask, other=0)[:, None]
         s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
