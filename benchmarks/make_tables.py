@@ -70,7 +70,7 @@ README_ROWS = [
      "TwinQuant W4A16 + end-to-end tuning (one GPU)", "`twinquant-w4a16-e2e`"),
     ("tq-attn-tune4-sub64-clip0.8-r4-g64-c128-w4a4-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr2e-3-e2e1s2-lr2e-3",
      "TwinQuant W4A4, ResQ 8-bit subspace, + e2e tuning", "`twinquant-w4a4-resq`+e2e"),
-    ("twinquant-w4a8", "TwinQuant W4A8-FP8", "`twinquant-w4a8`"),
+    ("twinquant-w4a8-int8", "TwinQuant W4A8-INT8", "`twinquant-w4a8-int8`"),
 ]
 
 
