@@ -136,3 +136,23 @@ def test_w4a8_fp8_layers_take_cublas_block_scaled_gemm_where_the_table_says_and_
         assert why in ct.dispatch.kernels()["fp8_cublas"].can_implement(shape, device)[1]
     int8 = ct.LayerShape(4096, 4096, 128, 64, (), torch.bfloat16, act_quant="int8")
     assert "not FP8" in ct.dispatch.kernels()["fp8_cublas"].can_implement(int8, h100)[1]
+
+
+def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_can_run_it(monkeypatch):
+    """The plugin asks the plan's W4A8 kernel itself, so a GPU without the tensor cores and the switch
+    TWINQUANT_DISABLED_KERNELS=w4a8 both send the layer to the next plugin kernel at load, with the reason,
+    rather than to a plan that has no kernel at the first forward."""
+    from csrc_triton.kernels.base import Device
+    from vllm_twinquant.kernels import TritonTwinQuantKernel, TwinQuantLayerConfig
+
+    c = TwinQuantLayerConfig(in_features=4096, slot_sizes=(4096,), rank=64, group_size=128, act_dtype=torch.bfloat16,
+                             activation_bits=8, activation_type="float")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, cap, disabled, want in [("NVIDIA H100 80GB HBM3", (9, 0), "", (True, None)),
+                                      ("NVIDIA A100-SXM4-80GB", (8, 0), "", "FP8 tensor cores"),
+                                      ("NVIDIA H100 80GB HBM3", (9, 0), "w4a8", "TWINQUANT_DISABLED_KERNELS")]:
+        monkeypatch.setattr(Device, "of", staticmethod(lambda d, n=name, c=cap: Device.named(n, c)))
+        monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", disabled)
+        got = TritonTwinQuantKernel.can_implement(c)
+        assert got == want if isinstance(want, tuple) else (not got[0] and want in got[1]), (name, disabled, got)

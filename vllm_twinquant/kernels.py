@@ -263,10 +263,11 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, f"activations in {c.act_dtype}; the kernels take fp16/bf16"
         if c.act_quant not in ("none", "fp8", "int8") or c.online_hadamard or c.activation_subspace:
             return False, "W4A4 (activation_bits 4, online Hadamard) has no CUDA kernel yet"
-        if c.act_quant != "none":
-            from csrc_triton.kernels.w4a8 import device_supports
+        if c.act_quant != "none":  # W4A8: the plan's own kernel decides (device, precision, switches)
+            from csrc_triton import Device
+            from csrc_triton.dispatch import kernels
 
-            ok, why = device_supports(c.act_quant, torch.cuda.get_device_capability())
+            ok, why = kernels()["w4a8"].can_implement(_layer_shape(c), Device.of(torch.device("cuda")))
             if not ok:
                 return False, why
         if len(c.slot_sizes) > 3:
@@ -279,11 +280,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         return True, None
 
     def shape(self):
-        from csrc_triton import LayerShape
-
-        c = self.config
-        return LayerShape(c.out_features, c.in_features, c.group_size, c.rank, c.slot_bounds, c.act_dtype,
-                          c.int8_lowrank, c.act_quant)
+        return _layer_shape(self.config)
 
     def process_weights_after_loading(self, layer):
         import csrc_triton
@@ -313,6 +310,14 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             c.act_quant,
         )
         return y.reshape(*shape[:-1], c.out_features)
+
+
+def _layer_shape(c: TwinQuantLayerConfig):
+    """The layer as csrc_triton's plan sees it."""
+    from csrc_triton import LayerShape
+
+    return LayerShape(c.out_features, c.in_features, c.group_size, c.rank, c.slot_bounds, c.act_dtype,
+                      c.int8_lowrank, c.act_quant)
 
 
 KERNELS: list[type[TwinQuantKernel]] = [TritonTwinQuantKernel, CpuInt4PackTwinQuantKernel, CpuWna16TwinQuantKernel,
