@@ -4,11 +4,12 @@
     -> KernelPlan(kernel="mma_decode", config=MmaConfig(mt=2, warps=8, split_k=4, max_tokens=64), ...)
 
 The rule, in full:
-0. A W4A8 layer (`LayerShape.act_quant` fp8/int8): `fp8_cublas` where it can run and the table's
-   `w4a8_fp8_cublas` rows say so (large M), else the `w4a8` kernel where its table row for
-   (M, N, K) names a config; below the table's first such M (decode), the rule below for the
-   same layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8
-   product's by the activation rounding; README, "Limits").
+0. A W4A8 layer (`LayerShape.act_quant` fp8/int8): the first kernel of W4A8_PRIORITY that can run
+   it and whose table rows name a config for (M, N, K): `fp8_cublas` (FP8, rows
+   `w4a8_fp8_cublas`), `w4a8_rs` (INT8 on Hopper, rows `w4a8_rs_int8`), the Triton `w4a8`
+   (rows `w4a8_<act>`); below the tables' first such M (decode), the rule below for the same
+   layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8 product's
+   by the activation rounding; README, "Limits").
 1. Above the large-M threshold (the device table's `large_m`, by layer size; at least the last
    token count wgmma_rs takes where it can run): `dequant_cublas`.
 2. Else the first kernel of PRIORITY that can run the layer on the device (`can_implement`) and
@@ -41,8 +42,9 @@ from vllm_twinquant import envs
 log = logging.getLogger("vllm.twinquant")
 
 PRIORITY = ("wgmma_rs", "mma_decode", "gemv", "tile")
+W4A8_PRIORITY = ("fp8_cublas", "w4a8_rs", "w4a8")
 KERNEL_MODULES = {"wgmma_rs": "wgmma_rs", "mma_decode": "mma_decode", "gemv": "gemv", "tile": "tile",
-                  "dequant_cublas": "dequant", "w4a8": "w4a8", "fp8_cublas": "fp8_cublas"}
+                  "dequant_cublas": "dequant", "w4a8": "w4a8", "w4a8_rs": "w4a8_rs", "fp8_cublas": "fp8_cublas"}
 FALLBACK_TABLE = "NVIDIA H100 80GB HBM3"
 
 
@@ -127,8 +129,9 @@ class Tables:
     gemv: RuleTable
     mma_decode: RuleTable
     wgmma_rs: RuleTable
-    w4a8: dict[str, RuleTable]  # act_quant ("fp8", "int8") -> the W4A8 kernel's rows
+    w4a8: dict[str, RuleTable]  # act_quant ("fp8", "int8") -> the Triton W4A8 kernel's rows
     w4a8_fp8_cublas: RuleTable  # where W4A8-FP8 layers run cuBLAS's block-scaled GEMM instead
+    w4a8_rs: RuleTable  # where W4A8-INT8 layers run the Gluon kernel (Hopper) instead
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
@@ -156,6 +159,7 @@ def load_tables(path: str) -> Tables:
     from csrc_triton.kernels.gemv import GemvConfig
     from csrc_triton.kernels.mma_decode import MmaConfig
     from csrc_triton.kernels.w4a8 import W4a8Config
+    from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
     from csrc_triton.kernels.wgmma_rs import RsConfig
 
     with open(path) as f:
@@ -165,7 +169,7 @@ def load_tables(path: str) -> Tables:
         gemv=_rules(d["gemv"], GemvConfig), mma_decode=_rules(d["mma_decode"], MmaConfig),
         wgmma_rs=_rules(d["wgmma_rs"], RsConfig),
         w4a8={aq: _rules(d[f"w4a8_{aq}"], W4a8Config) for aq in ("fp8", "int8")},
-        w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig),
+        w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig), w4a8_rs=_rules(d["w4a8_rs_int8"], W4a8RsConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
     )
@@ -239,7 +243,7 @@ def large_m_threshold(shape: LayerShape, device: Device, tables: Tables) -> int:
 def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables: Tables) -> KernelPlan:
     if not shape.rank or name in ("dequant_cublas", "fp8_cublas"):  # (they make t themselves)
         return KernelPlan(name, config, None, 0)
-    if name == "w4a8":  # launched after quantize_rows, without PDL
+    if name in ("w4a8", "w4a8_rs"):  # launched after quantize_rows, without PDL
         return KernelPlan(name, config, LowrankPlan(None, m > 16), 0)
     trigger = pdl_trigger(tables, m, shape.n, shape.k, shape.rank) if pdl_usable(device) else 0
     # The gemv kernel takes t in 8 K-slices with PDL (fewer partial slices in its epilogue, and the
@@ -257,16 +261,14 @@ def plan(shape: LayerShape, m: int, device: Device, tables: Tables | None = None
     tables = tables or tables_for(device.name, device.capability)
     ks = kernels()
     if shape.act_quant != "none":
-        if ks["fp8_cublas"].can_implement(shape, device)[0]:
-            cfg = ks["fp8_cublas"].choose(m, shape, tables)
-            if cfg is not None:
-                return _finish("fp8_cublas", cfg, m, shape, device, tables)
         ok, why = ks["w4a8"].can_implement(shape, device)
-        if not ok:
+        if not ok:  # the general W4A8 kernel: where it cannot run, no W4A8 kernel can
             raise NoKernel(f"no kernel runs {shape} for M={m} on {device.name}: w4a8: {why}")
-        cfg = ks["w4a8"].choose(m, shape, tables)
-        if cfg is not None:
-            return _finish("w4a8", cfg, m, shape, device, tables)
+        for name in W4A8_PRIORITY:
+            if ks[name].can_implement(shape, device)[0]:
+                cfg = ks[name].choose(m, shape, tables)
+                if cfg is not None:
+                    return _finish(name, cfg, m, shape, device, tables)
         shape = dataclasses.replace(shape, act_quant="none")
     thr = large_m_threshold(shape, device, tables) if large_m is None else large_m
     reasons = []

@@ -1,5 +1,6 @@
-"""Gluon building blocks shared by the two Gluon kernels (mma_decode, wgmma_rs): the 4-bit codes
-unpacked straight into a tensor-core A fragment, and the split-K finish through a scratch buffer.
+"""Gluon building blocks shared by the Gluon kernels (mma_decode, wgmma_rs, w4a8_rs): the 4-bit codes
+unpacked straight into a tensor-core A fragment, the low-rank epilogue's operands, and the split-K
+finish through a scratch buffer.
 
 * `code_ptrs`: pointers to the words a lane needs for its A fragment, in a layout derived from
   the fragment's own (reshaped, nibble bits moved last and split off), so that joining the eight
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 # CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -121,6 +124,46 @@ def code_ptrs(qw_ptr, off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A
              + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 3)
              + gl.expand_dims(gl.expand_dims(gl.expand_dims(e4, 0), 1), 2))
     return qw_ptr + rows4 * stride_qn + word4
+
+
+@gluon.jit
+def register_smem_mma(a, b, acc, MMA: gl.constexpr):
+    """acc + a @ b^T with a [R1, K] as the register operand and b [R2, K] staged in shared memory."""
+    B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b.shape, b.dtype)
+    b_buf = gl.allocate_shared_memory(b.dtype, b.shape, B_SMEM)
+    b_buf.store(b)
+    fence_async_shared()
+    cta_barrier()
+    a_op = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+    return warpgroup_mma(a_op, b_buf.permute((1, 0)), acc)
+
+
+@gluon.jit
+def lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_ws_s,
+                      stride_ws_m, stride_un, TM: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
+                      HAS_US: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr, R0: gl.constexpr = 0):
+    """The epilogue's low-rank operands in one blocked layout, ranks R0 .. R0 + BLOCK_R: t [TM,
+    BLOCK_R] fp32 of tokens m0.. (the sum of the down projection's K-slices, the slot of rows
+    off_n..; with PDL waited for here, after U's load) and U [BN, BLOCK_R] of rows off_n.. (int8
+    codes times their row scales, in fp32: scaled and rounded once, as a float factor is stored)."""
+    EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+    tr = R0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
+    un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
+    u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
+                mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
+    if HAS_US:
+        us = gl.load(us_ptr + un, mask=un < N, other=0.0)
+        u = u.to(gl.float32) * gl.expand_dims(us, 1)
+    slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
+    tm = m0 + gl.arange(0, TM, layout=gl.SliceLayout(1, EPI))
+    t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
+    t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot * R + gl.expand_dims(tr, 0)
+    t = gl.zeros([TM, BLOCK_R], gl.float32, layout=EPI)
+    if PDL:  # t is the down projection's, launched just before this kernel
+        tl.extra.cuda.gdc_wait()
+    for sp in range(NUM_SPLITS):
+        t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+    return t, u
 
 
 @gluon.jit

@@ -32,9 +32,10 @@ def config_kernel(config) -> str:
     if type(config) in CONFIG_KERNELS:
         return CONFIG_KERNELS[type(config)]
     from csrc_triton.kernels.mma_decode import MmaConfig
+    from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
     from csrc_triton.kernels.wgmma_rs import RsConfig
 
-    names = {MmaConfig: "mma_decode", RsConfig: "wgmma_rs"}
+    names = {MmaConfig: "mma_decode", RsConfig: "wgmma_rs", W4a8RsConfig: "w4a8_rs"}
     if type(config) not in names:
         raise TypeError(f"config {config!r}: expected a kernel's config dataclass "
                         f"({', '.join(t.__name__ for t in [*CONFIG_KERNELS, *names])})")
@@ -63,7 +64,7 @@ def linear(
     fp32 row scales down_scale [slots*R], up_scale [N] (None for rank 0). slot_bounds: first output
     row of slots 1 and 2 of a merged layer. large_m_threshold: in place of the table's (0: always
     the dequantize + cuBLAS path); fused_only: never that path; config: a forced launch config;
-    act_quant: "fp8"/"int8" for a W4A8 layer (`kernels/w4a8.py`)."""
+    act_quant: "fp8"/"int8" for a W4A8 layer (`kernels/w4a8.py`, `w4a8_rs.py`)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("x must be a row-major 2-D tensor")
     m, k = x.shape

@@ -156,3 +156,95 @@ def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_ca
         monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", disabled)
         got = TritonTwinQuantKernel.can_implement(c)
         assert got == want if isinstance(want, tuple) else (not got[0] and want in got[1]), (name, disabled, got)
+
+
+# -- w4a8_rs: W4A8-INT8 on Hopper (Gluon; no interpreter: its arithmetic is emulated here, its layout
+# claims and instructions are checked by compiling for sm_90)
+def test_w4a8_rs_fragment_bytes_are_16q_of_the_columns_perm_columns_names():
+    """The kernel's two-instruction unpacking (shift by 4 or 0, then (w & 0xF0F0F0F0) ^ 0x80808080), applied
+    to the word and byte a fragment position reads, gives 16 (c - 8) of the column `perm_columns` puts there;
+    and that order is a permutation of every 64-column chunk."""
+    from csrc_triton.kernels.w4a8_rs import perm_columns
+
+    n, k, g = 8, 384, 128
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    from vllm_twinquant.format import pack_codes
+
+    words = ct.repack(pack_codes((codes - 8).to(torch.int8)), g).to(torch.int64) & 0xFFFFFFFF
+    perm = perm_columns(k)
+    assert torch.equal(perm.sort().values, torch.arange(k))
+    assert torch.equal(perm.reshape(-1, 64) // 64, torch.arange(k // 64)[:, None].expand(-1, 64))  # within chunks
+    f = torch.arange(k)
+    c, b, h, t, i = f // 64, (f // 32) % 2, (f // 16) % 2, (f // 4) % 4, f % 4
+    w = words[:, 8 * c + 2 * t + h]
+    byte = ((((w << (4 - 4 * b)) & 0xF0F0F0F0) ^ 0x80808080) >> (8 * i)) & 0xFF
+    got = torch.where(byte >= 128, byte - 256, byte)
+    assert torch.equal(got, 16 * (codes[:, perm] - 8))
+
+
+def test_quantize_rows_in_mma_order_gives_the_format_codes_permuted():
+    from csrc_triton.kernels.w4a8_rs import perm_columns
+
+    x = (torch.randn(5, 576) * torch.tensor([1e-3, 1, 30, 1e4, 0])[:, None]).to(torch.bfloat16)
+    q, s, sums = quantize_rows(x, "int8", 64, mma_order=True)
+    q_ref, s_ref = per_token_codes(x, 8, "int")
+    assert sums is None and torch.equal(s, s_ref[:, 0])
+    assert torch.equal(q.float(), q_ref[:, perm_columns(576)])
+    with pytest.raises(ValueError, match="mma_order takes INT8"):
+        quantize_rows(x, "fp8", 64, mma_order=True)
+
+
+RS_PTRS = {"x_ptr": "*bf16", "xq_ptr": "*i8", "xs_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16",
+           "up_ptr": "*bf16", "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+
+
+@pytest.mark.parametrize("cfg,rank,group,dtype", [((64, 4, 4), 64, 128, "bf16"), ((64, 8, 3), 0, 64, "fp16")])
+def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg, rank, group, dtype):
+    """The fragment is wgmma's register operand (no descriptor for A), every 8-bit MMA is s8 x s8 -> s32,
+    the low-rank term runs on 16-bit wgmma, the layout claims hold (a moving conversion fails to compile),
+    and the 64-token configs keep everything in registers."""
+    from csrc_triton.compile import compile_sm90
+    from csrc_triton.kernels import w4a8_rs
+    from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
+
+    c = W4a8RsConfig(*cfg)
+    ptrs = {**RS_PTRS, "x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
+    ptx, res = compile_sm90("csrc_triton.kernels.w4a8_rs", "_tq_w4a8_rs_kernel", ptrs,
+                            w4a8_rs.constexprs(c, group, rank, False, True, False), c.warps, gluon=True,
+                            aligned_extra=("N", "K"), want_resources=True)
+    mma8 = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k32\.(\S+)\s+\{[^}]*\},\s*\{", ptx)
+    assert mma8 and {m[1] for m in mma8} == {"s32.s8.s8"} and {m[0] for m in mma8} == {str(c.tokens)}
+    low = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\." + dtype.replace("fp", "f"), ptx)
+    assert bool(low) == bool(rank)
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+
+
+def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_run(tmp_path, monkeypatch):
+    import json
+
+    from csrc_triton.dispatch import load_tables, table_file
+    from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
+
+    h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
+    with open(table_file(h100.name)) as f:
+        table = json.load(f)
+    table["w4a8_rs_int8"] = [{"max_m": 64, "max_n": None, "min_k": 0, "config": None},
+                             {"max_m": None, "max_n": None, "min_k": 0, "config": {"tokens": 64, "warps": 8,
+                                                                                   "stages": 4}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    tables = load_tables(str(path))
+    int8 = ct.LayerShape(6144, 4096, 128, 64, (4096, 5120), torch.bfloat16, act_quant="int8")
+    assert [ct.plan(int8, m, h100, tables).kernel for m in (64, 65, 8192)] == ["w4a8", "w4a8_rs", "w4a8_rs"]
+    assert ct.plan(int8, 8192, h100, tables).config == W4a8RsConfig(64, 8, 4)
+    narrow = ct.LayerShape(960, 576, 64, 16, (576, 768), torch.bfloat16, act_quant="int8")  # 64-row slots
+    assert ct.plan(narrow, 8192, h100, tables).config == W4a8RsConfig(64, 4, 4)
+    fp8 = ct.LayerShape(6144, 4096, 128, 64, (), torch.bfloat16, act_quant="fp8")
+    assert ct.plan(fp8, 8192, h100, tables).kernel != "w4a8_rs"
+    for device, why in [(ct.Device.named("NVIDIA H100 80GB HBM3", (9, 0), "3.9.0"), "Triton 3.9.0: written for"),
+                        (ct.Device.named("NVIDIA L40S", (8, 9)), "needs sm_90")]:
+        assert ct.plan(int8, 8192, device, tables).kernel == "w4a8"
+        assert why in ct.dispatch.kernels()["w4a8_rs"].can_implement(int8, device)[1]
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "w4a8_rs")
+    assert ct.plan(int8, 8192, h100, tables).kernel == "w4a8"

@@ -4,6 +4,7 @@ vLLM with its defaults (torch.compile + CUDA graphs, bf16), prompt logprobs comp
 float32 transformers model holding the checkpoint's effective weights (U @ D + deq(R)).
 
     python benchmarks/e2e/cuda_plugin_check.py --workdir /tmp/tqcheck --out $OUT [--lowrank-dtype int8]
+        [--activations int8|fp8]   # the checkpoint declared W4A8; the reference quantizes x per token
 Exits non-zero on a mismatch. Needs vLLM (CUDA build) and this package installed.
 """
 
@@ -48,7 +49,33 @@ def effective_model(dense: str, tq: str):
             q.update(load_file(os.path.join(tq, fn), device="cuda"))
     _, unexpected = model.load_state_dict(fmt.effective_weights(q, spec.group_size, spec.online_hadamard), strict=False)
     assert not unexpected, unexpected
+    if spec.activation_bits == 8:  # the residual product on the per-token codes of x, the low-rank term on x
+        for key in [k for k in q if k.endswith("." + fmt.WEIGHT_PACKED)]:
+            layer = key[: -len(fmt.WEIGHT_PACKED) - 1]
+            parent, name = layer.rsplit(".", 1)
+            res = fmt.dequantize_residual(q[key], q[f"{layer}.{fmt.WEIGHT_SCALE}"], spec.group_size)
+            linear = model.get_submodule(parent).get_submodule(name)
+            model.get_submodule(parent).register_module(name, W4A8Reference(linear, res, spec.activation_type))
     return model
+
+
+class W4A8Reference(torch.nn.Module):
+    """A layer of a W4A8 checkpoint in float32: x @ (U D)^T + (codes * s) @ deq(R)^T + bias, with
+    codes and s the format's per-token codes of x (format.per_token_codes)."""
+
+    def __init__(self, linear: torch.nn.Linear, residual: torch.Tensor, kind: str):
+        super().__init__()
+        self.lowrank = (linear.weight.detach().float() - residual.float()).contiguous()
+        self.residual = residual.float().contiguous()
+        self.bias = linear.bias
+        self.kind = kind
+
+    def forward(self, x):
+        from vllm_twinquant import format as fmt
+
+        codes, s = fmt.per_token_codes(x, 8, self.kind)
+        y = x @ self.lowrank.T + (codes * s) @ self.residual.T
+        return y if self.bias is None else y + self.bias
 
 
 def main():
@@ -58,6 +85,8 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--lowrank-dtype", default="bfloat16", choices=("bfloat16", "int8"))
+    ap.add_argument("--activations", default="bf16", choices=("bf16", "int8", "fp8"),
+                    help="the residual product's input: bf16 (W4A16), or the checkpoint declared W4A8")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     dense, tq = os.path.join(args.workdir, "dense"), os.path.join(args.workdir, "tq")
@@ -71,6 +100,14 @@ def main():
                     "--group-size", "128", "--max-kl", "inf", "--rank", str(args.rank),
                     "--set", f"split.lowrank_dtype={args.lowrank_dtype}", "--device", "cuda"], check=True)
     rec["quantize_s"] = round(time.time() - t0, 1)
+    rec["activations"] = args.activations
+    if args.activations != "bf16":  # W4A8: the same checkpoint declared by its config alone
+        with open(os.path.join(tq, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"].update(activation_bits=8, activation_type="int" if args.activations == "int8"
+                                          else "float")
+        with open(os.path.join(tq, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
 
     from importlib.metadata import entry_points
 
@@ -105,7 +142,9 @@ def main():
         prompts += batch
         outs += llm.generate([{"prompt_token_ids": p} for p in batch], sp)
     import csrc_triton as ct
-    rec["plan_gate_up"] = ct.summary("gate_up_proj", ct.LayerShape(28672, 4096, 128, args.rank, (14336,)),
+    act_quant = {"bf16": "none", "int8": "int8", "fp8": "fp8"}[args.activations]
+    rec["plan_gate_up"] = ct.summary("gate_up_proj", ct.LayerShape(28672, 4096, 128, args.rank, (14336,),
+                                                                   act_quant=act_quant),
                                      ct.Device.of(torch.device("cuda")))
     ref_model = effective_model(dense, tq)
     worst, agree, total = 0.0, 0, 0
@@ -134,7 +173,8 @@ def main():
     rec["bs1_ms_per_token_2_blocks"] = round((time.time() - t0) * 1000 / len(o[0].outputs[0].token_ids), 3)
     print(json.dumps(rec, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    suffix = "" if args.lowrank_dtype == "bfloat16" else f"_{args.lowrank_dtype}"
+    suffix = ("" if args.lowrank_dtype == "bfloat16" else f"_{args.lowrank_dtype}") + (
+        "" if args.activations == "bf16" else f"_w4a8_{args.activations}")
     with open(os.path.join(args.out, f"cuda_plugin_check{suffix}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     ok = worst < 0.15 and rec["greedy_agreement"] >= 0.9 and rec["kernels"] in (["TritonTwinQuantKernel"],) + (

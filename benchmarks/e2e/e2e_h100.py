@@ -5,8 +5,9 @@ on the GPU; never zeros).
     # 1. checkpoints: dense bf16, its GPTQ-format peer (same weights, RTN g128 sym), TwinQuant
     python benchmarks/e2e/e2e_h100.py make  --workdir W --ranks 0 64 --out $OUT
     # 2. one engine per config, each in its own process
-    python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 --out $OUT
+    python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 tq_r64_a8 --out $OUT
            [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
+    (tq_r<R>_a8: tq_r<R> declared W4A8-INT8 by its config alone, the weights linked)
     # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64
     python benchmarks/e2e/e2e_h100.py serve --workdir W --configs bf16 tq_r64 --out $OUT
 
@@ -203,12 +204,33 @@ def decode_profile_table(llm, prompt: dict, row_limit: int = 25, width: int = 80
 
 
 def config_rank(cfg: str) -> int | None:
-    return int(cfg[4:]) if cfg.startswith("tq_") else None
+    return int(cfg[4:].split("_")[0]) if cfg.startswith("tq_") else None
+
+
+def config_activations(cfg: str) -> str:
+    """The residual product's input: `tq_r<R>_a8` is tq_r<R> declared W4A8-INT8."""
+    return {"fp8": "fp8", "gptq": "bf16", "bf16": "bf16"}.get(cfg, "int8" if cfg.endswith("_a8") else "bf16")
+
+
+def declare_w4a8(src: str, dst: str) -> None:
+    """dst: the checkpoint src declared W4A8-INT8 by config alone (its other files linked)."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name != "config.json" and not os.path.exists(os.path.join(dst, name)):
+            os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    q = cfg["quantization_config"]
+    q.update(activation_bits=8, activation_type="int", recipe=f"{q['recipe']}+declared-a8-int")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
     """Checkpoint folder and extra engine arguments of one config."""
     path = os.path.join(workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
+    if cfg.startswith("tq_") and cfg.endswith("_a8") and not os.path.exists(os.path.join(path, "config.json")):
+        declare_w4a8(path[: -len("_a8")], path)
     return path, {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(cfg, {"quantization": "twinquant"})
 
 
@@ -221,7 +243,8 @@ def cmd_one(a) -> None:
     t0 = time.time()
     llm = LLM(model=path, dtype=a.dtype, max_model_len=1024, gpu_memory_utilization=a.gpu_memory_utilization,
               skip_tokenizer_init=True, seed=0, **kw)
-    rec = {"config": cfg, "rank": config_rank(cfg), "startup_s": round(time.time() - t0, 1)}
+    rec = {"config": cfg, "rank": config_rank(cfg), "activations": config_activations(cfg),
+           "startup_s": round(time.time() - t0, 1)}
     g = torch.Generator().manual_seed(0)
     p1 = random_prompts(g, 1, 32)[0]
     rec["bs1_ms_per_token"] = bs1_ms_per_token(llm, p1)

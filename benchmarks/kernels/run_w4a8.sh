@@ -2,8 +2,9 @@
 # The W4A8 kernel on a GPU, in one device call: sweep its launch configs and write the device's w4a8 rows
 # (tune.py sweep-w4a8 / table-w4a8, into csrc_triton/configs/<device>.json and a copy under $OUT), then the
 # kernel table against BF16, FP8 W8A8 and W4A16 with that table (bench_w4a8.py -> $OUT/w4a8_<tag>.json).
-#   bash benchmarks/kernels/run_w4a8.sh [TAG] [SECONDS]
-# TAG: h100 or h200 (default: from the device's name); the bench stops its table SECONDS after the start (540).
+#   [ACTS="fp8 int8"] bash benchmarks/kernels/run_w4a8.sh [TAG] [SECONDS]
+# TAG: h100 or h200 (default: from the device's name); the bench stops its table SECONDS after the start (540);
+# ACTS: the activation precisions swept (the others' rows stay as they are).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/w4a8-out}; mkdir -p "$out"
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 table=$(python3 -c 'import torch; from csrc_triton.dispatch import table_file; print(table_file(torch.cuda.get_device_name()))')
 [ -f "$table" ] || cp csrc_triton/configs/NVIDIA_H100_80GB_HBM3.json "$table"
-for aq in fp8 int8; do
+for aq in ${ACTS:-fp8 int8}; do
   python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant $aq --out "$out" | tee "$out/sweep_w4a8_$aq.log"
   python3 benchmarks/kernels/tune.py table-w4a8 --sweep "$(tail -1 "$out/sweep_w4a8_$aq.log")" --write "$table"
   rm -f "$out/sweep_w4a8_$aq.partial.json"

@@ -15,17 +15,18 @@ two swept ones takes the choice of the next swept M above it. The tile kernel's 
 thresholds and the PDL rows are taken from --base (they come from their own, longer sweeps). The `sources` of
 the written table say so.
 
-The W4A8 kernel's rows (`w4a8_fp8`, `w4a8_int8`: layers with 8-bit activations) come from their own
-sweeps, into the same table:
+The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_rs_int8`: layers with
+8-bit activations) come from their own sweeps, into the same table:
 
     python benchmarks/kernels/tune.py sweep-w4a8 --act-quant fp8|int8 --out DIR           # on the GPU
     python benchmarks/kernels/tune.py table-w4a8 --sweep DIR/sweep_w4a8_<act>_<device>.json --write TABLE
 
 For every shape class and M it times the layer as the plan runs it as W4A16 (x unquantized) and
 every W4A8 candidate (--act-quant fp8 or int8, rank 64, each first checked against a float32
-reference of the W4A8 numerics). A row names the fastest W4A8 config; at decode sizes (M <= 16)
-it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there. M above
-the last swept one takes its choice.
+reference of the W4A8 numerics). The Triton kernel's row names its fastest config; at decode sizes
+(M <= 16) it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there.
+The rows of the kernels the plan tries first (cuBLAS FP8, the Gluon INT8 kernel) name them where
+they were the fastest W4A8 kernel. M above the last swept one takes its choice.
 """
 
 from __future__ import annotations
@@ -121,9 +122,13 @@ DECODE_M = 16  # up to here a W4A8 layer may run as W4A16 (x unquantized) where 
 
 def w4a8_candidates(m: int, act_quant: str) -> list:
     from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
+    from csrc_triton.kernels.w4a8_rs import W4a8RsConfig as Rs
 
     cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
-    return cublas + _triton_candidates(m)
+    gluon = []
+    if act_quant == "int8" and m >= 64:
+        gluon = [Rs(64, 4, 4), Rs(64, 8, 4), Rs(64, 8, 3)] + ([Rs(128, 4, 4), Rs(128, 8, 4)] if m >= 128 else [])
+    return cublas + gluon + _triton_candidates(m)
 
 
 def _triton_candidates(m: int) -> list:
@@ -191,15 +196,19 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
     return path
 
 
+# W4A8 kernels that run before the Triton one in the plan (dispatch.W4A8_PRIORITY) -> their table key
+W4A8_FIRST = {"fp8_cublas": "w4a8_fp8_cublas", "w4a8_rs": "w4a8_rs_int8"}
+
+
 def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
     """The table's W4A8 rows a sweep implies (module docstring): `w4a8_<act>` names the fastest
     Triton W4A8 config at every swept M, except at decode sizes (M <= DECODE_M) where the W4A16 plan
-    measured faster (null); `w4a8_fp8_cublas` ({} or null) where cuBLAS's block-scaled GEMM was the
-    fastest of all."""
+    measured faster (null); `w4a8_fp8_cublas` ({} or null) and `w4a8_rs_int8` (a config or null),
+    for the kernels the sweep timed, name that kernel where it was the fastest W4A8 kernel."""
     ms = sorted(sweep_data["ms"])
     rows: dict[str, list[dict]] = {f"w4a8_{sweep_data['act_quant']}": []}
-    if any(r["kernel"] == "fp8_cublas" for r in sweep_data["records"]):
-        rows["w4a8_fp8_cublas"] = []
+    timed = {r["kernel"] for r in sweep_data["records"]}
+    rows.update({key: [] for kernel, key in W4A8_FIRST.items() if kernel in timed})
     for i, m in enumerate(ms):
         for cls, max_n, min_k, _ in CLASSES:
             recs = [r for r in sweep_data["records"] if r["class"] == cls and r["M"] == m]
@@ -208,10 +217,11 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
             cfg = None if best is None or (m <= DECODE_M and best["ms"] >= w16) else best["config"]
             key = {"max_m": m if i < len(ms) - 1 else None, "max_n": max_n, "min_k": min_k}
             rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
-            if "w4a8_fp8_cublas" in rows:
-                fastest = min((r for r in recs if r["kernel"] != "w4a16_plan"), key=lambda r: r["ms"], default=None)
-                use = fastest is not None and fastest["kernel"] == "fp8_cublas"
-                rows["w4a8_fp8_cublas"].append({**key, "config": {} if use else None})
+            fastest = min((r for r in recs if r["kernel"] != "w4a16_plan"), key=lambda r: r["ms"], default=None)
+            for kernel, table_key in W4A8_FIRST.items():
+                if table_key in rows:
+                    use = fastest is not None and fastest["kernel"] == kernel
+                    rows[table_key].append({**key, "config": (fastest["config"] or {}) if use else None})
     return rows
 
 

@@ -80,11 +80,13 @@ def _e4m3_grid(v):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_qm, stride_sm,
-                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, XSUM: tl.constexpr,
+                          MMA_ORDER: tl.constexpr):
     """One token per program, its whole row at once (BLOCK_K >= K), given its scale s (xs_ptr):
     codes e4m3(x / s) or round_half_even(x / s) clamped to +-127, the division correctly rounded
-    (format.per_token_codes); INT8: also the sum of the codes of every GROUP columns (xsum, int32),
-    for the kernel's -8 term."""
+    (format.per_token_codes); XSUM (INT8): also the sum of the codes of every GROUP columns (xsum,
+    int32), for the kernel's -8 term. MMA_ORDER: the codes stored in the column order of w4a8_rs
+    (`w4a8_rs.perm_columns`: column 16 i + 8 b + 2 t + h of a 64-column chunk at 32 b + 16 h + 4 t + i)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -96,25 +98,33 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_
     else:
         v = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0)
         q = v.to(tl.int8)
-        sums = tl.sum(tl.reshape(v.to(tl.int32), (BLOCK_K // GROUP, GROUP)), axis=1)
-        g = tl.arange(0, BLOCK_K // GROUP)
-        tl.store(xsum_ptr + row * stride_sm + g, sums, mask=g < K // GROUP)
-    tl.store(xq_ptr + row * stride_qm + offs, q, mask=mask)
+        if XSUM:
+            sums = tl.sum(tl.reshape(v.to(tl.int32), (BLOCK_K // GROUP, GROUP)), axis=1)
+            g = tl.arange(0, BLOCK_K // GROUP)
+            tl.store(xsum_ptr + row * stride_sm + g, sums, mask=g < K // GROUP)
+    dest = offs
+    if MMA_ORDER:
+        c = offs % 64
+        dest = offs - c + 32 * ((c // 8) % 2) + 16 * (c % 2) + 4 * ((c // 2) % 4) + c // 16
+    tl.store(xq_ptr + row * stride_qm + dest, q, mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128):
+def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128, mma_order: bool = False):
     """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] e4m3 or int8, scales [M] fp32, and for INT8 the
-    codes' sums over every group_size columns [M, K / group_size] int32, else None)."""
+    codes' sums over every group_size columns [M, K / group_size] int32, else None). mma_order
+    (INT8): the codes in w4a8_rs's column order (`w4a8_rs.perm_columns`), without the sums."""
     m, k = x.shape
+    if mma_order and (act_quant != "int8" or k % 64):
+        raise ValueError(f"mma_order takes INT8 codes of rows a multiple of 64 wide (got {act_quant}, K = {k})")
     xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
     fp8 = act_quant == "fp8"
     # the scale as format.per_token_codes computes it (max|x| is exact in x's dtype)
     xs = (torch.amax(x.abs(), dim=-1).float() / (FP8_E4M3_MAX if fp8 else INT8_MAX)).clamp_min_(1e-12)
-    xsum = None if fp8 else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
+    xsum = None if fp8 or mma_order else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
     bk = max(group_size, next_pow2(k))
-    _quantize_rows_kernel[(m,)](x, xq, xs, xs if fp8 else xsum, k, x.stride(0), xq.stride(0),
-                                0 if fp8 else xsum.stride(0), BLOCK_K=bk, GROUP=group_size, FP8=fp8,
-                                num_warps=max(4, min(16, bk // 1024)))
+    _quantize_rows_kernel[(m,)](x, xq, xs, xs if xsum is None else xsum, k, x.stride(0), xq.stride(0),
+                                0 if xsum is None else xsum.stride(0), BLOCK_K=bk, GROUP=group_size, FP8=fp8,
+                                XSUM=xsum is not None, MMA_ORDER=mma_order, num_warps=max(4, min(16, bk // 1024)))
     return xq, xs, xsum
 
 

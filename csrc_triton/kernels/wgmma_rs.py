@@ -21,13 +21,22 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from csrc_triton.gluon_common import code_ptrs, cp_async, cta_barrier, fragment, planes_scaled, scratch, split_k_finish
+from csrc_triton.gluon_common import (
+    code_ptrs,
+    cp_async,
+    cta_barrier,
+    fragment,
+    lowrank_operands,
+    planes_scaled,
+    register_smem_mma,
+    scratch,
+    split_k_finish,
+)
 from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
 from csrc_triton.layout import next_pow2
 from vllm_twinquant import envs
@@ -43,46 +52,6 @@ class RsConfig:
     warps: int  # 4 or 8 (one or two warpgroups)
     stages: int  # depth of the cp.async ring, >= 3
     split_k: int
-
-
-@gluon.jit
-def _register_smem_mma(a, b, acc, MMA: gl.constexpr):
-    """acc + a @ b^T with a [R1, K] as the register operand and b [R2, K] staged in shared memory."""
-    B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b.shape, b.dtype)
-    b_buf = gl.allocate_shared_memory(b.dtype, b.shape, B_SMEM)
-    b_buf.store(b)
-    fence_async_shared()
-    cta_barrier()
-    a_op = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
-    return warpgroup_mma(a_op, b_buf.permute((1, 0)), acc)
-
-
-@gluon.jit
-def _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_ws_s,
-                      stride_ws_m, stride_un, TM: gl.constexpr, BN: gl.constexpr, BLOCK_R: gl.constexpr,
-                      HAS_US: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr, R0: gl.constexpr = 0):
-    """The epilogue's low-rank operands in one blocked layout, ranks R0 .. R0 + BLOCK_R: t [TM,
-    BLOCK_R] fp32 of tokens m0.. (the sum of the down projection's K-slices, the slot of rows
-    off_n..; with PDL waited for here, after U's load) and U [BN, BLOCK_R] of rows off_n.. (int8
-    codes times their row scales, in fp32: scaled and rounded once, as a float factor is stored)."""
-    EPI: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
-    tr = R0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, EPI))
-    un = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
-    u = gl.load(up_ptr + gl.expand_dims(un, 1) * stride_un + gl.expand_dims(tr, 0),
-                mask=gl.expand_dims(un < N, 1) & gl.expand_dims(tr < R, 0), other=0)
-    if HAS_US:
-        us = gl.load(us_ptr + un, mask=un < N, other=0.0)
-        u = u.to(gl.float32) * gl.expand_dims(us, 1)
-    slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
-    tm = m0 + gl.arange(0, TM, layout=gl.SliceLayout(1, EPI))
-    t_mask = gl.expand_dims(tm < M, 1) & gl.expand_dims(tr < R, 0)
-    t_ptrs = ws_ptr + gl.expand_dims(tm, 1) * stride_ws_m + slot * R + gl.expand_dims(tr, 0)
-    t = gl.zeros([TM, BLOCK_R], gl.float32, layout=EPI)
-    if PDL:  # t is the down projection's, launched just before this kernel
-        tl.extra.cuda.gdc_wait()
-    for sp in range(NUM_SPLITS):
-        t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
-    return t, u
 
 
 # -- MODE 10: the weights as wgmma's register operand ------------------------------------------
@@ -115,9 +84,9 @@ def _lowrank_epilogue_rs(acc, ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B
                          HAS_US: gl.constexpr, PDL: gl.constexpr, act: gl.constexpr,
                          MMA: gl.constexpr, num_warps: gl.constexpr):
     """acc^T [BN, TOK] + U [BN, BLOCK_R] @ t^T, all ranks at once."""
-    t, u = _lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    t, u = lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
                              stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, num_warps, 0)
-    return _register_smem_mma(u.to(act), t.to(act), acc, MMA)
+    return register_smem_mma(u.to(act), t.to(act), acc, MMA)
 
 @gluon.jit
 def _tq_gemm_wgmma_rs_kernel(

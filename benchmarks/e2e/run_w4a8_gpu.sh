@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# W4A8-INT8 on one GPU after the kernel sweep (benchmarks/kernels/run_w4a8.sh, which writes the device's table
+# in this checkout): install the package with that table, check the plugin's W4A8 path inside vLLM against a
+# float32 reference of the same numerics, then the end-to-end comparison. vLLM staged (../shared/gpu/stage.sh).
+#   bash benchmarks/e2e/run_w4a8_gpu.sh check           # cuda_plugin_check --activations int8, then `make`
+#   bash benchmarks/e2e/run_w4a8_gpu.sh bench CONFIG..  # e2e_h100.py bench (e.g. bf16 fp8 tq_r64 tq_r64_a8)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source .gpu-stage/remote.sh env
+out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
+work=$HOME/e2e-w4a8
+case "${1:-}" in
+  check)
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING | tail -2
+    python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck" --out "$out" --activations int8 \
+      > "$out/cuda_plugin_check_w4a8_int8.log" 2>&1 || { tail -30 "$out/cuda_plugin_check_w4a8_int8.log"; }
+    tail -5 "$out/cuda_plugin_check_w4a8_int8.log"
+    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 --out "$out" ;;
+  bench)
+    shift
+    python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
+  *) sed -n '2,6p' "$0"; exit 2 ;;
+esac
