@@ -5,6 +5,8 @@ steers it (e.g. `wgmma_rs` to profile what runs instead).
     ncu --kernel-name regex:_tq_ --launch-skip 1 --launch-count 2 --section SpeedOfLight \\
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         python3 benchmarks/kernels/profile_kernels.py --n 28672 --k 4096 --ms 1 16 --rank 64
+    (--act-quant int8 [--rs TOKENS WARPS STAGES]: a W4A8 layer, the Gluon INT8 kernel forced with that config;
+     --fp8: also FP8 W8A8's torch._scaled_mm of each M, rowwise scales)
 """
 
 import argparse
@@ -28,20 +30,36 @@ def main():
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--calls", type=int, default=3, help="calls per M (after one warm-up call)")
     ap.add_argument("--bf16", action="store_true", help="also run the BF16 torch.mm of each M (cuBLAS)")
+    ap.add_argument("--fp8", action="store_true", help="also run FP8 W8A8's torch._scaled_mm of each M (cuBLAS)")
+    ap.add_argument("--act-quant", default="none", choices=("none", "fp8", "int8"))
+    ap.add_argument("--rs", type=int, nargs=3, metavar=("TOKENS", "WARPS", "STAGES"),
+                    help="force the w4a8_rs kernel with this config (INT8 layers)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     qw, sc, down, up = make_layer(args.k, args.n, args.rank, torch.bfloat16, gen)
     qw = ct.repack(qw, 128)
     w = torch.randn(args.n, args.k, device="cuda", dtype=torch.bfloat16, generator=gen) if args.bf16 else None
+    w8 = torch.randn(args.n, args.k, device="cuda", generator=gen).to(torch.float8_e4m3fn) if args.fp8 else None
     device = ct.Device.of(torch.device("cuda"))
+    config = None
+    if args.rs:
+        from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
+
+        config = W4a8RsConfig(*args.rs)
     for m in args.ms:
         x = torch.randn(m, args.k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        p = ct.plan(ct.LayerShape(args.n, args.k, 128, args.rank), m, device)
-        print(f"M={m}: {p.kernel} {vars(p.config)}", flush=True)
+        p = ct.plan(ct.LayerShape(args.n, args.k, 128, args.rank, act_quant=args.act_quant), m, device)
+        print(f"M={m}: {p.kernel if config is None else 'w4a8_rs'} {vars(p.config if config is None else config)}",
+              flush=True)
+        x8 = x.to(torch.float8_e4m3fn) if args.fp8 else None
+        ones_m = torch.ones(m, 1, device="cuda")
+        ones_n = torch.ones(1, args.n, device="cuda")
         for _ in range(args.calls + 1):
-            ct.linear(x, qw, sc, 128, down, up)
+            ct.linear(x, qw, sc, 128, down, up, config=config, act_quant=args.act_quant)
             if w is not None:
                 torch.mm(x, w.t())
+            if w8 is not None:
+                torch._scaled_mm(x8, w8.t(), ones_m, ones_n, out_dtype=torch.bfloat16)
         torch.cuda.synchronize()
 
 
