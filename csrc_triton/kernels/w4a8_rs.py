@@ -15,8 +15,9 @@ come from the even (or odd) nibbles of one word, which the `repack` layout gives
 Rather than shuffle registers, the MMA runs over the columns of each 64-column chunk in the order
 `perm_columns` gives (a permutation of K changes no dot product) and `quantize_rows` writes the
 activation codes in that order. Step = one group (64 or 128 columns): its wgmma starts from zero
-into one of two int32 accumulators and, while it runs, the other's sums (the previous group's) are
-scaled into the fp32 accumulator and the next group's fragment is made. x's codes and the words arrive through
+into an int32 accumulator and, while it runs, the next group's fragment is made; its sums are
+scaled into the fp32 accumulator after it retires, or (`overlap`: two int32 accumulators, more
+registers) while the next group's wgmma runs. x's codes and the words arrive through
 one STAGES-deep cp.async ring. The epilogue multiplies by the token scales, adds t U^T (t from
 `lowrank_down`, bf16 as in W4A16) and the bias.
 
@@ -50,6 +51,7 @@ class W4a8RsConfig:
     tokens: int  # per program: wgmma's N side, 64, 128 or 256
     warps: int  # 4 or 8 (one or two warpgroups): 16 * warps weight rows per program
     stages: int  # depth of the cp.async ring, >= 3
+    overlap: bool = True  # two int32 accumulators, a group promoted beside the next one's wgmma (else after its own)
 
 
 def perm_columns(k: int) -> torch.Tensor:
@@ -140,13 +142,20 @@ def _hold(w):
 
 
 @gluon.jit
+def _promote(acc, part, s):
+    """acc + part * s / 16: a group's exact sums times its scales (one per weight row)."""
+    return acc + part.to(gl.float32) * gl.expand_dims(s.to(gl.float32) * 0.0625, 1)
+
+
+@gluon.jit
 def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs,
                 n_groups, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr,
-                W_L: gl.constexpr):
+                W_L: gl.constexpr, OVERLAP: gl.constexpr):
     """Group g: its wgmma (fragment w, sums from zero into part_new) started; while it runs, group
-    g - 1's sums (part_old) times its scales s_old added into acc, group g + STAGES - 1's copies
-    issued into group g - 1's slot and group g + 1's fragment made; then it is retired. Returns
-    (acc, group g's sums, group g + 1's fragment, the scales of groups g and g + 1)."""
+    g + STAGES - 1's copies issued into group g - 1's slot, group g + 1's fragment made and, with
+    OVERLAP, group g - 1's sums (part_old) promoted with its scales s_old; then it is retired, and
+    without OVERLAP its own sums promoted. Returns (acc, group g's sums, group g + 1's fragment, the
+    scales of groups g and g + 1)."""
     part_new = warpgroup_mma(w, x_bufs.index(g % STAGES).permute((1, 0)), part_new, use_acc=False, is_async=True)
     s_next = gl.load(s_ptrs + gl.minimum(g + 1, n_groups - 1))
     async_copy.wait_group(STAGES - 3)  # group g + 1's x and words have landed (this thread's copies) ...
@@ -157,11 +166,14 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, x_p
     cp_async(x_bufs.index(nxt % STAGES), x_ptrs + nxt * BK, mask=x_all & (nxt < n_groups))
     cp_async(q_bufs.index(nxt % STAGES), q_ptrs + nxt * (BK // 8), mask=q_all & (nxt < n_groups))
     async_copy.commit_group()
-    acc += part_old.to(gl.float32) * gl.expand_dims(s_old.to(gl.float32) * 0.0625, 1)
+    if OVERLAP:
+        acc = _promote(acc, part_old, s_old)
     w_next = _fragment(p, BN, BK, A_L)
     # acc among the deps and the fragment's asm not pure: the promotion and the fragment stay before the wait
     part_new, acc = warpgroup_mma_wait(num_outstanding=0, deps=(part_new, acc))
     _hold(w)
+    if not OVERLAP:
+        acc = _promote(acc, part_new, s_cur)
     return acc, part_new, w_next, s_cur, s_next
 
 
@@ -171,7 +183,8 @@ def _tq_w4a8_rs_kernel(
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
-    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PDL: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Program pid: tokens [m0, +TOK) (pid % token tiles) x weight rows [off_n, +BN) (pid // token
     tiles, BN = 16 * num_warps) over all of K (module docstring). x_ptr (the unquantized input)
@@ -217,22 +230,28 @@ def _tq_w4a8_rs_kernel(
     fence_async_shared()
     cta_barrier()
     w_a = _fragment(q_bufs.index(0).load(W_L), BN, BK, A_L)
-    # two groups per iteration, their sums and fragments in two variables each: while group g's
-    # wgmma runs, group g - 1's sums are promoted and group g + 1's fragment made
+    # two groups per iteration, their fragments in two variables (and with OVERLAP their sums): while group
+    # g's wgmma runs, group g + 1's fragment is made and (OVERLAP) group g - 1's sums are promoted
     for j in range(n_groups // 2):
         acc, part_a, w_b, s_old, s_cur = _group_step(2 * j, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs,
                                                      x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN, BK, STAGES,
-                                                     A_L, W_L)
-        acc, part_b, w_a, s_old, s_cur = _group_step(2 * j + 1, acc, part_b, part_a, w_b, s_old, s_cur, x_bufs,
-                                                     q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN, BK,
-                                                     STAGES, A_L, W_L)
+                                                     A_L, W_L, OVERLAP)
+        if OVERLAP:
+            acc, part_b, w_a, s_old, s_cur = _group_step(2 * j + 1, acc, part_b, part_a, w_b, s_old, s_cur, x_bufs,
+                                                         q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN,
+                                                         BK, STAGES, A_L, W_L, OVERLAP)
+        else:
+            acc, part_a, w_a, s_old, s_cur = _group_step(2 * j + 1, acc, part_a, part_a, w_b, s_old, s_cur, x_bufs,
+                                                         q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN,
+                                                         BK, STAGES, A_L, W_L, OVERLAP)
     if n_groups % 2:  # the last group of an odd count
         acc, part_a, w_b, s_old, s_cur = _group_step(n_groups - 1, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs,
                                                      q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN, BK,
-                                                     STAGES, A_L, W_L)
-        acc += part_a.to(gl.float32) * gl.expand_dims(s_old.to(gl.float32) * 0.0625, 1)
-    else:
-        acc += part_b.to(gl.float32) * gl.expand_dims(s_old.to(gl.float32) * 0.0625, 1)
+                                                     STAGES, A_L, W_L, OVERLAP)
+        if OVERLAP:
+            acc = _promote(acc, part_a, s_old)
+    elif OVERLAP:
+        acc = _promote(acc, part_b, s_old)
     async_copy.wait_group(0)
 
     om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
@@ -262,7 +281,7 @@ def launch_check(m: int, n: int, k: int, group_size: int, cfg: W4a8RsConfig) -> 
 
 def constexprs(cfg: W4a8RsConfig, group_size: int, rank: int, int8_factors: bool, bias: bool, pdl: bool) -> dict:
     return dict(GROUP=group_size, HAS_LOWRANK=rank > 0, HAS_US=int8_factors, HAS_BIAS=bias, TOK=cfg.tokens,
-                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, PDL=pdl)
+                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, OVERLAP=cfg.overlap, PDL=pdl)
 
 
 class W4a8RsKernel(Kernel):
