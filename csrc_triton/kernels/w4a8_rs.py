@@ -85,10 +85,10 @@ def _fragment_view(BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
 
 
 @gluon.jit
-def _word_ptrs(qw_ptr, off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
-    """Pointers [BN, CH, 2 (h), 4 (t)] to word 8 c + 2 t + h of rows off_n + n (rows past N read row
-    N - 1, never stored), for the step at word 0, in the layout of `_fragment_view` without its
-    dimensions b and i: a lane loads the words its own fragment needs."""
+def _word_offsets(off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+    """Offsets [BN, CH, 2 (h), 4 (t)] (int32, in words) of word 8 c + 2 t + h of rows off_n + n (rows
+    past N read row N - 1, never stored), for the step at word 0, in the layout of `_fragment_view`
+    without its dimensions b and i: a lane loads the words its own fragment needs."""
     W_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, _fragment_view(BN, BK, A_L).type.layout))
     CH: gl.constexpr = BK // 64
     n4 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, W_L))))
@@ -99,12 +99,12 @@ def _word_ptrs(qw_ptr, off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, 
     word = (gl.expand_dims(gl.expand_dims(gl.expand_dims(c4 * 8, 0), 2), 3)
             + gl.expand_dims(gl.expand_dims(gl.expand_dims(h4, 0), 1), 3)
             + gl.expand_dims(gl.expand_dims(gl.expand_dims(t4 * 2, 0), 1), 2))
-    return qw_ptr + rows * stride_qn + word
+    return rows * stride_qn + word
 
 
 @gluon.jit
 def _fragment(p, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
-    """Words [BN, CH, 2, 4] (`_word_ptrs`' layout) -> the int8 A fragment [BN, BK] of 16 q in layout
+    """Words [BN, CH, 2, 4] (`_word_offsets`' layout) -> the int8 A fragment [BN, BK] of 16 q in layout
     A_L, in `perm_columns` order: byte i of register (b, h) of lane t is nibble 2 i + b of word
     2 t + h. The asm's four bytes are the fragment register's own, so nothing is repacked; the
     compiler proves that no data moves. (Not pure: it stays ahead of the wgmma wait.)"""
@@ -148,8 +148,8 @@ def _promote(acc, part, s):
 
 
 @gluon.jit
-def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs,
-                n_groups, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr,
+def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr, q_offs,
+                q_all, s_ptrs, n_groups, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr,
                 W_L: gl.constexpr, OVERLAP: gl.constexpr):
     """Group g: its wgmma (fragment w, sums from zero into part_new) started; while it runs, group
     g + STAGES - 1's copies issued into group g - 1's slot, group g + 1's fragment made and, with
@@ -163,8 +163,8 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, x_p
     fence_async_shared()
     cta_barrier()  # ... everyone's; and every warpgroup has retired group g - 1's wgmma
     nxt = g + STAGES - 1
-    cp_async(x_bufs.index(nxt % STAGES), x_ptrs + nxt * BK, mask=x_all & (nxt < n_groups))
-    cp_async(q_bufs.index(nxt % STAGES), q_ptrs + nxt * (BK // 8), mask=q_all & (nxt < n_groups))
+    cp_async(x_bufs.index(nxt % STAGES), xq_ptr + (x_offs + nxt * BK), mask=x_all & (nxt < n_groups))
+    cp_async(q_bufs.index(nxt % STAGES), qw_ptr + (q_offs + nxt * (BK // 8)), mask=q_all & (nxt < n_groups))
     async_copy.commit_group()
     if OVERLAP:
         acc = _promote(acc, part_old, s_old)
@@ -201,8 +201,9 @@ def _tq_w4a8_rs_kernel(
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, TOK, 32])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
-    q_ptrs = _word_ptrs(qw_ptr, off_n, N, stride_qn, BN, BK, A_L)
-    W_L: gl.constexpr = q_ptrs.type.layout
+    # int32 offsets, not pointers, carried through the loop (half the registers)
+    q_offs = _word_offsets(off_n, N, stride_qn, BN, BK, A_L)
+    W_L: gl.constexpr = q_offs.type.layout
     sn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     s_ptrs = sc_ptr + gl.minimum(sn, N - 1) * stride_sn
 
@@ -211,14 +212,14 @@ def _tq_w4a8_rs_kernel(
     CX: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BK, BK // 16], [num_warps, 1], [1, 0])
     xm = gl.arange(0, TOK, layout=gl.SliceLayout(1, CX))
     xk = gl.arange(0, BK, layout=gl.SliceLayout(0, CX))
-    x_ptrs = xq_ptr + gl.expand_dims(gl.minimum(m0 + xm, M - 1), 1) * stride_xm + gl.expand_dims(xk, 0)
+    x_offs = gl.expand_dims(gl.minimum(m0 + xm, M - 1), 1) * stride_xm + gl.expand_dims(xk, 0)
     x_all = gl.expand_dims(xm >= 0, 1) & gl.expand_dims(xk >= 0, 0)
     Q_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 2, 1, 0])
     q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BN, BK // 64, 2, 4], Q_SMEM)
     q_all = gl.full([BN, BK // 64, 2, 4], 1, gl.int1, W_L)
     for st in gl.static_range(STAGES - 1):
-        cp_async(x_bufs.index(st), x_ptrs + st * BK, mask=x_all & (st < n_groups))
-        cp_async(q_bufs.index(st), q_ptrs + st * (BK // 8), mask=q_all & (st < n_groups))
+        cp_async(x_bufs.index(st), xq_ptr + (x_offs + st * BK), mask=x_all & (st < n_groups))
+        cp_async(q_bufs.index(st), qw_ptr + (q_offs + st * (BK // 8)), mask=q_all & (st < n_groups))
         async_copy.commit_group()
 
     s_old = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA)).to(sc_ptr.dtype.element_ty)  # no group -1
@@ -233,21 +234,21 @@ def _tq_w4a8_rs_kernel(
     # two groups per iteration, their fragments in two variables (and with OVERLAP their sums): while group
     # g's wgmma runs, group g + 1's fragment is made and (OVERLAP) group g - 1's sums are promoted
     for j in range(n_groups // 2):
-        acc, part_a, w_b, s_old, s_cur = _group_step(2 * j, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs,
-                                                     x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN, BK, STAGES,
-                                                     A_L, W_L, OVERLAP)
+        acc, part_a, w_b, s_old, s_cur = _group_step(
+            2 * j, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr, q_offs,
+            q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
         if OVERLAP:
-            acc, part_b, w_a, s_old, s_cur = _group_step(2 * j + 1, acc, part_b, part_a, w_b, s_old, s_cur, x_bufs,
-                                                         q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN,
-                                                         BK, STAGES, A_L, W_L, OVERLAP)
+            acc, part_b, w_a, s_old, s_cur = _group_step(
+                2 * j + 1, acc, part_b, part_a, w_b, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
+                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
         else:
-            acc, part_a, w_a, s_old, s_cur = _group_step(2 * j + 1, acc, part_a, part_a, w_b, s_old, s_cur, x_bufs,
-                                                         q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN,
-                                                         BK, STAGES, A_L, W_L, OVERLAP)
+            acc, part_a, w_a, s_old, s_cur = _group_step(
+                2 * j + 1, acc, part_a, part_a, w_b, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
+                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
     if n_groups % 2:  # the last group of an odd count
-        acc, part_a, w_b, s_old, s_cur = _group_step(n_groups - 1, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs,
-                                                     q_bufs, x_ptrs, x_all, q_ptrs, q_all, s_ptrs, n_groups, BN, BK,
-                                                     STAGES, A_L, W_L, OVERLAP)
+        acc, part_a, w_b, s_old, s_cur = _group_step(
+            n_groups - 1, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
+            q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
         if OVERLAP:
             acc = _promote(acc, part_a, s_old)
     elif OVERLAP:
