@@ -65,13 +65,13 @@ def perm_columns(k: int) -> torch.Tensor:
     return (torch.arange(0, k, 64)[:, None] + within[None, :]).reshape(-1)
 
 
-# Four codes of a word's even (odd) nibbles -> four int8 16 q: the nibble moved into the high half
-# of its byte (even nibbles: a shift by 4, odd: by 0), the rest masked, the top bit flipped.
-# $0 out; $1-$4 the word, $5-$8 the shift (the same register, once per byte of the pack).
+# Four codes of a word's even (odd) nibbles -> four int8 16 q in one register: the nibble moved into
+# the high half of its byte (even nibbles: a shift by 4, odd: by 0), the rest masked, the top bit
+# flipped. $0 out; $1 the word, $2 the shift.
 _INT8X16_PTX = gl.constexpr("""
 {
 .reg .b32 t;
-shl.b32 t, $1, $5;
+shl.b32 t, $1, $2;
 lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A;
 }
 """)
@@ -104,19 +104,26 @@ def _word_offsets(off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: 
 
 @gluon.jit
 def _fragment(p, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
-    """Words [BN, CH, 2, 4] (`_word_offsets`' layout) -> the int8 A fragment [BN, BK] of 16 q in layout
-    A_L, in `perm_columns` order: byte i of register (b, h) of lane t is nibble 2 i + b of word
-    2 t + h. The asm's four bytes are the fragment register's own, so nothing is repacked; the
-    compiler proves that no data moves. (Not pure: it stays ahead of the wgmma wait.)"""
-    f = _fragment_view(BN, BK, A_L)
-    F_L: gl.constexpr = f.type.layout
-    p = gl.broadcast(gl.expand_dims(gl.expand_dims(p, 2), 5), f)[0]
-    b = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(
-        5, F_L))))))
-    shift = gl.broadcast(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(
-        4 - 4 * b, 0), 1), 3), 4), 5), f)[0]
-    w = gl.inline_asm_elementwise(_INT8X16_PTX, "=r,r,r,r,r,r,r,r,r", [p, shift], dtype=gl.int8, is_pure=False,
-                                  pack=4)
+    """Words [BN, CH, 2, 4] (`_word_offsets`' layout) -> the registers of the int8 A fragment of 16 q,
+    [BN, CH, 2 (b), 2 (h), 4 (t)] int32 in `perm_columns` order: byte i of register (b, h) of lane t
+    is nibble 2 i + b of word 2 t + h. Kept as int32 (what the loop carries; `_operand` views it as
+    the fragment). Not pure: it stays ahead of the wgmma wait."""
+    R_L: gl.constexpr = gl.SliceLayout(5, _fragment_view(BN, BK, A_L).type.layout)
+    f = gl.full([BN, BK // 64, 2, 2, 4], 0, gl.int32, R_L)
+    p = gl.broadcast(gl.expand_dims(p, 2), f)[0]
+    b = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, R_L)))))
+    shift = gl.broadcast(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(4 - 4 * b, 0), 1), 3), 4),
+                         f)[0]
+    return gl.inline_asm_elementwise(_INT8X16_PTX, "=r,r,r", [p, shift], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _operand(w, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+    """The fragment registers of `_fragment` as the int8 tensor [BN, BK] in layout A_L that wgmma
+    takes: each register's four bytes are the four consecutive elements of one pack (a move that
+    ptxas drops); the compiler proves that no data moves between lanes."""
+    w = gl.broadcast(gl.expand_dims(w, 5), _fragment_view(BN, BK, A_L))[0]
+    w = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [w], dtype=gl.int8, is_pure=True, pack=4)
     return gl.convert_layout(w.reshape([BN, BK]), A_L, assert_trivial=True)
 
 
@@ -136,9 +143,8 @@ setp.eq.u32 p, n, 0;
 
 @gluon.jit
 def _hold(w):
-    """Read w's registers after the wait of the wgmma that reads them (`_HOLD_PTX`; the wait itself
-    cannot take the int8 fragment among its deps)."""
-    gl.inline_asm_elementwise(_HOLD_PTX, "=r,r", [w], dtype=gl.int8, is_pure=False, pack=4)
+    """Read w's registers after the wait of the wgmma that reads them (`_HOLD_PTX`)."""
+    gl.inline_asm_elementwise(_HOLD_PTX, "=r,r", [w], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -156,7 +162,8 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_
     OVERLAP, group g - 1's sums (part_old) promoted with its scales s_old; then it is retired, and
     without OVERLAP its own sums promoted. Returns (acc, group g's sums, group g + 1's fragment, the
     scales of groups g and g + 1)."""
-    part_new = warpgroup_mma(w, x_bufs.index(g % STAGES).permute((1, 0)), part_new, use_acc=False, is_async=True)
+    part_new = warpgroup_mma(_operand(w, BN, BK, A_L), x_bufs.index(g % STAGES).permute((1, 0)), part_new,
+                             use_acc=False, is_async=True)
     s_next = gl.load(s_ptrs + gl.minimum(g + 1, n_groups - 1))
     async_copy.wait_group(STAGES - 3)  # group g + 1's x and words have landed (this thread's copies) ...
     p = q_bufs.index((g + 1) % STAGES).load(W_L)
