@@ -35,7 +35,7 @@ def make_model(path: str, layers: int, seed: int) -> None:
     model.save_pretrained(path)
 
 
-def effective_model(dense: str, tq: str):
+def effective_model(dense: str, tq: str, dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -65,8 +65,8 @@ class W4A8Reference(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, residual: torch.Tensor, kind: str):
         super().__init__()
-        self.lowrank = (linear.weight.detach().float() - residual.float()).contiguous()
-        self.residual = residual.float().contiguous()
+        self.register_buffer("lowrank", (linear.weight.detach().float() - residual.float()).contiguous())
+        self.register_buffer("residual", residual.float().contiguous())
         self.bias = linear.bias
         self.kind = kind
 
@@ -74,7 +74,7 @@ class W4A8Reference(torch.nn.Module):
         from vllm_twinquant import format as fmt
 
         codes, s = fmt.per_token_codes(x, 8, self.kind)
-        y = x @ self.lowrank.T + (codes * s) @ self.residual.T
+        y = x @ self.lowrank.T + (codes * s).to(x.dtype) @ self.residual.T
         return y if self.bias is None else y + self.bias
 
 
@@ -147,19 +147,31 @@ def main():
                                                                    act_quant=act_quant),
                                      ct.Device.of(torch.device("cuda")))
     ref_model = effective_model(dense, tq)
+    # W4A8: the same reference with its activations rounded to bf16 (as served) shows how far the per-token
+    # rounding alone moves the logprobs when its input moves by bf16's rounding
+    ref_bf16 = effective_model(dense, tq).to(torch.bfloat16) if args.activations != "bf16" else None
     worst, agree, total = 0.0, 0, 0
     for p, o in zip(prompts, outs):
         toks = list(o.outputs[0].token_ids)
         seq = p + toks
         with torch.no_grad():
             lp = torch.log_softmax(ref_model(torch.tensor([seq], device="cuda")).logits[0].double(), -1)
+            lp16 = (torch.log_softmax(ref_bf16(torch.tensor([seq], device="cuda")).logits[0].double(), -1)
+                    if ref_bf16 is not None else None)
         served = [
             (i, d[t].logprob)
             for i, (t, d) in enumerate(zip(seq[1:], (o.prompt_logprobs or [None])[1:] + o.outputs[0].logprobs), start=1)
             if d is not None
         ]
         for i, s in served:
-            worst = max(worst, abs(lp[i - 1, seq[i]].item() - s))
+            d = abs(lp[i - 1, seq[i]].item() - s)
+            worst = max(worst, d)
+            key = "max_abs_logprob_diff_prompt" if i < len(p) else "max_abs_logprob_diff_generated"
+            rec[key] = max(rec.get(key, 0.0), d)  # prompt: one pass over all prompt tokens; generated: decode steps
+            if lp16 is not None:
+                rec["max_abs_logprob_diff_reference_bf16_vs_fp32"] = max(
+                    rec.get("max_abs_logprob_diff_reference_bf16_vs_fp32", 0.0),
+                    abs(lp[i - 1, seq[i]].item() - lp16[i - 1, seq[i]].item()))
         for j, t in enumerate(toks):
             total += 1
             agree += int(lp[len(p) - 1 + j].argmax().item() == t)

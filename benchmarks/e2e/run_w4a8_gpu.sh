@@ -11,7 +11,7 @@ out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
 work=$HOME/e2e-w4a8
 case "${1:-}" in
   check)
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING | tail -2
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
     python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck" --out "$out" --activations int8 \
       > "$out/cuda_plugin_check_w4a8_int8.log" 2>&1 || { tail -30 "$out/cuda_plugin_check_w4a8_int8.log"; }
     tail -5 "$out/cuda_plugin_check_w4a8_int8.log"
