@@ -5,6 +5,7 @@
     python benchmarks/make_tables.py accuracy-json [JSONL] [OUT_JSON]   # the records of issue 5
     python benchmarks/make_tables.py readme-accuracy [JSONL]            # README's short table
     python benchmarks/make_tables.py readme-speed [benchmarks/results/e2e_h100.json]   # README's speed table
+    python benchmarks/make_tables.py w4a8-kernels | w4a8-sweep [JSON] | w4a8-accuracy [JSONL] | e2e-w4a8 [JSON]
 """
 
 import json
@@ -86,18 +87,20 @@ def readme_accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
 
 
 def w4a8_kernels(path="benchmarks/results/w4a8_h100.json"):
-    """bench_w4a8.py's table: µs per layer call, and W4A8's ratio to FP8 W8A8 and to W4A16."""
+    """bench_w4a8.py's table: µs per layer call, and W4A8-INT8's ratio to FP8 W8A8 and to W4A16."""
     d = json.load(open(path))
     m = d["meta"]
     print(f"{m['device']}, torch {m['torch']}, Triton {m['triton']}; max rel. error {m['max_rel_err']:.1e}\n")
-    print("| layer (K→N) | M | rank | BF16 | FP8 W8A8 (GEMM alone) | W4A16 | W4A8-FP8 (kernel) | W4A8-INT8 "
-          "| W4A8-FP8 × vs FP8 | × vs W4A16 |")
+    print("| layer (K→N) | M | rank | BF16 | FP8 W8A8 (GEMM alone) | W4A16 (kernel) | W4A8-FP8 (kernel) "
+          "| W4A8-INT8 (kernel) | INT8 × vs FP8 (vs its GEMM alone) | × vs W4A16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in d["records"]:
         print(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['rank']} | {r['ms_bf16'] * 1e3:.1f} | "
-              f"{r['ms_fp8'] * 1e3:.1f} ({r['ms_fp8_mm'] * 1e3:.1f}) | {r['ms_w4a16'] * 1e3:.1f} | "
-              f"{r['ms_w4a8_fp8'] * 1e3:.1f} ({r['kernel_w4a8_fp8']}) | {r['ms_w4a8_int8'] * 1e3:.1f} | "
-              f"{r['w4a8_fp8_vs_fp8']:.2f} | {r['ms_w4a16'] / r['ms_w4a8_fp8']:.2f} |")
+              f"{r['ms_fp8'] * 1e3:.1f} ({r['ms_fp8_mm'] * 1e3:.1f}) | {r['ms_w4a16'] * 1e3:.1f} "
+              f"({r['kernel_w4a16']}) | {r['ms_w4a8_fp8'] * 1e3:.1f} ({r['kernel_w4a8_fp8']}) | "
+              f"{r['ms_w4a8_int8'] * 1e3:.1f} ({r['kernel_w4a8_int8']}) | {r['w4a8_int8_vs_fp8']:.2f} "
+              f"({r['ms_fp8_mm'] / r['ms_w4a8_int8']:.2f}) | "
+              f"{r['ms_w4a16'] / r['ms_w4a8_int8']:.2f} |")
 
 
 def w4a8_sweep(path="benchmarks/results/sweeps/w4a8_fp8_h100.json"):
@@ -117,6 +120,7 @@ def w4a8_sweep(path="benchmarks/results/sweeps/w4a8_fp8_h100.json"):
         for m in d["ms"]:
             w16, w8 = best[(c, m, True)], best.get((c, m, False))
             name = "" if w8 is None else ("cuBLAS" if w8["kernel"] == "fp8_cublas" else
+                                          "Gluon" if w8["kernel"] == "w4a8_rs" else
                                           "Triton, 8-bit copy" if w8["config"].get("dense") else "Triton")
             cells.append(f"{w16['ms'] * 1e3:.0f} / " + (f"{w8['ms'] * 1e3:.0f} ({name})" if w8 else "–"))
         print(f"| {c} | " + " | ".join(cells) + " |")
@@ -135,19 +139,35 @@ def w4a8_accuracy(path="benchmarks/results/accuracy_w4a8_smollm2.jsonl"):
 
 
 SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g128 (Machete)",
-               "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64"}
+               "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64",
+               "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)"}
+
+
+def speed_table(path: str, configs: list[str], vs_fp8: bool = False) -> None:
+    """End-to-end rows of one run (one machine): batch-1 latency and throughput against its own BF16 (and FP8)."""
+    d = json.load(open(path))
+    recs = {r["config"]: r for r in d["records"]}
+    base, fp8 = recs["bf16"], recs.get("fp8")
+    extra = " × FP8 W8A8 |" if vs_fp8 else ""
+    print("| config | batch 1, ms / token | × BF16 | 512 prompts, output tok/s | × BF16 |" + extra)
+    print("|---|---|---|---|---|" + ("---|" if vs_fp8 else ""))
+    for cfg in configs:
+        r = recs[cfg]
+        print(f"| {SPEED_NAMES[cfg]} | {r['bs1_ms_per_token']:.2f} | "
+              f"{base['bs1_ms_per_token'] / r['bs1_ms_per_token']:.2f} | {r['out_tok_s']:,.0f} | "
+              f"{r['out_tok_s'] / base['out_tok_s']:.2f} |" + (f" {r['out_tok_s'] / fp8['out_tok_s']:.2f} |"
+                                                              if vs_fp8 else ""))
 
 
 def readme_speed(path="benchmarks/results/e2e_h100.json"):
+    speed_table(path, ["bf16", "fp8", "gptq", "tq_r0", "tq_r64"])
+
+
+def e2e_w4a8(path="benchmarks/results/e2e_w4a8_h100.json"):
+    """The end-to-end W4A8 comparison of one machine: each config against BF16 and FP8 of the same run."""
     d = json.load(open(path))
-    recs = {r["config"]: r for r in d["records"]}
-    base = recs["bf16"]
-    print("| config | batch 1, ms / token | × BF16 | 512 prompts, output tok/s | × BF16 |")
-    print("|---|---|---|---|---|")
-    for cfg, name in SPEED_NAMES.items():
-        r = recs[cfg]
-        print(f"| {name} | {r['bs1_ms_per_token']:.2f} | {base['bs1_ms_per_token'] / r['bs1_ms_per_token']:.2f} "
-              f"| {r['out_tok_s']:,.0f} | {r['out_tok_s'] / base['out_tok_s']:.2f} |")
+    print(f"{d['device']}, vLLM {d['vllm']}; {d['workload']}\n")
+    speed_table(path, ["bf16", "fp8", "tq_r64", "tq_r64_a8"], vs_fp8=True)
 
 
 def _act_bits(r) -> int:
@@ -274,5 +294,7 @@ if __name__ == "__main__":
         w4a8_kernels(*args)
     elif what == "w4a8-sweep":
         w4a8_sweep(*args)
+    elif what == "e2e-w4a8":
+        e2e_w4a8(*args)
     else:
         accuracy(*args)

@@ -69,9 +69,9 @@ def test_w4a8_layers_decode_on_the_w4a16_kernels_and_batch_on_the_w4a8_kernel():
         w16 = ct.LayerShape(6144, 4096, 128, 64, slots, torch.bfloat16)
         kernels = {m: ct.plan(shape, m, h100).kernel for m in (1, 2, 8, 16, 17, 64, 128, 256, 1024, 8192)}
         assert kernels[1] == ct.plan(w16, 1, h100).kernel and kernels[16] == ct.plan(w16, 16, h100).kernel
-        assert all(kernels[m] == "w4a8" for m in (17, 64, 128, 256, 1024, 8192)), kernels
-        # the W4A16 layer itself never reaches the W4A8 kernel
-        assert all(ct.plan(w16, m, h100).kernel != "w4a8" for m in kernels)
+        assert all(kernels[m] in ct.dispatch.W4A8_PRIORITY for m in (17, 64, 128, 256, 1024, 8192)), kernels
+        # the W4A16 layer itself never reaches a W4A8 kernel
+        assert all(ct.plan(w16, m, h100).kernel not in ct.dispatch.W4A8_PRIORITY for m in kernels)
 
 
 def test_w4a8_is_refused_with_the_reason_where_the_tensor_cores_are_missing():
@@ -131,6 +131,7 @@ def test_w4a8_fp8_layers_take_cublas_block_scaled_gemm_where_the_table_says_and_
     for shape, device, why in [
         (ct.LayerShape(4096, 4096, 64, 64, (), torch.bfloat16, act_quant="fp8"), h100, "group size 64"),
         (fp8, ct.Device.named("NVIDIA L40S", (8, 9)), "sm_90 only"),
+        (fp8, ct.Device.named(h100.name, torch_version="2.8.0", cuda_runtime="12.8"), "measured with torch 2.11+"),
     ]:
         assert ct.plan(shape, 8192, device, tables).kernel == "w4a8"
         assert why in ct.dispatch.kernels()["fp8_cublas"].can_implement(shape, device)[1]

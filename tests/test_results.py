@@ -90,3 +90,50 @@ def test_kernel_readme_table_is_make_tables_output(path):
     with contextlib.redirect_stdout(out):
         make_tables.kernels(path)
     assert out.getvalue().strip() in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
+
+
+def test_the_w4a8_end_to_end_table_is_one_runs_records_with_the_issue_keys():
+    path = os.path.join(ROOT, "benchmarks", "results", "e2e_w4a8_h100.json")
+    d = json.load(open(path))
+    keys = {"config", "rank", "activations", "out_tok_s", "total_tok_s", "bs1_ms_per_token", "startup_s"}
+    assert all(keys <= set(r) for r in d["records"])
+    configs = [r["config"] for r in d["records"]]
+    assert len(configs) == len(set(configs)) and {"bf16", "fp8"} <= set(configs)  # baselines of the same run
+    assert {r["config"]: r["activations"] for r in d["records"]}["tq_r64_a8"] == "int8"
+    readme = open(os.path.join(ROOT, "benchmarks", "e2e", "README.md")).read()
+    table = _printed(make_tables.e2e_w4a8, path)
+    assert "\n".join("  " + line if line else "" for line in table.splitlines()) in readme
+
+
+def test_the_decode_breakdown_splits_steps_into_buckets_layer_kinds_and_idle_time():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    from decode_breakdown import breakdown
+
+    def step(t, w4a8=False):
+        ks, names = [], ["vectorized_embedding_kernel"]
+        for _ in range(2):  # two blocks
+            names += ["_lowrank_down_kernel", "_tq_gemv_vec_kernel", "flash_fwd_splitkv_kernel",
+                      "_tq_gemv_vec_kernel", "rms_norm_kernel", "_lowrank_down_kernel"]
+            names += ["_quantize_rows_kernel", "_tq_w4a8_rs_kernel"] if w4a8 else ["_tq_decode_mma_kernel"]
+            names += ["act_and_mul_kernel", "_tq_gemv_vec_kernel"]
+        names += ["nvjet_sm90_tst_128x64", "argmax_kernel"]
+        for n in names:
+            ks.append((n, t, 2.0))
+            t += 3.0  # 1 µs idle after every kernel
+        return ks, t
+
+    kernels, t = [], 0.0
+    for w4a8 in (False, True, False):
+        ks, t = step(t, w4a8)
+        kernels += ks
+    r = breakdown(kernels, "embedding")
+    assert r["steps"] == 2  # the third step has no end
+    assert r["step_us"] == pytest.approx(r["busy_us"] + r["idle_us"])
+    assert r["busy_us"] == pytest.approx(2 / 3 * r["step_us"])
+    assert r["buckets"]["lowrank_down"] == pytest.approx(8.0)
+    assert r["buckets"]["dense_gemm (lm_head, or every linear of a dense model)"] == pytest.approx(2.0)
+    assert {k: round(v, 1) for k, v in r["twinquant_by_kind"].items()} == {
+        "qkv_proj": 4.0, "o_proj": 4.0, "gate_up_proj": 6.0, "down_proj": 4.0}  # W4A8 step: quantize_rows to gate/up
+    assert r["buckets"]["attention"] == 4.0 and r["buckets"]["norm"] == 4.0 and r["buckets"]["sampling"] == 2.0
+    with pytest.raises(ValueError, match="no whole step"):
+        breakdown(kernels[:5], "embedding")

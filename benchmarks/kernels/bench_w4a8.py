@@ -17,7 +17,7 @@ stream them from HBM, `common.graph_time_ms`):
 * w4a8_fp8    the same layer declared W4A8-FP8 as the plan runs it (`kernel` says which): quantize_rows,
               the low-rank down projection and the Triton W4A8 kernel, or at large M cuBLAS's
               block-scaled FP8 GEMM (`fp8_cublas`); below the table's first W4A8 M, as W4A16
-* w4a8_int8   ... declared W4A8-INT8
+* w4a8_int8   ... declared W4A8-INT8: the Gluon INT8 kernel (`w4a8_rs`, Hopper) or the Triton one, as the table says
 
 The low-rank columns (rank > 0) cost the same in every TwinQuant column; bf16 and fp8 have none.
 """
@@ -49,6 +49,7 @@ from common import (  # noqa: E402
 )
 
 import csrc_triton as ct  # noqa: E402
+from csrc_triton.dispatch import W4A8_PRIORITY  # noqa: E402
 from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig  # noqa: E402
 from csrc_triton.kernels.w4a8 import CHECKED_ON_GPU, W4a8Config, quantize_rows  # noqa: E402
 from vllm_twinquant.format import per_token_codes  # noqa: E402
@@ -104,7 +105,8 @@ def correctness(gen, aqs) -> float:
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
         p = ct.plan(ct.LayerShape(n, k, GROUP, r, bounds, torch.bfloat16, act_quant=aq), m,
                     ct.Device.of(xc.device))
-        ref = reference(xc, qw, sc, down, up, GROUP, bounds, act_quant=aq if p.kernel == "w4a8" else "none")
+        # the W4A8 kernels compute the W4A8 numerics; below their first M the plan runs the W4A16 kernels
+        ref = reference(xc, qw, sc, down, up, GROUP, bounds, act_quant=aq if p.kernel in W4A8_PRIORITY else "none")
         ref += bias.float()
         y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         ct.linear(xc, ct.repack(qw, GROUP), sc, GROUP, down, up, bias, bounds, out=y, act_quant=aq)

@@ -46,6 +46,8 @@ class Device:
     triton: str  # triton.__version__
     interpreted: bool  # TRITON_INTERPRET=1
     index: int | None = None
+    torch_version: str = torch.__version__  # the torch and CUDA runtime its kernels run with
+    cuda_runtime: str | None = torch.version.cuda
 
     @property
     def cuda(self) -> bool:
@@ -56,9 +58,11 @@ class Device:
         return _device(device.type, device.index if device.index is not None else 0)
 
     @staticmethod
-    def named(name: str, capability: tuple[int, int] = (9, 0), triton_version: str = "3.6.0") -> Device:
-        """A device described rather than present (python -m vllm_twinquant.explain)."""
-        return Device(name, capability, 227 << 10, triton_version, False, 0)
+    def named(name: str, capability: tuple[int, int] = (9, 0), triton_version: str = "3.6.0",
+              torch_version: str = "2.11.0", cuda_runtime: str = "13.0") -> Device:
+        """A device described rather than present (python -m vllm_twinquant.explain); by default with
+        the software the tables were measured with."""
+        return Device(name, capability, 227 << 10, triton_version, False, 0, torch_version, cuda_runtime)
 
 
 @functools.cache

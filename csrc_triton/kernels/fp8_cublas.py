@@ -22,6 +22,11 @@ from csrc_triton.kernels.lowrank_down import lowrank_down
 from csrc_triton.kernels.w4a8 import codes_to_8bit, quantize_rows
 
 BLOCK = 128  # cuBLAS's 1D block: the group size this kernel takes
+MIN_TORCH, MIN_CUDA = (2, 11), (12, 9)  # torch._scaled_mm with 1x128 block scales on both sides, as measured
+
+
+def _version(v: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in (v or "0").split("+")[0].split(".")[:2])
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class Fp8CublasKernel(Kernel):
             return False, "cuBLAS's 1x128 block-scaled FP8 GEMM runs on sm_90 only"
         if shape.n % 16 or shape.k % 16:
             return False, f"layer {shape.k} -> {shape.n}: cuBLAS's FP8 GEMM needs multiples of 16"
+        if _version(device.torch_version) < MIN_TORCH or _version(device.cuda_runtime) < MIN_CUDA:
+            need = f"torch {'.'.join(map(str, MIN_TORCH))}+ on CUDA {'.'.join(map(str, MIN_CUDA))}+"
+            return False, (f"torch {device.torch_version} (CUDA {device.cuda_runtime}): block-scaled _scaled_mm "
+                           f"measured with {need}")
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> Fp8CublasConfig | None:

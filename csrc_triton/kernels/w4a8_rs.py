@@ -1,5 +1,5 @@
 """W4A8-INT8 on Hopper, in Gluon: the 4-bit codes as int8 straight into wgmma's register operand,
-and each scale group's partial sums promoted while the next group's wgmma runs.
+and each scale group's exact int32 sums promoted into fp32 with the group scales.
 
     y = s_x * sum_g (s_w[:, g] / 16) * ((16 q_g) @ xq_g^T) + (x @ D^T) @ U^T + bias
 
@@ -21,9 +21,10 @@ registers) while the next group's wgmma runs. x's codes and the words arrive thr
 one STAGES-deep cp.async ring. The epilogue multiplies by the token scales, adds t U^T (t from
 `lowrank_down`, bf16 as in W4A16) and the bias.
 
-Only compiled for sm_90 (Gluon has no CPU interpreter): CI compiles it for sm_90 without a GPU;
-numerics are checked on the GPU against the float reference (benchmarks/kernels/bench_w4a8.py) and
-the plan takes it only where the device's table, written by that sweep, names a config.
+Only compiled for sm_90 (Gluon has no CPU interpreter): CI compiles it for sm_90 without a GPU and
+checks its byte arithmetic and column order in torch; on the GPU every config the sweep times is first
+checked against the float reference of the W4A8 numerics (benchmarks/kernels/tune.py sweep-w4a8), and
+the plan takes it only where the device's table, written from that sweep, names a config.
 """
 
 from __future__ import annotations

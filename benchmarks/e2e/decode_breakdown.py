@@ -1,0 +1,131 @@
+"""Where one batch-1 decode step goes, inside vLLM with its defaults (torch.compile + CUDA graphs): the
+GPU kernels of a few hundred steps under torch.profiler, put in buckets by name and, for the TwinQuant
+linears, by their place in the block (q/k/v, o, gate/up, down: a Llama block runs them in that order),
+plus the time the GPU sat idle between kernels inside a step.
+
+    python benchmarks/e2e/decode_breakdown.py --model CKPT [--quantization twinquant|fp8] --out $OUT
+        -> $OUT/decode_breakdown_<label>.json: µs per step for each bucket, the step's wall time, the idle time
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the profiler sees its kernels.
+A step is the interval between two launches of the first kernel of the step (the embedding lookup); the
+buckets are `BUCKETS`, first match wins. `breakdown()` is the arithmetic (tests/test_results.py checks it
+on made-up kernel lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+# (bucket, kernel-name pattern), first match wins; TwinQuant's residual kernels get their layer kind after
+RESIDUAL = re.compile(r"_tq_|_w4a8_kernel|_quantize_rows_kernel|_codes_to_8bit_kernel|_dequant_kernel")
+BUCKETS = [
+    ("lowrank_down", re.compile(r"_lowrank_down_kernel")),
+    ("twinquant_linear", RESIDUAL),
+    ("attention", re.compile(r"flash|fmha|attention|attn|paged", re.I)),
+    ("norm", re.compile(r"rms_?norm|layer_?norm", re.I)),
+    ("activation", re.compile(r"silu|gelu|act_and_mul", re.I)),
+    ("rotary", re.compile(r"rotary|rope", re.I)),
+    ("dense_gemm (lm_head, or every linear of a dense model)",
+     re.compile(r"gemm|gemv|nvjet|cutlass|xmma|sm90_|sm80_|ampere|cublas|scaled_mm", re.I)),
+    ("sampling", re.compile(r"argmax|topk|top_k|softmax|sort|sampl|multinomial|gumbel", re.I)),
+    ("copy / cast / embedding", re.compile(r"copy|memcpy|memset|cast|convert|embedding|index|gather", re.I)),
+]
+KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def bucket_of(name: str) -> str:
+    return next((b for b, pat in BUCKETS if pat.search(name)), "other")
+
+
+def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict:
+    """kernels: (name, start µs, duration µs) on the decode stream, in time order. Steps start at each
+    kernel whose name contains step_marker; the last partial step is dropped. Returns per-step means:
+    {"steps", "step_us", "busy_us", "idle_us", "buckets": {bucket: µs}, "twinquant_by_kind": {kind: µs}}.
+    Residual kernels take the layer kinds in block order (after a W4A8 layer's quantize_rows, its kernel)."""
+    starts = [i for i, (n, _, _) in enumerate(kernels) if step_marker in n]
+    if len(starts) < 2:
+        raise ValueError(f"fewer than two kernels named like {step_marker!r}: no whole step to measure")
+    steps = []
+    for a, b in zip(starts, starts[1:]):
+        ks = kernels[a:b]
+        t0, t1 = ks[0][1], kernels[b][1]
+        busy = 0.0
+        end = t0
+        for _, s, d in ks:  # the union of the kernels' intervals (overlapping kernels count once)
+            busy += max(0.0, s + d - max(s, end))
+            end = max(end, s + d)
+        buckets: dict[str, float] = {}
+        kinds: dict[str, float] = {}
+        i = 0
+        for n, _, d in ks:
+            b = bucket_of(n)
+            buckets[b] = buckets.get(b, 0.0) + d
+            if b == "twinquant_linear":
+                kind = KINDS[i % len(KINDS)]
+                kinds[kind] = kinds.get(kind, 0.0) + d
+                if "quantize_rows" not in n and "codes_to_8bit" not in n:
+                    i += 1  # the layer's own kernel ends it
+        steps.append({"step_us": t1 - t0, "busy_us": busy, "buckets": buckets, "kinds": kinds})
+
+    def mean(key, sub=None):
+        if sub is None:
+            return statistics.fmean(s[key] for s in steps)
+        names = sorted({k for s in steps for k in s[sub]})
+        return {k: round(statistics.fmean(s[sub].get(k, 0.0) for s in steps), 2) for k in names}
+
+    step, busy = mean("step_us"), mean("busy_us")
+    return {"steps": len(steps), "step_us": round(step, 2), "busy_us": round(busy, 2),
+            "idle_us": round(step - busy, 2), "buckets": mean(None, "buckets"),
+            "twinquant_by_kind": mean(None, "kinds")}
+
+
+def profile_decode(model: str, quantization: str | None, steps: int, dtype: str) -> tuple[list, float]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    kw = {"quantization": quantization} if quantization else {}
+    llm = LLM(model=model, dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.5, skip_tokenizer_init=True,
+              seed=0, **kw)
+    prompt = {"prompt_token_ids": torch.randint(3, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()}
+    sp = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate([prompt], sp, use_tqdm=False)  # warm-up (compile, graphs)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.time()
+        out = llm.generate([prompt], sp, use_tqdm=False)
+        ms_per_token = (time.time() - t0) * 1000 / len(out[0].outputs[0].token_ids)
+    evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    evs.sort(key=lambda e: e.time_range.start)
+    return [(e.name, float(e.time_range.start), float(e.time_range.elapsed_us())) for e in evs], ms_per_token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--step-marker", default="embedding", help="a kernel that runs once at the start of a step")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    kernels, ms = profile_decode(a.model, a.quantization, a.steps, a.dtype)
+    rec = breakdown(kernels, a.step_marker)
+    rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3),
+               command=" ".join(sys.argv))
+    label = a.label or (a.quantization or "bf16")
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"decode_breakdown_{label}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    print(json.dumps(rec, indent=1))
+
+
+if __name__ == "__main__":
+    main()
