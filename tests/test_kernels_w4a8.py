@@ -238,6 +238,7 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     tables = load_tables(str(path))
     int8 = ct.LayerShape(6144, 4096, 128, 64, (4096, 5120), torch.bfloat16, act_quant="int8")
     assert [ct.plan(int8, m, h100, tables).kernel for m in (64, 65, 8192)] == ["w4a8", "w4a8_rs", "w4a8_rs"]
+    assert ct.plan(int8, 2**31 // 4096, h100, tables).kernel == "w4a8"  # past its int32 offsets
     assert ct.plan(int8, 8192, h100, tables).config == W4a8RsConfig(64, 8, 4)
     narrow = ct.LayerShape(960, 576, 64, 16, (576, 768), torch.bfloat16, act_quant="int8")  # 64-row slots
     assert ct.plan(narrow, 8192, h100, tables).config == W4a8RsConfig(64, 4, 4)

@@ -318,6 +318,8 @@ class W4a8RsKernel(Kernel):
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8RsConfig | None:
+        if m * shape.k >= 2**31:  # the kernel's offsets into x's codes are int32
+            return None
         cfg = tables.w4a8_rs.lookup(m, shape.n, shape.k)
         if cfg is not None and 16 * cfg.warps > shape.max_block_n:  # one warpgroup: 64 rows, inside one slot
             cfg = dataclasses.replace(cfg, warps=4)
