@@ -302,3 +302,19 @@ def test_per_token_codes_are_the_formats_fp8_and_int8_grids():
     assert torch.equal(fmt.quantize_activations(x.float(), 8, kind="float"), (q8 * s8).float())
     with pytest.raises(ValueError, match="FP8 e4m3"):
         fmt.per_token_codes(x, 4, "float")
+
+
+def test_a_checkpoint_is_redeclared_by_its_config_alone_and_only_to_declarations_the_format_has(tiny_tq, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_tq, d)
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.name != "config.json"}
+    fmt.declare_activations(str(d), 8, "float")
+    spec = fmt.load_spec(str(d))
+    assert (spec.activation_bits, spec.activation_type) == (8, "float")
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["recipe"].endswith("+declared-a8-float")
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "config.json"} == files
+    before = (d / "config.json").read_text()
+    for bits, kind in [(6, "int"), (4, "float"), (8, "bf16")]:
+        with pytest.raises(fmt.TwinQuantFormatError):
+            fmt.declare_activations(str(d), bits, kind)
+    assert (d / "config.json").read_text() == before  # a refused declaration leaves the file as it was

@@ -135,11 +135,7 @@ def test_w4a8_fp8_checkpoint_declares_fp8_activations_without_online_rotation(ti
     want = (codes.double() * scale.double()) @ deq.T + low
     assert ((y - want).norm() / want.norm()).item() < 1e-5
 
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"].update(activation_bits=16, activation_type="int")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    fmt.declare_activations(out, 16, "int")
     assert fmt.validate_checkpoint(out).activation_bits == 16
 
 

@@ -521,6 +521,22 @@ def load_spec(model_dir: str) -> TwinQuantSpec:
     return TwinQuantSpec.from_dict(qc)
 
 
+def declare_activations(model_dir: str, bits: int, kind: str = "int") -> None:
+    """Re-declare a checkpoint's residual-product input (`activation_bits` / `activation_type`) by editing its
+    config.json alone: the codes and factors serve every declaration. The recipe name records the change.
+    Raises TwinQuantFormatError for a declaration the format does not have."""
+    cfg_path = os.path.join(model_dir, "config.json")
+    load_spec(model_dir)  # a TwinQuant checkpoint to begin with
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    q = cfg["quantization_config"]
+    TwinQuantSpec.from_dict({**q, "activation_bits": bits, "activation_type": kind})
+    if (q.get("activation_bits", 16), q.get("activation_type", "int")) != (bits, kind):
+        q.update(activation_bits=bits, activation_type=kind, recipe=f"{q.get('recipe')}+declared-a{bits}-{kind}")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
 def checkpoint_tensors_of_file(path: str) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
     """name -> (file, shape, dtype) of one safetensors file."""
     return {name: (path, tuple(meta["shape"]), SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))

@@ -13,16 +13,7 @@ for decl in "16 int W4A16" "8 float W4A8-FP8" "8 int W4A8-INT8"; do
   read -r bits kind name <<<"$decl"
   dir="$work/$(basename "$src")-$name"
   rm -rf "$dir" && cp -r "$src" "$dir"
-  python3 - "$dir/config.json" "$bits" "$kind" <<'PY'
-import json, sys
-path, bits, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-with open(path) as f:
-    cfg = json.load(f)
-q = cfg["quantization_config"]
-if (q.get("activation_bits", 16), q.get("activation_type", "int")) != (bits, kind):
-    q.update(activation_bits=bits, activation_type=kind, recipe=f"{q['recipe']}+declared-a{bits}-{kind}")
-with open(path, "w") as f:
-    json.dump(cfg, f, indent=2)
-PY
+  python3 -c 'import sys; from vllm_twinquant.format import declare_activations as declare
+declare(sys.argv[1], int(sys.argv[2]), sys.argv[3])' "$dir" "$bits" "$kind"
   twinquant-eval "$dir" --json "$out" --label "$(basename "$src") as $name"
 done

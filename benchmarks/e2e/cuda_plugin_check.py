@@ -35,7 +35,7 @@ def make_model(path: str, layers: int, seed: int) -> None:
     model.save_pretrained(path)
 
 
-def effective_model(dense: str, tq: str, dtype: torch.dtype = torch.float32):
+def effective_model(dense: str, tq: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -102,12 +102,9 @@ def main():
     rec["quantize_s"] = round(time.time() - t0, 1)
     rec["activations"] = args.activations
     if args.activations != "bf16":  # W4A8: the same checkpoint declared by its config alone
-        with open(os.path.join(tq, "config.json")) as f:
-            cfg = json.load(f)
-        cfg["quantization_config"].update(activation_bits=8, activation_type="int" if args.activations == "int8"
-                                          else "float")
-        with open(os.path.join(tq, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        from vllm_twinquant.format import declare_activations
+
+        declare_activations(tq, 8, "int" if args.activations == "int8" else "float")
 
     from importlib.metadata import entry_points
 

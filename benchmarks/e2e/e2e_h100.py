@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,16 +215,14 @@ def config_activations(cfg: str) -> str:
 
 def declare_w4a8(src: str, dst: str) -> None:
     """dst: the checkpoint src declared W4A8-INT8 by config alone (its other files linked)."""
+    from vllm_twinquant.format import declare_activations
+
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
         if name != "config.json" and not os.path.exists(os.path.join(dst, name)):
             os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    q = cfg["quantization_config"]
-    q.update(activation_bits=8, activation_type="int", recipe=f"{q['recipe']}+declared-a8-int")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+    declare_activations(dst, 8, "int")
 
 
 def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
