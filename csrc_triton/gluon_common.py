@@ -26,6 +26,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from vllm_twinquant import envs
+
 # CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 # cp.async global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
@@ -180,6 +182,19 @@ def split_k_finish(acc, part_ptrs, out_mask, tk):
         gl.atomic_xchg(tk, 0, sem="relaxed")
     return acc, last
 
+
+
+# -- host side --------------------------------------------------------------------------------
+def hopper_refusal(shape, device, measured_triton: tuple[str, ...]) -> str | None:
+    """Why a Hopper Gluon kernel (wgmma, fp16/bf16 activations, written against the Triton versions
+    `measured_triton`) cannot run a layer on a device, or None."""
+    if not device.cuda or device.capability != (9, 0):
+        return "needs sm_90 (wgmma) and no Triton interpreter"
+    if shape.dtype not in (torch.bfloat16, torch.float16):
+        return f"activations in {shape.dtype}; the kernel takes bf16/fp16"
+    if not device.triton.startswith(measured_triton) and not envs.gluon_any_triton():
+        return f"Triton {device.triton}: measured with {measured_triton} only (TWINQUANT_GLUON_ANY_TRITON=1 allows it)"
+    return None
 
 
 # -- the split-K scratch (host side) --------------------------------------------------------------

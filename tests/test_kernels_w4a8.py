@@ -244,7 +244,7 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     assert ct.plan(narrow, 8192, h100, tables).config == W4a8RsConfig(64, 4, 4)
     fp8 = ct.LayerShape(6144, 4096, 128, 64, (), torch.bfloat16, act_quant="fp8")
     assert ct.plan(fp8, 8192, h100, tables).kernel != "w4a8_rs"
-    for device, why in [(ct.Device.named("NVIDIA H100 80GB HBM3", (9, 0), "3.9.0"), "Triton 3.9.0: written for"),
+    for device, why in [(ct.Device.named("NVIDIA H100 80GB HBM3", (9, 0), "3.9.0"), "Triton 3.9.0: measured with"),
                         (ct.Device.named("NVIDIA L40S", (8, 9)), "needs sm_90")]:
         assert ct.plan(int8, 8192, device, tables).kernel == "w4a8"
         assert why in ct.dispatch.kernels()["w4a8_rs"].can_implement(int8, device)[1]

@@ -39,12 +39,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from csrc_triton.gluon_common import cp_async, cta_barrier, lowrank_operands, register_smem_mma
+from csrc_triton.gluon_common import cp_async, cta_barrier, hopper_refusal, lowrank_operands, register_smem_mma
 from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
 from csrc_triton.layout import next_pow2
-from vllm_twinquant import envs
 
-MEASURED_TRITON = ("3.6",)  # Triton versions it was written for and compiled with
+MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
 
 
 @dataclass(frozen=True)
@@ -304,17 +303,13 @@ class W4a8RsKernel(Kernel):
             return False, why
         if shape.act_quant != "int8":
             return False, "the layer's activations are not INT8"
-        if not device.cuda or device.capability != (9, 0):
-            return False, "needs sm_90 (wgmma) and no Triton interpreter"
-        if shape.dtype not in (torch.bfloat16, torch.float16):
-            return False, f"activations in {shape.dtype}; the kernel takes bf16/fp16"
+        why = hopper_refusal(shape, device, MEASURED_TRITON)
+        if why:
+            return False, why
         if shape.group_size not in (64, 128) or shape.k % shape.group_size:
             return False, f"group size {shape.group_size}: the kernel steps over whole groups of 64 or 128 columns"
         if shape.max_block_n < 64:
             return False, f"slot bounds allow output tiles of {shape.max_block_n} rows; the kernel takes 64 or 128"
-        if not device.triton.startswith(MEASURED_TRITON) and not envs.gluon_any_triton():
-            return False, (f"Triton {device.triton}: written for {MEASURED_TRITON} only "
-                           "(TWINQUANT_GLUON_ANY_TRITON=1 allows it)")
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8RsConfig | None:

@@ -31,6 +31,7 @@ from csrc_triton.gluon_common import (
     cp_async,
     cta_barrier,
     fragment,
+    hopper_refusal,
     lowrank_operands,
     planes_scaled,
     register_smem_mma,
@@ -39,7 +40,6 @@ from csrc_triton.gluon_common import (
 )
 from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
 from csrc_triton.layout import next_pow2
-from vllm_twinquant import envs
 
 MIN_M, MAX_TOKENS = 16, 256  # the plan gives this kernel MIN_M < M <= MAX_TOKENS
 MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
@@ -207,15 +207,11 @@ class WgmmaRsKernel(Kernel):
     def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
         if self.disabled():
             return False, self.disabled()
-        if not device.cuda or device.capability != (9, 0):
-            return False, "needs sm_90 (wgmma) and no Triton interpreter"
-        if shape.dtype not in (torch.bfloat16, torch.float16):
-            return False, f"activations in {shape.dtype}; the kernel takes bf16/fp16"
+        why = hopper_refusal(shape, device, MEASURED_TRITON)
+        if why:
+            return False, why
         if shape.group_size not in (64, 128) or shape.k % shape.group_size:
             return False, f"group size {shape.group_size}: the kernel steps over 64-column chunks (G 64 or 128)"
-        if not device.triton.startswith(MEASURED_TRITON) and not envs.gluon_any_triton():
-            return False, (f"Triton {device.triton}: measured with {MEASURED_TRITON} only "
-                           "(TWINQUANT_GLUON_ANY_TRITON=1 allows it)")
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> RsConfig | None:
