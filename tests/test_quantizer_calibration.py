@@ -90,3 +90,21 @@ def test_perplexity_through_vllm_equals_transformers_on_bos_framed_windows(bos_t
     assert got["tokens"] == n and got["special_prefix_tokens"] == 1
     assert got["ppl"] == pytest.approx(want, rel=1e-3)
     assert os.path.basename(str(evalf)) == got["eval_file"]
+
+
+def test_prepare_refuses_a_tokenizer_whose_special_tokens_are_not_the_ones_the_gguf_config_names(tokenizer_dir):
+    """The EOS joins the articles of every calibration and evaluation window: a transformers release that
+    converts the GGUF's tokenizer with another EOS than the model's config (5.17: <|im_start|>) changes every
+    window, and perplexities with it, so twinquant-prepare refuses it and names both."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from offline_quantizer.prepare import check_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0)
+    check_special_tokens(tok, config)  # the prepared model's tokenizer agrees with SmolLM2's config
+    tok.eos_token = "<|im_start|>"
+    with pytest.raises(ValueError, match=r"eos '<\|im_start\|>' \(id 1\), the config says id 2 \('<\|im_end\|>'\)"):
+        check_special_tokens(tok, config)

@@ -130,6 +130,7 @@ def test_the_decode_breakdown_splits_steps_into_buckets_layer_kinds_and_idle_tim
     assert r["steps"] == 2  # the third step has no end
     assert r["step_us"] == pytest.approx(r["busy_us"] + r["idle_us"])
     assert r["busy_us"] == pytest.approx(2 / 3 * r["step_us"])
+    assert r["exclusive"] == r["buckets"]  # nothing overlaps: every kernel ran alone
     assert r["buckets"]["lowrank_down"] == pytest.approx(8.0)
     assert r["buckets"]["dense_gemm (lm_head, or every linear of a dense model)"] == pytest.approx(2.0)
     assert {k: round(v, 1) for k, v in r["twinquant_by_kind"].items()} == {
@@ -137,3 +138,20 @@ def test_the_decode_breakdown_splits_steps_into_buckets_layer_kinds_and_idle_tim
     assert r["buckets"]["attention"] == 4.0 and r["buckets"]["norm"] == 4.0 and r["buckets"]["sampling"] == 2.0
     with pytest.raises(ValueError, match="no whole step"):
         breakdown(kernels[:5], "embedding")
+
+
+def test_the_decode_breakdown_counts_kernels_launched_early_once_and_reports_the_time_each_bucket_ran_alone():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    from decode_breakdown import breakdown
+
+    kernels, t = [], 0.0
+    for _ in range(3):  # a step: embedding 2 us, down projection 8 us, the residual kernel launched early
+        kernels += [("embedding_kernel", t, 2.0), ("_lowrank_down_kernel", t + 2, 8.0),
+                    ("_tq_gemv_vec_kernel", t + 4, 10.0)]
+        t += 20.0  # 6 us idle at the end of each step
+    r = breakdown(kernels, "embedding")
+    assert r["busy_us"] == pytest.approx(14.0) and r["idle_us"] == pytest.approx(6.0)
+    assert r["buckets"]["lowrank_down"] == 8.0 and r["buckets"]["twinquant_linear"] == 10.0  # they overlap 6 us
+    assert r["exclusive"]["lowrank_down"] == pytest.approx(2.0)  # alone from 2 to 4 us
+    assert r["exclusive"]["twinquant_linear"] == pytest.approx(4.0)  # alone from 10 to 14 us
+    assert sum(r["exclusive"].values()) < r["busy_us"] < sum(r["buckets"].values())

