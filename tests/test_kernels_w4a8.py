@@ -196,15 +196,35 @@ def test_quantize_rows_in_mma_order_gives_the_format_codes_permuted():
         quantize_rows(x, "fp8", 64, mma_order=True)
 
 
+def test_w4a8_rs_bias_conversion_is_exact_for_every_sum_a_group_can_make():
+    """convert="bias": int32 v read as the float whose bits are BIAS_BITS + v, minus BIAS_VALUE, is v exactly
+    below BIAS_EXACT_BELOW, which bounds every group's sum (|16 q| <= 128, |xq| <= 127, 128 columns); past
+    it the bits leave the binade and the reading is wrong."""
+    from csrc_triton.kernels.w4a8_rs import BIAS_BITS, BIAS_EXACT_BELOW, BIAS_VALUE
+
+    def read(v):
+        return (v + BIAS_BITS.value).view(torch.float32) - BIAS_VALUE.value
+
+    assert 128 * 127 * 128 < BIAS_EXACT_BELOW
+    edge = BIAS_EXACT_BELOW - 1
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randint(-edge, edge + 1, (1 << 16,), dtype=torch.int32, generator=gen),
+                   torch.tensor([-edge, -1, 0, 1, edge], dtype=torch.int32)])
+    assert torch.equal(read(v).double(), v.double())
+    assert read(torch.tensor([BIAS_EXACT_BELOW + 1], dtype=torch.int32)).item() != BIAS_EXACT_BELOW + 1
+
+
 RS_PTRS = {"x_ptr": "*bf16", "xq_ptr": "*i8", "xs_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16",
            "up_ptr": "*bf16", "us_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
 
 
-@pytest.mark.parametrize("cfg,rank,group,dtype", [((64, 4, 4), 64, 128, "bf16"), ((64, 8, 3), 0, 64, "fp16")])
+@pytest.mark.parametrize("cfg,rank,group,dtype", [((64, 4, 4), 64, 128, "bf16"), ((64, 8, 3), 0, 64, "fp16"),
+                                                   ((64, 4, 4, True, "bias"), 64, 128, "bf16")])
 def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg, rank, group, dtype):
     """The fragment is wgmma's register operand (no descriptor for A), every 8-bit MMA is s8 x s8 -> s32,
     the low-rank term runs on 16-bit wgmma, the layout claims hold (a moving conversion fails to compile),
-    and the 64-token configs keep everything in registers."""
+    the 64-token configs keep everything in registers, and the "bias" form converts the group sums without
+    the int-to-float conversion instruction."""
     from csrc_triton.compile import compile_sm90
     from csrc_triton.kernels import w4a8_rs
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
@@ -219,6 +239,7 @@ def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg
     low = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\." + dtype.replace("fp", "f"), ptx)
     assert bool(low) == bool(rank)
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    assert ("cvt.rn.f32.s32" in ptx) == (c.convert == "cvt")
 
 
 def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_run(tmp_path, monkeypatch):

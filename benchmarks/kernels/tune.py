@@ -127,8 +127,9 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
     cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
     gluon = []
     if act_quant == "int8" and m >= 64:
-        gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4)] + (
-            [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False)] if m >= 128 else [])
+        gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
+            [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
+             Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
     return cublas + gluon + _triton_candidates(m)
 
 

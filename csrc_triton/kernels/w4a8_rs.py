@@ -52,6 +52,16 @@ class W4a8RsConfig:
     warps: int  # 4 or 8 (one or two warpgroups): 16 * warps weight rows per program
     stages: int  # depth of the cp.async ring, >= 3
     overlap: bool = True  # two int32 accumulators, a group promoted beside the next one's wgmma (else after its own)
+    convert: str = "cvt"  # int32 -> fp32 of a group's sums: "cvt" (cvt.rn.f32.s32) or "bias" (BIAS_BITS, below)
+
+
+# |a group's sum| <= 128 (16 q) * 127 (xq) * 128 (columns) < 2^21: added to the bits of the float 1.5 * 2^23,
+# whose ulp is 1, such a sum reads as that float plus the sum exactly, so an integer add and one float subtract
+# convert it (two full-rate instructions where cvt.rn.f32.s32 issues on the slower conversion pipe)
+BIAS_BITS = gl.constexpr(0x4B400000)
+BIAS_VALUE = gl.constexpr(12582912.0)
+BIAS_EXACT_BELOW = 2**22
+CONVERTS = ("cvt", "bias")
 
 
 def perm_columns(k: int) -> torch.Tensor:
@@ -148,15 +158,19 @@ def _hold(w):
 
 
 @gluon.jit
-def _promote(acc, part, s):
+def _promote(acc, part, s, BIAS_CVT: gl.constexpr):
     """acc + part * s / 16: a group's exact sums times its scales (one per weight row)."""
-    return acc + part.to(gl.float32) * gl.expand_dims(s.to(gl.float32) * 0.0625, 1)
+    if BIAS_CVT:
+        f = (part + BIAS_BITS).to(gl.float32, bitcast=True) - BIAS_VALUE
+    else:
+        f = part.to(gl.float32)
+    return acc + f * gl.expand_dims(s.to(gl.float32) * 0.0625, 1)
 
 
 @gluon.jit
 def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr, q_offs,
                 q_all, s_ptrs, n_groups, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr,
-                W_L: gl.constexpr, OVERLAP: gl.constexpr):
+                W_L: gl.constexpr, OVERLAP: gl.constexpr, BIAS_CVT: gl.constexpr):
     """Group g: its wgmma (fragment w, sums from zero into part_new) started; while it runs, group
     g + STAGES - 1's copies issued into group g - 1's slot, group g + 1's fragment made and, with
     OVERLAP, group g - 1's sums (part_old) promoted with its scales s_old; then it is retired, and
@@ -174,13 +188,13 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_
     cp_async(q_bufs.index(nxt % STAGES), qw_ptr + (q_offs + nxt * (BK // 8)), mask=q_all & (nxt < n_groups))
     async_copy.commit_group()
     if OVERLAP:
-        acc = _promote(acc, part_old, s_old)
+        acc = _promote(acc, part_old, s_old, BIAS_CVT)
     w_next = _fragment(p, BN, BK, A_L)
     # acc among the deps and the fragment's asm not pure: the promotion and the fragment stay before the wait
     part_new, acc = warpgroup_mma_wait(num_outstanding=0, deps=(part_new, acc))
     _hold(w)
     if not OVERLAP:
-        acc = _promote(acc, part_new, s_cur)
+        acc = _promote(acc, part_new, s_cur, BIAS_CVT)
     return acc, part_new, w_next, s_cur, s_next
 
 
@@ -190,7 +204,8 @@ def _tq_w4a8_rs_kernel(
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
-    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PDL: gl.constexpr,
+    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, BIAS_CVT: gl.constexpr,
+    PDL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Program pid: tokens [m0, +TOK) (pid % token tiles) x weight rows [off_n, +BN) (pid // token
@@ -243,23 +258,23 @@ def _tq_w4a8_rs_kernel(
     for j in range(n_groups // 2):
         acc, part_a, w_b, s_old, s_cur = _group_step(
             2 * j, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr, q_offs,
-            q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
+            q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP, BIAS_CVT)
         if OVERLAP:
             acc, part_b, w_a, s_old, s_cur = _group_step(
                 2 * j + 1, acc, part_b, part_a, w_b, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
-                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
+                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP, BIAS_CVT)
         else:
             acc, part_a, w_a, s_old, s_cur = _group_step(
                 2 * j + 1, acc, part_a, part_a, w_b, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
-                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
+                q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP, BIAS_CVT)
     if n_groups % 2:  # the last group of an odd count
         acc, part_a, w_b, s_old, s_cur = _group_step(
             n_groups - 1, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
-            q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP)
+            q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP, BIAS_CVT)
         if OVERLAP:
-            acc = _promote(acc, part_a, s_old)
+            acc = _promote(acc, part_a, s_old, BIAS_CVT)
     elif OVERLAP:
-        acc = _promote(acc, part_b, s_old)
+        acc = _promote(acc, part_b, s_old, BIAS_CVT)
     async_copy.wait_group(0)
 
     om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
@@ -283,13 +298,15 @@ def launch_check(m: int, n: int, k: int, group_size: int, cfg: W4a8RsConfig) -> 
     """Raise ValueError where `cfg` cannot launch for this layer (what can_implement does not know)."""
     if group_size not in (64, 128) or k % group_size:
         raise ValueError(f"w4a8_rs steps over whole groups of 64 or 128 columns: group size {group_size}, K = {k}")
-    if cfg.tokens not in (64, 128, 256) or cfg.warps not in (4, 8) or cfg.stages < 3:
-        raise ValueError(f"w4a8_rs config {cfg}: tokens 64, 128 or 256, warps 4 or 8, stages >= 3")
+    if cfg.tokens not in (64, 128, 256) or cfg.warps not in (4, 8) or cfg.stages < 3 or cfg.convert not in CONVERTS:
+        raise ValueError(f"w4a8_rs config {cfg}: tokens 64, 128 or 256, warps 4 or 8, stages >= 3, convert one of "
+                         f"{CONVERTS}")
 
 
 def constexprs(cfg: W4a8RsConfig, group_size: int, rank: int, int8_factors: bool, bias: bool, pdl: bool) -> dict:
     return dict(GROUP=group_size, HAS_LOWRANK=rank > 0, HAS_US=int8_factors, HAS_BIAS=bias, TOK=cfg.tokens,
-                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, OVERLAP=cfg.overlap, PDL=pdl)
+                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, OVERLAP=cfg.overlap,
+                BIAS_CVT=cfg.convert == "bias", PDL=pdl)
 
 
 class W4a8RsKernel(Kernel):
