@@ -4,9 +4,9 @@
     -> KernelPlan(kernel="mma_decode", config=MmaConfig(mt=2, warps=8, split_k=4, max_tokens=64), ...)
 
 The rule, in full:
-0. A W4A8 layer (`LayerShape.act_quant` fp8/int8): the first kernel of W4A8_PRIORITY that can run
-   it and whose table rows name a config for (M, N, K): `fp8_cublas` (FP8, rows
-   `w4a8_fp8_cublas`), `w4a8_rs` (INT8 on Hopper, rows `w4a8_rs_int8`), the Triton `w4a8`
+0. A W4A8 layer (`LayerShape.act_quant` fp8/int8; int4, W4A4's codes, as int8): the first kernel of
+   W4A8_PRIORITY that can run it and whose table rows name a config for (M, N, K): `fp8_cublas` (FP8, rows
+   `w4a8_fp8_cublas`), `w4a8_rs` (integer codes on Hopper, rows `w4a8_rs_int8`), the Triton `w4a8`
    (rows `w4a8_<act>`); below the tables' first such M (decode), the rule below for the same
    layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8 product's
    by the activation rounding; README, "Limits").

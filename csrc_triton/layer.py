@@ -58,13 +58,15 @@ def linear(
     out: torch.Tensor | None = None,
     fused_only: bool = False,
     act_quant: str = "none",
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """The layer for x [M, K] (fp16/bf16, row-major). qweight int32 [N, K/8] in the `repack`
     layout, scales [N, K/G] as stored; down [slots*R, K] and up [N, R] in x's dtype, or int8 with
     fp32 row scales down_scale [slots*R], up_scale [N] (None for rank 0). slot_bounds: first output
     row of slots 1 and 2 of a merged layer. large_m_threshold: in place of the table's (0: always
     the dequantize + cuBLAS path); fused_only: never that path; config: a forced launch config;
-    act_quant: "fp8"/"int8" for a W4A8 layer (`kernels/w4a8.py`, `w4a8_rs.py`)."""
+    act_quant: "fp8"/"int8" for a W4A8 layer (`kernels/w4a8.py`, `w4a8_rs.py`), "int4" for W4A4's codes
+    (at scale act_clip * max|x| / 7 per token) on the same kernels."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("x must be a row-major 2-D tensor")
     m, k = x.shape
@@ -82,18 +84,18 @@ def linear(
     else:
         p = cached_plan(shape, m, device, large_m_threshold, fused_only)
     return run(p, x, qweight, scales, group_size, down if has_lr else None, up if has_lr else None, bias,
-               tuple(slot_bounds), down_scale, up_scale, out, act_quant)
+               tuple(slot_bounds), down_scale, up_scale, out, act_quant, act_clip)
 
 
 def gemm(x, qweight, scales, group_size, down=None, up=None, bias=None, slot_bounds=(), config=None, out=None,
-         down_scale=None, up_scale=None, act_quant="none") -> torch.Tensor:
+         down_scale=None, up_scale=None, act_quant="none", act_clip=1.0) -> torch.Tensor:
     """`linear` without the large-M path: one of the fused kernels at every M."""
     return linear(x, qweight, scales, group_size, down, up, bias, slot_bounds, down_scale=down_scale,
-                  up_scale=up_scale, config=config, out=out, fused_only=True, act_quant=act_quant)
+                  up_scale=up_scale, config=config, out=out, fused_only=True, act_quant=act_quant, act_clip=act_clip)
 
 
 def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_bounds, down_scale, up_scale,
-        out=None, act_quant: str = "none") -> torch.Tensor:
+        out=None, act_quant: str = "none", act_clip: float = 1.0) -> torch.Tensor:
     m, n = x.shape[0], qweight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -111,6 +113,6 @@ def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_boun
     shape = LayerShape(n, x.shape[1], group_size, slot_bounds=slot_bounds)
     a = Launch(x, qweight, scales, down, up, down_scale if up is not None else None,
                up_scale if up is not None else None, bias, out, group_size, b1, b2, shape.max_block_n,
-               p.pdl_trigger > 0, make_t, act_quant)
+               p.pdl_trigger > 0, make_t, act_quant, act_clip)
     kernels()[p.kernel].launch(a, p.config)
     return out

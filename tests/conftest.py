@@ -182,13 +182,15 @@ def kernel_layer(n, k, g, r, slots, dtype, seed):
     return qw, sc, down, up
 
 
-def kernel_reference(x, qw, sc, g, down, up, bias, bounds, act_quant=None):
-    """float64 of the layer; act_quant "fp8"/"int8": the residual reads the format's per-token codes of x."""
+def kernel_reference(x, qw, sc, g, down, up, bias, bounds, act_quant=None, act_clip=1.0):
+    """float64 of the layer; act_quant "fp8"/"int8"/"int4": the residual reads the format's per-token codes of x
+    (int4: W4A4's, at scale act_clip * max|x| / 7)."""
     from vllm_twinquant.format import per_token_codes, reference_linear
 
     xr = x.double()
     if act_quant is not None:
-        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
+        bits, kind = {"fp8": (8, "float"), "int8": (8, "int"), "int4": (4, "int")}[act_quant]
+        q, s = per_token_codes(x, bits, kind, act_clip)
         xr = q.double() * s.double()
     y = reference_linear(xr, qw, sc, g, None, None, bias)
     if down is not None:

@@ -3,6 +3,7 @@ reference of the same numerics: the format's per-token codes (format.per_token_c
 residual and the low-rank term read the unquantized x. Every case draws fresh random data and
 poisons the output first. Full size on the GPU: benchmarks/kernels/bench_w4a8.py."""
 
+import dataclasses
 import re
 
 import pytest
@@ -24,9 +25,11 @@ CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias, W4a8Config
 ]
 
 
-@pytest.mark.parametrize("act_quant", ["fp8", "int8"])
+@pytest.mark.parametrize("act_quant", ["fp8", "int8", "int4"])
 @pytest.mark.parametrize("m,n,k,g,r,bounds,dtype,bias,cfg", CASES)
 def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bounds, dtype, bias, cfg, act_quant):
+    """int4: a W4A4 layer's 4-bit codes (clipped, as the W4A4 recipes make them) on the same kernel."""
+    clip = 0.8 if act_quant == "int4" else 1.0
     torch.manual_seed(m + n + k)
     qw, sc, down, up = kernel_layer(n, k, g, r, len(bounds) + 1, dtype, seed=n + k + r)
     x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
@@ -34,9 +37,9 @@ def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bound
     b = torch.randn(n).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype)
     ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=out, config=W4a8Config(*cfg),
-            act_quant=act_quant)
+            act_quant=act_quant, act_clip=clip)
     assert not torch.isnan(out).any(), "some outputs were never written"
-    ref = kernel_reference(x, qw, sc, g, down, up, b, bounds, act_quant)
+    ref = kernel_reference(x, qw, sc, g, down, up, b, bounds, act_quant, clip)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
     # and it is the 8-bit product: closer to its own reference than to the W4A16 product's
@@ -44,19 +47,20 @@ def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bound
     assert (out.double() - ref).norm() < (out.double() - w16).norm()
 
 
-@pytest.mark.parametrize("act_quant", ["fp8", "int8"])
-def test_quantize_rows_gives_the_format_codes_bit_for_bit(act_quant):
+@pytest.mark.parametrize("act_quant,clip", [("fp8", 1.0), ("int8", 1.0), ("int4", 1.0), ("int4", 0.8)])
+def test_quantize_rows_gives_the_format_codes_bit_for_bit(act_quant, clip):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 4160, generator=gen) * torch.tensor([1e-3, 1, 30, 1e4, 1, 0])[:, None]
     x[4, 7] = 200.0  # an outlier: every other entry of that token gets a coarse step
+    bits, kind = {"fp8": (8, "float"), "int8": (8, "int"), "int4": (4, "int")}[act_quant]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         xd = x.to(dtype)
-        q, s, sums = quantize_rows(xd, act_quant, 64)
-        q_ref, s_ref = per_token_codes(xd, 8, "float" if act_quant == "fp8" else "int")
+        q, s, sums = quantize_rows(xd, act_quant, 64, clip_ratio=clip)
+        q_ref, s_ref = per_token_codes(xd, bits, kind, clip)
         assert torch.equal(s, s_ref[:, 0])
         assert torch.equal(q.float(), q_ref)
         assert not q.float()[5].any() and s[5] == 1e-12  # an all-zero token
-        if act_quant == "int8":  # the codes' sum of every 64 columns, for the kernel's -8 term
+        if kind == "int":  # the codes' sum of every 64 columns, for the kernel's -8 term
             assert torch.equal(sums, q_ref.reshape(6, 65, 64).sum(-1).int())
         else:
             assert sums is None
@@ -89,7 +93,7 @@ def test_a_precision_not_yet_checked_on_a_gpu_is_not_planned_there(monkeypatch):
 
     monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8",))
     int8 = ct.LayerShape(4096, 4096, 128, 0, (), torch.bfloat16, act_quant="int8")
-    with pytest.raises(ct.NoKernel, match="int8 W4A8 kernel has not been checked on a GPU"):
+    with pytest.raises(ct.NoKernel, match="int8 activation codes on the W4A8 kernels have not been checked on a GPU"):
         ct.plan(int8, 256, ct.Device.named("NVIDIA H100 80GB HBM3"))
 
 
@@ -159,6 +163,31 @@ def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_ca
         assert got == want if isinstance(want, tuple) else (not got[0] and want in got[1]), (name, disabled, got)
 
 
+def test_the_plugin_keeps_w4a4_on_the_torch_path_until_its_codes_are_checked_on_a_gpu(monkeypatch):
+    """W4A4 (4-bit codes, online Hadamard) goes to the INT8 kernels as "int4" codes; until a GPU check lists
+    int4 in CHECKED_ON_GPU the Triton kernel refuses it with that reason, and after it, takes it. A ResQ
+    subspace has no CUDA kernel either way."""
+    from csrc_triton.kernels import w4a8
+    from csrc_triton.kernels.base import Device
+    from vllm_twinquant.kernels import TritonTwinQuantKernel, TwinQuantLayerConfig
+
+    c = TwinQuantLayerConfig(in_features=14336, slot_sizes=(4096,), rank=64, group_size=128,
+                             act_dtype=torch.bfloat16, activation_bits=4, activation_clip=0.9, online_hadamard=2048)
+    assert c.act_quant == "int4"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "")
+    monkeypatch.setattr(Device, "of", staticmethod(lambda d: Device.named("NVIDIA H100 80GB HBM3", (9, 0))))
+    ok, why = TritonTwinQuantKernel.can_implement(c)
+    assert not ok and "int4" in why and "not been checked on a GPU" in why
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", (*w4a8.CHECKED_ON_GPU, "int4"))
+    assert TritonTwinQuantKernel.can_implement(c) == (True, None)
+    sub = TwinQuantLayerConfig(in_features=4096, slot_sizes=(4096,), rank=64, group_size=128,
+                               act_dtype=torch.bfloat16, activation_bits=4, activation_subspace=64)
+    ok, why = TritonTwinQuantKernel.can_implement(sub)
+    assert not ok and "subspace" in why
+
+
 # -- w4a8_rs: W4A8-INT8 on Hopper (Gluon; no interpreter: its arithmetic is emulated here, its layout
 # claims and instructions are checked by compiling for sm_90)
 def test_w4a8_rs_fragment_bytes_are_16q_of_the_columns_perm_columns_names():
@@ -192,7 +221,7 @@ def test_quantize_rows_in_mma_order_gives_the_format_codes_permuted():
     q_ref, s_ref = per_token_codes(x, 8, "int")
     assert sums is None and torch.equal(s, s_ref[:, 0])
     assert torch.equal(q.float(), q_ref[:, perm_columns(576)])
-    with pytest.raises(ValueError, match="mma_order takes INT8"):
+    with pytest.raises(ValueError, match="mma_order takes integer codes"):
         quantize_rows(x, "fp8", 64, mma_order=True)
 
 
@@ -246,6 +275,7 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     import json
 
     from csrc_triton.dispatch import load_tables, table_file
+    from csrc_triton.kernels import w4a8
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
 
     h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
@@ -261,6 +291,11 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     assert [ct.plan(int8, m, h100, tables).kernel for m in (64, 65, 8192)] == ["w4a8", "w4a8_rs", "w4a8_rs"]
     assert ct.plan(int8, 2**31 // 4096, h100, tables).kernel == "w4a8"  # past its int32 offsets
     assert ct.plan(int8, 8192, h100, tables).config == W4a8RsConfig(64, 8, 4)
+    int4 = dataclasses.replace(int8, act_quant="int4")  # W4A4's codes: the INT8 rows and kernels, once checked
+    with pytest.raises(ct.NoKernel, match="int4 activation codes on the W4A8 kernels have not been checked"):
+        ct.plan(int4, 65, h100, tables)
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", (*w4a8.CHECKED_ON_GPU, "int4"))
+    assert [ct.plan(int4, m, h100, tables).kernel for m in (64, 65, 8192)] == ["w4a8", "w4a8_rs", "w4a8_rs"]
     narrow = ct.LayerShape(960, 576, 64, 16, (576, 768), torch.bfloat16, act_quant="int8")  # 64-row slots
     assert ct.plan(narrow, 8192, h100, tables).config == W4a8RsConfig(64, 4, 4)
     fp8 = ct.LayerShape(6144, 4096, 128, 64, (), torch.bfloat16, act_quant="fp8")

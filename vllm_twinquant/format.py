@@ -399,7 +399,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return (h / n**0.5).to(dtype=dtype, device=device)
 
 
-def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def apply_online_hadamard(x: torch.Tensor, block: int | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
     """x @ blockdiag(H_b, ..., H_b) over the last dimension, b = `block` or, by default,
     hadamard_block_size(K) (the block is always that of the layer's full in_features: a
     tensor-parallel shard of the input must hold whole blocks). Orthogonal and symmetric, so a
@@ -409,7 +409,7 @@ def apply_online_hadamard(x: torch.Tensor, block: int | None = None) -> torch.Te
     if k % b:
         raise ValueError(f"online Hadamard block {b} does not divide {k} input columns")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = hadamard_matrix(b, work, x.device)
+    h = hadamard_matrix(b, work, x.device) if h is None else h.to(work)  # h: this H_b, made once by a caller
     return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
 
 

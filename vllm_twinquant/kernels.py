@@ -52,8 +52,8 @@ class TwinQuantLayerConfig:
 
     @property
     def act_quant(self) -> str:
-        """The CUDA kernels' name for the residual input's precision: "none", "fp8" or "int8"
-        (other precisions have no CUDA kernel)."""
+        """The CUDA kernels' name for the residual input's precision: "none", "fp8", "int8", or "int4"
+        (W4A4's codes, on the INT8 kernels; other precisions have no CUDA kernel)."""
         if self.activation_bits == 16:
             return "none"
         return {(8, "float"): "fp8", (8, "int"): "int8"}.get((self.activation_bits, self.activation_type),
@@ -261,8 +261,10 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, "needs CUDA"
         if c.act_dtype not in (torch.float16, torch.bfloat16):
             return False, f"activations in {c.act_dtype}; the kernels take fp16/bf16"
-        if c.act_quant not in ("none", "fp8", "int8") or c.online_hadamard or c.activation_subspace:
-            return False, "W4A4 (activation_bits 4, online Hadamard) has no CUDA kernel yet"
+        if c.act_quant not in ("none", "fp8", "int8", "int4"):
+            return False, f"activations {c.activation_bits}-bit {c.activation_type}: no CUDA kernel"
+        if c.activation_subspace:
+            return False, "W4A4 with an activation subspace (ResQ's 8-bit channels) has no CUDA kernel yet"
         if c.act_quant != "none":  # W4A8: the plan's own kernel decides (device, precision, switches)
             from csrc_triton import Device
             from csrc_triton.dispatch import kernels
@@ -288,6 +290,10 @@ class TritonTwinQuantKernel(TwinQuantKernel):
 
         # once, losslessly: the column order the kernels read (csrc_triton.layout.repack)
         layer.weight_packed.data = csrc_triton.repack(layer.weight_packed.data, self.config.group_size)
+        if self.config.online_hadamard:  # W4A4 before o_proj/down_proj: H_b made once, applied as the torch path does
+            layer.online_hadamard = torch.nn.Parameter(
+                fmt.hadamard_matrix(self.config.online_hadamard, torch.float32, layer.weight_packed.device),
+                requires_grad=False)
         device = csrc_triton.Device.of(layer.weight_packed.device)
         shape = self.shape()
         # the split-K scratch of the Gluon kernels, allocated now rather than during a CUDA-graph
@@ -301,13 +307,15 @@ class TritonTwinQuantKernel(TwinQuantKernel):
     def apply(self, layer, x, bias):
         c = self.config
         shape = x.shape
+        if c.online_hadamard:
+            x = fmt.apply_online_hadamard(x, c.online_hadamard, layer.online_hadamard)
         x2 = x.reshape(-1, shape[-1]).contiguous()
         down = layer.lowrank_down if c.rank else None
         up = layer.lowrank_up if c.rank else None
         ds, us = _factor_scales(layer, c)
         y = torch.ops.twinquant.linear(
             x2, layer.weight_packed, layer.weight_scale, down, up, bias, c.group_size, list(c.slot_bounds), ds, us,
-            c.act_quant,
+            c.act_quant, c.activation_clip,
         )
         return y.reshape(*shape[:-1], c.out_features)
 
@@ -366,15 +374,16 @@ def _register_custom_op() -> None:
         down_scale: torch.Tensor | None = None,
         up_scale: torch.Tensor | None = None,
         act_quant: str = "none",
+        act_clip: float = 1.0,
     ) -> torch.Tensor:
         from csrc_triton import linear as tq_linear
 
         return tq_linear(x, qweight, scales, group_size, down, up, bias, tuple(slot_bounds),
-                         down_scale=down_scale, up_scale=up_scale, act_quant=act_quant)
+                         down_scale=down_scale, up_scale=up_scale, act_quant=act_quant, act_clip=act_clip)
 
     @linear.register_fake
     def _(x, qweight, scales, down, up, bias, group_size, slot_bounds, down_scale=None, up_scale=None,
-          act_quant="none"):
+          act_quant="none", act_clip=1.0):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
 

@@ -28,7 +28,7 @@ class LayerShape:
     slot_bounds: tuple[int, ...] = ()  # first output row of slots 1 and 2 of a merged layer
     dtype: torch.dtype = torch.bfloat16  # activations
     int8_factors: bool = False
-    act_quant: str = "none"  # the residual product's input: "none" (W4A16), "fp8" or "int8" (W4A8)
+    act_quant: str = "none"  # the residual product's input: "none" (W4A16), "fp8"/"int8" (W4A8), "int4" (W4A4)
 
     @property
     def max_block_n(self) -> int:
@@ -97,6 +97,7 @@ class Launch:
     pdl: bool
     make_t: Callable[[], tuple[torch.Tensor | None, int]]
     act_quant: str = "none"  # LayerShape.act_quant
+    act_clip: float = 1.0  # int4 codes: the per-token scale is act_clip * max|x| / 7 (format.per_token_codes)
 
     @property
     def m(self) -> int:

@@ -30,14 +30,21 @@ from csrc_triton.kernels.base import Kernel, Launch, LayerShape
 from csrc_triton.layout import chunk_words, next_pow2
 from csrc_triton.triton_common import INTERPRETED, dot_acc, operand, pdl_wait, slot_of, tile_of
 
-ACT_QUANTS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
-MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0)}
+# the residual product's input precision -> its codes' storage; "int4" (W4A4): codes within +-7, exact in int8, on
+# the INT8 kernels (their tables' rows are int8's: the same instructions)
+ACT_QUANTS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8}
+MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0), "int4": (8, 0)}
+CODE_MAX = {"int8": 127.0, "int4": 7.0}  # symmetric integer codes: format.per_token_codes's qmax
 # Activation precisions whose kernel has been compiled and checked on a GPU (benchmarks/kernels/run_w4a8.sh);
 # the others run in the interpreter and compile for sm_90 here, but are not planned on a GPU.
 CHECKED_ON_GPU = ("fp8", "int8")
 FP8_E4M3_MAX = 448.0
-INT8_MAX = 127.0
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + M - M rounds |x| < 2^22 to the nearest integer, ties to even
+
+
+def table_key(act_quant: str) -> str:
+    """The launch-table rows a precision's layers use: int4 codes run int8's instructions."""
+    return "int8" if act_quant == "int4" else act_quant
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def device_supports(act_quant: str, capability: tuple[int, int] | None) -> tuple
         return False, f"activations {act_quant!r}: the W4A8 kernel takes {sorted(ACT_QUANTS)}"
     need = MIN_CAPABILITY[act_quant]
     if act_quant not in CHECKED_ON_GPU:
-        return False, f"the {act_quant} W4A8 kernel has not been checked on a GPU yet"
+        return False, f"{act_quant} activation codes on the W4A8 kernels have not been checked on a GPU yet"
     if capability is None or tuple(capability) < need:
         cap = "no GPU" if capability is None else f"sm_{capability[0]}{capability[1]}"
         return False, (f"{act_quant} activations need {act_quant.upper()} tensor cores (sm_{need[0]}{need[1]}+); "
@@ -80,10 +87,10 @@ def _e4m3_grid(v):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_qm, stride_sm,
-                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, XSUM: tl.constexpr,
-                          MMA_ORDER: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
+                          XSUM: tl.constexpr, MMA_ORDER: tl.constexpr):
     """One token per program, its whole row at once (BLOCK_K >= K), given its scale s (xs_ptr):
-    codes e4m3(x / s) or round_half_even(x / s) clamped to +-127, the division correctly rounded
+    codes e4m3(x / s) or round_half_even(x / s) clamped to +-QMAX, the division correctly rounded
     (format.per_token_codes); XSUM (INT8): also the sum of the codes of every GROUP columns (xsum,
     int32), for the kernel's -8 term. MMA_ORDER: the codes stored in the column order of w4a8_rs
     (`w4a8_rs.perm_columns`: column 16 i + 8 b + 2 t + h of a 64-column chunk at 32 b + 16 h + 4 t + i)."""
@@ -96,7 +103,7 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_
     if FP8:
         q = _e4m3_grid(v).to(tl.float8e4nv)
     else:
-        v = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0)
+        v = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -QMAX), QMAX)
         q = v.to(tl.int8)
         if XSUM:
             sums = tl.sum(tl.reshape(v.to(tl.int32), (BLOCK_K // GROUP, GROUP)), axis=1)
@@ -109,22 +116,29 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_
     tl.store(xq_ptr + row * stride_qm + dest, q, mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128, mma_order: bool = False):
-    """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] e4m3 or int8, scales [M] fp32, and for INT8 the
-    codes' sums over every group_size columns [M, K / group_size] int32, else None). mma_order
-    (INT8): the codes in w4a8_rs's column order (`w4a8_rs.perm_columns`), without the sums."""
+def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128, mma_order: bool = False,
+                  clip_ratio: float = 1.0):
+    """x [M, K] (fp16/bf16/fp32) -> (codes [M, K] e4m3 or int8, scales [M] fp32, and for integer codes
+    the codes' sums over every group_size columns [M, K / group_size] int32, else None), as
+    format.per_token_codes: "int4" codes within +-7 at scale clip_ratio * max|x| / 7 (W4A4). mma_order
+    (integer codes): in w4a8_rs's column order (`w4a8_rs.perm_columns`), without the sums."""
     m, k = x.shape
-    if mma_order and (act_quant != "int8" or k % 64):
-        raise ValueError(f"mma_order takes INT8 codes of rows a multiple of 64 wide (got {act_quant}, K = {k})")
-    xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
     fp8 = act_quant == "fp8"
+    if mma_order and (fp8 or k % 64):
+        raise ValueError(f"mma_order takes integer codes of rows a multiple of 64 wide (got {act_quant}, K = {k})")
+    if clip_ratio != 1.0 and act_quant != "int4":
+        raise ValueError(f"clip_ratio {clip_ratio} clips 4-bit activation codes only (got {act_quant})")
+    xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
     # the scale as format.per_token_codes computes it (max|x| is exact in x's dtype)
-    xs = (torch.amax(x.abs(), dim=-1).float() / (FP8_E4M3_MAX if fp8 else INT8_MAX)).clamp_min_(1e-12)
+    qmax = FP8_E4M3_MAX if fp8 else CODE_MAX[act_quant]
+    amax = torch.amax(x.abs(), dim=-1).float()
+    xs = ((amax * clip_ratio if clip_ratio != 1.0 else amax) / qmax).clamp_min_(1e-12)
     xsum = None if fp8 or mma_order else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
     bk = max(group_size, next_pow2(k))
     _quantize_rows_kernel[(m,)](x, xq, xs, xs if xsum is None else xsum, k, x.stride(0), xq.stride(0),
                                 0 if xsum is None else xsum.stride(0), BLOCK_K=bk, GROUP=group_size, FP8=fp8,
-                                XSUM=xsum is not None, MMA_ORDER=mma_order, num_warps=max(4, min(16, bk // 1024)))
+                                QMAX=0.0 if fp8 else qmax, XSUM=xsum is not None, MMA_ORDER=mma_order,
+                                num_warps=max(4, min(16, bk // 1024)))
     return xq, xs, xsum
 
 
@@ -239,7 +253,8 @@ def _w4a8_kernel(
 
 
 class W4a8Kernel(Kernel):
-    """The W4A8 product for layers with 8-bit activations (`LayerShape.act_quant` fp8/int8)."""
+    """The W4A8 product for layers with 8-bit activation codes (`LayerShape.act_quant` fp8/int8, and int4:
+    W4A4's codes)."""
 
     name = "w4a8"
 
@@ -258,7 +273,7 @@ class W4a8Kernel(Kernel):
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8Config | None:
-        return tables.w4a8[shape.act_quant].lookup(m, shape.n, shape.k)
+        return tables.w4a8[table_key(shape.act_quant)].lookup(m, shape.n, shape.k)
 
     def launch(self, a: Launch, cfg: W4a8Config) -> None:
         m, n, k, group = a.m, a.n, a.k, a.group_size
@@ -269,7 +284,7 @@ class W4a8Kernel(Kernel):
         if group % bk or bk % (8 * chunk_words(group)) or bk < 32:
             raise ValueError(f"block_k {bk} must divide the group size {group}, span whole "
                              f"{8 * chunk_words(group)}-column chunks and be at least 32 (the 8-bit MMA's K)")
-        xq, xs, xsum = quantize_rows(a.x, a.act_quant, group)
+        xq, xs, xsum = quantize_rows(a.x, a.act_quant, group, clip_ratio=a.act_clip)
         qw = codes_to_8bit(a.qweight, group, a.act_quant) if cfg.dense else a.qweight
         k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), group) * group
         split = triton.cdiv(k, k_per_split)

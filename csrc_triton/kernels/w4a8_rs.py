@@ -310,7 +310,7 @@ def constexprs(cfg: W4a8RsConfig, group_size: int, rank: int, int8_factors: bool
 
 
 class W4a8RsKernel(Kernel):
-    """W4A8 layers with INT8 activations on Hopper (`LayerShape.act_quant` int8)."""
+    """Layers with integer activation codes on Hopper (`LayerShape.act_quant` int8, or int4: W4A4's codes)."""
 
     name = "w4a8_rs"
 
@@ -318,8 +318,8 @@ class W4a8RsKernel(Kernel):
         why = self.disabled()
         if why:
             return False, why
-        if shape.act_quant != "int8":
-            return False, "the layer's activations are not INT8"
+        if shape.act_quant not in ("int8", "int4"):
+            return False, "the layer's activation codes are not integers (INT8, or W4A4's 4-bit codes)"
         why = hopper_refusal(shape, device, MEASURED_TRITON)
         if why:
             return False, why
@@ -342,7 +342,7 @@ class W4a8RsKernel(Kernel):
 
         m, n, k, group = a.m, a.n, a.k, a.group_size
         launch_check(m, n, k, group, cfg)
-        xq, xs, _ = quantize_rows(a.x, "int8", group, mma_order=True)
+        xq, xs, _ = quantize_rows(a.x, a.act_quant, group, mma_order=True, clip_ratio=a.act_clip)
         ws, num_splits = a.make_t()
         _, _, sc, up, us, ws_arg, bias = a.operands(ws)
         bn = 16 * cfg.warps
