@@ -314,7 +314,13 @@ def test_a_checkpoint_is_redeclared_by_its_config_alone_and_only_to_declarations
     assert json.loads((d / "config.json").read_text())["quantization_config"]["recipe"].endswith("+declared-a8-float")
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "config.json"} == files
     before = (d / "config.json").read_text()
-    for bits, kind in [(6, "int"), (4, "float"), (8, "bf16")]:
+    for bits, kind, fields in [(6, "int", {}), (4, "float", {}), (8, "bf16", {}),
+                               (8, "int", {"activation_clip_ratio": 0.9}),  # clipping is 4-bit only
+                               (4, "int", {"group_size": 64})]:  # not an activation field
         with pytest.raises(fmt.TwinQuantFormatError):
-            fmt.declare_activations(str(d), bits, kind)
+            fmt.declare_activations(str(d), bits, kind, **fields)
     assert (d / "config.json").read_text() == before  # a refused declaration leaves the file as it was
+    fmt.declare_activations(str(d), 4, "int", activation_clip_ratio=0.9, online_hadamard=["o_proj", "down_proj"])
+    spec = fmt.load_spec(str(d))
+    assert (spec.activation_bits, spec.activation_clip_ratio) == (4, 0.9)
+    assert spec.has_online_hadamard("model.layers.0.mlp.down_proj") and not spec.has_online_hadamard("q_proj")

@@ -6,6 +6,9 @@ the GPU in benchmarks/kernels/bench_kernels.py. The kernels read the codes after
 (the layout the plugin builds at load); the reference reads the checkpoint layout. (The Gluon
 kernels have no interpreter: tests/test_kernels_sm90.py compiles them.)"""
 
+import dataclasses
+import os
+
 import pytest
 import torch
 from conftest import kernel_layer, kernel_reference
@@ -14,6 +17,8 @@ import csrc_triton as ct
 from csrc_triton.kernels.gemv import GemvConfig as Gemv
 from csrc_triton.kernels.tile import TileConfig as Tile
 from vllm_twinquant.format import pack_codes, reference_linear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = [  # M, N, K, group, rank, slot bounds, dtype, bias
     (1, 64, 128, 32, 0, (), torch.bfloat16, False),  # decode kernel, rank 0
@@ -272,3 +277,42 @@ def test_int8_lowrank_factors_match_float64(m, n, k, g, r, bounds, cfg):
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
     with pytest.raises(ValueError, match="int8 factors need a up_scale"):
         ct.gemm(x, ct.repack(qw, g), sc, g, qd, qu, slot_bounds=bounds, down_scale=ds)
+
+
+def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_kernel_does(monkeypatch):
+    """W4A4 on the CUDA path: the online Hadamard transform in apply(), then the layer's 4-bit codes ("int4",
+    clipped) on the INT8 kernel through torch.ops.twinquant.linear; against TorchTwinQuantKernel, the path
+    that simulates W4A4 (interpreter, enough tokens for the W4A8 kernel's rows), and against the float32
+    reference module of the GPU plugin check (benchmarks/e2e/cuda_plugin_check.py), which must agree too."""
+    import sys
+
+    from vllm_twinquant import format as fmt
+    from vllm_twinquant import kernels as K
+
+    qw, sc, down, up = kernel_layer(192, 576, 64, 8, 1, torch.bfloat16, seed=5)
+    c = K.TwinQuantLayerConfig(in_features=576, slot_sizes=(192,), rank=8, group_size=64, act_dtype=torch.bfloat16,
+                               activation_bits=4, activation_clip=0.9, online_hadamard=fmt.hadamard_block_size(576))
+    assert c.act_quant == "int4" and c.online_hadamard == 64
+    layer = torch.nn.Module()
+    for name, t in (("weight_packed", qw), ("weight_scale", sc), ("lowrank_down", down), ("lowrank_up", up)):
+        setattr(layer, name, torch.nn.Parameter(t.clone(), requires_grad=False))
+    x = (torch.randn(2, 40, 576) * torch.rand(2, 40, 1) * 3).to(torch.bfloat16)
+    ref = K.TorchTwinQuantKernel(c).apply(layer, x, None).double()
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    from cuda_plugin_check import ActivationCodesReference
+
+    module = ActivationCodesReference(up.float() @ down.float(), fmt.dequantize_residual(qw, sc, 64), None, 4, "int",
+                                      0.9, 64)
+    mod = module(x).double()  # in x's dtype, as the check's bf16 twin runs it (in float32 codes flip elsewhere)
+    assert ((mod - ref).norm() / ref.norm()).item() <= 1e-2
+    # the same layer without the 4-bit codes (W4A16 on the rotated x), to show they are in the kernel's output
+    w16 = K.TorchTwinQuantKernel(dataclasses.replace(c, activation_bits=16, activation_clip=1.0)).apply(
+        layer, x, None).double()
+    tk = object.__new__(K.TritonTwinQuantKernel)
+    tk.config = c
+    tk.process_weights_after_loading(layer)
+    y = tk.apply(layer, x, None)
+    assert y.shape == (2, 40, 192)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, err
+    assert (y.double() - ref).norm() < (w16 - ref).norm()

@@ -521,18 +521,25 @@ def load_spec(model_dir: str) -> TwinQuantSpec:
     return TwinQuantSpec.from_dict(qc)
 
 
-def declare_activations(model_dir: str, bits: int, kind: str = "int") -> None:
-    """Re-declare a checkpoint's residual-product input (`activation_bits` / `activation_type`) by editing its
-    config.json alone: the codes and factors serve every declaration. The recipe name records the change.
-    Raises TwinQuantFormatError for a declaration the format does not have."""
+def declare_activations(model_dir: str, bits: int, kind: str = "int", **fields) -> None:
+    """Re-declare a checkpoint's residual-product input (`activation_bits` / `activation_type`, and any other
+    activation field of TwinQuantSpec in `fields`, e.g. activation_clip_ratio) by editing its config.json alone:
+    the codes and factors serve every 8- and 16-bit declaration (a 4-bit one whose `online_hadamard` layers
+    were not quantized rotated computes another function: fit for kernel checks, not for serving). The recipe
+    name records the change. Raises TwinQuantFormatError for a declaration the format does not have."""
     cfg_path = os.path.join(model_dir, "config.json")
     load_spec(model_dir)  # a TwinQuant checkpoint to begin with
+    unknown = sorted(set(fields) - {f for f in TwinQuantSpec.__dataclass_fields__ if "activation" in f or
+                                    f == "online_hadamard"})
+    if unknown:
+        raise TwinQuantFormatError(f"declare_activations: {unknown} are not activation fields of the format")
     with open(cfg_path) as f:
         cfg = json.load(f)
     q = cfg["quantization_config"]
-    TwinQuantSpec.from_dict({**q, "activation_bits": bits, "activation_type": kind})
-    if (q.get("activation_bits", 16), q.get("activation_type", "int")) != (bits, kind):
-        q.update(activation_bits=bits, activation_type=kind, recipe=f"{q.get('recipe')}+declared-a{bits}-{kind}")
+    new = {"activation_bits": bits, "activation_type": kind, **fields}
+    TwinQuantSpec.from_dict({**q, **new})
+    if any(q.get(k, getattr(TwinQuantSpec, k, None)) != v for k, v in new.items()):
+        q.update(new, recipe=f"{q.get('recipe')}+declared-a{bits}-{kind}")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
 
