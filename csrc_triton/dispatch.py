@@ -135,6 +135,10 @@ class Tables:
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
+    gemv_t_splits: list[tuple[int | None, int]]  # (K up to this, or any: K-slices of t for gemv with PDL)
+
+    def gemv_t_splits_for(self, k: int) -> int:
+        return next(splits for max_k, splits in self.gemv_t_splits if max_k is None or k <= max_k)
 
     def large_m_threshold(self, n: int, k: int) -> int:
         return next(thr for size, thr in self.large_m if size is None or n * k < size)
@@ -172,6 +176,7 @@ def load_tables(path: str) -> Tables:
         w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig), w4a8_rs=_rules(d["w4a8_rs_int8"], W4a8RsConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
+        gemv_t_splits=[(r["max_k"], r["splits"]) for r in d["gemv_t_splits"]],
     )
 
 
@@ -246,10 +251,10 @@ def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables
     if name in ("w4a8", "w4a8_rs"):  # launched after quantize_rows, without PDL
         return KernelPlan(name, config, LowrankPlan(None, m > 16), 0)
     trigger = pdl_trigger(tables, m, shape.n, shape.k, shape.rank) if pdl_usable(device) else 0
-    # The gemv kernel takes t in 8 K-slices with PDL (fewer partial slices in its epilogue, and the
-    # longer down projection runs under its loop); the tensor-core kernels from 17 tokens on and
+    # The gemv kernel takes t in the table's K-slices with PDL (fewer partial slices in its epilogue, and
+    # the longer down projection runs under its loop); the tensor-core kernels from 17 tokens on and
     # mma_decode (one finishing program per column tile) read one reduced slice.
-    splits = 8 if trigger and name == "gemv" else None
+    splits = tables.gemv_t_splits_for(shape.k) if trigger and name == "gemv" else None
     reduce = name == "mma_decode" or (name in ("tile", "wgmma_rs") and m > 16)
     return KernelPlan(name, config, LowrankPlan(splits, reduce), trigger)
 

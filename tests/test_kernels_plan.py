@@ -2,6 +2,7 @@
 kernel that can run it with a config that fits the layer, the tables are data, switches remove
 kernels, a device without a table gets the nearest one, and what runs where can be printed."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -103,6 +104,9 @@ def test_the_low_rank_launch_follows_the_kernel():
         assert p.lowrank.splits == (8 if p.kernel == "gemv" and p.pdl_trigger else None)
     assert all(plan(shape, m, DEVICES["cpu-interpreter"]).pdl_trigger == 0 for m in MS)
     tables = tables_for(H100.name, H100.capability)
+    # gemv's K-slices are the table's (by K): another table, another launch
+    rows = dataclasses.replace(tables, gemv_t_splits=[(8192, 32), (None, 16)])
+    assert [plan(LayerShape(4096, k, 128, 64), 1, H100, rows).lowrank.splits for k in (4096, 14336)] == [32, 16]
     off = tables.pdl_off[0]
     gate_up = LayerShape(28672, 4096, 128, 64)
     assert off["min_m"] <= 4 <= off["max_m"] and plan(gate_up, 4, H100).pdl_trigger == 0

@@ -155,3 +155,4 @@ def test_the_decode_breakdown_counts_kernels_launched_early_once_and_reports_the
     assert r["exclusive"]["lowrank_down"] == pytest.approx(2.0)  # alone from 2 to 4 us
     assert r["exclusive"]["twinquant_linear"] == pytest.approx(4.0)  # alone from 10 to 14 us
     assert sum(r["exclusive"].values()) < r["busy_us"] < sum(r["buckets"].values())
+    assert r["lowrank_down_by_kind"] == {"qkv_proj": 8.0} and r["after_down_by_kind"] == {"qkv_proj": 4.0}

@@ -68,7 +68,10 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
       exclusive: {bucket: busy_us minus the union without that bucket's kernels}, the time in which the GPU
         ran nothing else, what the step would lose if the bucket took no time and nothing else moved;
       twinquant_by_kind: {layer kind: its residual kernels' durations}, the kinds taken in block order
-        (a W4A8 layer's quantize_rows goes to the layer whose kernel follows it)."""
+        (a W4A8 layer's quantize_rows goes to the layer whose kernel follows it);
+      lowrank_down_by_kind: {layer kind: its down projections' durations}, and after_down_by_kind: {layer
+        kind: how long its residual kernels ran on after their down projection ended}: where the second is
+        short and the first long, the down projection, not the weights, sets the layer's time."""
     starts = [i for i, (n, _, _) in enumerate(kernels) if step_marker in n]
     if len(starts) < 2:
         raise ValueError(f"fewer than two kernels named like {step_marker!r}: no whole step to measure")
@@ -78,17 +81,24 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
         busy = _union((s, e) for _, s, e, _ in ks)
         buckets: dict[str, float] = {}
         kinds: dict[str, float] = {}
-        i = 0
+        down_kinds: dict[str, float] = {}
+        after: dict[str, float] = {}
+        i, t_end = 0, None  # t_end: when the latest down projection ended
         for n, s, e, bk in ks:
             buckets[bk] = buckets.get(bk, 0.0) + (e - s)
+            kind = KINDS[i % len(KINDS)]
+            if bk == "lowrank_down":
+                down_kinds[kind] = down_kinds.get(kind, 0.0) + (e - s)
+                t_end = e
             if bk == "twinquant_linear":
-                kind = KINDS[i % len(KINDS)]
                 kinds[kind] = kinds.get(kind, 0.0) + (e - s)
                 if "quantize_rows" not in n and "codes_to_8bit" not in n:
+                    after[kind] = after.get(kind, 0.0) + e - max(s, t_end if t_end is not None else s)
                     i += 1  # the layer's own kernel ends it
+                    t_end = None
         exclusive = {bk: busy - _union((s, e) for _, s, e, other in ks if other != bk) for bk in buckets}
         steps.append({"step_us": kernels[b][1] - ks[0][1], "busy_us": busy, "buckets": buckets,
-                      "exclusive": exclusive, "kinds": kinds})
+                      "exclusive": exclusive, "kinds": kinds, "down_kinds": down_kinds, "after": after})
 
     def med(key):
         return round(statistics.median(s[key] for s in steps), 2)
@@ -100,7 +110,8 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
     return {"steps": len(steps), "step_us": med("step_us"),
             "step_us_mean": round(statistics.fmean(s["step_us"] for s in steps), 2), "busy_us": med("busy_us"),
             "idle_us": round(statistics.median(s["step_us"] - s["busy_us"] for s in steps), 2),
-            "buckets": med_of("buckets"), "exclusive": med_of("exclusive"), "twinquant_by_kind": med_of("kinds")}
+            "buckets": med_of("buckets"), "exclusive": med_of("exclusive"), "twinquant_by_kind": med_of("kinds"),
+            "lowrank_down_by_kind": med_of("down_kinds"), "after_down_by_kind": med_of("after")}
 
 
 def profile_decode(model: str, quantization: str | None, steps: int, dtype: str) -> tuple[list, float]:
