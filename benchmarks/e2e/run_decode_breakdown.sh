@@ -3,7 +3,10 @@
 # Llama-3-8B-shaped checkpoints of e2e_h100.py, then decode_breakdown.py for each config, one engine per process.
 #   bash benchmarks/e2e/run_decode_breakdown.sh make                 # bf16 dense + TwinQuant rank 64 (and 0 with RANKS)
 #   bash benchmarks/e2e/run_decode_breakdown.sh profile CONFIG...    # bf16, fp8, tq_r<R>, tq_r<R>_a8
-# Results: $OUT/decode_breakdown_<config>.json (+ decode_kernels_<config>.json.gz, the raw kernel list).
+#   T_SPLITS='[[null, 32]]' bash ... profile tq_r64     # an A/B of the launch table's
+#       gemv_t_splits rows ([max K or null, K-slices of t]): a copy of the device's table with these rows, the
+#       results labelled <config>_tsplits-<slices...>
+# Results: $OUT/decode_breakdown_<label>.json (+ decode_kernels_<label>.json.gz, the raw kernel list).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .gpu-stage/remote.sh env
@@ -15,6 +18,28 @@ case "${1:-}" in
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks ${RANKS:-64} --out "$out" ;;
   profile)
     shift
+    suffix=""
+    if [ -n "${T_SPLITS:-}" ]; then  # the device's table with other gemv_t_splits rows, in a folder of its own
+      export TWINQUANT_CONFIG_DIR=$HOME/tables-tsplits
+      suffix=$(python3 - "$T_SPLITS" <<'PY'
+import json, os, sys
+
+import torch
+
+rows = json.loads(sys.argv[1])
+name = torch.cuda.get_device_name().replace(" ", "_") + ".json"
+src = os.path.join("csrc_triton", "configs", name)  # this checkout's table (the export points elsewhere)
+dst = os.path.join(os.environ["TWINQUANT_CONFIG_DIR"], name)
+os.makedirs(os.path.dirname(dst), exist_ok=True)
+with open(src) as f:
+    table = json.load(f)
+table["gemv_t_splits"] = [{"max_k": k, "splits": s} for k, s in rows]
+with open(dst, "w") as f:
+    json.dump(table, f, indent=1)
+print("_tsplits-" + "-".join(str(s) for _, s in rows))
+PY
+)
+    fi
     for cfg in "$@"; do
       case $cfg in
         bf16) args=(--model "$work/bf16") ;;
@@ -24,11 +49,12 @@ e.engine_args('$work', '$cfg')"; args=(--model "$work/$cfg" --quantization twinq
         tq_r*) args=(--model "$work/$cfg" --quantization twinquant) ;;
         *) echo "unknown config $cfg (bf16, fp8, tq_r<R>, tq_r<R>_a8)" >&2; exit 2 ;;
       esac
-      python3 benchmarks/e2e/decode_breakdown.py "${args[@]}" --label "$cfg" --out "$out" \
-        > "$out/decode_breakdown_$cfg.log" 2>&1 || { tail -25 "$out/decode_breakdown_$cfg.log"; continue; }
-      python3 -c "import json; r = json.load(open('$out/decode_breakdown_$cfg.json')); \
-print('$cfg', r['bs1_ms_per_token_profiled'], 'ms/token;', {k: v for k, v in r.items() if k.endswith('_us')}); \
-print(' ', r['buckets']); print(' ', r['twinquant_by_kind'])"
+      label=$cfg$suffix
+      python3 benchmarks/e2e/decode_breakdown.py "${args[@]}" --label "$label" --out "$out" \
+        > "$out/decode_breakdown_$label.log" 2>&1 || { tail -25 "$out/decode_breakdown_$label.log"; continue; }
+      python3 -c "import json; r = json.load(open('$out/decode_breakdown_$label.json')); \
+print('$label', r['bs1_ms_per_token_profiled'], 'ms/token;', {k: v for k, v in r.items() if k.endswith('_us')}); \
+print(' ', r['buckets']); print(' ', r['lowrank_down_by_kind'], r['after_down_by_kind'])"
     done ;;
   *) sed -n '2,6p' "$0"; exit 2 ;;
 esac
