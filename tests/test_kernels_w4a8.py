@@ -45,6 +45,11 @@ def test_w4a8_kernel_matches_float64_of_the_format_numerics(m, n, k, g, r, bound
     # and it is the 8-bit product: closer to its own reference than to the W4A16 product's
     w16 = kernel_reference(x, qw, sc, g, down, up, b, bounds, None)
     assert (out.double() - ref).norm() < (out.double() - w16).norm()
+    if act_quant != "fp8":  # the bias conversion of the group sums is exact: the same output, bit for bit
+        bias_cvt = torch.full((m, n), float("nan"), dtype=dtype)
+        ct.gemm(x, ct.repack(qw, g), sc, g, down, up, b, slot_bounds=bounds, out=bias_cvt, act_quant=act_quant,
+                config=dataclasses.replace(W4a8Config(*cfg), convert="bias"), act_clip=clip)
+        assert torch.equal(bias_cvt, out)
 
 
 @pytest.mark.parametrize("act_quant,clip", [("fp8", 1.0), ("int8", 1.0), ("int4", 1.0), ("int4", 0.8)])
@@ -228,8 +233,12 @@ def test_quantize_rows_in_mma_order_gives_the_format_codes_permuted():
 def test_w4a8_rs_bias_conversion_is_exact_for_every_sum_a_group_can_make():
     """convert="bias": int32 v read as the float whose bits are BIAS_BITS + v, minus BIAS_VALUE, is v exactly
     below BIAS_EXACT_BELOW, which bounds every group's sum (|16 q| <= 128, |xq| <= 127, 128 columns); past
-    it the bits leave the binade and the reading is wrong."""
+    it the bits leave the binade and the reading is wrong. (The Triton kernel's form is checked bit for bit
+    against its cvt form in the interpreter, above.)"""
+    from csrc_triton.kernels.w4a8 import ROUND_MAGIC, ROUND_MAGIC_BITS
     from csrc_triton.kernels.w4a8_rs import BIAS_BITS, BIAS_EXACT_BELOW, BIAS_VALUE
+
+    assert ROUND_MAGIC_BITS == torch.tensor(ROUND_MAGIC).view(torch.int32).item()  # the float's own bits
 
     def read(v):
         return (v + BIAS_BITS.value).view(torch.float32) - BIAS_VALUE.value

@@ -32,6 +32,7 @@ they were the fastest W4A8 kernel. M above the last swept one takes its choice.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -130,7 +131,10 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
             [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
              Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
-    return cublas + gluon + _triton_candidates(m)
+    triton_ = _triton_candidates(m)
+    if act_quant == "int8" and m <= 64:  # the group sums converted without I2F, beside each (w4a8.CONVERTS),
+        triton_ += [dataclasses.replace(c, convert="bias") for c in triton_]  # where the Gluon kernel trails
+    return cublas + gluon + triton_
 
 
 def _triton_candidates(m: int) -> list:

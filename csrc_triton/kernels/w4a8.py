@@ -40,6 +40,13 @@ CODE_MAX = {"int8": 127.0, "int4": 7.0}  # symmetric integer codes: format.per_t
 CHECKED_ON_GPU = ("fp8", "int8")
 FP8_E4M3_MAX = 448.0
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + M - M rounds |x| < 2^22 to the nearest integer, ties to even
+# M's bits: an int32 v with |v| <= 2^22 added to them reads as the float M + v exactly, so (v + bits) as float - M
+# converts v with an integer add and a float subtract instead of I2F ("bias" conversion; a group's sums are
+# below 2^22: 8 * 127 * 128 here, 128 * 127 * 128 in w4a8_rs)
+ROUND_MAGIC_BITS = 0x4B400000
+_MAGIC_BITS = tl.constexpr(ROUND_MAGIC_BITS)
+_MAGIC = tl.constexpr(ROUND_MAGIC)
+CONVERTS = ("cvt", "bias")  # int32 group sums -> fp32: cvt.rn.f32.s32, or the bias conversion above
 
 
 def table_key(act_quant: str) -> str:
@@ -56,6 +63,7 @@ class W4a8Config:
     split_k: int = 1
     block_k: int = 128  # columns unpacked per MMA: the group in pieces of this (capped at the group)
     dense: bool = False  # the codes first made 8-bit for the whole layer (a transient [N, K] copy), then read as is
+    convert: str = "cvt"  # integer codes: how a group's int32 sums become fp32 (CONVERTS)
 
 
 def device_supports(act_quant: str, capability: tuple[int, int] | None) -> tuple[bool, str | None]:
@@ -190,6 +198,7 @@ def _w4a8_kernel(
     HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    BIAS_CVT: tl.constexpr,
 ):
     """y[BM, BN] = s_x * sum over groups of s_w * (xq . (c - 8)) + t U^T + bias (module docstring).
     The words of a group are loaded once and their nibbles spread over the columns of their chunk
@@ -224,7 +233,10 @@ def _w4a8_kernel(
         if not FP8:
             part -= 8 * tl.load(xsum_ptr + offs_m * stride_sm + k0 // GROUP, mask=m_mask, other=0)[:, None]
         s = tl.load(sc_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-        acc += part.to(tl.float32) * s[None, :]
+        if BIAS_CVT and not FP8:
+            acc += ((part + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC) * s[None, :]
+        else:
+            acc += part.to(tl.float32) * s[None, :]
     acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
 
     if pid_k == 0:
@@ -280,6 +292,8 @@ class W4a8Kernel(Kernel):
         bn = min(cfg.block_n, a.max_block_n)  # a tile never straddles two slots
         if bn < 16:
             raise ValueError(f"slot bounds allow output tiles of {a.max_block_n} rows; the W4A8 kernel needs 16")
+        if cfg.convert not in CONVERTS:
+            raise ValueError(f"W4a8Config.convert {cfg.convert!r}: expected one of {CONVERTS}")
         bk = min(cfg.block_k, group)
         if group % bk or bk % (8 * chunk_words(group)) or bk < 32:
             raise ValueError(f"block_k {bk} must divide the group size {group}, span whole "
@@ -299,7 +313,7 @@ class W4a8Kernel(Kernel):
             FP8=a.act_quant == "fp8", DENSE=cfg.dense, HAS_LOWRANK=a.has_lr, HAS_US=a.has_us,
             HAS_BIAS=a.bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, UPCAST=INTERPRETED,
-            PDL=a.pdl, num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=a.pdl,
+            PDL=a.pdl, BIAS_CVT=cfg.convert == "bias", num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=a.pdl,
         )
         if split > 1:
             a.out.copy_(y)

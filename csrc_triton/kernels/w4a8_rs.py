@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from csrc_triton.gluon_common import cp_async, cta_barrier, hopper_refusal, lowrank_operands, register_smem_mma
 from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
+from csrc_triton.kernels.w4a8 import CONVERTS, ROUND_MAGIC, ROUND_MAGIC_BITS, quantize_rows
 from csrc_triton.layout import next_pow2
 
 MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
@@ -52,16 +53,15 @@ class W4a8RsConfig:
     warps: int  # 4 or 8 (one or two warpgroups): 16 * warps weight rows per program
     stages: int  # depth of the cp.async ring, >= 3
     overlap: bool = True  # two int32 accumulators, a group promoted beside the next one's wgmma (else after its own)
-    convert: str = "cvt"  # int32 -> fp32 of a group's sums: "cvt" (cvt.rn.f32.s32) or "bias" (BIAS_BITS, below)
+    convert: str = "cvt"  # int32 -> fp32 of a group's sums: "cvt" (cvt.rn.f32.s32) or "bias" (w4a8.CONVERTS)
 
 
-# |a group's sum| <= 128 (16 q) * 127 (xq) * 128 (columns) < 2^21: added to the bits of the float 1.5 * 2^23,
-# whose ulp is 1, such a sum reads as that float plus the sum exactly, so an integer add and one float subtract
-# convert it (two full-rate instructions where cvt.rn.f32.s32 issues on the slower conversion pipe)
-BIAS_BITS = gl.constexpr(0x4B400000)
-BIAS_VALUE = gl.constexpr(12582912.0)
+# |a group's sum| <= 128 (16 q) * 127 (xq) * 128 (columns) < 2^21: the "bias" conversion of w4a8.ROUND_MAGIC_BITS
+# (an integer add and one float subtract, two full-rate instructions where cvt.rn.f32.s32 issues on the slower
+# conversion pipe) is exact for it
+BIAS_BITS = gl.constexpr(ROUND_MAGIC_BITS)
+BIAS_VALUE = gl.constexpr(ROUND_MAGIC)
 BIAS_EXACT_BELOW = 2**22
-CONVERTS = ("cvt", "bias")
 
 
 def perm_columns(k: int) -> torch.Tensor:
@@ -338,8 +338,6 @@ class W4a8RsKernel(Kernel):
         return cfg
 
     def launch(self, a: Launch, cfg: W4a8RsConfig) -> None:
-        from csrc_triton.kernels.w4a8 import quantize_rows
-
         m, n, k, group = a.m, a.n, a.k, a.group_size
         launch_check(m, n, k, group, cfg)
         xq, xs, _ = quantize_rows(a.x, a.act_quant, group, mma_order=True, clip_ratio=a.act_clip)
