@@ -94,19 +94,22 @@ def _e4m3_grid(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_xm, stride_qm, stride_sm,
+def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, clip, stride_xm, stride_qm, stride_sm,
                           BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
                           XSUM: tl.constexpr, MMA_ORDER: tl.constexpr):
-    """One token per program, its whole row at once (BLOCK_K >= K), given its scale s (xs_ptr):
-    codes e4m3(x / s) or round_half_even(x / s) clamped to +-QMAX, the division correctly rounded
-    (format.per_token_codes); XSUM (INT8): also the sum of the codes of every GROUP columns (xsum,
-    int32), for the kernel's -8 term. MMA_ORDER: the codes stored in the column order of w4a8_rs
-    (`w4a8_rs.perm_columns`: column 16 i + 8 b + 2 t + h of a 64-column chunk at 32 b + 16 h + 4 t + i)."""
+    """One token per program, its whole row at once (BLOCK_K >= K): its scale s = max(clip * max|x| / QMAX,
+    1e-12) (xs_ptr; each operation rounded as format.per_token_codes's float32 ones), then codes e4m3(x / s)
+    or round_half_even(x / s) clamped to +-QMAX, the division correctly rounded; XSUM (integer codes): also
+    the sum of the codes of every GROUP columns (xsum, int32), for the kernel's -8 term. MMA_ORDER: the
+    codes stored in the column order of w4a8_rs (`w4a8_rs.perm_columns`: column 16 i + 8 b + 2 t + h of a
+    64-column chunk at 32 b + 16 h + 4 t + i)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(xs_ptr + row)
+    amax = tl.max(tl.abs(x), axis=0)  # exact (a maximum of values)
+    s = tl.maximum(tl.div_rn(amax * clip, QMAX), 1e-12)
+    tl.store(xs_ptr + row, s)
     v = tl.div_rn(x, tl.zeros_like(x) + s)
     if FP8:
         q = _e4m3_grid(v).to(tl.float8e4nv)
@@ -138,15 +141,14 @@ def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128, mma_or
         raise ValueError(f"clip_ratio {clip_ratio} clips 4-bit activation codes only (got {act_quant})")
     xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
     # the scale as format.per_token_codes computes it (max|x| is exact in x's dtype)
-    qmax = FP8_E4M3_MAX if fp8 else CODE_MAX[act_quant]
-    amax = torch.amax(x.abs(), dim=-1).float()
-    xs = ((amax * clip_ratio if clip_ratio != 1.0 else amax) / qmax).clamp_min_(1e-12)
+    # the scale as format.per_token_codes computes it, made in the kernel from the row it holds (one launch)
+    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
     xsum = None if fp8 or mma_order else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
     bk = max(group_size, next_pow2(k))
-    _quantize_rows_kernel[(m,)](x, xq, xs, xs if xsum is None else xsum, k, x.stride(0), xq.stride(0),
-                                0 if xsum is None else xsum.stride(0), BLOCK_K=bk, GROUP=group_size, FP8=fp8,
-                                QMAX=0.0 if fp8 else qmax, XSUM=xsum is not None, MMA_ORDER=mma_order,
-                                num_warps=max(4, min(16, bk // 1024)))
+    _quantize_rows_kernel[(m,)](x, xq, xs, xs if xsum is None else xsum, k, float(clip_ratio), x.stride(0),
+                                xq.stride(0), 0 if xsum is None else xsum.stride(0), BLOCK_K=bk, GROUP=group_size,
+                                FP8=fp8, QMAX=FP8_E4M3_MAX if fp8 else CODE_MAX[act_quant], XSUM=xsum is not None,
+                                MMA_ORDER=mma_order, num_warps=max(4, min(16, bk // 1024)))
     return xq, xs, xsum
 
 
