@@ -135,10 +135,11 @@ class Tables:
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
-    gemv_t_splits: list[tuple[int | None, int]]  # (K up to this, or any: K-slices of t for gemv with PDL)
+    gemv_t: list[tuple[int | None, int, int | None]]  # (K up to this, or any: t's K-slices and rows of D per
+    #                                                    program for gemv with PDL; None rows: lowrank_down's own)
 
-    def gemv_t_splits_for(self, k: int) -> int:
-        return next(splits for max_k, splits in self.gemv_t_splits if max_k is None or k <= max_k)
+    def gemv_t_for(self, k: int) -> tuple[int, int | None]:
+        return next((splits, block_r) for max_k, splits, block_r in self.gemv_t if max_k is None or k <= max_k)
 
     def large_m_threshold(self, n: int, k: int) -> int:
         return next(thr for size, thr in self.large_m if size is None or n * k < size)
@@ -176,7 +177,7 @@ def load_tables(path: str) -> Tables:
         w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig), w4a8_rs=_rules(d["w4a8_rs_int8"], W4a8RsConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
-        gemv_t_splits=[(r["max_k"], r["splits"]) for r in d["gemv_t_splits"]],
+        gemv_t=[(r["max_k"], r["splits"], r.get("block_r")) for r in d["gemv_t_splits"]],
     )
 
 
@@ -207,10 +208,12 @@ def tables_for(device_name: str, capability: tuple[int, int] | None) -> Tables:
 @dataclass(frozen=True)
 class LowrankPlan:
     """How t = x @ D^T is made: `splits` K-slices (None: as many as fill the GPU, up to 32), and
-    with `reduce` all added into one zeroed slice (fp32 atomics) so the residual kernel reads t once."""
+    with `reduce` all added into one zeroed slice (fp32 atomics) so the residual kernel reads t once;
+    `block_r` rows of D per program (None: up to 64)."""
 
     splits: int | None
     reduce: bool
+    block_r: int | None = None
 
 
 @dataclass(frozen=True)
@@ -254,9 +257,9 @@ def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables
     # The gemv kernel takes t in the table's K-slices with PDL (fewer partial slices in its epilogue, and
     # the longer down projection runs under its loop); the tensor-core kernels from 17 tokens on and
     # mma_decode (one finishing program per column tile) read one reduced slice.
-    splits = tables.gemv_t_splits_for(shape.k) if trigger and name == "gemv" else None
+    splits, block_r = tables.gemv_t_for(shape.k) if trigger and name == "gemv" else (None, None)
     reduce = name == "mma_decode" or (name in ("tile", "wgmma_rs") and m > 16)
-    return KernelPlan(name, config, LowrankPlan(splits, reduce), trigger)
+    return KernelPlan(name, config, LowrankPlan(splits, reduce, block_r), trigger)
 
 
 def plan(shape: LayerShape, m: int, device: Device, tables: Tables | None = None,

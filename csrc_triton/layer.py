@@ -107,7 +107,7 @@ def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_boun
         if up is None:
             return None, 0
         ws = lowrank_down(x, down, p.lowrank.splits, reduce=p.lowrank.reduce, down_scale=down_scale,
-                          trigger=p.pdl_trigger)
+                          trigger=p.pdl_trigger, block_r=p.lowrank.block_r)
         return ws, ws.shape[0]
 
     shape = LayerShape(n, x.shape[1], group_size, slot_bounds=slot_bounds)

@@ -221,17 +221,20 @@ def test_tile_kernel_variants(cfg, k, g):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
-@pytest.mark.parametrize("reduce", [False, True])
-def test_lowrank_down_workspace(reduce):
+@pytest.mark.parametrize("reduce,block_r", [(False, None), (True, None), (False, 16), (True, 32)])
+def test_lowrank_down_workspace(reduce, block_r):
     """x @ D^T from the split-K workspace: per-slice partial sums, or (reduce) one slice that
-    every K-slice adds into with fp32 atomics."""
+    every K-slice adds into with fp32 atomics; block_r rows of D per program (more programs) change
+    the launch, not the workspace."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(20, 640, generator=g).to(torch.bfloat16)
-    d = torch.randn(24, 640, generator=g).to(torch.bfloat16)
-    ws = ct.lowrank_down(x, d, num_splits=5, reduce=reduce)
-    assert ws.shape[0] == (1 if reduce else 5)
+    d = torch.randn(72, 640, generator=g).to(torch.bfloat16)  # 72 rows: a partial last block at any block_r
+    ws = ct.lowrank_down(x, d, num_splits=5, reduce=reduce, block_r=block_r)
+    assert ws.shape == (1 if reduce else 5, 20, 72)
     ref = x.double() @ d.double().T
     assert ((ws.sum(0).double() - ref).norm() / ref.norm()).item() <= 1e-5
+    with pytest.raises(ValueError, match="block_r 8"):
+        ct.lowrank_down(x, d, num_splits=5, block_r=8)
 
 
 def _int8_factor(rows, cols, gen):

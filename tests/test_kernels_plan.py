@@ -105,8 +105,9 @@ def test_the_low_rank_launch_follows_the_kernel():
     assert all(plan(shape, m, DEVICES["cpu-interpreter"]).pdl_trigger == 0 for m in MS)
     tables = tables_for(H100.name, H100.capability)
     # gemv's K-slices are the table's (by K): another table, another launch
-    rows = dataclasses.replace(tables, gemv_t_splits=[(8192, 32), (None, 16)])
-    assert [plan(LayerShape(4096, k, 128, 64), 1, H100, rows).lowrank.splits for k in (4096, 14336)] == [32, 16]
+    rows = dataclasses.replace(tables, gemv_t=[(8192, 32, 16), (None, 16, None)])
+    assert [dataclasses.astuple(plan(LayerShape(4096, k, 128, 64), 1, H100, rows).lowrank)
+            for k in (4096, 14336)] == [(32, False, 16), (16, False, None)]
     off = tables.pdl_off[0]
     gate_up = LayerShape(28672, 4096, 128, 64)
     assert off["min_m"] <= 4 <= off["max_m"] and plan(gate_up, 4, H100).pdl_trigger == 0

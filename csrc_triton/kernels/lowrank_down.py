@@ -63,7 +63,8 @@ def _lowrank_down_kernel(
 
 
 def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = None,
-                 reduce: bool = False, down_scale: torch.Tensor | None = None, trigger: int = 0) -> torch.Tensor:
+                 reduce: bool = False, down_scale: torch.Tensor | None = None, trigger: int = 0,
+                 block_r: int | None = None) -> torch.Tensor:
     """Workspace [S, M, RT] fp32 whose sum over S is x @ down^T (int8 `down`: x @ (down *
     down_scale[:, None])^T, down_scale fp32 [RT]). With `reduce` the K-slices add
     into one zeroed slice (S = 1, fp32 atomics): every output tile of the main kernel then
@@ -71,11 +72,14 @@ def lowrank_down(x: torch.Tensor, down: torch.Tensor, num_splits: int | None = N
     (one extra memset launch, so decode keeps the per-slice workspace). `trigger` (1 or 2): the
     next launch, the residual kernel, is launched with PDL (`pdl_usable`), may start once this
     kernel's programs have all started (1) or finished their loads (2), and waits for t itself
-    (`csrc_triton.dispatch.pdl_trigger`)."""
+    (`csrc_triton.dispatch.pdl_trigger`). block_r: rows of D per program (16..64, a power of two; default
+    up to 64): fewer rows give more programs, each reading fewer bytes, with the same workspace."""
     m, k = x.shape
     rt = down.shape[0]
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    br = min(64, max(16, next_pow2(rt)))
+    br = min(64, max(16, next_pow2(rt))) if block_r is None else block_r
+    if br not in (16, 32, 64):
+        raise ValueError(f"lowrank_down: block_r {br}; expected 16, 32 or 64")
     bk = 128
     tiles = triton.cdiv(m, bm) * triton.cdiv(rt, br)
     if num_splits is None:
