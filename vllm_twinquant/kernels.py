@@ -290,10 +290,9 @@ class TritonTwinQuantKernel(TwinQuantKernel):
 
         # once, losslessly: the column order the kernels read (csrc_triton.layout.repack)
         layer.weight_packed.data = csrc_triton.repack(layer.weight_packed.data, self.config.group_size)
-        if self.config.online_hadamard:  # W4A4 before o_proj/down_proj: H_b made once, applied as the torch path does
-            layer.online_hadamard = torch.nn.Parameter(
-                fmt.hadamard_matrix(self.config.online_hadamard, torch.float32, layer.weight_packed.device),
-                requires_grad=False)
+        if self.config.online_hadamard:  # W4A4 before o_proj/down_proj, applied as the torch path does
+            layer.register_buffer("online_hadamard", _hadamard(self.config.online_hadamard, layer.weight_packed.device),
+                                  persistent=False)
         device = csrc_triton.Device.of(layer.weight_packed.device)
         shape = self.shape()
         # the split-K scratch of the Gluon kernels, allocated now rather than during a CUDA-graph
@@ -318,6 +317,18 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             c.act_quant, c.activation_clip,
         )
         return y.reshape(*shape[:-1], c.out_features)
+
+
+_HADAMARD: dict = {}
+
+
+def _hadamard(block: int, device: torch.device) -> torch.Tensor:
+    """H_block in float32 on `device`, one per block size and device, shared by every layer that uses it
+    (Llama-3-8B's o_proj alone would otherwise hold a 64 MB copy per block)."""
+    key = (block, str(device))
+    if key not in _HADAMARD:
+        _HADAMARD[key] = fmt.hadamard_matrix(block, torch.float32, device)
+    return _HADAMARD[key]
 
 
 def _layer_shape(c: TwinQuantLayerConfig):

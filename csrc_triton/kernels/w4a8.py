@@ -90,7 +90,7 @@ def _e4m3_grid(v):
     e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # e4m3 step 2^e, subnormal < 2^-6
     step = ((e + 127) << 23).to(tl.float32, bitcast=True)
     inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
-    return ((v * inv + 12582912.0) - 12582912.0) * step
+    return ((v * inv + _MAGIC) - _MAGIC) * step
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, clip, stride_xm, s
     if FP8:
         q = _e4m3_grid(v).to(tl.float8e4nv)
     else:
-        v = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -QMAX), QMAX)
+        v = tl.minimum(tl.maximum((v + _MAGIC) - _MAGIC, -QMAX), QMAX)
         q = v.to(tl.int8)
         if XSUM:
             sums = tl.sum(tl.reshape(v.to(tl.int32), (BLOCK_K // GROUP, GROUP)), axis=1)
@@ -140,7 +140,6 @@ def quantize_rows(x: torch.Tensor, act_quant: str, group_size: int = 128, mma_or
     if clip_ratio != 1.0 and act_quant != "int4":
         raise ValueError(f"clip_ratio {clip_ratio} clips 4-bit activation codes only (got {act_quant})")
     xq = torch.empty((m, k), dtype=ACT_QUANTS[act_quant], device=x.device)
-    # the scale as format.per_token_codes computes it (max|x| is exact in x's dtype)
     # the scale as format.per_token_codes computes it, made in the kernel from the row it holds (one launch)
     xs = torch.empty((m,), dtype=torch.float32, device=x.device)
     xsum = None if fp8 or mma_order else torch.empty((m, k // group_size), dtype=torch.int32, device=x.device)
