@@ -25,8 +25,7 @@ def model_card(name: str, config: dict, result, recipe) -> str:
         f"A TwinQuant checkpoint of **{meta.get('source', '')}** ({result.family} family): every linear layer of the "
         f"decoder as a 4-bit residual (group {q['group_size']}) plus a rank-{q['rank']} "
         f"{q['lowrank_dtype']} low-rank component, activations {_activations(q)}; "
-        f"{result.effective_bits:.2f} bits per quantized weight. Embeddings, norms and "
-        f"{', '.join(q['modules_to_not_convert'])} stay in the source precision.",
+        f"{result.effective_bits:.2f} bits per quantized weight. {_kept(q['modules_to_not_convert'])}",
         "",
         "## Serve it",
         "",
@@ -87,3 +86,11 @@ def add_evaluation(card: str, result: dict) -> str:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2)
+
+
+def _kept(skipped: list[str]) -> str:
+    if "lm_head" in skipped:
+        return f"Embeddings, norms and {', '.join(skipped)} stay in the source precision."
+    rest = f" and {', '.join(skipped)}" if skipped else ""
+    return (f"lm_head is quantized as the linear layers are (stored untied); embeddings, norms{rest} stay in the "
+            "source precision.")

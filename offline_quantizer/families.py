@@ -102,7 +102,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
     Family("qwen3", ("qwen3",), head_norms=("self_attn.q_norm", "self_attn.k_norm")),
-    Family("gemma", ("gemma",), norm_offset=1.0),
+    Family("gemma", ("gemma",), norm_offset=1.0, vllm_unties_head=False),  # vLLM 0.26's Gemma asserts tied
     Family("gemma2", ("gemma2",), pre_norms=_GEMMA_PRE, post_norms=_GEMMA_POST, norm_offset=1.0,
            vllm_unties_head=False),
     Family("gemma3", ("gemma3_text",), pre_norms=_GEMMA_PRE, post_norms=_GEMMA_POST, norm_offset=1.0,

@@ -8,9 +8,10 @@ parameters for the whole model at once,
     min  E_tokens KL( p_dense(. | context) || p_quantized(. | context) )
 
 on calibration text: every quantized layer's group scales (scale = scale0 * exp(a)), both
-low-rank factors, and every RMSNorm weight (gamma = gamma0 * exp(b)). The embeddings and
-lm_head stay as stored, and so do the 4-bit codes unless `--code-lr` is given: then each code
-also has a latent real value z (starting at the stored code), the forward pass uses
+low-rank factors, and every RMSNorm weight (gamma = gamma0 * exp(b)). The embeddings and a dense
+lm_head stay as stored (a quantized lm_head is one of the quantized layers), and so do the 4-bit
+codes unless `--code-lr` is given: then each code also has a latent real value z (starting at
+the stored code), the forward pass uses
 round(clamp(z, -8, 7)) with a straight-through gradient, and the rounded codes are written.
 Either way the result is the same format at the same bits.
 Adam with a cosine-decayed rate (factors' rates scaled to their RMS, as in tune.py); the last

@@ -272,6 +272,10 @@ def _plan(recipe: rcp.Recipe, family: Family) -> _Plan:
         skipped.append({"stage": "residual.attention_aware", "reason": why})
         log.warning("twinquant: attention-aware statistic dropped: %s", why)
         residual = dataclasses.replace(residual, attention_aware=False)
+    if fmt.LM_HEAD not in residual.modules_to_not_convert and not family.vllm_unties_head:
+        raise rcp.RecipeError(f"recipe {recipe.name!r}: residual.modules_to_not_convert leaves {fmt.LM_HEAD} out, "
+                              f"but a quantized {fmt.LM_HEAD} is stored untied from the embeddings and vLLM's "
+                              f"{family.name} always ties them; keep {fmt.LM_HEAD} in modules_to_not_convert")
     split = recipe.get(rcp.Split) or rcp.Split(rank=0)
     smoothing = recipe.get(rcp.Smoothing)
     spec = fmt.TwinQuantSpec(
@@ -567,7 +571,15 @@ def _quantize(run: _Run, progress: dict, result: QuantizeResult, t0: float) -> Q
     else:
         norm_s, head_s = norm_w, head_w
     outer[FINAL_NORM] = norm_s.contiguous()
-    if untie or not src.tied:
+    head_q = head_s
+    if not spec.is_skipped(fmt.LM_HEAD):  # a quantized lm_head is stored untied
+        untie = True
+        head_q, head_tensors, head_stats = _quantize_head(run, skeleton, streams["x_q"], norm_s, head_s)
+        outer.update(head_tensors)
+        progress["errors"] += head_stats["errors"]
+        for k in ("layers", "weights", "stored_bits"):
+            progress[k] += head_stats[k]
+    elif untie or not src.tied:
         outer[HEAD] = head_s.contiguous()
 
     result.blocks = [BlockReport(**b) for b in progress["blocks"]]
@@ -576,7 +588,7 @@ def _quantize(run: _Run, progress: dict, result: QuantizeResult, t0: float) -> Q
     result.mean_relative_output_error = sum(progress["errors"]) / max(len(progress["errors"]), 1)
     if held_batches:
         result.check = _end_to_end(skeleton, src, streams["h_d"], streams["h_q"], held_batches, run.windows.prefix,
-                                   norm_w, head_w, norm_s, head_s, dev)
+                                   norm_w, head_w, norm_s, head_q, dev)
     result.seconds = round(time.time() - t0, 1)
     result.peak_rss_gib = round(peak_rss_gib(), 2)
     if str(dev).startswith("cuda"):
@@ -824,6 +836,41 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
     return rep, tensors, stats
 
 
+@torch.no_grad()
+def _quantize_head(run: _Run, skeleton, x_q: list[torch.Tensor], norm_s: torch.Tensor, head_s: torch.Tensor):
+    """lm_head as a quantized linear, decomposed as the blocks' linears are, its statistic the final norm (as
+    stored) of the quantized calibration stream. Returns (the head as served, its tensors, its statistics)."""
+    spec, plan, dev = run.spec, run.plan, run.device
+    norm = skeleton.model.norm
+    norm._parameters["weight"] = torch.nn.Parameter(norm_s.to(dev, torch.float32), requires_grad=False)
+    n, k = head_s.shape
+    fmt.check_layer_shape(fmt.LM_HEAD, n, k, spec.group_size)
+    hess, count = torch.zeros(k, k, device=dev), 0
+    for x in x_q:
+        y = norm(x.to(dev)).reshape(-1, k).float()
+        hess.addmm_(y.t(), y)
+        count += y.shape[0]
+    hess *= 2.0 / max(count, 1)
+    r, w = spec.rank_for(fmt.LM_HEAD), head_s.to(dev, torch.float32)
+    if plan.split.method == "refined" and r:
+        d, _ = decompose_refined(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess,
+                                 plan.split.refine_iters)
+    else:
+        d = decompose(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess,
+                      plan.residual.method, plan.split.weighting)
+    diff = d.dequantized(torch.float32) - w
+    err = float(torch.sum((diff @ hess) * diff) / torch.sum((w @ hess) * w).clamp_min(1e-30))
+    tensors = {f"{fmt.LM_HEAD}.{fmt.WEIGHT_PACKED}": fmt.pack_codes(d.codes.cpu()),
+               f"{fmt.LM_HEAD}.{fmt.WEIGHT_SCALE}": d.scales.cpu().contiguous()}
+    if r:
+        tensors.update(fmt.lowrank_tensors(fmt.LM_HEAD, d.up.cpu(), d.down.cpu(), spec))
+    tqdm.write(f"{fmt.LM_HEAD}: relative output error {err:.4g} (rank {r})")
+    stats = {"layers": 1, "weights": n * k, "stored_bits": spec.effective_bits(n, k, r) * n * k, "errors": [err]}
+    served = ServedLinear(d, None, False, spec.activation_bits, spec.activation_clip_ratio, 0,
+                          spec.activation_subspace_bits, spec.activation_type).to(dev)
+    return served, tensors, stats
+
+
 def _stored_parts(fam: Family, config, name: str, d: Decomposed, bias):
     """{stored name: (codes, scales, up, down, bias)} of one decomposed linear: itself, or, for a
     linear fused on disk (Phi-3), its parts by output rows, each with a copy of the shared D."""
@@ -887,13 +934,14 @@ def _attention_aware_hooks(block, hess, counts, fam: Family) -> list:
 def _end_to_end(skeleton, src: Source, h_d, h_q, held_batches, prefix: int, norm_w, head_w, norm_s, head_s,
                 dev) -> EndToEndCheck:
     """KL and perplexities of the dense and quantized models on the held-out windows, from the
-    final residual streams through each model's final norm and lm_head (as stored)."""
+    final residual streams through each model's final norm and lm_head (as stored; `head_s` may be the quantized
+    lm_head as served)."""
     norm = skeleton.model.norm
     softcap = getattr(src.config, "final_logit_softcapping", None)
 
-    def logits(h, nw, hw):
+    def logits(h, nw, hw):  # hw: lm_head's weight, or the quantized lm_head as served
         norm._parameters["weight"] = torch.nn.Parameter(nw.to(dev, torch.float32), requires_grad=False)
-        z = norm(h) @ hw.to(dev, torch.float32).t()
+        z = hw(norm(h)) if isinstance(hw, torch.nn.Module) else norm(h) @ hw.to(dev, torch.float32).t()
         return torch.tanh(z / softcap) * softcap if softcap else z
 
     kl_sum = kl_max = nll_d = nll_q = 0.0

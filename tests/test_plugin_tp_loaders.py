@@ -125,3 +125,46 @@ def test_checkpoint_rank_larger_than_config_is_an_error(monkeypatch):
     layer, _ = _make_layer(monkeypatch, 0, K, [64], [4])
     with pytest.raises(ValueError, match="checkpoint rank 8 exceeds the rank 4"):
         layer.lowrank_up.load_row_parallel_weight(torch.zeros(64, 8))
+
+
+def _lm_head(monkeypatch, tp_rank, vocab, lowrank_dtype, rank=8):
+    import vllm.model_executor.layers.vocab_parallel_embedding as vpe
+
+    from vllm_twinquant.config import TwinQuantConfig
+
+    for mod in (vpe, vparam):
+        monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: tp_rank)
+        monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: TP)
+    spec = fmt.TwinQuantSpec(group_size=G, rank=rank, lowrank_dtype=lowrank_dtype, modules_to_not_convert=[])
+    return vpe.ParallelLMHead(vocab, K, quant_config=TwinQuantConfig(spec), prefix="lm_head",
+                              params_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_a_quantized_lm_head_takes_its_rows_of_the_vocabulary_and_zeroes_the_padding(monkeypatch, tp_rank,
+                                                                                    lowrank_dtype):
+    vocab = 200  # padded to 256: rank 0 holds rows 0-127, rank 1 rows 128-199 and 56 padding rows
+    head = _lm_head(monkeypatch, tp_rank, vocab, lowrank_dtype)
+    assert isinstance(head.quant_method, TwinQuantLinearMethod)
+    full = _full(vocab, 8, 5, lowrank_dtype)
+    for name, v in full.items():
+        p = getattr(head, name)
+        p.data.fill_(3)  # poisoned: every row the loader does not write must come out zero
+        p.weight_loader(p, v)
+    x = torch.randn(3, K)
+    y = _run(head, x)
+    first, real = tp_rank * 128, min(128, vocab - tp_rank * 128)
+    torch.testing.assert_close(y[:, :real], _full_out(x, full)[:, first : first + real], rtol=1e-6, atol=1e-6)
+    assert y.shape == (3, 128) and bool((y[:, real:] == 0).all())
+
+
+def test_a_quantized_lm_head_refuses_a_tensor_of_another_vocabulary_or_rank_by_name(monkeypatch):
+    head = _lm_head(monkeypatch, 0, 200, "bfloat16")
+    full = _full(192, 8, 6, "bfloat16")
+    with pytest.raises(ValueError, match=r"lm_head\.weight_packed: checkpoint tensor has 192 rows, expected one per "
+                                         r"vocabulary entry \(200\)"):
+        head.weight_packed.weight_loader(head.weight_packed, full["weight_packed"])
+    with pytest.raises(ValueError, match=r"lm_head\.lowrank_down: checkpoint tensor has 16 rows, expected at most 8"):
+        head.lowrank_down.weight_loader(head.lowrank_down, torch.zeros(16, K))
+    with pytest.raises(ValueError, match=r"the checkpoint quantizes lm_head, but its config.json ties"):
+        head.tie_weights(torch.nn.Module())

@@ -74,6 +74,36 @@ def test_every_family_is_served_by_vllm_as_its_checkpoint_computes(kind, recipe,
         assert (ref - dref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2's tiny model ties its embeddings
+def test_a_quantized_lm_head_is_served_by_vllm_as_its_checkpoint_computes(kind, dense_models, tmp_path):
+    from offline_quantizer.reference import served_model
+
+    out = str(tmp_path / "tq")
+    recipe = small_recipe({"residual": {"modules_to_not_convert": []}}, rank=8, nsamples=8, seqlen=48)
+    quantize(dense_models[kind], recipe, "random", out, device="cpu", max_kl=None)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (33, 9)]
+    served = _vllm_prompt_logprobs(out, prompts)
+    ref_model = served_model(out)
+    assert type(ref_model.lm_head).__name__ == "ServedLinear"
+    for p, s in zip(prompts, served):
+        with torch.no_grad():
+            ref = torch.log_softmax(ref_model(input_ids=torch.tensor([p])).logits[0].double(), -1)
+        want = ref[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+        assert (s - want).abs().max() < 2e-3, (kind, float((s - want).abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2"])
+def test_a_quantized_lm_head_is_refused_for_families_whose_vllm_model_ties_it(kind, dense_models, tmp_path):
+    from offline_quantizer.recipe import RecipeError
+
+    recipe = small_recipe({"residual": {"modules_to_not_convert": []}}, rank=0, nsamples=8, seqlen=48)
+    with pytest.raises(RecipeError, match=r"residual\.modules_to_not_convert leaves lm_head out, but a quantized "
+                                          r"lm_head is stored untied .* always ties them"):
+        quantize(dense_models[kind], recipe, "random", str(tmp_path / "tq"), device="cpu")
+    assert not os.path.exists(tmp_path / "tq")
+
+
 def _config(path):
     from transformers import AutoConfig
 

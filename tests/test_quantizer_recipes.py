@@ -61,6 +61,55 @@ def test_twinquant_stages_write_a_checkpoint_that_computes_the_model(tiny_dense,
     assert again.mean_kl == pytest.approx(result.check.mean_kl, rel=1e-3, abs=1e-6)
 
 
+def test_a_quantized_lm_head_is_stored_untied_and_computes_what_the_run_measured(tiny_dense, tiny_tq, tmp_path):
+    """residual.modules_to_not_convert without lm_head: the (tied) head is decomposed as a linear from the final
+    norm's output, stored untied next to the dense embeddings, counted in the bits, named in the card; the written
+    checkpoint computes what the run's own check measured, and a tied config or a skip list that disagrees with
+    the tensors is refused by name."""
+    from offline_quantizer.calibration import Windows
+    from offline_quantizer.pipeline import check_checkpoint
+
+    out = str(tmp_path / "tq-head")
+    result = quantize(tiny_dense, small_recipe({"residual": {"modules_to_not_convert": []}}), "random", out,
+                      device="cpu")
+    spec = fmt.validate_checkpoint(out)
+    assert spec.modules_to_not_convert == []
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["tie_word_embeddings"] is False
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    assert "lm_head.weight" not in stored and stored["model.embed_tokens.weight"].shape == (49152, 576)
+    assert stored["lm_head.weight_packed"].shape == (49152, 576 // 8) and stored["lm_head.lowrank_down"].shape[0] == 8
+    assert result.quantized_layers == 2 * 7 + 1
+    assert "lm_head is quantized" in open(os.path.join(out, "README.md")).read()
+    windows = Windows(torch.zeros(1, 64, dtype=torch.long), _heldout_windows(tiny_dense, 64, 2), "random-tokens")
+    again = check_checkpoint(out, tiny_dense, windows, "cpu")
+    assert again.mean_kl == pytest.approx(result.check.mean_kl, rel=1e-3, abs=1e-6)
+    errs = logit_errors(tiny_dense, head=out, svd=tiny_tq)
+    assert errs["svd"] < errs["head"] < 2 * errs["svd"] + 0.05, errs  # the head's own error adds, boundedly
+
+    cfg_path = os.path.join(out, "config.json")
+    json.dump({**cfg, "tie_word_embeddings": True}, open(cfg_path, "w"))
+    with pytest.raises(fmt.TwinQuantFormatError, match="tie_word_embeddings is true, but lm_head is quantized"):
+        fmt.validate_checkpoint(out)
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head"]
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(fmt.TwinQuantFormatError, match=r"lm_head\.weight_packed is quantized, but quantization_config"
+                                                          r"\.modules_to_not_convert \['lm_head'\] keeps lm_head"):
+        fmt.validate_checkpoint(out)
+
+
+def test_a_checkpoint_whose_skip_list_leaves_a_dense_lm_head_out_is_refused(tiny_tq, tmp_path):
+    import shutil
+
+    out = shutil.copytree(tiny_tq, tmp_path / "tq")
+    cfg = json.load(open(out / "config.json"))
+    cfg["quantization_config"]["modules_to_not_convert"] = []
+    json.dump(cfg, open(out / "config.json", "w"))
+    with pytest.raises(fmt.TwinQuantFormatError, match=r"leaves lm_head out, so it is served quantized, but the "
+                                                          r"checkpoint has no tensor lm_head\.weight_packed"):
+        fmt.validate_checkpoint(str(out))
+
+
 def _heldout_windows(dense_dir, seqlen, n):
     """The held-out windows quantize() draws for random calibration (seed 0), as it draws them."""
     from transformers import AutoConfig

@@ -140,6 +140,23 @@ def test_the_decode_breakdown_splits_steps_into_buckets_layer_kinds_and_idle_tim
         breakdown(kernels[:5], "embedding")
 
 
+def test_the_decode_breakdown_gives_a_quantized_lm_head_its_own_kind_after_the_last_block():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    from decode_breakdown import breakdown
+
+    kernels, t = [], 0.0
+    for _ in range(3):  # a step of 2 blocks (4 TwinQuant layers each, 1 us) and a TwinQuant lm_head (5 us)
+        kernels.append(("embedding_kernel", t, 1.0))
+        t += 1.0
+        for d in [1.0] * 8 + [5.0]:
+            kernels.append(("_tq_gemv_vec_kernel", t, d))
+            t += d
+    r = breakdown(kernels, "embedding", layers=2)
+    assert r["twinquant_by_kind"] == {"qkv_proj": 2.0, "o_proj": 2.0, "gate_up_proj": 2.0, "down_proj": 2.0,
+                                      "lm_head": 5.0}
+    assert breakdown(kernels, "embedding")["twinquant_by_kind"]["qkv_proj"] == 7.0  # without layers: cyclic
+
+
 def test_the_decode_breakdown_counts_kernels_launched_early_once_and_reports_the_time_each_bucket_ran_alone():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
     from decode_breakdown import breakdown

@@ -11,6 +11,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_twinquant import format as fmt
 from vllm_twinquant.linear_method import TwinQuantLinearMethod
@@ -75,8 +76,12 @@ class TwinQuantConfig(QuantizationConfig):
         if type(layer).__name__ == "FusedMoE":
             raise ValueError(f"{prefix}: a mixture-of-experts layer; TwinQuant checkpoints quantize dense linear "
                              "layers only (twinquant-quantize refuses MoE models)")
+        if isinstance(layer, ParallelLMHead):  # quantized when the checkpoint leaves it out of modules_to_not_convert
+            if self.spec.is_skipped(prefix):
+                return None
+            return TwinQuantLinearMethod(self.spec, prefix, [self.spec.rank_for(prefix)])
         if not isinstance(layer, LinearBase):
-            return None  # embeddings and lm_head stay unquantized
+            return None  # the embeddings stay unquantized
         if self.spec.is_skipped(prefix):
             return UnquantizedLinearMethod()
         subspace = self._sublayer_values(prefix, self.spec.subspace_channels_for)

@@ -46,6 +46,8 @@ LOWRANK_UP_SCALE = "lowrank_up_scale"
 LOWRANK_TENSORS = (LOWRANK_DOWN, LOWRANK_UP, LOWRANK_DOWN_SCALE, LOWRANK_UP_SCALE)
 QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, *LOWRANK_TENSORS)
 
+LM_HEAD = "lm_head"  # quantized like a linear layer when modules_to_not_convert leaves it out (stored untied)
+
 PACK_FACTOR = 8  # 4-bit codes per int32
 SUPPORTED_WEIGHT_BITS = (4,)
 SUPPORTED_ACTIVATION_BITS = (16, 8, 4)
@@ -505,13 +507,18 @@ def read_safetensors_header(path: str) -> dict[str, Any]:
     return header
 
 
-def load_spec(model_dir: str) -> TwinQuantSpec:
+def _read_config(model_dir: str) -> dict[str, Any]:
     cfg_path = os.path.join(model_dir, "config.json")
     try:
         with open(cfg_path) as f:
-            cfg = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise TwinQuantFormatError(f"{cfg_path}: not found") from None
+
+
+def load_spec(model_dir: str) -> TwinQuantSpec:
+    cfg_path = os.path.join(model_dir, "config.json")
+    cfg = _read_config(model_dir)
     qc = cfg.get("quantization_config")
     if qc is None:
         raise TwinQuantFormatError(
@@ -575,8 +582,13 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
                 raise TwinQuantFormatError(
                     f"{tensors[name][0]}: tensor {name} has no {name[: -len(suf) - 1]}.{WEIGHT_PACKED}"
                 )
-    for prefix in prefixes:  # first the layout-wide rule, so its error names the real cause
+    for prefix in prefixes:  # first the layout-wide rules, so their errors name the real cause
         path, pshape, _ = tensors[f"{prefix}.{WEIGHT_PACKED}"]
+        if spec.is_skipped(prefix):
+            raise TwinQuantFormatError(
+                f"{path}: tensor {prefix}.{WEIGHT_PACKED} is quantized, but quantization_config.modules_to_not_convert "
+                f"{spec.modules_to_not_convert} keeps {prefix} in the source precision"
+            )
         if len(pshape) != 2:
             raise TwinQuantFormatError(
                 f"{path}: tensor {prefix}.{WEIGHT_PACKED} has shape {list(pshape)}, expected [N, K/8]"
@@ -585,6 +597,17 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
             raise TwinQuantFormatError(
                 f"{path}: quantization_config.group_size {spec.group_size} does not divide in_features "
                 f"{pshape[1] * PACK_FACTOR} of {prefix}"
+            )
+    if not spec.is_skipped(LM_HEAD):
+        if LM_HEAD not in prefixes:
+            raise TwinQuantFormatError(
+                f"{model_dir}: quantization_config.modules_to_not_convert {spec.modules_to_not_convert} leaves "
+                f"{LM_HEAD} out, so it is served quantized, but the checkpoint has no tensor {LM_HEAD}.{WEIGHT_PACKED}"
+            )
+        if _read_config(model_dir).get("tie_word_embeddings", False):
+            raise TwinQuantFormatError(
+                f"{os.path.join(model_dir, 'config.json')}: tie_word_embeddings is true, but {LM_HEAD} is quantized: "
+                "a quantized lm_head is stored untied from the embeddings (tie_word_embeddings: false)"
             )
     for prefix in prefixes:
         pshape = tensors[f"{prefix}.{WEIGHT_PACKED}"][1]

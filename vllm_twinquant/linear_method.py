@@ -13,12 +13,19 @@ Sharding (column-parallel = output rows split over ranks, row-parallel = input c
 
 Row-parallel ranks each produce x_p R_p^T + (x_p D_p^T) U^T; the layer's all-reduce sums
 them into x R^T + (x D^T) U^T because the up projection is linear.
+
+A quantized lm_head (vLLM's ParallelLMHead, vocabulary-parallel) is column-parallel over the
+vocabulary: every tensor with a row per vocabulary entry (weight_packed, weight_scale,
+lowrank_up, lowrank_up_scale) takes this rank's rows of the checkpoint's vocabulary and leaves
+the padding rows zero (logits 0, cut off by the logits processor); lowrank_down and its scales
+are whole on every rank. `_VocabRowsLoader` is that rule.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -28,6 +35,33 @@ from vllm.model_executor.parameter import (
 
 from vllm_twinquant import format as fmt
 from vllm_twinquant.kernels import TwinQuantLayerConfig, choose_kernel
+
+VOCAB_ROW_TENSORS = (fmt.WEIGHT_PACKED, fmt.WEIGHT_SCALE, fmt.LOWRANK_UP, fmt.LOWRANK_UP_SCALE)
+
+
+class _VocabRowsLoader:
+    """The weight loader of a quantized lm_head's tensors (the module docstring's rule)."""
+
+    def __init__(self, layer: VocabParallelEmbedding, prefix: str):
+        self.layer, self.prefix = layer, prefix
+
+    def __call__(self, param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+        layer = self.layer
+        name = next(n for n, p in layer.named_parameters(recurse=False) if p is param)
+        if name in VOCAB_ROW_TENSORS:
+            if loaded.shape[0] != layer.org_vocab_size:
+                raise ValueError(f"{self.prefix}.{name}: checkpoint tensor has {loaded.shape[0]} rows, expected one "
+                                 f"per vocabulary entry ({layer.org_vocab_size})")
+            first = layer.shard_indices.org_vocab_start_index
+            loaded = loaded.narrow(0, first, layer.shard_indices.org_vocab_end_index - first)
+        elif loaded.shape[0] > param.shape[0]:
+            raise ValueError(f"{self.prefix}.{name}: checkpoint tensor has {loaded.shape[0]} rows, expected at most "
+                             f"{param.shape[0]} (the rank quantization_config gives this layer)")
+        if tuple(loaded.shape[1:]) != tuple(param.shape[1:]):
+            raise ValueError(f"{self.prefix}.{name}: checkpoint tensor is {list(loaded.shape)}, expected "
+                             f"[rows, {', '.join(map(str, param.shape[1:]))}]")
+        param.data.zero_()
+        param.data[: loaded.shape[0]].copy_(loaded)
 
 
 class _LowRankParameter(BasevLLMParameter):
@@ -154,7 +188,8 @@ class TwinQuantLinearMethod(LinearMethodBase):
             )
         n = sum(output_partition_sizes)
         rank = max(self.ranks)
-        wl = extra_weight_attrs["weight_loader"]
+        head = isinstance(layer, VocabParallelEmbedding)
+        wl = _VocabRowsLoader(layer, self.prefix) if head else extra_weight_attrs["weight_loader"]
         layer.register_parameter(
             fmt.WEIGHT_PACKED,
             PackedvLLMParameter(
@@ -240,3 +275,7 @@ class TwinQuantLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.twinquant_kernel.apply(layer, x, bias)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
+        raise ValueError(f"{self.prefix}: the checkpoint quantizes lm_head, but its config.json ties lm_head to the "
+                         "embeddings (tie_word_embeddings: true); a quantized lm_head is stored untied")

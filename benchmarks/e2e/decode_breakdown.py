@@ -57,7 +57,7 @@ def _union(intervals) -> float:
     return total
 
 
-def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict:
+def breakdown(kernels: list[tuple[str, float, float]], step_marker: str, layers: int | None = None) -> dict:
     """kernels: (name, start µs, duration µs) on the decode stream, in time order. Steps start at each
     kernel whose name contains step_marker; the last partial step is dropped. Returns the median over steps
     (a step now and then waits on the host; `step_us_mean` shows how much) of:
@@ -68,7 +68,8 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
       exclusive: {bucket: busy_us minus the union without that bucket's kernels}, the time in which the GPU
         ran nothing else, what the step would lose if the bucket took no time and nothing else moved;
       twinquant_by_kind: {layer kind: its residual kernels' durations}, the kinds taken in block order
-        (a W4A8 layer's quantize_rows goes to the layer whose kernel follows it);
+        (a W4A8 layer's quantize_rows goes to the layer whose kernel follows it); with `layers` (the model's
+        decoder blocks) a TwinQuant layer after the last block's is the quantized lm_head;
       lowrank_down_by_kind: {layer kind: its down projections' durations}, and after_down_by_kind: {layer
         kind: how long its residual kernels ran on after their down projection ended}: where the second is
         short and the first long, the down projection, not the weights, sets the layer's time."""
@@ -86,7 +87,7 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str) -> dict
         i, t_end = 0, None  # t_end: when the latest down projection ended
         for n, s, e, bk in ks:
             buckets[bk] = buckets.get(bk, 0.0) + (e - s)
-            kind = KINDS[i % len(KINDS)]
+            kind = KINDS[i % len(KINDS)] if layers is None or i < layers * len(KINDS) else "lm_head"
             if bk == "lowrank_down":
                 down_kinds[kind] = down_kinds.get(kind, 0.0) + (e - s)
                 t_end = e
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--step-marker", default="embedding", help="a kernel that runs once at the start of a step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the model's config.json)")
     ap.add_argument("--from-kernels", help="a decode_kernels_<label>.json.gz of an earlier run: no GPU, no engine")
     a = ap.parse_args()
     label = a.label or (a.quantization or "bf16")
@@ -160,7 +162,11 @@ def main() -> None:
             json.dump({"command": command, "bs1_ms_per_token_profiled": ms, "kernels": kernels}, f)
     names = sorted({n for n, _, _ in kernels if a.step_marker in n})
     print(f"step marker {a.step_marker!r} matches: {names[:5]}", file=sys.stderr)
-    rec = breakdown(kernels, a.step_marker)
+    layers = a.layers
+    if layers is None and os.path.isfile(os.path.join(a.model, "config.json")):
+        with open(os.path.join(a.model, "config.json")) as f:
+            layers = json.load(f).get("num_hidden_layers")
+    rec = breakdown(kernels, a.step_marker, layers)
     rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3), command=command)
     if a.from_kernels:
         rec["arithmetic"] = " ".join(sys.argv)

@@ -7,7 +7,8 @@ on the GPU; never zeros).
     # 2. one engine per config, each in its own process
     python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 tq_r64_a8 --out $OUT
            [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
-    (tq_r<R>_a8: tq_r<R> declared W4A8-INT8 by its config alone, the weights linked)
+    (tq_r<R>_a8: tq_r<R> declared W4A8-INT8 by its config alone, the weights linked; tq_r<R>_h4: rank R with
+     lm_head quantized too, made with `make --head-ranks R`)
     # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64
     python benchmarks/e2e/e2e_h100.py serve --workdir W --configs bf16 tq_r64 --out $OUT
 
@@ -137,20 +138,23 @@ def cmd_make(a) -> None:
         make_dense(dense, a.layers, a.vocab, a.shape, a.device)
     rec["make_dense_s"] = round(time.time() - t0, 1)
     procs = {}
-    for r in a.ranks:  # quantize every rank concurrently with the GPTQ conversion
-        log = open(os.path.join(a.out, f"quantize_r{r}.log"), "w")
-        procs[r] = (time.time(), subprocess.Popen(
+    for r, head in [(r, False) for r in a.ranks] + [(r, True) for r in a.head_ranks]:
+        name = f"tq_r{r}" + ("_h4" if head else "")  # quantize each concurrently with the GPTQ conversion
+        log = open(os.path.join(a.out, f"quantize_{name}.log"), "w")
+        procs[name] = (time.time(), subprocess.Popen(
             [sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output",
-             os.path.join(a.workdir, f"tq_r{r}"), "--calib", "random", "--recipe", "rtn", "--nsamples", "8",
+             os.path.join(a.workdir, name), "--calib", "random", "--recipe", "rtn", "--nsamples", "8",
              "--seqlen", "128", "--set", "split.weighting=none", "--group-size", str(GROUP), "--rank", str(r),
-             "--max-kl", "inf", "--device", a.device], stdout=log, stderr=subprocess.STDOUT))
+             "--max-kl", "inf", "--device", a.device]
+            + (["--set", "residual.modules_to_not_convert=[]"] if head else []),
+            stdout=log, stderr=subprocess.STDOUT))
     t0 = time.time()
     write_gptq(dense, os.path.join(a.workdir, "gptq"), a.device)
     rec["write_gptq_s"] = round(time.time() - t0, 1)
-    for r, (t0, p) in procs.items():
+    for name, (t0, p) in procs.items():
         if p.wait():
-            raise SystemExit(f"quantization at rank {r} failed: see {a.out}/quantize_r{r}.log")
-        rec[f"quantize_r{r}_s (concurrent)"] = round(time.time() - t0, 1)
+            raise SystemExit(f"quantization of {name} failed: see {a.out}/quantize_{name}.log")
+        rec[f"quantize_{name}_s (concurrent)"] = round(time.time() - t0, 1)
     print(json.dumps(rec))
     with open(os.path.join(a.out, "e2e_make.json"), "w") as f:
         json.dump(rec, f, indent=1)
@@ -382,6 +386,8 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--ranks", type=int, nargs="+", default=[0, 32, 64])
+    ap.add_argument("--head-ranks", type=int, nargs="*", default=[],
+                    help="also make tq_r<R>_h4: rank R with lm_head quantized too")
     ap.add_argument("--configs", nargs="+", default=["bf16", "fp8", "gptq", "tq_r0", "tq_r32", "tq_r64"])
     ap.add_argument("--config")
     ap.add_argument("--profile", nargs="*")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 31's per-step profile of batch-1 decode on one GPU (vLLM staged with ../shared/gpu/stage.sh): the
 # Llama-3-8B-shaped checkpoints of e2e_h100.py, then decode_breakdown.py for each config, one engine per process.
-#   bash benchmarks/e2e/run_decode_breakdown.sh make                 # bf16 dense + TwinQuant rank 64 (and 0 with RANKS)
-#   bash benchmarks/e2e/run_decode_breakdown.sh profile CONFIG...    # bf16, fp8, tq_r<R>, tq_r<R>_a8
+#   bash benchmarks/e2e/run_decode_breakdown.sh make                 # bf16 dense + TwinQuant rank 64 (and 0 with RANKS);
+#                                                                    # HEAD_RANKS=64: also tq_r64_h4 (4-bit lm_head)
+#   bash benchmarks/e2e/run_decode_breakdown.sh profile CONFIG...    # bf16, fp8, tq_r<R>, tq_r<R>_a8, tq_r<R>_h4
 #   T_SPLITS='[[null, 8, 16]]' bash ... profile tq_r64  # an A/B of the launch table's gemv_t_splits rows
 #       ([max K or null, K-slices of t, rows of D per program or null]): a copy of the device's table with
 #       these rows, the results labelled <config>_tsplits-<slices>[r<rows>]...
@@ -15,7 +16,8 @@ work=$HOME/e2e
 case "${1:-}" in
   make)
     python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING || true
-    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks ${RANKS:-64} --out "$out" ;;
+    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks ${RANKS:-64} \
+      --head-ranks ${HEAD_RANKS:-} --out "$out" ;;
   profile)
     shift
     suffix=""
@@ -47,7 +49,7 @@ PY
         tq_r*_a8) python3 -c "import sys; sys.path.insert(0, 'benchmarks/e2e'); import e2e_h100 as e; \
 e.engine_args('$work', '$cfg')"; args=(--model "$work/$cfg" --quantization twinquant) ;;
         tq_r*) args=(--model "$work/$cfg" --quantization twinquant) ;;
-        *) echo "unknown config $cfg (bf16, fp8, tq_r<R>, tq_r<R>_a8)" >&2; exit 2 ;;
+        *) echo "unknown config $cfg (bf16, fp8, tq_r<R>, tq_r<R>_a8, tq_r<R>_h4)" >&2; exit 2 ;;
       esac
       label=$cfg$suffix
       python3 benchmarks/e2e/decode_breakdown.py "${args[@]}" --label "$label" --out "$out" \
