@@ -4,6 +4,7 @@ vLLM with its defaults (torch.compile + CUDA graphs, bf16), prompt logprobs comp
 float32 transformers model holding the checkpoint's effective weights (U @ D + deq(R)).
 
     python benchmarks/e2e/cuda_plugin_check.py --workdir /tmp/tqcheck --out $OUT [--lowrank-dtype int8]
+        [--head]                        # lm_head quantized too (residual.modules_to_not_convert: [])
         [--activations int8|fp8|int4]   # the checkpoint declared W4A8 (W4A4: 4-bit codes clipped at 0.9, the
                                         # online Hadamard transform before o_proj/down_proj); the reference
                                         # quantizes x per token the same way
@@ -54,7 +55,7 @@ def effective_model(dense: str, tq: str):
     if spec.activation_bits < 16:  # the residual product on the per-token codes of x, the low-rank term on x
         for key in [k for k in q if k.endswith("." + fmt.WEIGHT_PACKED)]:
             layer = key[: -len(fmt.WEIGHT_PACKED) - 1]
-            parent, name = layer.rsplit(".", 1)
+            parent, _, name = layer.rpartition(".")  # lm_head: the model itself is the parent
             res = fmt.dequantize_residual(q[key], q[f"{layer}.{fmt.WEIGHT_SCALE}"], spec.group_size)
             if f"{layer}.{fmt.LOWRANK_UP}" in q:
                 t = {n: q.get(f"{layer}.{n}") for n in fmt.LOWRANK_TENSORS}
@@ -101,10 +102,12 @@ def main():
     ap.add_argument("--lowrank-dtype", default="bfloat16", choices=("bfloat16", "int8"))
     ap.add_argument("--activations", default="bf16", choices=("bf16", "int8", "fp8", "int4"),
                     help="the residual product's input: bf16 (W4A16), or the checkpoint declared W4A8 / W4A4")
+    ap.add_argument("--head", action="store_true", help="quantize lm_head too")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     dense, tq = os.path.join(args.workdir, "dense"), os.path.join(args.workdir, "tq")
-    rec = {"layers": args.layers, "rank": args.rank, "group_size": 128, "lowrank_dtype": args.lowrank_dtype}
+    rec = {"layers": args.layers, "rank": args.rank, "group_size": 128, "lowrank_dtype": args.lowrank_dtype,
+           "lm_head_quantized": args.head}
     t0 = time.time()
     make_model(dense, args.layers, 0)
     rec["make_model_s"] = round(time.time() - t0, 1)
@@ -112,7 +115,8 @@ def main():
     subprocess.run([sys.executable, "-m", "offline_quantizer.cli", "--model", dense, "--output", tq,
                     "--calib", "random", "--recipe", "svd-split", "--nsamples", "32", "--seqlen", "256",
                     "--group-size", "128", "--max-kl", "inf", "--rank", str(args.rank),
-                    "--set", f"split.lowrank_dtype={args.lowrank_dtype}", "--device", "cuda"], check=True)
+                    "--set", f"split.lowrank_dtype={args.lowrank_dtype}", "--device", "cuda"]
+                   + (["--set", "residual.modules_to_not_convert=[]"] if args.head else []), check=True)
     rec["quantize_s"] = round(time.time() - t0, 1)
     rec["activations"] = args.activations
     if args.activations != "bf16":  # W4A8 / W4A4: the same checkpoint declared by its config alone
@@ -210,7 +214,8 @@ def main():
     print(json.dumps(rec, indent=1))
     os.makedirs(args.out, exist_ok=True)
     suffix = ("" if args.lowrank_dtype == "bfloat16" else f"_{args.lowrank_dtype}") + (
-        "" if args.activations == "bf16" else f"_w4a{4 if args.activations == 'int4' else 8}_{args.activations}")
+        "" if args.activations == "bf16" else f"_w4a{4 if args.activations == 'int4' else 8}_{args.activations}") + (
+        "_head4" if args.head else "")
     with open(os.path.join(args.out, f"cuda_plugin_check{suffix}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     # bf16 activations: fixed bounds. Quantized activations: a code flips where bf16 moves its input across a
