@@ -252,6 +252,7 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "a4-hadamard-rtn": "RTN W4A4 (online Hadamard only)",
     "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
     "twinquant-w4a8": "TwinQuant W4A8-FP8 (transforms, attention-aware GPTQ, block tuning with FP8 activations)",
+    "twinquant-fast": "TwinQuant fast preset (transforms, SVD split, GPTQ)",
     "twinquant-w4a8-int8": "TwinQuant W4A8-INT8 (transforms, attention-aware GPTQ, block tuning with INT8 activations)",
 }
 
