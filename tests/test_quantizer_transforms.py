@@ -42,11 +42,13 @@ def test_every_transform_folds_exactly_into_every_family(kind, monkeypatch):
 
 def test_rotation_is_refused_where_it_cannot_fold():
     """Gemma 2 and 3 apply norms to the attention and MLP outputs; a rotation of the stream does
-    not commute with them (and vLLM ties Gemma 2's lm_head), so those families refuse it."""
+    not commute with them. The rotation unties lm_head, which vLLM 0.26's Gemma 1 and 2 refuse.
+    Those families refuse it, each with its reason."""
     from offline_quantizer.families import FAMILIES as ROWS
 
-    refused = {f.name for f in ROWS if f.rotation_refusal()}
-    assert refused == {"gemma2", "gemma3"}
+    refused = {f.name: f.rotation_refusal() for f in ROWS if f.rotation_refusal()}
+    assert set(refused) == {"gemma", "gemma2", "gemma3"}
+    assert "always ties" in refused["gemma"] and "post_attention_layernorm" in refused["gemma3"]
     gemma3 = next(f for f in ROWS if f.name == "gemma3")
     with pytest.raises(ValueError, match="post_attention_layernorm"):
         tf.rotate_block(torch.nn.Module(), gemma3, torch.eye(4))
