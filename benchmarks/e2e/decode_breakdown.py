@@ -5,7 +5,8 @@ plus the time the GPU sat idle between kernels inside a step.
 
     python benchmarks/e2e/decode_breakdown.py --model CKPT [--quantization twinquant|fp8] --out $OUT
         -> $OUT/decode_breakdown_<label>.json: µs per step for each bucket (its kernels' durations, and the
-           time it ran alone), the step's wall time, the idle time (medians over the steps)
+           time it ran alone), the step's wall time, the idle time (medians over the steps); ms per token of
+           the same generation with and without the profiler
         -> $OUT/decode_kernels_<label>.json.gz: the profiled kernels themselves (name, start µs, µs), so that
            `--from-kernels FILE` can redo the arithmetic anywhere (another step marker, other buckets)
 
@@ -115,7 +116,8 @@ def breakdown(kernels: list[tuple[str, float, float]], step_marker: str, layers:
             "lowrank_down_by_kind": med_of("down_kinds"), "after_down_by_kind": med_of("after")}
 
 
-def profile_decode(model: str, quantization: str | None, steps: int, dtype: str) -> tuple[list, float]:
+def profile_decode(model: str, quantization: str | None, steps: int, dtype: str) -> tuple[list, float, float]:
+    """(kernels, ms/token under the profiler, ms/token of the same generation just before, unprofiled)"""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
@@ -127,13 +129,16 @@ def profile_decode(model: str, quantization: str | None, steps: int, dtype: str)
     prompt = {"prompt_token_ids": torch.randint(3, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()}
     sp = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate([prompt], sp, use_tqdm=False)  # warm-up (compile, graphs)
+    t0 = time.time()
+    out = llm.generate([prompt], sp, use_tqdm=False)
+    plain = (time.time() - t0) * 1000 / len(out[0].outputs[0].token_ids)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.time()
         out = llm.generate([prompt], sp, use_tqdm=False)
         ms_per_token = (time.time() - t0) * 1000 / len(out[0].outputs[0].token_ids)
     evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
     evs.sort(key=lambda e: e.time_range.start)
-    return [(e.name, float(e.time_range.start), float(e.time_range.elapsed_us())) for e in evs], ms_per_token
+    return [(e.name, float(e.time_range.start), float(e.time_range.elapsed_us())) for e in evs], ms_per_token, plain
 
 
 def main() -> None:
@@ -154,12 +159,13 @@ def main() -> None:
         with gzip.open(a.from_kernels, "rt") as f:
             raw = json.load(f)
         kernels, ms = [tuple(k) for k in raw["kernels"]], raw["bs1_ms_per_token_profiled"]
-        command = raw.get("command")
+        plain, command = raw.get("bs1_ms_per_token"), raw.get("command")
     else:
-        kernels, ms = profile_decode(a.model, a.quantization, a.steps, a.dtype)
+        kernels, ms, plain = profile_decode(a.model, a.quantization, a.steps, a.dtype)
         command = " ".join(sys.argv)
         with gzip.open(os.path.join(a.out, f"decode_kernels_{label}.json.gz"), "wt") as f:
-            json.dump({"command": command, "bs1_ms_per_token_profiled": ms, "kernels": kernels}, f)
+            json.dump({"command": command, "bs1_ms_per_token_profiled": ms, "bs1_ms_per_token": plain,
+                       "kernels": kernels}, f)
     names = sorted({n for n, _, _ in kernels if a.step_marker in n})
     print(f"step marker {a.step_marker!r} matches: {names[:5]}", file=sys.stderr)
     layers = a.layers
@@ -167,7 +173,8 @@ def main() -> None:
         with open(os.path.join(a.model, "config.json")) as f:
             layers = json.load(f).get("num_hidden_layers")
     rec = breakdown(kernels, a.step_marker, layers)
-    rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3), command=command)
+    rec.update(model=a.model, quantization=a.quantization, bs1_ms_per_token_profiled=round(ms, 3),
+               bs1_ms_per_token=round(plain, 3) if plain is not None else None, command=command)
     if a.from_kernels:
         rec["arithmetic"] = " ".join(sys.argv)
     with open(os.path.join(a.out, f"decode_breakdown_{label}.json"), "w") as f:
