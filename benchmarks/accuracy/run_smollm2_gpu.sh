@@ -6,13 +6,16 @@
 # with this side's tokenizer files (a host's other transformers may convert the tokenizer otherwise); its weights
 # and tokenizer must then equal this side's byte for byte.
 #   here:  bash benchmarks/accuracy/run_smollm2_gpu.sh pack          -> .gpu-stage/m1, .gpu-stage/m2
-#   there, one call each (carry .gpu-stage/m1, then .gpu-stage/m2 and models/data):
-#          bash benchmarks/accuracy/run_smollm2_gpu.sh recv
-#          bash benchmarks/accuracy/run_smollm2_gpu.sh recv && bash benchmarks/accuracy/run_smollm2_gpu.sh model
-#          (stage vLLM: ../shared/gpu/stage.sh; the quantizer needs its compressed-tensors too)
-#          bash benchmarks/accuracy/run_smollm2_gpu.sh quantize SECONDS   # start, or resume, in the background;
-#                                                                          # wait up to SECONDS for it to finish
-#          bash benchmarks/accuracy/run_smollm2_gpu.sh score dense|w4a16
+#          (and ../shared/gpu/stage.sh prepare . -> .gpu-stage/c1..c5, remote.sh: vLLM, whose compressed-tensors
+#          the quantizer needs too)
+#   there, back to back, one call each; every call carries .gpu-stage/remote.sh and, in turn (each <= 64 MiB):
+#     m1 + c5      bash benchmarks/accuracy/run_smollm2_gpu.sh recv && bash .gpu-stage/remote.sh recv
+#     m2 + models/data   ... run_smollm2_gpu.sh recv && bash benchmarks/accuracy/run_smollm2_gpu.sh model
+#     c1, c2, c3   bash .gpu-stage/remote.sh recv
+#     c4           bash .gpu-stage/remote.sh recv && bash .gpu-stage/remote.sh install && ... quantize 400
+#     (nothing)    bash benchmarks/accuracy/run_smollm2_gpu.sh quantize SECONDS  # start, or resume, in the
+#                  background; wait up to SECONDS for it to finish (again until "finished"; about 800 s on an H100)
+#     (nothing)    bash benchmarks/accuracy/run_smollm2_gpu.sh score w4a16 (and score dense)
 # Results under $OUT: accuracy_gpu.jsonl (one line per score), the checkpoint's config.json, README.md and log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,5 +75,5 @@ case "${1:-}" in
     esac
     python3 -m offline_quantizer.evaluate "$ckpt" --dtype "${DTYPE:-float32}" --gpu-memory-utilization 0.3 \
       --json "$out/accuracy_gpu.jsonl" --label "$label" 2>&1 | tail -3 ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac
