@@ -574,11 +574,7 @@ def _quantize(run: _Run, progress: dict, result: QuantizeResult, t0: float) -> Q
     head_q = head_s
     if not spec.is_skipped(fmt.LM_HEAD):  # a quantized lm_head is stored untied
         untie = True
-        head_q, head_tensors, head_stats = _quantize_head(run, skeleton, streams["x_q"], norm_s, head_s)
-        outer.update(head_tensors)
-        progress["errors"] += head_stats["errors"]
-        for k in ("layers", "weights", "stored_bits"):
-            progress[k] += head_stats[k]
+        head_q = _quantize_head(run, skeleton, streams["x_q"], norm_s, head_s, outer, progress)
     elif untie or not src.tied:
         outer[HEAD] = head_s.contiguous()
 
@@ -761,15 +757,8 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
         full = f"{prefix}.{name}"
         if spec.is_skipped(full):
             continue
-        r = spec.rank_for(full)
         w = lin.weight.data
-        fmt.check_layer_shape(full, w.shape[0], w.shape[1], spec.group_size)
-        if plan.split.method == "refined" and r:
-            d, _ = decompose_refined(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype,
-                                     hess[name], plan.split.refine_iters)
-        else:
-            d = decompose(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess[name],
-                          plan.residual.method, plan.split.weighting)
+        d = _decompose(plan, full, w, hess[name])
         decomposed[name], dense_w[name] = d, w.float().clone()
         lin.weight.data = d.dequantized(torch.float32)
     if plan.tuning is not None:
@@ -792,22 +781,14 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
     stats = {"layers": 0, "weights": 0, "stored_bits": 0.0, "errors": []}
     for name, d in decomposed.items():
         full = f"{prefix}.{name}"
-        lin, w, h = names[name], dense_w[name], hess[name]
-        diff = d.dequantized(torch.float32) - w
-        stats["errors"].append(float(torch.sum((diff @ h) * diff) / torch.sum((w @ h) * w).clamp_min(1e-30)))
+        lin = names[name]
+        stats["errors"].append(_output_error(d, dense_w[name], hess[name]))
         bias = lin.bias.data if lin.bias is not None else None
         for part, (codes, scales, up, down, b) in _stored_parts(fam, src.config, name, d, bias).items():
             pfull = f"{prefix}.{part}"
-            r = 0 if down is None else down.shape[0]
-            tensors[f"{pfull}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(codes.cpu())
-            tensors[f"{pfull}.{fmt.WEIGHT_SCALE}"] = scales.cpu().contiguous()
-            if r:
-                tensors.update(fmt.lowrank_tensors(pfull, up.cpu(), down.cpu(), spec))
+            _store_layer(tensors, stats, spec, pfull, codes, scales, up, down)
             if b is not None:
                 tensors[f"{pfull}.bias"] = b.to(dtypes.get(f"{name}.bias", torch.float32)).cpu().contiguous()
-            stats["layers"] += 1
-            stats["weights"] += codes.numel()
-            stats["stored_bits"] += spec.effective_bits(codes.shape[0], codes.shape[1], r) * codes.numel()
         served = ServedLinear(d, bias, name in hadamard, spec.activation_bits, spec.activation_clip_ratio,
                               spec.subspace_channels_for(full), spec.activation_subspace_bits,
                               spec.activation_type).to(dev)
@@ -837,38 +818,60 @@ def _quantize_block(run: _Run, skeleton, i: int, streams: dict, kw: list[dict], 
 
 
 @torch.no_grad()
-def _quantize_head(run: _Run, skeleton, x_q: list[torch.Tensor], norm_s: torch.Tensor, head_s: torch.Tensor):
+def _quantize_head(run: _Run, skeleton, x_q: list[torch.Tensor], norm_s: torch.Tensor, head_s: torch.Tensor,
+                   tensors: dict, stats: dict) -> ServedLinear:
     """lm_head as a quantized linear, decomposed as the blocks' linears are, its statistic the final norm (as
-    stored) of the quantized calibration stream. Returns (the head as served, its tensors, its statistics)."""
-    spec, plan, dev = run.spec, run.plan, run.device
+    stored) of the quantized calibration stream; its tensors go into `tensors`, its error, count and bits into
+    `stats`. Returns the head as served."""
+    spec, dev = run.spec, run.device
     norm = skeleton.model.norm
     norm._parameters["weight"] = torch.nn.Parameter(norm_s.to(dev, torch.float32), requires_grad=False)
-    n, k = head_s.shape
-    fmt.check_layer_shape(fmt.LM_HEAD, n, k, spec.group_size)
+    k = head_s.shape[1]
     hess, count = torch.zeros(k, k, device=dev), 0
     for x in x_q:
         y = norm(x.to(dev)).reshape(-1, k).float()
         hess.addmm_(y.t(), y)
         count += y.shape[0]
     hess *= 2.0 / max(count, 1)
-    r, w = spec.rank_for(fmt.LM_HEAD), head_s.to(dev, torch.float32)
+    w = head_s.to(dev, torch.float32)
+    d = _decompose(run.plan, fmt.LM_HEAD, w, hess)
+    err = _output_error(d, w, hess)
+    stats["errors"].append(err)
+    _store_layer(tensors, stats, spec, fmt.LM_HEAD, d.codes, d.scales, d.up, d.down)
+    tqdm.write(f"{fmt.LM_HEAD}: relative output error {err:.4g} (rank {spec.rank_for(fmt.LM_HEAD)})")
+    return ServedLinear(d, None, False, spec.activation_bits, spec.activation_clip_ratio, 0,
+                        spec.activation_subspace_bits, spec.activation_type).to(dev)
+
+
+def _decompose(plan: _Plan, name: str, w: torch.Tensor, hess: torch.Tensor) -> Decomposed:
+    """One linear (`name` its full module name) split and quantized as the plan says."""
+    spec = plan.spec
+    r = spec.rank_for(name)
+    fmt.check_layer_shape(name, w.shape[0], w.shape[1], spec.group_size)
     if plan.split.method == "refined" and r:
         d, _ = decompose_refined(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess,
                                  plan.split.refine_iters)
-    else:
-        d = decompose(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess,
-                      plan.residual.method, plan.split.weighting)
+        return d
+    return decompose(w, r, spec.group_size, spec.scale_torch_dtype, spec.lowrank_torch_dtype, hess,
+                     plan.residual.method, plan.split.weighting)
+
+
+def _output_error(d: Decomposed, w: torch.Tensor, hess: torch.Tensor) -> float:
+    """Relative output error of the decomposed layer against its dense weight, under the input statistic."""
     diff = d.dequantized(torch.float32) - w
-    err = float(torch.sum((diff @ hess) * diff) / torch.sum((w @ hess) * w).clamp_min(1e-30))
-    tensors = {f"{fmt.LM_HEAD}.{fmt.WEIGHT_PACKED}": fmt.pack_codes(d.codes.cpu()),
-               f"{fmt.LM_HEAD}.{fmt.WEIGHT_SCALE}": d.scales.cpu().contiguous()}
+    return float(torch.sum((diff @ hess) * diff) / torch.sum((w @ hess) * w).clamp_min(1e-30))
+
+
+def _store_layer(tensors: dict, stats: dict, spec: fmt.TwinQuantSpec, name: str, codes, scales, up, down) -> None:
+    """A quantized layer's stored tensors into `tensors`, its count and stored bits into `stats`."""
+    r = 0 if down is None else down.shape[0]
+    tensors[f"{name}.{fmt.WEIGHT_PACKED}"] = fmt.pack_codes(codes.cpu())
+    tensors[f"{name}.{fmt.WEIGHT_SCALE}"] = scales.cpu().contiguous()
     if r:
-        tensors.update(fmt.lowrank_tensors(fmt.LM_HEAD, d.up.cpu(), d.down.cpu(), spec))
-    tqdm.write(f"{fmt.LM_HEAD}: relative output error {err:.4g} (rank {r})")
-    stats = {"layers": 1, "weights": n * k, "stored_bits": spec.effective_bits(n, k, r) * n * k, "errors": [err]}
-    served = ServedLinear(d, None, False, spec.activation_bits, spec.activation_clip_ratio, 0,
-                          spec.activation_subspace_bits, spec.activation_type).to(dev)
-    return served, tensors, stats
+        tensors.update(fmt.lowrank_tensors(name, up.cpu(), down.cpu(), spec))
+    stats["layers"] += 1
+    stats["weights"] += codes.numel()
+    stats["stored_bits"] += spec.effective_bits(codes.shape[0], codes.shape[1], r) * codes.numel()
 
 
 def _stored_parts(fam: Family, config, name: str, d: Decomposed, bias):

@@ -517,12 +517,14 @@ def _read_config(model_dir: str) -> dict[str, Any]:
 
 
 def load_spec(model_dir: str) -> TwinQuantSpec:
-    cfg_path = os.path.join(model_dir, "config.json")
-    cfg = _read_config(model_dir)
+    return _spec_of(_read_config(model_dir), model_dir)
+
+
+def _spec_of(cfg: dict[str, Any], model_dir: str) -> TwinQuantSpec:
     qc = cfg.get("quantization_config")
     if qc is None:
         raise TwinQuantFormatError(
-            f"{cfg_path}: no quantization_config; this is not a TwinQuant checkpoint "
+            f"{os.path.join(model_dir, 'config.json')}: no quantization_config; this is not a TwinQuant checkpoint "
             "(make one with `twinquant-quantize`)"
         )
     return TwinQuantSpec.from_dict(qc)
@@ -571,7 +573,8 @@ def checkpoint_tensors(model_dir: str) -> dict[str, tuple[str, tuple[int, ...], 
 def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantSpec:
     """Check a checkpoint directory against format v1; raise TwinQuantFormatError naming
     the file, tensor and what was expected. Returns the parsed spec."""
-    spec = load_spec(model_dir)
+    cfg = _read_config(model_dir)
+    spec = _spec_of(cfg, model_dir)
     tensors = checkpoint_tensors(model_dir)
     prefixes = sorted({n[: -len(WEIGHT_PACKED) - 1] for n in tensors if n.endswith("." + WEIGHT_PACKED)})
     if not prefixes:
@@ -604,7 +607,7 @@ def validate_checkpoint(model_dir: str, check_values: bool = True) -> TwinQuantS
                 f"{model_dir}: quantization_config.modules_to_not_convert {spec.modules_to_not_convert} leaves "
                 f"{LM_HEAD} out, so it is served quantized, but the checkpoint has no tensor {LM_HEAD}.{WEIGHT_PACKED}"
             )
-        if _read_config(model_dir).get("tie_word_embeddings", False):
+        if cfg.get("tie_word_embeddings", False):
             raise TwinQuantFormatError(
                 f"{os.path.join(model_dir, 'config.json')}: tie_word_embeddings is true, but {LM_HEAD} is quantized: "
                 "a quantized lm_head is stored untied from the embeddings (tie_word_embeddings: false)"

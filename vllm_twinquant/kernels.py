@@ -18,6 +18,7 @@ level and in the CUDA plan.
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -319,16 +320,11 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         return y.reshape(*shape[:-1], c.out_features)
 
 
-_HADAMARD: dict = {}
-
-
+@functools.cache
 def _hadamard(block: int, device: torch.device) -> torch.Tensor:
     """H_block in float32 on `device`, one per block size and device, shared by every layer that uses it
     (Llama-3-8B's o_proj alone would otherwise hold a 64 MB copy per block)."""
-    key = (block, str(device))
-    if key not in _HADAMARD:
-        _HADAMARD[key] = fmt.hadamard_matrix(block, torch.float32, device)
-    return _HADAMARD[key]
+    return fmt.hadamard_matrix(block, torch.float32, device)
 
 
 def _layer_shape(c: TwinQuantLayerConfig):
