@@ -4,6 +4,8 @@
 # float32 reference of the same numerics, then the end-to-end comparison. vLLM staged (../shared/gpu/stage.sh).
 #   bash benchmarks/e2e/run_w4a8_gpu.sh check           # cuda_plugin_check --activations int8, then `make`
 #   bash benchmarks/e2e/run_w4a8_gpu.sh bench CONFIG..  # e2e_h100.py bench (e.g. bf16 fp8 tq_r64 tq_r64_a8)
+#   bash benchmarks/e2e/run_w4a8_gpu.sh checks ACT..    # cuda_plugin_check --activations ACT for each of
+#                                                       # int8 fp8 int4 (correctness only: no timing is kept)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .gpu-stage/remote.sh env
@@ -16,8 +18,17 @@ case "${1:-}" in
       > "$out/cuda_plugin_check_w4a8_int8.log" 2>&1 || { tail -30 "$out/cuda_plugin_check_w4a8_int8.log"; }
     tail -5 "$out/cuda_plugin_check_w4a8_int8.log"
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 --out "$out" ;;
+  checks)
+    shift
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+    for act in "$@"; do
+      log="$out/cuda_plugin_check_$act.log"
+      if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" --activations "$act" \
+        > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
+      grep -E '"(max_abs_logprob_diff|greedy_agreement|pass_.*|plan_gate_up)"' "$log" || true
+    done ;;
   bench)
     shift
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
-  *) sed -n '2,6p' "$0"; exit 2 ;;
+  *) sed -n '2,8p' "$0"; exit 2 ;;
 esac
