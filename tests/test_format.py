@@ -304,6 +304,19 @@ def test_per_token_codes_are_the_formats_fp8_and_int8_grids():
         fmt.per_token_codes(x, 4, "float")
 
 
+def test_the_per_token_scale_is_the_correctly_rounded_float32_quotient():
+    # torch on CUDA divides by a Python number as a product with its rounded reciprocal, one ulp off for about
+    # half of all inputs; the kernels divide correctly rounded, so the format must too, on every device
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4096, 64, generator=g) * torch.logspace(-3, 3, 4096)[:, None]
+    amax = x.abs().amax(1).double()
+    for bits, kind, clip, qmax in ((8, "float", 1.0, 448.0), (8, "int", 1.0, 127.0), (4, "int", 0.9, 7.0)):
+        _, s = fmt.per_token_codes(x, bits, kind, clip)
+        product = (amax.float() * clip).double()  # c * max|x| rounded to float32 first, then the quotient
+        assert torch.equal(s[:, 0], (product / qmax).float()), (bits, kind)
+        assert not torch.equal((amax.float() * clip) * (1 / qmax), (product / qmax).float())  # the test can fail
+
+
 def test_a_checkpoint_is_redeclared_by_its_config_alone_and_only_to_declarations_the_format_has(tiny_tq, tmp_path):
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_tq, d)

@@ -415,6 +415,12 @@ def apply_online_hadamard(x: torch.Tensor, block: int | None = None, h: torch.Te
     return (x.to(work).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape).to(x.dtype)
 
 
+def _divide(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b correctly rounded on every device: torch on CUDA divides by a Python number as a product with
+    its rounded reciprocal (one ulp off for some a), so the divisor is a tensor of a's shape."""
+    return a / torch.full_like(a, b)
+
+
 def per_token_codes(x: torch.Tensor, bits: int, kind: str = "int",
                     clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token codes and scales (float32) of the residual product's input, x ~ codes * scale:
@@ -426,12 +432,12 @@ def per_token_codes(x: torch.Tensor, bits: int, kind: str = "int",
     if kind == "float":
         if bits != 8:
             raise ValueError(f"float activation codes are FP8 e4m3 (8 bits), not {bits}")
-        s = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
+        s = _divide(amax, FP8_E4M3_MAX).clamp_min(1e-12)
         return (xf / s).to(torch.float8_e4m3fn).float(), s
     if kind != "int":
         raise ValueError(f"activation code kind {kind!r}: expected one of {list(ACTIVATION_TYPES)}")
     qmax = 2 ** (bits - 1) - 1
-    s = (amax * clip_ratio / qmax).clamp_min(1e-12)
+    s = _divide(amax * clip_ratio, qmax).clamp_min(1e-12)
     return torch.round(xf / s).clamp(-qmax, qmax), s
 
 
