@@ -637,6 +637,7 @@ def _end_to_end_stage(run: _Run, result: QuantizeResult, e2e: rcp.EndToEnd, star
     _gate(run, result)
     with open(os.path.join(cur, "config.json")) as f:
         cfg = json.load(f)
+    cfg["quantization_config"]["recipe"] = run.plan.recipe.name  # its rounds are the recipe's own, not added after
     meta = cfg["quantization_config"]["metadata"]
     meta["end_to_end_check"].update(_check_record(result.check, run.bounds))
     meta["quantize_seconds"] = result.seconds

@@ -323,6 +323,26 @@ def test_tuned_recipe_records_the_tuning_and_computes_the_model(tiny_dense, tmp_
     assert errs["tuned"] <= 1.10 * errs["untuned"], errs
 
 
+def test_an_end_to_end_stage_keeps_each_rounds_better_rate_and_names_the_checkpoint_by_its_recipe(
+    tiny_dense, tmp_path
+):
+    """The recipe's end_to_end stage: two rates in the first round, the second round reuses the kept one;
+    the checkpoint records both rounds, is named by the recipe alone (finetune's "-e2e" suffix is for
+    rounds run after a recipe), and is checked end to end after the last round."""
+    rounds = [{"epochs": 1, "lrs": [1e-4, 1e-3], "nsamples": 8, "batch_size": 4, "eval_every": 1, "seed": 0},
+              {"epochs": 1, "lrs": [], "lr_from_previous": True, "nsamples": 8, "batch_size": 4, "eval_every": 1,
+               "seed": 1}]
+    out = str(tmp_path / "tq-e2e")
+    res = quantize(tiny_dense, small_recipe({"end_to_end": {"rounds": rounds}}), "random", out, device="cpu")
+    fmt.validate_checkpoint(out)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["recipe"] == "test"
+    tuned = qc["metadata"]["e2e_tuning"]
+    assert len(tuned) == 2 and tuned[1]["lr"] == tuned[0]["lr"] and tuned[1]["calibration"]["seed"] == 1
+    assert all(r["kept_kl"] <= min(v for _, v in r["heldout_kl"]) + 1e-9 for r in tuned)  # its best point is kept
+    assert qc["metadata"]["end_to_end_check"]["mean_kl"] == pytest.approx(res.check.mean_kl, rel=1e-5)
+
+
 def test_w4a4_subspace_checkpoint_serves_its_residual_stream_readers_with_8_bit_principal_channels(
     tiny_dense, tmp_path
 ):
