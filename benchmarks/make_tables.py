@@ -67,8 +67,7 @@ README_ROWS = [
     ("gptq-g64", "GPTQ, group 64", "`gptq`"),
     ("svd4-gptq-g64", "SVD split (rank 4) + GPTQ (LQER / SVDQuant-like)", "`svd-split`"),
     ("tq-attn-tune4-r4-g64-c128", "TwinQuant W4A16", "`twinquant-w4a16`"),
-    ("tq-attn-tune4-r4-g64-c128-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr1e-3-e2e1s2-lr1e-3",
-     "TwinQuant W4A16 + end-to-end tuning (one GPU)", "`twinquant-w4a16-e2e`"),
+    ("twinquant-w4a16-e2e-h100", "TwinQuant W4A16 + end-to-end tuning (one GPU)", "`twinquant-w4a16-e2e`"),
     ("tq-attn-tune4-sub64-clip0.8-r4-g64-c128-w4a4-gpu-e2e2-n4016-lr2e-3-e2e1s1-lr2e-3-e2e1s2-lr2e-3",
      "TwinQuant W4A4, ResQ 8-bit subspace, + e2e tuning", "`twinquant-w4a4-resq`+e2e"),
     ("twinquant-w4a8-int8", "TwinQuant W4A8-INT8", "`twinquant-w4a8-int8`"),
@@ -253,6 +252,7 @@ METHODS = {  # recipe (quantization_config.recipe) -> method column
     "a4-hadamard-gptq": "GPTQ W4A4 (online Hadamard only)",
     "twinquant-w4a8": "TwinQuant W4A8-FP8 (transforms, attention-aware GPTQ, block tuning with FP8 activations)",
     "twinquant-fast": "TwinQuant fast preset (transforms, SVD split, GPTQ)",
+    "twinquant-w4a16-e2e": "TwinQuant W4A16 preset + its three end-to-end rounds, from the recipe file alone (one GPU)",
     "twinquant-w4a8-int8": "TwinQuant W4A8-INT8 (transforms, attention-aware GPTQ, block tuning with INT8 activations)",
 }
 
