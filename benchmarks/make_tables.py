@@ -139,7 +139,10 @@ def w4a8_accuracy(path="benchmarks/results/accuracy_w4a8_smollm2.jsonl"):
 
 SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g128 (Machete)",
                "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64",
-               "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)"}
+               "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)",
+               "tq_r64_f8": "TwinQuant W4A8-FP8 g128, rank 64 (the rank-64 checkpoint declared W4A8-FP8)",
+               "fp8_kv8": "FP8 W8A8 (vLLM), FP8 KV cache",
+               "tq_r64_f8_kv8": "TwinQuant W4A8-FP8 g128, rank 64, FP8 KV cache"}
 
 
 def speed_table(path: str, configs: list[str], vs_fp8: bool = False) -> None:

@@ -173,3 +173,25 @@ def test_the_decode_breakdown_counts_kernels_launched_early_once_and_reports_the
     assert r["exclusive"]["twinquant_linear"] == pytest.approx(4.0)  # alone from 10 to 14 us
     assert sum(r["exclusive"].values()) < r["busy_us"] < sum(r["buckets"].values())
     assert r["lowrank_down_by_kind"] == {"qkv_proj": 8.0} and r["after_down_by_kind"] == {"qkv_proj": 4.0}
+
+
+def test_end_to_end_configs_declare_w4a8_by_config_alone_and_take_an_fp8_kv_cache(tiny_tq, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    import shutil
+
+    from e2e_h100 import config_activations, engine_args
+
+    shutil.copytree(tiny_tq, tmp_path / "tq_r8")
+    acts = {c: config_activations(c) for c in ("bf16", "fp8", "gptq", "tq_r8", "tq_r8_a8", "tq_r8_f8", "fp8_kv8",
+                                              "tq_r8_f8_kv8")}
+    assert acts == {"bf16": "bf16", "fp8": "fp8", "gptq": "bf16", "tq_r8": "bf16", "tq_r8_a8": "int8",
+                    "tq_r8_f8": "fp8", "fp8_kv8": "fp8", "tq_r8_f8_kv8": "fp8"}
+    for cfg, kind in (("tq_r8_a8", "int"), ("tq_r8_f8_kv8", "float")):
+        path, kw = engine_args(str(tmp_path), cfg)
+        q = json.load(open(os.path.join(path, "config.json")))["quantization_config"]
+        assert (q["activation_bits"], q["activation_type"]) == (8, kind)
+        assert kw.get("kv_cache_dtype") == ("fp8" if cfg.endswith("_kv8") else None)
+        assert kw["quantization"] == "twinquant"
+        assert os.path.samefile(os.path.join(path, "model.safetensors"), tmp_path / "tq_r8" / "model.safetensors")
+    assert engine_args(str(tmp_path), "fp8_kv8")[1] == {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    assert json.load(open(tmp_path / "tq_r8" / "config.json"))["quantization_config"]["activation_bits"] == 16

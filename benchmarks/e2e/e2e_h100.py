@@ -7,8 +7,9 @@ on the GPU; never zeros).
     # 2. one engine per config, each in its own process
     python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 tq_r64_a8 --out $OUT
            [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
-    (tq_r<R>_a8: tq_r<R> declared W4A8-INT8 by its config alone, the weights linked; tq_r<R>_h4: rank R with
-     lm_head quantized too, made with `make --head-ranks R`)
+    (tq_r<R>_a8 / _f8: tq_r<R> declared W4A8-INT8 / W4A8-FP8 by its config alone, the weights linked;
+     tq_r<R>_h4: rank R with lm_head quantized too, made with `make --head-ranks R`; a trailing _kv8 on any
+     config, e.g. tq_r64_f8_kv8 or fp8_kv8: the same checkpoint with --kv-cache-dtype fp8)
     # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64
     python benchmarks/e2e/e2e_h100.py serve --workdir W --configs bf16 tq_r64 --out $OUT
 
@@ -212,13 +213,25 @@ def config_rank(cfg: str) -> int | None:
     return int(cfg[4:].split("_")[0]) if cfg.startswith("tq_") else None
 
 
+KV8 = "_kv8"  # config suffix: the same engine with an FP8 KV cache
+DECLARED = {"_a8": ("int", "int8"), "_f8": ("float", "fp8")}  # suffix -> (activation_type, act. precision)
+
+
+def _split(cfg: str) -> tuple[str, bool]:
+    """A config without its _kv8 suffix, and whether it had one."""
+    return (cfg[: -len(KV8)], True) if cfg.endswith(KV8) else (cfg, False)
+
+
 def config_activations(cfg: str) -> str:
-    """The residual product's input: `tq_r<R>_a8` is tq_r<R> declared W4A8-INT8."""
-    return {"fp8": "fp8", "gptq": "bf16", "bf16": "bf16"}.get(cfg, "int8" if cfg.endswith("_a8") else "bf16")
+    """The residual product's input: `tq_r<R>_a8` (`_f8`) is tq_r<R> declared W4A8-INT8 (W4A8-FP8)."""
+    base, _ = _split(cfg)
+    if base in ("fp8", "gptq", "bf16"):
+        return {"fp8": "fp8"}.get(base, "bf16")
+    return next((act for suffix, (_, act) in DECLARED.items() if base.endswith(suffix)), "bf16")
 
 
-def declare_w4a8(src: str, dst: str) -> None:
-    """dst: the checkpoint src declared W4A8-INT8 by config alone (its other files linked)."""
+def declare_w4a8(src: str, dst: str, activation_type: str = "int") -> None:
+    """dst: the checkpoint src declared W4A8 (INT8 or FP8 activations) by config alone (its other files linked)."""
     from vllm_twinquant.format import declare_activations
 
     os.makedirs(dst, exist_ok=True)
@@ -226,15 +239,18 @@ def declare_w4a8(src: str, dst: str) -> None:
         if name != "config.json" and not os.path.exists(os.path.join(dst, name)):
             os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
     shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
-    declare_activations(dst, 8, "int")
+    declare_activations(dst, 8, activation_type)
 
 
 def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
     """Checkpoint folder and extra engine arguments of one config."""
-    path = os.path.join(workdir, "gptq" if cfg == "gptq" else (cfg if cfg.startswith("tq_") else "bf16"))
-    if cfg.startswith("tq_") and cfg.endswith("_a8") and not os.path.exists(os.path.join(path, "config.json")):
-        declare_w4a8(path[: -len("_a8")], path)
-    return path, {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(cfg, {"quantization": "twinquant"})
+    base, kv8 = _split(cfg)
+    path = os.path.join(workdir, "gptq" if base == "gptq" else (base if base.startswith("tq_") else "bf16"))
+    suffix = base[-3:]
+    if base.startswith("tq_") and suffix in DECLARED and not os.path.exists(os.path.join(path, "config.json")):
+        declare_w4a8(path[: -len(suffix)], path, DECLARED[suffix][0])
+    kw = {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(base, {"quantization": "twinquant"})
+    return path, {**kw, "kv_cache_dtype": "fp8"} if kv8 else kw
 
 
 def cmd_one(a) -> None:
@@ -351,6 +367,8 @@ def cmd_serve(a) -> None:
                "--seed", "0"]
         if "quantization" in kw:
             cmd += ["--quantization", kw["quantization"]]
+        if "kv_cache_dtype" in kw:
+            cmd += ["--kv-cache-dtype", kw["kv_cache_dtype"]]
         log_path = os.path.join(a.out, f"serve_{cfg}.log")
         rec = {"config": cfg, "rank": config_rank(cfg), "server_cmd": " ".join(cmd[1:])}
         t0 = time.time()

@@ -3,7 +3,8 @@
 # in this checkout): install the package with that table, check the plugin's W4A8 path inside vLLM against a
 # float32 reference of the same numerics, then the end-to-end comparison. vLLM staged (../shared/gpu/stage.sh).
 #   bash benchmarks/e2e/run_w4a8_gpu.sh check           # cuda_plugin_check --activations int8, then `make`
-#   bash benchmarks/e2e/run_w4a8_gpu.sh bench CONFIG..  # e2e_h100.py bench (e.g. bf16 fp8 tq_r64 tq_r64_a8)
+#   bash benchmarks/e2e/run_w4a8_gpu.sh bench CONFIG..  # e2e_h100.py bench (e.g. bf16 fp8 tq_r64 tq_r64_a8
+#                                                       # tq_r64_f8; a _kv8 suffix adds --kv-cache-dtype fp8)
 #   bash benchmarks/e2e/run_w4a8_gpu.sh checks ACT..    # cuda_plugin_check --activations ACT for each of
 #                                                       # int8 fp8 int4 (correctness only: no timing is kept)
 set -euo pipefail
