@@ -206,3 +206,17 @@ def test_a_tuned_table_makes_the_plan_pick_the_fastest_measured_config(tmp_path)
         p = plan(LayerShape(n, k, 128, 64), m, dev, tables)
         assert (p.kernel, vars(p.config) if p.kernel != "tile" else None) == \
             (win["kernel"], win["config"] if win["kernel"] != "tile" else None), (cls, m, p, win)
+
+
+def test_a_w4a4_sweep_checks_the_int8_candidates_and_writes_no_rows():
+    """tune.py sweep-w4a8 --act-quant int4 is the GPU check of W4A4's codes on the kernels int8 rows name."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                    "kernels"))
+    import tune
+
+    for m in (1, 16, 64, 128, 4096):
+        assert tune.w4a8_candidates(m, "int4") == tune.w4a8_candidates(m, "int8")
+    with pytest.raises(ValueError, match="int4 activation codes is a check"):
+        tune.build_w4a8_rows({"act_quant": "int4", "ms": [1], "records": []})

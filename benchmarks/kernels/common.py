@@ -104,12 +104,14 @@ def residual_weights(qw, sc, group=GROUP):
 
 
 
-def reference(x, qw, sc, down, up, group=GROUP, bounds=(), act_quant="none"):
+def reference(x, qw, sc, down, up, group=GROUP, bounds=(), act_quant="none", act_clip=1.0):
     """float32 reference (TF32 off); the residual is unpacked in plain torch, independently of Triton.
-    act_quant "fp8"/"int8": the residual product reads the format's per-token codes of x (W4A8)."""
+    act_quant "fp8"/"int8": the residual product reads the format's per-token codes of x (W4A8); "int4":
+    W4A4's 4-bit codes at scale act_clip * max|x| / 7."""
     xr = x.float()
     if act_quant != "none":
-        q, s = per_token_codes(x, 8, {"fp8": "float", "int8": "int"}[act_quant])
+        bits, kind = {"fp8": (8, "float"), "int8": (8, "int"), "int4": (4, "int")}[act_quant]
+        q, s = per_token_codes(x, bits, kind, act_clip)
         xr = q * s
     y = xr @ residual_weights(qw, sc, group).t()
     if down is not None:

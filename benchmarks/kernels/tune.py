@@ -18,7 +18,7 @@ longer sweeps). The `sources` of the written table say so.
 The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_rs_int8`: layers with
 8-bit activations) come from their own sweeps, into the same table:
 
-    python benchmarks/kernels/tune.py sweep-w4a8 --act-quant fp8|int8 --out DIR           # on the GPU
+    python benchmarks/kernels/tune.py sweep-w4a8 --act-quant fp8|int8|int4 --out DIR      # on the GPU
     python benchmarks/kernels/tune.py table-w4a8 --sweep DIR/sweep_w4a8_<act>_<device>.json --write TABLE
 
 For every shape class and M it times the layer as the plan runs it as W4A16 (x unquantized) and
@@ -27,6 +27,9 @@ reference of the W4A8 numerics). The Triton kernel's row names its fastest confi
 (M <= 16) it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there.
 The rows of the kernels the plan tries first (cuBLAS FP8, the Gluon INT8 kernel) name them where
 they were the fastest W4A8 kernel. M above the last swept one takes its choice.
+`--act-quant int4` (W4A4's 4-bit codes, clipped at INT4_CLIP, which run on int8's kernels and rows) is
+the per-layer GPU check of those codes: every int8 candidate against the float32 reference of the W4A4
+numerics, timed too, no rows written.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ def sweep(out: str, ms: list[int]) -> str:
 
 
 W4A8_MS = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
+INT4_CLIP = 0.8  # the activation clip of the W4A4 preset (twinquant-w4a4-resq)
 DECODE_M = 16  # up to here a W4A8 layer may run as W4A16 (x unquantized) where that is faster
 
 
@@ -125,6 +129,7 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
     from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig as Rs
 
+    act_quant = "int8" if act_quant == "int4" else act_quant  # W4A4's codes run int8's kernels
     cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
     gluon = []
     if act_quant == "int8" and m >= 64:
@@ -156,9 +161,13 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
     from common import GROUP, flush_copies, graph_time_ms, layer_bytes, make_layer, reference
 
     import csrc_triton as ct
+    from csrc_triton.kernels import w4a8
 
     device = ct.Device.of(torch.device("cuda"))
     dtype, rank = torch.bfloat16, 64
+    clip = INT4_CLIP if act_quant == "int4" else 1.0
+    if act_quant not in w4a8.CHECKED_ON_GPU:  # this sweep is that check: let the kernels take it in this process
+        w4a8.CHECKED_ON_GPU = (*w4a8.CHECKED_ON_GPU, act_quant)
     gen = torch.Generator(device="cuda").manual_seed(0)
     recs, t0 = [], time.time()
     os.makedirs(out, exist_ok=True)
@@ -173,15 +182,17 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
             try:
                 qw, sc, down, up = make_layer(k, n, rank, dtype, gen)
                 xc = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-                ref = reference(xc, qw, sc, down, up, GROUP, act_quant=act_quant)
+                ref = reference(xc, qw, sc, down, up, GROUP, act_quant=act_quant, act_clip=clip)
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                ct.gemm(xc, ct.repack(qw, GROUP), sc, GROUP, down, up, out=y, config=cfg, act_quant=act_quant)
+                ct.gemm(xc, ct.repack(qw, GROUP), sc, GROUP, down, up, out=y, config=cfg, act_quant=act_quant,
+                        act_clip=clip)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 if not err <= 1e-2:
                     print(f"  MISMATCH {kernel} {cfg} M={m} {cls}: {err:.2e}", flush=True)
                     continue
                 ms_ = graph_time_ms([lambda L=L, x=x, cfg=cfg: ct.gemm(x, L[0], L[1], GROUP, L[2], L[3], config=cfg,
-                                                                       act_quant=act_quant) for L in layers], reps=20)
+                                                                       act_quant=act_quant, act_clip=clip)
+                                     for L in layers], reps=20)
             except Exception as e:  # noqa: BLE001 -- a config that cannot compile or launch here is skipped
                 print(f"  {kernel} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -197,7 +208,8 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:
         json.dump({"device": device.name, "capability": list(device.capability), "ms": ms, "rank": rank,
-                   "act_quant": act_quant, "seconds": round(time.time() - t0, 1), "command": " ".join(sys.argv),
+                   "act_quant": act_quant, "act_clip": clip, "seconds": round(time.time() - t0, 1),
+                   "command": " ".join(sys.argv),
                    "records": recs}, f, indent=1)
     return path
 
@@ -211,6 +223,8 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
     Triton W4A8 config at every swept M, except at decode sizes (M <= DECODE_M) where the W4A16 plan
     measured faster (null); `w4a8_fp8_cublas` ({} or null) and `w4a8_rs_int8` (a config or null),
     for the kernels the sweep timed, name that kernel where it was the fastest W4A8 kernel."""
+    if sweep_data["act_quant"] not in ("fp8", "int8"):
+        raise ValueError(f"a sweep of {sweep_data['act_quant']} activation codes is a check: they run the int8 rows")
     ms = sorted(sweep_data["ms"])
     rows: dict[str, list[dict]] = {f"w4a8_{sweep_data['act_quant']}": []}
     timed = {r["kernel"] for r in sweep_data["records"]}
@@ -268,7 +282,7 @@ def main() -> None:
     s8 = sub.add_parser("sweep-w4a8", help="time the W4A8 kernel's candidate configs on this GPU")
     s8.add_argument("--out", default=os.environ.get("OUT", "."))
     s8.add_argument("--ms", type=int, nargs="+", default=W4A8_MS)
-    s8.add_argument("--act-quant", choices=["fp8", "int8"], default="fp8")
+    s8.add_argument("--act-quant", choices=["fp8", "int8", "int4"], default="fp8")
     t8 = sub.add_parser("table-w4a8", help="write the w4a8 rows a W4A8 sweep implies into a table")
     t8.add_argument("--sweep", required=True)
     t8.add_argument("--write", required=True, help="the device's table, updated in place")
