@@ -315,3 +315,12 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
         assert why in ct.dispatch.kernels()["w4a8_rs"].can_implement(int8, device)[1]
     monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "w4a8_rs")
     assert ct.plan(int8, 8192, h100, tables).kernel == "w4a8"
+
+
+def test_a_gpu_check_script_lets_its_own_process_plan_a_precision_once(monkeypatch):
+    from csrc_triton.kernels import w4a8
+
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8", "int8"))
+    assert not w4a8.device_supports("int4", (9, 0))[0]
+    assert w4a8.check_here("int4") and not w4a8.check_here("int4") and not w4a8.check_here("int8")
+    assert w4a8.CHECKED_ON_GPU == ("fp8", "int8", "int4") and w4a8.device_supports("int4", (9, 0))[0]

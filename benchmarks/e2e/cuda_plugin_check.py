@@ -133,9 +133,8 @@ def main():
 
     from csrc_triton.kernels import w4a8
 
-    if args.activations not in ("bf16", *w4a8.CHECKED_ON_GPU):  # what this check is for: let the plan take them
-        w4a8.CHECKED_ON_GPU = (*w4a8.CHECKED_ON_GPU, args.activations)  # (in this process; the engine runs here)
-        rec["checked_here_first"] = args.activations
+    if args.activations != "bf16" and w4a8.check_here(args.activations):  # what this check is for (the engine
+        rec["checked_here_first"] = args.activations  # runs in this process)
 
     eps = [e.name for e in entry_points(group="vllm.general_plugins")]
     rec["plugin_entry_points"] = eps

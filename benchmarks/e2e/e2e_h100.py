@@ -222,12 +222,18 @@ def _split(cfg: str) -> tuple[str, bool]:
     return (cfg[: -len(KV8)], True) if cfg.endswith(KV8) else (cfg, False)
 
 
+def _declared(base: str) -> str | None:
+    """The W4A8 declaration suffix (a key of DECLARED) of a TwinQuant config without _kv8, if it has one."""
+    return base[-3:] if base.startswith("tq_") and base[-3:] in DECLARED else None
+
+
 def config_activations(cfg: str) -> str:
     """The residual product's input: `tq_r<R>_a8` (`_f8`) is tq_r<R> declared W4A8-INT8 (W4A8-FP8)."""
     base, _ = _split(cfg)
-    if base in ("fp8", "gptq", "bf16"):
-        return {"fp8": "fp8"}.get(base, "bf16")
-    return next((act for suffix, (_, act) in DECLARED.items() if base.endswith(suffix)), "bf16")
+    if base == "fp8":
+        return "fp8"
+    suffix = _declared(base)
+    return DECLARED[suffix][1] if suffix else "bf16"
 
 
 def declare_w4a8(src: str, dst: str, activation_type: str = "int") -> None:
@@ -246,8 +252,8 @@ def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
     """Checkpoint folder and extra engine arguments of one config."""
     base, kv8 = _split(cfg)
     path = os.path.join(workdir, "gptq" if base == "gptq" else (base if base.startswith("tq_") else "bf16"))
-    suffix = base[-3:]
-    if base.startswith("tq_") and suffix in DECLARED and not os.path.exists(os.path.join(path, "config.json")):
+    suffix = _declared(base)
+    if suffix and not os.path.exists(os.path.join(path, "config.json")):
         declare_w4a8(path[: -len(suffix)], path, DECLARED[suffix][0])
     kw = {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(base, {"quantization": "twinquant"})
     return path, {**kw, "kv_cache_dtype": "fp8"} if kv8 else kw

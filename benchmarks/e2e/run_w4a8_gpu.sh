@@ -12,22 +12,22 @@ cd "$(dirname "$0")/../.."
 source .gpu-stage/remote.sh env
 out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
 work=$HOME/e2e-w4a8
+plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
+  python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+  for act in "$@"; do
+    log="$out/cuda_plugin_check_$act.log"
+    if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" --activations "$act" \
+      > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
+    grep -E '"(max_abs_logprob_diff|greedy_agreement|pass_.*|plan_gate_up)"' "$log" || true
+  done
+}
 case "${1:-}" in
   check)
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
-    python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck" --out "$out" --activations int8 \
-      > "$out/cuda_plugin_check_w4a8_int8.log" 2>&1 || { tail -30 "$out/cuda_plugin_check_w4a8_int8.log"; }
-    tail -5 "$out/cuda_plugin_check_w4a8_int8.log"
+    plugin_checks int8
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 --out "$out" ;;
   checks)
     shift
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
-    for act in "$@"; do
-      log="$out/cuda_plugin_check_$act.log"
-      if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" --activations "$act" \
-        > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
-      grep -E '"(max_abs_logprob_diff|greedy_agreement|pass_.*|plan_gate_up)"' "$log" || true
-    done ;;
+    plugin_checks "$@" ;;
   bench)
     shift
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;

@@ -127,9 +127,10 @@ DECODE_M = 16  # up to here a W4A8 layer may run as W4A16 (x unquantized) where 
 
 def w4a8_candidates(m: int, act_quant: str) -> list:
     from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
+    from csrc_triton.kernels.w4a8 import table_key
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig as Rs
 
-    act_quant = "int8" if act_quant == "int4" else act_quant  # W4A4's codes run int8's kernels
+    act_quant = table_key(act_quant)  # W4A4's codes run int8's kernels
     cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
     gluon = []
     if act_quant == "int8" and m >= 64:
@@ -166,8 +167,7 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
     device = ct.Device.of(torch.device("cuda"))
     dtype, rank = torch.bfloat16, 64
     clip = INT4_CLIP if act_quant == "int4" else 1.0
-    if act_quant not in w4a8.CHECKED_ON_GPU:  # this sweep is that check: let the kernels take it in this process
-        w4a8.CHECKED_ON_GPU = (*w4a8.CHECKED_ON_GPU, act_quant)
+    w4a8.check_here(act_quant)  # this sweep is that check
     gen = torch.Generator(device="cuda").manual_seed(0)
     recs, t0 = [], time.time()
     os.makedirs(out, exist_ok=True)

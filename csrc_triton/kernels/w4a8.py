@@ -49,6 +49,16 @@ _MAGIC = tl.constexpr(ROUND_MAGIC)
 CONVERTS = ("cvt", "bias")  # int32 group sums -> fp32: cvt.rn.f32.s32, or the bias conversion above
 
 
+def check_here(act_quant: str) -> bool:
+    """For the scripts that check a precision's codes on a GPU (tune.py sweep-w4a8, cuda_plugin_check.py): this
+    process's plan takes them as if checked. True if they were not in CHECKED_ON_GPU before."""
+    global CHECKED_ON_GPU
+    if act_quant in CHECKED_ON_GPU:
+        return False
+    CHECKED_ON_GPU = (*CHECKED_ON_GPU, act_quant)
+    return True
+
+
 def table_key(act_quant: str) -> str:
     """The launch-table rows a precision's layers use: int4 codes run int8's instructions."""
     return "int8" if act_quant == "int4" else act_quant
