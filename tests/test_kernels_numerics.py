@@ -80,6 +80,48 @@ def test_large_m_path_matches_float64(bounds, r):
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
+@pytest.mark.parametrize("bounds,r", [((), 8), ((64, 288), 8), ((64, 288), 24), ((200,), 0)])
+def test_large_m_path_makes_a_wide_layer_in_row_ranges(monkeypatch, bounds, r):
+    """A layer whose transient weights exceed TRANSIENT_BYTES (here: every layer) is made and
+    multiplied in ranges of 128 rows inside one slot each (a slot of 224 rows in two); every output
+    is written and matches float64, folded (rank 8) or concatenated (rank 24), with a bias."""
+    from csrc_triton.kernels import base
+
+    monkeypatch.setattr(base, "TRANSIENT_BYTES", 1)
+    n, k, m = 320, 576, 17
+    assert ct.fold_lowrank(m, n, 8) and not ct.fold_lowrank(m, n, 24)
+    qw, sc, down, up = kernel_layer(n, k, 64, r, len(bounds) + 1, torch.bfloat16, seed=11)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    ct.linear(x, ct.repack(qw, 64), sc, 64, down, up, b, slot_bounds=bounds, large_m_threshold=0, out=out)
+    assert not torch.isnan(out).any(), "some outputs were never written"
+    ref = kernel_reference(x, qw, sc, 64, down, up, b, bounds)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("n,bounds,k", [(320, (), 576), (320, (64, 288), 576), (128256, (), 4096),
+                                        (28672, (14336,), 4096), (1000, (130, 131), 256)])
+@pytest.mark.parametrize("cap", [1, 1 << 20, 256 << 20])
+def test_row_ranges_tile_the_layer_inside_slots_under_the_cap(monkeypatch, n, bounds, k, cap):
+    from csrc_triton.kernels import base
+
+    monkeypatch.setattr(base, "TRANSIENT_BYTES", cap)
+    b1, b2 = (list(bounds) + [base.NO_BOUNDARY] * 2)[:2]
+    a = base.Launch(torch.empty(1, k), torch.empty(n, k // 8, dtype=torch.int32), None, None, None, None, None,
+                    None, None, 128, b1, b2, 256, False, lambda: (None, 0))
+    ranges = a.row_ranges(2)
+    assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]] and ranges[-1][1] == n
+    if n * k * 2 <= cap:
+        assert ranges == [(0, n)]
+        return
+    edges = (0, *bounds, n)
+    for lo, hi in ranges:
+        assert any(e0 <= lo < hi <= e1 for e0, e1 in zip(edges, edges[1:])), (lo, hi, edges)
+        assert (hi - lo) * k * 2 <= max(cap, 128 * k * 2)
+        assert (hi - lo) % 128 == 0 or hi in edges
+
+
 @pytest.mark.parametrize("bounds,tile,r", [((), (64, 128, 4), 12), ((40, 100), (32, 64, 4), 12),
                                           ((16, 17), (16, 128, 4), 12), ((40,), (64, 64, 4), 80)])
 def test_fold_gives_the_effective_weights(bounds, tile, r):

@@ -148,6 +148,38 @@ def test_w4a8_fp8_layers_take_cublas_block_scaled_gemm_where_the_table_says_and_
     assert "not FP8" in ct.dispatch.kernels()["fp8_cublas"].can_implement(int8, h100)[1]
 
 
+@pytest.mark.parametrize("cap", [1, 256 << 20])
+def test_fp8_cublas_makes_its_codes_in_row_ranges_and_matches_float64_of_the_format_numerics(monkeypatch, cap):
+    """fp8_cublas's bookkeeping on the CPU: cuBLAS's 1x128 x 1x128 block-scaled GEMM stood in for by its
+    definition, the layer made whole or (cap 1) in 128-row ranges inside the slots of a merged layer; the
+    output is poisoned first, and the low-rank term and bias are added over every slot."""
+    from csrc_triton.kernels import base, fp8_cublas
+
+    def block_scaled_mm(a, b, scale_a, scale_b, out_dtype, out=None):
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] == b.shape[0]
+        assert scale_a.shape == (a.shape[0], a.shape[1] // 128) and scale_b.shape == (b.shape[0] // 128, b.shape[1])
+        y = (a.double() * scale_a.double().repeat_interleave(128, 1)) @ (
+            b.double() * scale_b.double().repeat_interleave(128, 0))
+        return y.to(out_dtype) if out is None else out.copy_(y)
+
+    monkeypatch.setattr(base, "TRANSIENT_BYTES", cap)
+    monkeypatch.setattr(torch, "_scaled_mm", block_scaled_mm)
+    m, n, k, r, bounds = 5, 320, 256, 8, (64, 288)
+    qw, sc, down, up = kernel_layer(n, k, 128, r, 3, torch.bfloat16, seed=5)
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    a = base.Launch(x, ct.repack(qw, 128), sc, down, up, None, None, b, out, 128, *bounds, 64, False,
+                    lambda: (None, 0), act_quant="fp8")
+    assert len(a.row_ranges(1)) == (4 if cap == 1 else 1)
+    fp8_cublas.KERNEL.launch(a, fp8_cublas.Fp8CublasConfig())
+    assert not torch.isnan(out).any(), "some outputs were never written"
+    ref = kernel_reference(x, qw, sc, 128, down, up, b, bounds, "fp8", 1.0)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+    w16 = kernel_reference(x, qw, sc, 128, down, up, b, bounds, None)
+    assert (out.double() - ref).norm() < (out.double() - w16).norm()
+
+
 def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_can_run_it(monkeypatch):
     """The plugin asks the plan's W4A8 kernel itself, so a GPU without the tensor cores and the switch
     TWINQUANT_DISABLED_KERNELS=w4a8 both send the layer to the next plugin kernel at load, with the reason,

@@ -15,6 +15,9 @@ from csrc_triton.layout import max_block_n_for
 from vllm_twinquant import envs
 
 NO_BOUNDARY = 1 << 30  # a slot boundary past every row: that slot does not exist
+# The most bytes of transient weights a large-M kernel (dequant_cublas, fp8_cublas) makes at once: a wider layer is
+# made and multiplied in row ranges (a 128k-vocabulary lm_head is 1 GB in bf16 at K = 4096)
+TRANSIENT_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,21 @@ class Launch:
     @property
     def has_us(self) -> bool:
         return self.up_scale is not None
+
+    @property
+    def slot_edges(self) -> tuple[int, ...]:
+        """First output row of every slot, then N."""
+        return (0, *[b for b in (self.slot_b1, self.slot_b2) if b < self.n], self.n)
+
+    def row_ranges(self, bytes_per_weight: int) -> list[tuple[int, int]]:
+        """The output-row ranges a large-M kernel makes its transient weights for, one at a time: the
+        whole layer where it takes at most TRANSIENT_BYTES, else ranges of a multiple of 128 rows
+        inside one slot each, of at most that many bytes."""
+        if self.n * self.k * bytes_per_weight <= TRANSIENT_BYTES:
+            return [(0, self.n)]
+        rows = max(128, TRANSIENT_BYTES // (self.k * bytes_per_weight) // 128 * 128)
+        edges = self.slot_edges
+        return [(lo, min(lo + rows, hi)) for a, hi in zip(edges, edges[1:]) for lo in range(a, hi, rows)]
 
     def operands(self, ws: torch.Tensor | None) -> tuple:
         """The residual kernels' first pointer arguments: x, codes, scales, U, U's scales, t, bias

@@ -3,11 +3,13 @@
 `dequantize` writes deq(R) (in the checkpoint's column order) and, where `fold_lowrank` says so,
 adds U_s D_s of every slot to it in the same pass (tensor-core products over 64-wide rank slices,
 rounded once); else the layer runs [x | x D^T] @ [deq(R) | U_blockdiag]^T. The weights are freed
-after the call: no dense copy is kept.
+after the call: no dense copy is kept. A layer whose dense weights exceed `TRANSIENT_BYTES` is made
+and multiplied in row ranges (`Launch.row_ranges`).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -148,28 +150,33 @@ class DequantCublasKernel(Kernel):
         return DequantConfig(fold=shape.rank == 0 or fold_lowrank(m, shape.n, shape.rank))
 
     def launch(self, a: Launch, cfg: DequantConfig) -> None:
-        x, n, k = a.x, a.n, a.k
+        x, k = a.x, a.k
         down, up = a.down, a.up
         if a.has_lr:
             check_factor(down, a.down_scale, down.shape[0], "down")
-            check_factor(up, a.up_scale, n, "up")
+            check_factor(up, a.up_scale, a.n, "up")
             if a.down_scale is not None:
                 down, up = dequantize_rows(down, a.down_scale, x.dtype), dequantize_rows(up, a.up_scale, x.dtype)
-        bounds = tuple(b for b in (a.slot_b1, a.slot_b2) if b < n)
-        if not a.has_lr or cfg.fold:
-            w = dequantize(a.qweight, a.scales, a.group_size, x.dtype, down=down if a.has_lr else None,
-                           up=up if a.has_lr else None, slot_bounds=bounds)
-            torch.mm(x, w.t(), out=a.out) if a.bias is None else torch.addmm(a.bias, x, w.t(), out=a.out)
-            return
-        r = up.shape[1]
-        w = torch.empty((n, k + down.shape[0]), dtype=x.dtype, device=x.device)
-        dequantize(a.qweight, a.scales, a.group_size, x.dtype, out=w[:, :k])
-        w[:, k:].zero_()
-        edges = (0, *bounds, n)
-        for s in range(len(edges) - 1):
-            w[edges[s] : edges[s + 1], k + s * r : k + (s + 1) * r] = up[edges[s] : edges[s + 1]]
-        xt = torch.cat([x, torch.mm(x, down.t())], dim=1)
-        torch.mm(xt, w.t(), out=a.out) if a.bias is None else torch.addmm(a.bias, xt, w.t(), out=a.out)
+        fold = not a.has_lr or cfg.fold
+        r, edges = a.rank, a.slot_edges
+        xt = x if fold else torch.cat([x, torch.mm(x, down.t())], dim=1)
+        for lo, hi in a.row_ranges(x.element_size()):  # the whole layer, unless its weights are too many
+            first, last = bisect.bisect_right(edges, lo) - 1, bisect.bisect_right(edges, hi - 1) - 1
+            if fold:
+                w = dequantize(a.qweight[lo:hi], a.scales[lo:hi], a.group_size, x.dtype,
+                               down=down[first * r : (last + 1) * r] if a.has_lr else None,
+                               up=up[lo:hi] if a.has_lr else None,
+                               slot_bounds=tuple(b - lo for b in edges[first + 1 : last + 1]))
+            else:  # [x | x D^T] @ [deq(R) | U, block-diagonal over the slots]^T
+                w = torch.empty((hi - lo, k + down.shape[0]), dtype=x.dtype, device=x.device)
+                dequantize(a.qweight[lo:hi], a.scales[lo:hi], a.group_size, x.dtype, out=w[:, :k])
+                w[:, k:].zero_()
+                for s in range(first, last + 1):
+                    s_lo, s_hi = max(edges[s], lo), min(edges[s + 1], hi)
+                    w[s_lo - lo : s_hi - lo, k + s * r : k + (s + 1) * r] = up[s_lo:s_hi]
+            y = a.out[:, lo:hi]
+            torch.mm(xt, w.t(), out=y) if a.bias is None else torch.addmm(a.bias[lo:hi], xt, w.t(), out=y)
+            del w
 
 
 KERNEL = DequantCublasKernel()

@@ -6,9 +6,10 @@ The format's numerics are a block-scaled FP8 GEMM with 1 x 128 blocks on both si
 activation codes xq with their per-token scale (the same for every block of a token), the weight
 codes q = c - 8 with the group scales (group size 128). So above the table's threshold the layer
 makes e4m3(q) for the whole layer in one pass (`w4a8.codes_to_8bit`, N x K bytes, freed after
-the call, as `dequant_cublas` does for W4A16) and calls `torch._scaled_mm` with 1x128 x 1x128
-block scaling (cuBLAS, sm_90, CUDA 12.9+). The low-rank term reads x unquantized, as everywhere:
-t = x @ D^T from `lowrank_down`, then one bf16 product per slot added into y, and the bias.
+the call; in row ranges above `TRANSIENT_BYTES`, as `dequant_cublas` does for W4A16) and calls
+`torch._scaled_mm` with 1x128 x 1x128 block scaling (cuBLAS, sm_90, CUDA 12.9+). The low-rank
+term reads x unquantized, as everywhere: t = x @ D^T from `lowrank_down`, then one bf16 product
+per slot added into y, and the bias.
 """
 
 from __future__ import annotations
@@ -61,18 +62,22 @@ class Fp8CublasKernel(Kernel):
     def launch(self, a: Launch, cfg: Fp8CublasConfig) -> None:
         m, k = a.m, a.k
         xq, xs, _ = quantize_rows(a.x, "fp8", a.group_size)
-        w8 = codes_to_8bit(a.qweight, a.group_size, "fp8")  # [N, K]
         scale_a = xs.expand(k // BLOCK, m).contiguous().t()  # [M, K/128], M-major
-        scale_b = a.scales.float().t().contiguous()  # [K/128, N], N-major
         y = a.out
-        torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype, out=y)
-        del w8
+        for lo, hi in a.row_ranges(1):  # the whole layer, unless its codes are too many
+            w8 = codes_to_8bit(a.qweight[lo:hi], a.group_size, "fp8")  # [rows, K]
+            scale_b = a.scales[lo:hi].float().t().contiguous()  # [K/128, rows], N-major
+            if (lo, hi) == (0, a.n):
+                torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype, out=y)
+            else:
+                y[:, lo:hi] = torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype)
+            del w8
         if a.has_lr:
             t = lowrank_down(a.x, a.down, reduce=True, down_scale=a.down_scale)[0].to(a.x.dtype)
             up = a.up if a.up_scale is None else (a.up.float() * a.up_scale[:, None]).to(a.x.dtype)
-            r, bounds = a.rank, (0, *[b for b in (a.slot_b1, a.slot_b2) if b < a.n], a.n)
-            for s in range(len(bounds) - 1):
-                lo, hi = bounds[s], bounds[s + 1]
+            r, edges = a.rank, a.slot_edges
+            for s in range(len(edges) - 1):
+                lo, hi = edges[s], edges[s + 1]
                 y[:, lo:hi].addmm_(t[:, s * r:(s + 1) * r], up[lo:hi].t())
         if a.bias is not None:
             y += a.bias
