@@ -218,5 +218,8 @@ def test_a_w4a4_sweep_checks_the_int8_candidates_and_writes_no_rows():
 
     for m in (1, 16, 64, 128, 4096):
         assert tune.w4a8_candidates(m, "int4") == tune.w4a8_candidates(m, "int8")
+    from offline_quantizer.recipe import Activations, load_recipe
+
+    assert tune.INT4_CLIP == load_recipe("twinquant-w4a4-resq").get(Activations).clip  # the codes the preset makes
     with pytest.raises(ValueError, match="int4 activation codes is a check"):
         tune.build_w4a8_rows({"act_quant": "int4", "ms": [1], "records": []})

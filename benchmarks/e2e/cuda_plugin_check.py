@@ -5,9 +5,9 @@ float32 transformers model holding the checkpoint's effective weights (U @ D + d
 
     python benchmarks/e2e/cuda_plugin_check.py --workdir /tmp/tqcheck --out $OUT [--lowrank-dtype int8]
         [--head]                        # lm_head quantized too (residual.modules_to_not_convert: [])
-        [--activations int8|fp8|int4]   # the checkpoint declared W4A8 (W4A4: 4-bit codes clipped at 0.9, the
-                                        # online Hadamard transform before o_proj/down_proj); the reference
-                                        # quantizes x per token the same way
+        [--activations int8|fp8|int4]   # the checkpoint declared W4A8 (W4A4: 4-bit codes clipped as the
+                                        # W4A4 preset's, the online Hadamard transform before o_proj/down_proj);
+                                        # the reference quantizes x per token the same way
 Exits non-zero on a mismatch. Needs vLLM (CUDA build) and this package installed.
 """
 
@@ -123,7 +123,10 @@ def main():
         from vllm_twinquant.format import declare_activations
 
         if args.activations == "int4":  # codes for a kernel check (its weights were not quantized rotated)
-            declare_activations(tq, 4, "int", activation_clip_ratio=0.9, online_hadamard=["o_proj", "down_proj"])
+            from offline_quantizer.recipe import Activations, load_recipe
+
+            clip = load_recipe("twinquant-w4a4-resq").get(Activations).clip  # the W4A4 preset's codes
+            declare_activations(tq, 4, "int", activation_clip_ratio=clip, online_hadamard=["o_proj", "down_proj"])
         else:
             declare_activations(tq, 8, "int" if args.activations == "int8" else "float")
 
