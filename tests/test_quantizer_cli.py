@@ -73,6 +73,23 @@ def test_the_command_line_prints_the_recipe_it_would_run(capsys):
     assert all(name in listed for name in rcp.presets())
 
 
+def test_the_accuracy_table_script_runs_valid_recipes_one_per_row():
+    """benchmarks/accuracy/smollm2_table.sh --recipes prints the recipe of every quantized row through
+    twinquant-quantize --print-recipe: an unknown flag or override fails it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "accuracy", "smollm2_table.sh")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.run(["bash", script, "--recipes"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(maxsplit=2)[1] for line in open(script) if line.startswith("q ")]
+    docs = proc.stdout.split("--- # ")[1:]
+    assert [d.split("\n", 1)[0] for d in docs] == rows and len(rows) > 20
+    recipes = {d.split("\n", 1)[0]: rcp.recipe_from_dict(yaml.safe_load(d.split("\n", 1)[1])) for d in docs}
+    assert recipes["tq-attn-tune4-r4-g64-c128"].to_dict()["stages"] == rcp.load_recipe("twinquant-w4a16").to_dict()[
+        "stages"]
+    assert {type(s).__name__ for s in recipes["twinquant-r4-g64"].stages} >= {"Rotation", "Smoothing", "Split"}
+
+
 def test_every_option_says_what_it_does_and_its_default(capsys):
     with pytest.raises(SystemExit):
         cli(["--help"])

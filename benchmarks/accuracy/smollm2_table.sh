@@ -2,64 +2,84 @@
 # Perplexity table of README (CPU): quantize SmolLM2-135M-Instruct several ways and score each
 # checkpoint through vLLM + the plugin on the held-out Wikipedia split.
 #   bash benchmarks/accuracy/smollm2_table.sh [RESULTS_JSONL]
+#   bash benchmarks/accuracy/smollm2_table.sh --recipes    # each quantized row's recipe as YAML; nothing is run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+recipes_only=false
+if [ "${1:-}" = --recipes ]; then recipes_only=true; shift; fi
 out=${1:-benchmarks/results/accuracy_smollm2.jsonl}
 model=models/smollm2-135m-instruct
 calib=models/data/calib.jsonl
 runs=runs/table
-mkdir -p "$runs" "$(dirname "$out")"
-: > "$out"
-twinquant-eval "$model" --json "$out" --label "dense (fp32 compute)"
-q() {  # label, extra args
+if ! $recipes_only; then
+  mkdir -p "$runs" "$(dirname "$out")"
+  : > "$out"
+  twinquant-eval "$model" --json "$out" --label "dense (fp32 compute)"
+fi
+q() {  # label, recipe and overrides (64 windows unless a row says otherwise; ablation rows are measured, not
+       # gated: --max-kl inf)
   local label=$1; shift
   local dir="$runs/$label"
-  [ -d "$dir" ] || twinquant-quantize --model "$model" --output "$dir" --calib "$calib" --nsamples 64 --seqlen 256 "$@"
+  if $recipes_only; then
+    echo "--- # $label"; twinquant-quantize --nsamples 64 --seqlen 256 "$@" --print-recipe; return
+  fi
+  [ -d "$dir" ] || twinquant-quantize --model "$model" --output "$dir" --calib "$calib" --nsamples 64 --seqlen 256 \
+    --max-kl inf "$@"
   twinquant-eval "$dir" --json "$out" --label "$label"
 }
-q rtn-g32 --residual rtn --rank 0 --group-size 32
-q rtn-g64 --residual rtn --rank 0 --group-size 64
-q gptq-g64 --residual gptq --rank 0 --group-size 64
-q svd8-gptq-g64 --residual gptq --rank 8 --group-size 64
-q svd16-gptq-g64 --residual gptq --rank 16 --group-size 64
-q svd32-gptq-g64 --residual gptq --rank 32 --group-size 64
+# the transforms and split of docs/method.md, each on its own
+rot=(--set rotation.kind=learned --set rotation.steps=30)  # learned residual-stream rotation (Stiefel)
+smooth=(--set smoothing.steps=60)                          # learned diagonal smoothing (GL)
+refined=(--set split.method=refined)                       # refined split: GPTQ residual / low-rank refit
+tq=("${rot[@]}" "${smooth[@]}" "${refined[@]}")          # TwinQuant: all three
+q rtn-g32 --recipe rtn --group-size 32
+q rtn-g64 --recipe rtn --group-size 64
+q gptq-g64 --recipe gptq --group-size 64
+q svd8-gptq-g64 --recipe svd-split --rank 8 --group-size 64
+q svd16-gptq-g64 --recipe svd-split --rank 16 --group-size 64
+q svd32-gptq-g64 --recipe svd-split --rank 32 --group-size 64
 # TwinQuant (docs/method.md) and its ablations
-q svd4-gptq-g64 --residual gptq --rank 4 --group-size 64
-q twinquant-r0-g64 --rank 0 --group-size 64 --twinquant --rotation-steps 30
-q twinquant-r4-g64 --rank 4 --group-size 64 --twinquant --rotation-steps 30
-q twinquant-r8-g64 --rank 8 --group-size 64 --twinquant --rotation-steps 30
-q split-only-r8-g64 --rank 8 --group-size 64 --refine-iters 4
-q rot-random-r0-g64 --rank 0 --group-size 64 --rotation random
+q svd4-gptq-g64 --recipe svd-split --rank 4 --group-size 64
+q twinquant-r0-g64 --recipe gptq --group-size 64 "${rot[@]}" "${smooth[@]}"
+q twinquant-r4-g64 --recipe svd-split --rank 4 --group-size 64 "${tq[@]}"
+q twinquant-r8-g64 --recipe svd-split --rank 8 --group-size 64 "${tq[@]}"
+q split-only-r8-g64 --recipe svd-split --rank 8 --group-size 64 "${refined[@]}"
+q rot-random-r0-g64 --recipe gptq --group-size 64 --set rotation.kind=random
 # each transform with the split, and both transforms with the SVD split
-q rot-split-r4-g64 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --refine-iters 4
-q smooth-split-r4-g64 --rank 4 --group-size 64 --smoothing learned --refine-iters 4
-q rot-smooth-svd-r4-g64 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30
+q rot-split-r4-g64 --recipe svd-split --rank 4 --group-size 64 "${rot[@]}" "${refined[@]}"
+q smooth-split-r4-g64 --recipe svd-split --rank 4 --group-size 64 "${smooth[@]}" "${refined[@]}"
+q rot-smooth-svd-r4-g64 --recipe svd-split --rank 4 --group-size 64 "${rot[@]}" "${smooth[@]}"
 # calibration size (default 64 windows of 256 tokens)
-q rot-smooth-svd-r4-g64-calib128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128
-q twinquant-r4-g64-calib16 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --nsamples 16
-# attention-aware v_proj statistic, then block tuning on top (docs/method.md sections 4-5)
-q tq-attn-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware
-q tq-attn-tune4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
+q rot-smooth-svd-r4-g64-calib128 --recipe svd-split --rank 4 --group-size 64 "${rot[@]}" "${smooth[@]}" --nsamples 128
+q twinquant-r4-g64-calib16 --recipe svd-split --rank 4 --group-size 64 "${tq[@]}" --nsamples 16
+# attention-aware v_proj statistic, then block tuning on top (docs/method.md sections 4-5): twinquant-w4a16
+q tq-attn-r4-g64-c128 --recipe svd-split --rank 4 --group-size 64 "${rot[@]}" "${smooth[@]}" --nsamples 128 \
+  --set residual.attention_aware=true
+q tq-attn-tune4-r4-g64-c128 --recipe twinquant-w4a16 --nsamples 128
 # W4A4: per-token 4-bit inputs of the residual product, online Hadamard before o_proj/down_proj
-q twinquant-r4-g64-w4a4 --rank 4 --group-size 64 --twinquant --rotation-steps 30 --activation-bits 4
-q gptq-g64-w4a4 --residual gptq --rank 0 --group-size 64 --activation-bits 4
-q tq-attn-tune4-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4
+q twinquant-r4-g64-w4a4 --recipe svd-split --rank 4 --group-size 64 "${tq[@]}" --set activations.bits=4
+q gptq-g64-w4a4 --recipe gptq --group-size 64 --set activations.bits=4
+q tq-attn-tune4-r4-g64-c128-w4a4 --recipe twinquant-w4a4-resq --nsamples 128 --set activations.clip=1.0 \
+  --set activations.subspace=0
 # ... the same checkpoint served with activation clipping 0.8 (ratio chosen on calibration text, docs/method.md)
-clip=$runs/tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
-[ -d "$clip" ] || { cp -r "$runs/tq-attn-tune4-r4-g64-c128-w4a4" "$clip" && python3 - "$clip/config.json" <<'PY'
+if ! $recipes_only; then
+  clip=$runs/tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
+  [ -d "$clip" ] || { cp -r "$runs/tq-attn-tune4-r4-g64-c128-w4a4" "$clip" && python3 - "$clip/config.json" <<'PY'
 import json, sys
 cfg = json.load(open(sys.argv[1])); q = cfg["quantization_config"]
 q["activation_clip_ratio"] = 0.8; q["recipe"] += "+clip0.8-at-serve"
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 PY
-}
-twinquant-eval "$clip" --json "$out" --label tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
-# ... and quantized with the clip inside the tuning loop
-q tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --rank 4 --group-size 64 --rotation learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --activation-bits 4 --activation-clip 0.8
+  }
+  twinquant-eval "$clip" --json "$out" --label tq-attn-tune4-r4-g64-c128-w4a4-clip0.8serve
+fi
+# ... and quantized with the clip inside the tuning loop (twinquant-w4a4-resq without its 8-bit subspace)
+q tq-attn-tune4-clip0.8-r4-g64-c128-w4a4 --recipe twinquant-w4a4-resq --nsamples 128 --set activations.subspace=0
 # int8 low-rank factors: rank 8 at about the bits of bf16 rank 4
-q tq-attn-tune4-r8i8-g64-c128 --rank 8 --lowrank-dtype int8 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4
+q tq-attn-tune4-r8i8-g64-c128 --recipe twinquant-w4a16 --nsamples 128 --rank 8 --set split.lowrank_dtype=int8
 # block tuning with the per-token loss instead of the whole-tensor one (docs/method.md section 4)
-q tq-attn-tunetok4-r4-g64-c128 --rank 4 --group-size 64 --rotation learned --smoothing learned --rotation-steps 30 --nsamples 128 --attention-aware --tune-epochs 4 --tune-loss token
+q tq-attn-tunetok4-r4-g64-c128 --recipe twinquant-w4a16 --nsamples 128 --set block_tuning.loss=token
+$recipes_only && exit 0
 # end-to-end tuning of block-tuned checkpoints against the dense model (section 6)
 e2e() {  # label, source checkpoint's label, extra args
   local label=$1 src=$2; shift 2
