@@ -7,11 +7,18 @@
 #                                                       # tq_r64_f8; a _kv8 suffix adds --kv-cache-dtype fp8)
 #   bash benchmarks/e2e/run_w4a8_gpu.sh checks ACT..    # cuda_plugin_check --activations ACT for each of
 #                                                       # int8 fp8 int4 (correctness only: no timing is kept)
+# One lease, staging and measuring at once (vLLM's pieces staged between the first two steps):
+#   kernels   in the background, no vLLM needed: wide_layer.py (timed), then tune.py sweep-w4a8 --act-quant int4
+#             (a check, beside `make`); results under ~/lease
+#   make      after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
+#   bench CONFIG..  after the int4 check (timings alone on the GPU)
+#   collect   ~/lease's results into $OUT
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .gpu-stage/remote.sh env
 out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
 work=$HOME/e2e-w4a8
+res=$HOME/lease
 plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
   python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
   for act in "$@"; do
@@ -28,8 +35,22 @@ case "${1:-}" in
   checks)
     shift
     plugin_checks "$@" ;;
+  kernels)
+    mkdir -p "$res"
+    setsid nohup bash -c "python3 benchmarks/kernels/wide_layer.py --out $res > $res/wide_layer.log 2>&1; \
+      touch $res/timed.done; python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant int4 --out $res \
+      > $res/sweep_w4a8_int4.log 2>&1; touch $res/kernels.done" > /dev/null 2>&1 < /dev/null &
+    echo "started: wide_layer.py, then tune.py sweep-w4a8 --act-quant int4 (in $res)" ;;
+  make)
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+    while [ -d "$res" ] && [ ! -f "$res/timed.done" ]; do sleep 2; done
+    tail -3 "$res/wide_layer.log" 2>/dev/null || true
+    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 --out "$res" ;;
   bench)
     shift
+    while [ -d "$res" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
-  *) sed -n '2,8p' "$0"; exit 2 ;;
+  collect)
+    tail -4 "$res"/*.log; cp "$res"/*.json "$res"/*.log "$out"/ 2>/dev/null || true; ls "$out" ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
