@@ -169,7 +169,8 @@ def e2e_w4a8(path="benchmarks/results/e2e_w4a8_h100.json"):
     """The end-to-end W4A8 comparison of one machine: each config against BF16 and FP8 of the same run."""
     d = json.load(open(path))
     print(f"{d['device']}, vLLM {d['vllm']}; {d['workload']}\n")
-    speed_table(path, ["bf16", "fp8", "tq_r64", "tq_r64_a8"], vs_fp8=True)
+    order = list(SPEED_NAMES)
+    speed_table(path, sorted({r["config"] for r in d["records"]}, key=order.index), vs_fp8=True)
 
 
 def _act_bits(r) -> int:
