@@ -174,6 +174,9 @@ def test_the_plan_reads_in_one_line_and_in_ranges(capsys):
     main(["--k", "4096", "--n", "28672", "--slots", "14336", "--rank", "64", "--device", "h200"])
     out = capsys.readouterr().out
     assert "NVIDIA H200" in out and "M = 17-256" in out and "wgmma_rs" in out
+    assert "dequant_cublas (transient weights 224 MiB)" in out
+    main(["--k", "4096", "--n", "128256", "--device", "h100"])  # a 128k-vocabulary lm_head
+    assert "(transient weights 1,002 MiB, made in 4 row ranges)" in capsys.readouterr().out
 
 
 def test_a_tuned_table_makes_the_plan_pick_the_fastest_measured_config(tmp_path):

@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     import torch
 
     from csrc_triton import Device, LayerShape, ranges, tables_for
+    from csrc_triton.kernels.base import row_ranges
 
     major, minor = (int(v) for v in args.capability.split("."))
     device = Device.named(DEVICES.get(args.device, args.device), (major, minor), args.triton)
@@ -50,6 +51,11 @@ def main(argv=None) -> None:
           f"table {tables.path}")
     for lo, hi, label in ranges(shape, device, tables, with_config=args.configs):
         span = f"M = {lo}" if lo == hi else f"M = {lo}-{hi}"
+        transient = {"dequant_cublas": shape.dtype.itemsize, "fp8_cublas": 1}.get(label.split()[0])
+        if transient:  # the large-M paths' transient weights, made whole or in row ranges
+            parts = len(row_ranges(shape.k, (0, *slots, shape.n), transient))
+            label += f" (transient weights {shape.n * shape.k * transient / 2**20:,.0f} MiB" + (
+                f", made in {parts} row ranges)" if parts > 1 else ")")
         print(f"  {span:16s} {label}")
 
 

@@ -20,6 +20,17 @@ NO_BOUNDARY = 1 << 30  # a slot boundary past every row: that slot does not exis
 TRANSIENT_BYTES = 256 << 20
 
 
+def row_ranges(k: int, slot_edges: tuple[int, ...], bytes_per_weight: int) -> list[tuple[int, int]]:
+    """The output-row ranges a large-M kernel makes its transient weights for, one at a time, for a layer of
+    input width k whose slots start at slot_edges (then N): the whole layer where it takes at most
+    TRANSIENT_BYTES, else ranges of a multiple of 128 rows inside one slot each, of at most that many bytes."""
+    n = slot_edges[-1]
+    if n * k * bytes_per_weight <= TRANSIENT_BYTES:
+        return [(0, n)]
+    rows = max(128, TRANSIENT_BYTES // (k * bytes_per_weight) // 128 * 128)
+    return [(lo, min(lo + rows, hi)) for a, hi in zip(slot_edges, slot_edges[1:]) for lo in range(a, hi, rows)]
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """A TwinQuant linear layer as the kernels see it (this tensor-parallel rank's part)."""
@@ -132,14 +143,7 @@ class Launch:
         return (0, *[b for b in (self.slot_b1, self.slot_b2) if b < self.n], self.n)
 
     def row_ranges(self, bytes_per_weight: int) -> list[tuple[int, int]]:
-        """The output-row ranges a large-M kernel makes its transient weights for, one at a time: the
-        whole layer where it takes at most TRANSIENT_BYTES, else ranges of a multiple of 128 rows
-        inside one slot each, of at most that many bytes."""
-        if self.n * self.k * bytes_per_weight <= TRANSIENT_BYTES:
-            return [(0, self.n)]
-        rows = max(128, TRANSIENT_BYTES // (self.k * bytes_per_weight) // 128 * 128)
-        edges = self.slot_edges
-        return [(lo, min(lo + rows, hi)) for a, hi in zip(edges, edges[1:]) for lo in range(a, hi, rows)]
+        return row_ranges(self.k, self.slot_edges, bytes_per_weight)
 
     def operands(self, ws: torch.Tensor | None) -> tuple:
         """The residual kernels' first pointer arguments: x, codes, scales, U, U's scales, t, bias
