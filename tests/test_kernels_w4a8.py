@@ -200,10 +200,10 @@ def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_ca
         assert got == want if isinstance(want, tuple) else (not got[0] and want in got[1]), (name, disabled, got)
 
 
-def test_the_plugin_keeps_w4a4_on_the_torch_path_until_its_codes_are_checked_on_a_gpu(monkeypatch):
+def test_the_plugin_takes_w4a4_to_the_int8_kernels_where_its_codes_were_checked_on_a_gpu(monkeypatch):
     """W4A4 (4-bit codes, online Hadamard) goes to the INT8 kernels as "int4" codes; until a GPU check lists
-    int4 in CHECKED_ON_GPU the Triton kernel refuses it with that reason, and after it, takes it. A ResQ
-    subspace has no CUDA kernel either way."""
+    int4 in CHECKED_ON_GPU the Triton kernel refuses it with that reason, and after it, takes it (as now: tune.py
+    sweep-w4a8 --act-quant int4 passed on an H100). A ResQ subspace has no CUDA kernel either way."""
     from csrc_triton.kernels import w4a8
     from csrc_triton.kernels.base import Device
     from vllm_twinquant.kernels import TritonTwinQuantKernel, TwinQuantLayerConfig
@@ -215,10 +215,12 @@ def test_the_plugin_keeps_w4a4_on_the_torch_path_until_its_codes_are_checked_on_
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "")
     monkeypatch.setattr(Device, "of", staticmethod(lambda d: Device.named("NVIDIA H100 80GB HBM3", (9, 0))))
+    shipped = w4a8.CHECKED_ON_GPU
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8", "int8"))
     ok, why = TritonTwinQuantKernel.can_implement(c)
     assert not ok and "int4" in why and "not been checked on a GPU" in why
-    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", (*w4a8.CHECKED_ON_GPU, "int4"))
-    assert TritonTwinQuantKernel.can_implement(c) == (True, None)
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", shipped)
+    assert "int4" in shipped and TritonTwinQuantKernel.can_implement(c) == (True, None)
     sub = TwinQuantLayerConfig(in_features=4096, slot_sizes=(4096,), rank=64, group_size=128,
                                act_dtype=torch.bfloat16, activation_bits=4, activation_subspace=64)
     ok, why = TritonTwinQuantKernel.can_implement(sub)
@@ -333,6 +335,7 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     assert ct.plan(int8, 2**31 // 4096, h100, tables).kernel == "w4a8"  # past its int32 offsets
     assert ct.plan(int8, 8192, h100, tables).config == W4a8RsConfig(64, 8, 4)
     int4 = dataclasses.replace(int8, act_quant="int4")  # W4A4's codes: the INT8 rows and kernels, once checked
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8", "int8"))
     with pytest.raises(ct.NoKernel, match="int4 activation codes on the W4A8 kernels have not been checked"):
         ct.plan(int4, 65, h100, tables)
     monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", (*w4a8.CHECKED_ON_GPU, "int4"))

@@ -23,6 +23,7 @@ from csrc_triton.kernels.lowrank_down import lowrank_down
 from csrc_triton.kernels.w4a8 import codes_to_8bit, quantize_rows
 
 BLOCK = 128  # cuBLAS's 1D block: the group size this kernel takes
+M_ALIGN = 16  # token counts padded to this many rows (2321 tokens failed inside vLLM on an H100; 372 ran)
 MIN_TORCH, MIN_CUDA = (2, 11), (12, 9)  # torch._scaled_mm with 1x128 block scales on both sides, as measured
 
 
@@ -62,15 +63,19 @@ class Fp8CublasKernel(Kernel):
     def launch(self, a: Launch, cfg: Fp8CublasConfig) -> None:
         m, k = a.m, a.k
         xq, xs, _ = quantize_rows(a.x, "fp8", a.group_size)
-        scale_a = xs.expand(k // BLOCK, m).contiguous().t()  # [M, K/128], M-major
+        mp = -(-m // M_ALIGN) * M_ALIGN  # cuBLAS refuses (NOT_SUPPORTED) a token count off its alignment
+        if mp != m:
+            xq = torch.cat([xq.view(torch.uint8), xq.new_zeros(mp - m, k, dtype=torch.uint8)]).view(xq.dtype)
+            xs = torch.cat([xs, xs.new_ones(mp - m)])
+        scale_a = xs.expand(k // BLOCK, mp).contiguous().t()  # [M, K/128], M-major
         y = a.out
         for lo, hi in a.row_ranges(1):  # the whole layer, unless its codes are too many
             w8 = codes_to_8bit(a.qweight[lo:hi], a.group_size, "fp8")  # [rows, K]
             scale_b = a.scales[lo:hi].float().t().contiguous()  # [K/128, rows], N-major
-            if (lo, hi) == (0, a.n):
+            if (lo, hi) == (0, a.n) and mp == m:
                 torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype, out=y)
             else:
-                y[:, lo:hi] = torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype)
+                y[:, lo:hi] = torch._scaled_mm(xq, w8.t(), scale_a, scale_b, out_dtype=y.dtype)[:m]
             del w8
         if a.has_lr:
             t = lowrank_down(a.x, a.down, reduce=True, down_scale=a.down_scale)[0].to(a.x.dtype)

@@ -35,9 +35,9 @@ from csrc_triton.triton_common import INTERPRETED, dot_acc, operand, pdl_wait, s
 ACT_QUANTS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8}
 MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0), "int4": (8, 0)}
 CODE_MAX = {"int8": 127.0, "int4": 7.0}  # symmetric integer codes: format.per_token_codes's qmax
-# Activation precisions whose kernel has been compiled and checked on a GPU (benchmarks/kernels/run_w4a8.sh);
-# the others run in the interpreter and compile for sm_90 here, but are not planned on a GPU.
-CHECKED_ON_GPU = ("fp8", "int8")
+# Activation precisions whose kernels have been compiled and checked on a GPU (benchmarks/kernels/run_w4a8.sh; int4:
+# tune.py sweep-w4a8 --act-quant int4); others run in the interpreter and compile for sm_90 here, unplanned on a GPU.
+CHECKED_ON_GPU = ("fp8", "int8", "int4")
 FP8_E4M3_MAX = 448.0
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + M - M rounds |x| < 2^22 to the nearest integer, ties to even
 # M's bits: an int32 v with |v| <= 2^22 added to them reads as the float M + v exactly, so (v + bits) as float - M
