@@ -152,11 +152,13 @@ def test_w4a8_fp8_layers_take_cublas_block_scaled_gemm_where_the_table_says_and_
 def test_fp8_cublas_makes_its_codes_in_row_ranges_and_matches_float64_of_the_format_numerics(monkeypatch, cap):
     """fp8_cublas's bookkeeping on the CPU: cuBLAS's 1x128 x 1x128 block-scaled GEMM stood in for by its
     definition, the layer made whole or (cap 1) in 128-row ranges inside the slots of a merged layer; the
-    output is poisoned first, and the low-rank term and bias are added over every slot."""
+    output is poisoned first, and the low-rank term and bias are added over every slot; 5 tokens reach cuBLAS
+    padded to its alignment."""
     from csrc_triton.kernels import base, fp8_cublas
 
     def block_scaled_mm(a, b, scale_a, scale_b, out_dtype, out=None):
         assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] == b.shape[0]
+        assert a.shape[0] % fp8_cublas.M_ALIGN == 0  # cuBLAS refuses other token counts (5 here, padded)
         assert scale_a.shape == (a.shape[0], a.shape[1] // 128) and scale_b.shape == (b.shape[0] // 128, b.shape[1])
         y = (a.double() * scale_a.double().repeat_interleave(128, 1)) @ (
             b.double() * scale_b.double().repeat_interleave(128, 0))
