@@ -23,7 +23,7 @@ from csrc_triton.kernels.lowrank_down import lowrank_down
 from csrc_triton.kernels.w4a8 import codes_to_8bit, quantize_rows
 
 BLOCK = 128  # cuBLAS's 1D block: the group size this kernel takes
-M_ALIGN = 16  # token counts padded to this many rows (2321 tokens failed inside vLLM on an H100; 372 ran)
+M_ALIGN = 16  # token counts padded to a multiple (on an H100, 2,321 tokens failed; 300 and 372 ran)
 MIN_TORCH, MIN_CUDA = (2, 11), (12, 9)  # torch._scaled_mm with 1x128 block scales on both sides, as measured
 
 
