@@ -182,6 +182,28 @@ def test_fp8_cublas_makes_its_codes_in_row_ranges_and_matches_float64_of_the_for
     assert (out.double() - ref).norm() < (out.double() - w16).norm()
 
 
+def test_a_dense_w4a8_config_reads_the_codes_as_they_are_where_the_8_bit_copy_would_exceed_the_transient_cap(
+        monkeypatch):
+    """A table's `dense` config on a layer wider than base.TRANSIENT_BYTES (a 128k-vocabulary head, say) makes no
+    8-bit copy of the codes and gives the same output, bit for bit, as the copy does under the cap."""
+    from csrc_triton.kernels import base, w4a8
+
+    m, n, k, g, r = 9, 64, 256, 128, 8
+    qw, sc, down, up = kernel_layer(n, k, g, r, 1, torch.bfloat16, seed=9)
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16)
+    cfg = W4a8Config(16, 32, 4, 2, 1, 128, True)
+    outs, made, copy = [], [], w4a8.codes_to_8bit
+    monkeypatch.setattr(w4a8, "codes_to_8bit", lambda *a: made.append(a[0].shape) or copy(*a))
+    for cap, copies in [(n * k, 1), (n * k - 1, 0)]:
+        made.clear()
+        monkeypatch.setattr(base, "TRANSIENT_BYTES", cap)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        ct.gemm(x, ct.repack(qw, g), sc, g, down, up, None, out=out, config=cfg, act_quant="fp8")
+        assert len(made) == copies and not torch.isnan(out).any()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_can_run_it(monkeypatch):
     """The plugin asks the plan's W4A8 kernel itself, so a GPU without the tensor cores and the switch
     TWINQUANT_DISABLED_KERNELS=w4a8 both send the layer to the next plugin kernel at load, with the reason,

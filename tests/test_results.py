@@ -198,3 +198,26 @@ def test_end_to_end_configs_declare_w4a8_by_config_alone_and_take_an_fp8_kv_cach
         assert os.path.samefile(os.path.join(path, "model.safetensors"), tmp_path / "tq_r8" / "model.safetensors")
     assert engine_args(str(tmp_path), "fp8_kv8")[1] == {"quantization": "fp8", "kv_cache_dtype": "fp8"}
     assert json.load(open(tmp_path / "tq_r8" / "config.json"))["quantization_config"]["activation_bits"] == 16
+
+
+def test_the_end_to_end_record_names_the_linear_kernels_the_engine_logged():
+    """vLLM's own kernel choice and the plugin's per-shape lines, each once, in the order logged."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    import torch
+    from e2e_h100 import logged_kernels
+
+    import csrc_triton as ct
+
+    h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
+    plugin = [ct.summary(name, ct.LayerShape(n, 4096, 128, 64, (), torch.bfloat16), h100)
+              for name, n in (("qkv_proj", 6144), ("o_proj", 4096))]
+    log = "\n".join([
+        "INFO 12-06 19:40:02 [__init__.py:923] Using MacheteLinearKernel for GPTQMarlinLinearMethod",
+        *(f"(EngineCore pid=7) INFO 12-06 19:40:03 [kernels.py:346] {line}" for line in plugin + plugin[:1]),
+        "INFO 12-06 19:40:04 [__init__.py:759] Selected CutlassFP8ScaledMMLinearKernel for Fp8LinearMethod",
+        "INFO 12-06 19:40:05 [gpu_model_runner.py:2] Using FLASH_ATTN backend.",
+    ])
+    got = logged_kernels(log)
+    assert got == ["MacheteLinearKernel", *(p.removeprefix("twinquant: ") for p in plugin),
+                   "CutlassFP8ScaledMMLinearKernel"]
+    assert all(" 4096->" in g and "r64" in g for g in got[1:3])

@@ -10,7 +10,7 @@ on the GPU; never zeros).
     (tq_r<R>_a8 / _f8: tq_r<R> declared W4A8-INT8 / W4A8-FP8 by its config alone, the weights linked;
      tq_r<R>_h4: rank R with lm_head quantized too, made with `make --head-ranks R`; a trailing _kv8 on any
      config, e.g. tq_r64_f8_kv8 or fp8_kv8: the same checkpoint with --kv-cache-dtype fp8)
-    # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64
+    # 3. `vllm serve` + `vllm bench serve` (OpenAI API) at concurrency 1, 16, 64, 256
     python benchmarks/e2e/e2e_h100.py serve --workdir W --configs bf16 tq_r64 --out $OUT
 
 Per config: engine start time; batch-1 decode latency (median of 3 runs of 256 tokens after a
@@ -280,6 +280,13 @@ def cmd_one(a) -> None:
     print("RECORD " + json.dumps(rec), flush=True)
 
 
+def logged_kernels(log: str) -> list[str]:
+    """The linear kernels an engine's log names, first seen first: vLLM's own choice ("Using X for ..." /
+    "Selected X for ...") and the plugin's one line per layer shape ("twinquant: qkv_proj 4096->6144 r64: ...")."""
+    found = re.findall(r"(?:Using|Selected) (\w*Kernel\w*) for|twinquant: (\S.*?)\s*$", log, re.M)
+    return list(dict.fromkeys(a or b for a, b in found))
+
+
 def cmd_bench(a) -> None:
     os.makedirs(a.out, exist_ok=True)
     for cfg in a.configs:
@@ -311,8 +318,7 @@ def cmd_bench(a) -> None:
             print(f"{cfg}: FAILED (rc {p.returncode}); tail:\n{log[-3000:]}", flush=True)
             continue
         rec = json.loads(m.group(1))
-        kern = sorted(set(re.findall(r"Using (\w+(?:Kernel|kernel)\w*)", log)))
-        rec["linear_kernels_logged"] = kern
+        rec["linear_kernels_logged"] = logged_kernels(log)
         print(json.dumps(rec), flush=True)
         with open(os.path.join(a.out, f"e2e_{cfg}.json"), "w") as f:
             json.dump(rec, f, indent=1)
@@ -419,7 +425,7 @@ def main():
     ap.add_argument("--device", default="cuda", help="where make builds and quantizes")
     ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the engines (float16 on the CPU)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--server-timeout", type=float, default=420)

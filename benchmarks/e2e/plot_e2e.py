@@ -21,10 +21,12 @@ ax[0].set_title("Offline decode latency, lower is better")
 ax[1].bar(labels, [r["out_tok_s"] for r in recs], color="#dd8452")
 ax[1].set_ylabel("output tokens / s")
 ax[1].set_title("Offline throughput (512 x 512 in, 256 out)")
-width = 0.27
-for j, c in enumerate((1, 16, 64)):
-    vals = [next(x["output_throughput"] for x in r["serve"]["runs"] if x["concurrency"] == c) for r in recs]
-    ax[2].bar([i + (j - 1) * width for i in range(len(recs))], vals, width, label=f"concurrency {c}")
+runs = [{x["concurrency"]: x["output_throughput"] for x in r.get("serve", {}).get("runs", [])} for r in recs]
+levels = sorted({c for by_c in runs for c in by_c})  # every concurrency some config was served at
+width = 0.8 / max(1, len(levels))
+for j, c in enumerate(levels):
+    ax[2].bar([i + (j - (len(levels) - 1) / 2) * width for i in range(len(recs))], [by_c.get(c, 0) for by_c in runs],
+              width, label=f"concurrency {c}")
 ax[2].set_xticks(range(len(recs)), labels)
 ax[2].set_ylabel("output tokens / s")
 ax[2].set_title("vllm serve + vllm bench serve")

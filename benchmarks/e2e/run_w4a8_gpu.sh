@@ -7,6 +7,8 @@
 #                                                       # tq_r64_f8; a _kv8 suffix adds --kv-cache-dtype fp8)
 #   bash benchmarks/e2e/run_w4a8_gpu.sh checks ACT..    # cuda_plugin_check --activations ACT for each of
 #                                                       # int8 fp8 int4 (correctness only: no timing is kept)
+#   bash benchmarks/e2e/run_w4a8_gpu.sh serve CONFIG..  # e2e_h100.py serve: `vllm serve` + `vllm bench serve`
+#                                                       # at concurrency 1, 16, 64, 256 (e.g. bf16 fp8 tq_r64_f8)
 # One lease, staging and measuring at once (vLLM's pieces staged between the first two steps):
 #   kernels   in the background, no vLLM needed: wide_layer.py (timed), then tune.py sweep-w4a8 --act-quant int4
 #             (a check, beside `make`); results under ~/lease
@@ -50,7 +52,11 @@ case "${1:-}" in
     shift
     while [ -d "$res" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
+  serve)
+    shift
+    while [ -d "$res" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    python3 benchmarks/e2e/e2e_h100.py serve --workdir "$work" --configs "$@" --out "$out" ;;
   collect)
     tail -4 "$res"/*.log; cp "$res"/*.json "$res"/*.log "$out"/ 2>/dev/null || true; ls "$out" ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from csrc_triton.kernels import base
 from csrc_triton.kernels.base import Kernel, Launch, LayerShape
 from csrc_triton.layout import chunk_words, next_pow2
 from csrc_triton.triton_common import INTERPRETED, dot_acc, operand, pdl_wait, slot_of, tile_of
@@ -72,7 +73,9 @@ class W4a8Config:
     stages: int
     split_k: int = 1
     block_k: int = 128  # columns unpacked per MMA: the group in pieces of this (capped at the group)
-    dense: bool = False  # the codes first made 8-bit for the whole layer (a transient [N, K] copy), then read as is
+    # the codes first made 8-bit for the whole layer (a transient [N, K] copy), then read as is; a layer whose copy
+    # would exceed base.TRANSIENT_BYTES reads its 4-bit codes instead (the same products)
+    dense: bool = False
     convert: str = "cvt"  # integer codes: how a group's int32 sums become fp32 (CONVERTS)
 
 
@@ -310,7 +313,8 @@ class W4a8Kernel(Kernel):
             raise ValueError(f"block_k {bk} must divide the group size {group}, span whole "
                              f"{8 * chunk_words(group)}-column chunks and be at least 32 (the 8-bit MMA's K)")
         xq, xs, xsum = quantize_rows(a.x, a.act_quant, group, clip_ratio=a.act_clip)
-        qw = codes_to_8bit(a.qweight, group, a.act_quant) if cfg.dense else a.qweight
+        dense = cfg.dense and n * k <= base.TRANSIENT_BYTES
+        qw = codes_to_8bit(a.qweight, group, a.act_quant) if dense else a.qweight
         k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), group) * group
         split = triton.cdiv(k, k_per_split)
         y = a.out if split == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.x.device)
@@ -321,7 +325,7 @@ class W4a8Kernel(Kernel):
             a.x, xq, xs, xs if xsum is None else xsum, qw, sc, up, us, ws_arg, bias, y, m, n, k, a.rank, a.slot_b1,
             a.slot_b2, num_splits, k_per_split, xq.stride(0), 0 if xsum is None else xsum.stride(0),
             qw.stride(0), *a.strides(ws)[2:], y.stride(0), GROUP=group, CHUNK_W=chunk_words(group),
-            FP8=a.act_quant == "fp8", DENSE=cfg.dense, HAS_LOWRANK=a.has_lr, HAS_US=a.has_us,
+            FP8=a.act_quant == "fp8", DENSE=dense, HAS_LOWRANK=a.has_lr, HAS_US=a.has_us,
             HAS_BIAS=a.bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8, SPLIT_K=split, UPCAST=INTERPRETED,
             PDL=a.pdl, BIAS_CVT=cfg.convert == "bias", num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=a.pdl,
