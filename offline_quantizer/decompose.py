@@ -46,17 +46,20 @@ class ServedLinear(torch.nn.Module):
     """A decomposed layer as the plugin's torch path serves it, in float32:
     y = Q_a(x') deq(R)^T + (x' D^T) U^T + b, with x' = x H for layers whose input is rotated
     online (W4A4) and Q_a the per-token activation quantizer (format.quantize_activations) when
-    activation_bits < 16 (W4A8, W4A4). The quantizer runs its streams and its end-to-end check through it."""
+    activation_bits < 16 (W4A8, W4A4), over `shards` equal parts of the input columns (tensor-parallel
+    ranks of a row-parallel layer; 1 otherwise). The quantizer runs its streams and its end-to-end check
+    through it."""
 
     def __init__(self, d: Decomposed, bias: torch.Tensor | None, hadamard: bool = False, activation_bits: int = 16,
-                 activation_clip: float = 1.0, subspace: int = 0, subspace_bits: int = 8, activation_type: str = "int"):
+                 activation_clip: float = 1.0, subspace: int = 0, subspace_bits: int = 8, activation_type: str = "int",
+                 shards: int = 1):
         super().__init__()
         self.register_buffer("weight_r", group_dequantize(d.codes.float(), d.scales.float()), persistent=False)
         self.register_buffer("up", d.up.float() if d.up is not None else None, persistent=False)
         self.register_buffer("down", d.down.float() if d.down is not None else None, persistent=False)
         self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
         self.hadamard, self.bits, self.clip, self.kind = hadamard, activation_bits, activation_clip, activation_type
-        self.subspace, self.subspace_bits = subspace, subspace_bits
+        self.subspace, self.subspace_bits, self.shards = subspace, subspace_bits, shards
         self.in_features, self.out_features = self.weight_r.shape[1], self.weight_r.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,8 @@ class ServedLinear(torch.nn.Module):
             x = apply_online_hadamard(x)
         xr = x
         if self.bits < 16:
-            xr = quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits, self.kind)
+            xr = quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits, self.kind,
+                                      self.shards)
         y = xr @ self.weight_r.t()
         if self.up is not None:
             y = y + (x @ self.down.t()) @ self.up.t()

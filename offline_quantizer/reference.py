@@ -21,7 +21,7 @@ import torch
 
 from offline_quantizer.checkpoint import read_tensors
 from offline_quantizer.decompose import Decomposed, ServedLinear
-from offline_quantizer.families import family_for
+from offline_quantizer.families import WRITERS, family_for
 from vllm_twinquant import format as fmt
 
 
@@ -124,13 +124,15 @@ def _owner(name: str, fam) -> str:
     return name
 
 
-def served_model(ckpt: str):
-    """The checkpoint as the plugin's torch path serves it, in float32."""
+def served_model(ckpt: str, tensor_parallel_size: int = 1):
+    """The checkpoint as the plugin's torch path serves it, in float32, on `tensor_parallel_size` ranks: the
+    row-parallel layers (families.WRITERS) then quantize each rank's input columns per token on their own."""
     spec = fmt.load_spec(ckpt)
 
     def make(name: str, s: StoredLayer) -> torch.nn.Module:
         d = Decomposed(s.codes, s.scales.float(), s.down, s.up)
+        shards = tensor_parallel_size if name.endswith(WRITERS) else 1
         return ServedLinear(d, s.bias, s.hadamard, spec.activation_bits, spec.activation_clip_ratio, s.subspace,
-                            spec.activation_subspace_bits, spec.activation_type)
+                            spec.activation_subspace_bits, spec.activation_type, shards)
 
     return load_checkpoint_model(ckpt, make)[0]

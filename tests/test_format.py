@@ -272,6 +272,26 @@ def test_activation_subspace_is_quantized_as_its_own_group():
         fmt.quantize_activations(x, 4, 1.0, subspace=80)
 
 
+@pytest.mark.parametrize("bits,kind", [(8, "float"), (8, "int"), (4, "int")])
+def test_a_row_parallel_layers_ranks_quantize_their_own_input_columns_per_token(bits, kind):
+    """shards (tensor-parallel ranks of o_proj/down_proj): each part of the columns gets its own per-token scale,
+    so (integer codes) a part whose tokens are small is not quantized on the step of another part's large values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g)
+    x[:, 48:] *= 30  # the second rank's columns are larger
+    parts = fmt.quantize_activations(x, bits, kind=kind, shards=2)
+    assert torch.equal(parts, torch.cat([fmt.quantize_activations(x[:, :48], bits, kind=kind),
+                                         fmt.quantize_activations(x[:, 48:], bits, kind=kind)], -1))
+    whole = fmt.quantize_activations(x, bits, kind=kind)
+    assert torch.equal(parts[:, 48:], whole[:, 48:])  # the part that holds each token's maximum: the same step
+    if kind == "int":  # integer codes: a finer step (FP8's relative error hardly depends on the scale)
+        assert (parts[:, :48] - x[:, :48]).norm() < 0.5 * (whole[:, :48] - x[:, :48]).norm()
+    assert not torch.equal(parts[:, :48], whole[:, :48])
+    for bad, why in [(dict(shards=5), "96 input columns in 5"), (dict(shards=2, subspace=16), "subspace")]:
+        with pytest.raises(ValueError, match=why):
+            fmt.quantize_activations(x, bits, kind=kind, **bad)
+
+
 def test_w4a8_declarations_are_validated_by_name():
     assert fmt.TwinQuantSpec(activation_bits=8, activation_type="float").to_dict()["activation_type"] == "float"
     assert fmt.TwinQuantSpec(activation_bits=8).activation_type == "int"

@@ -85,14 +85,14 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def _server(ckpt, tmp_path):
-    """`vllm serve CKPT --quantization twinquant` on the CPU; yields the base URL, stops the server after."""
+def _server(ckpt, tmp_path, *args, **env_vars):
+    """`vllm serve CKPT --quantization twinquant [ARGS]` on the CPU; yields the base URL, stops the server after."""
     port = _free_port()
     log_path = tmp_path / "serve.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env_vars)
     cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", ckpt, "--quantization", "twinquant",
            "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tq", "--enforce-eager"]
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tq", "--enforce-eager", *args]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -149,6 +149,79 @@ def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
         body = r.json()
         assert isinstance(body["choices"][0]["message"]["content"], str)
         assert body["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_tq_tp(tmp_path_factory, tokenizer_dir):
+    """A 2-block Llama whose heads split over 2 ranks (8 query, 4 key/value heads), quantized: rank 8 (q_proj of
+    block 0 rank 4: slot padding), g64, so each rank of down_proj holds 768 input columns (12 groups)."""
+    from conftest import small_recipe
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from offline_quantizer import quantize
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)).to(torch.bfloat16)
+    with torch.no_grad():  # a few outlier input channels, as in tiny_dense
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_(1.0 + 4.0 * (torch.rand(p.shape[1]) < 0.02).to(p.dtype))
+    root = tmp_path_factory.mktemp("tp")
+    model.save_pretrained(root / "dense")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "dense")
+    quantize(str(root / "dense"), small_recipe(rank_overrides={"model.layers.0.self_attn.q_proj": 4}), "random",
+             str(root / "tq"), device="cpu")
+    return str(root / "tq")
+
+
+def _cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers on this machine's allowed CPUs (one each where there are
+    enough: vLLM's own binding wants a NUMA node per worker)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("activations", ["W4A16", "W4A8-INT8"])
+def test_a_checkpoint_served_on_two_tensor_parallel_ranks_gives_the_logprobs_of_its_reference_at_that_size(
+        tiny_tq_tp, activations, tmp_path):
+    """`vllm serve --tensor-parallel-size 2` (two CPU workers, sharded loading of the merged and row-parallel
+    layers, the all-reduce of their partial products): prompt and generated logprobs match the checkpoint's
+    float32 reference. W4A8: the row-parallel layers quantize each rank's input columns per token on their own
+    (docs/format.md), so the reference at tensor-parallel size 2 is the one the served logprobs follow, not
+    size 1's."""
+    from offline_quantizer.reference import served_model
+
+    ckpt = tiny_tq_tp
+    if activations != "W4A16":
+        ckpt = str(tmp_path / "w4a8")
+        shutil.copytree(tiny_tq_tp, ckpt)
+        fmt.declare_activations(ckpt, 8, "int")
+    prompt = list(range(1000, 1012))
+    with _server(ckpt, tmp_path, "--tensor-parallel-size", "2", VLLM_CPU_OMP_THREADS_BIND=_cpu_binding(2)) as base:
+        r = requests.post(base + "/v1/completions", timeout=300, json={
+            "model": "tq", "prompt": prompt, "max_tokens": 6, "temperature": 0.0, "logprobs": 1, "echo": True,
+            "return_tokens_as_token_ids": True,
+        })
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    ids = [int(t.split(":")[1]) for t in lp["tokens"]]
+    assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + 6
+    served = torch.tensor(lp["token_logprobs"][1:], dtype=torch.float64)
+    diff = {}
+    for size in (1, 2):
+        with torch.no_grad():
+            logits = served_model(ckpt, tensor_parallel_size=size).eval()(torch.tensor([ids])).logits[0].double()
+        ref = torch.log_softmax(logits, dim=-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        diff[size] = (served - ref).abs()
+    assert diff[2].max().item() < (1e-4 if activations == "W4A16" else 2e-3), diff[2]
+    if activations == "W4A16":  # nothing depends on the size
+        assert torch.equal(diff[1], diff[2])
+    else:  # the per-rank scales are what is served
+        assert diff[2].mean().item() < diff[1].mean().item() / 4, (diff[1].mean().item(), diff[2].mean().item())
 
 
 BAD_REQUESTS = {

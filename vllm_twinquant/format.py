@@ -442,7 +442,7 @@ def per_token_codes(x: torch.Tensor, bits: int, kind: str = "int",
 
 
 def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
-                         subspace: int = 0, subspace_bits: int = 8, kind: str = "int") -> torch.Tensor:
+                         subspace: int = 0, subspace_bits: int = 8, kind: str = "int", shards: int = 1) -> torch.Tensor:
     """Symmetric per-token fake quantization, codes * s of `per_token_codes` in x's dtype: for
     kind "int" clamp(round(x / s)) * s with s = clip_ratio * max|x_token| / (2^(b-1) - 1)
     (clip_ratio < 1 saturates the largest entries to make the step finer for the rest, as
@@ -451,7 +451,16 @@ def quantize_activations(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0
     subspace > 0 (format: activation_subspace_channels): the last `subspace` columns are a
     separate per-token group at `subspace_bits` (8: symmetric, unclipped; 16: kept as they are)
     and the first K - subspace columns are quantized as above with their own scale (ResQ: the
-    quantizer puts the high-variance principal directions of the layer's input there)."""
+    quantizer puts the high-variance principal directions of the layer's input there).
+
+    shards > 1: the columns in that many equal parts, each quantized per token with its own scale: a
+    row-parallel layer (o_proj, down_proj) under tensor parallelism, whose ranks each hold one part."""
+    if shards > 1:
+        if subspace or x.shape[-1] % shards:
+            raise ValueError(f"{x.shape[-1]} input columns in {shards} tensor-parallel parts"
+                             + (" with an activation subspace (it needs the whole input)" if subspace else ""))
+        return torch.cat([quantize_activations(part, bits, clip_ratio, 0, subspace_bits, kind)
+                          for part in x.chunk(shards, -1)], -1)
     if subspace:
         k = x.shape[-1]
         if not 0 < subspace < k:

@@ -12,7 +12,10 @@ Sharding (column-parallel = output rows split over ranks, row-parallel = input c
     lowrank_up_scale   (int8 factors) rows split  replicated, as lowrank_up's rows
 
 Row-parallel ranks each produce x_p R_p^T + (x_p D_p^T) U^T; the layer's all-reduce sums
-them into x R^T + (x D^T) U^T because the up projection is linear.
+them into x R^T + (x D^T) U^T because the up projection is linear. With quantized activations
+(W4A8, W4A4) each rank quantizes its own columns x_p per token, one scale per token and rank
+(`format.quantize_activations(shards=...)`), as vLLM's dynamic FP8 does: no collective for a
+token's maximum, and the logits depend slightly on the tensor-parallel size.
 
 A quantized lm_head (vLLM's ParallelLMHead, vocabulary-parallel) is column-parallel over the
 vocabulary: every tensor with a row per vocabulary entry (weight_packed, weight_scale,
