@@ -153,8 +153,9 @@ def test_vllm_serve_openai_api(tiny_dense, ckpt, request, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tq_tp(tmp_path_factory, tokenizer_dir):
-    """A 2-block Llama whose heads split over 2 ranks (8 query, 4 key/value heads), quantized: rank 8 (q_proj of
-    block 0 rank 4: slot padding), g64, so each rank of down_proj holds 768 input columns (12 groups)."""
+    """A 2-block Llama whose heads split over 2 ranks (8 query, 4 key/value heads) and whose vocabulary does not
+    (49,160 rows: each rank pads its half), quantized: rank 8 (q_proj of block 0 rank 4: slot padding), g64, so
+    each rank of down_proj holds 768 input columns (12 groups); "head4": the same with lm_head quantized too."""
     from conftest import small_recipe
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -162,7 +163,7 @@ def tiny_tq_tp(tmp_path_factory, tokenizer_dir):
 
     torch.manual_seed(1)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+        vocab_size=49160, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)).to(torch.bfloat16)
     with torch.no_grad():  # a few outlier input channels, as in tiny_dense
@@ -172,9 +173,10 @@ def tiny_tq_tp(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("tp")
     model.save_pretrained(root / "dense")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "dense")
-    quantize(str(root / "dense"), small_recipe(rank_overrides={"model.layers.0.self_attn.q_proj": 4}), "random",
-             str(root / "tq"), device="cpu")
-    return str(root / "tq")
+    ranks = {"rank_overrides": {"model.layers.0.self_attn.q_proj": 4}}
+    for name, stages in (("plain", ()), ("head4", ({"residual": {"modules_to_not_convert": []}},))):
+        quantize(str(root / "dense"), small_recipe(*stages, **ranks), "random", str(root / name), device="cpu")
+    return {name: str(root / name) for name in ("plain", "head4")}
 
 
 def _cpu_binding(ranks: int) -> str:
@@ -185,20 +187,20 @@ def _cpu_binding(ranks: int) -> str:
 
 
 @pytest.mark.serve
-@pytest.mark.parametrize("activations", ["W4A16", "W4A8-INT8"])
+@pytest.mark.parametrize("ckpt,activations", [("plain", "W4A16"), ("plain", "W4A8-INT8"), ("head4", "W4A16")])
 def test_a_checkpoint_served_on_two_tensor_parallel_ranks_gives_the_logprobs_of_its_reference_at_that_size(
-        tiny_tq_tp, activations, tmp_path):
+        tiny_tq_tp, ckpt, activations, tmp_path):
     """`vllm serve --tensor-parallel-size 2` (two CPU workers, sharded loading of the merged and row-parallel
-    layers, the all-reduce of their partial products): prompt and generated logprobs match the checkpoint's
-    float32 reference. W4A8: the row-parallel layers quantize each rank's input columns per token on their own
-    (docs/format.md), so the reference at tensor-parallel size 2 is the one the served logprobs follow, not
-    size 1's."""
+    layers, the all-reduce of their partial products; head4: the 4-bit lm_head vocabulary-parallel, each rank's
+    rows padded): prompt and generated logprobs match the checkpoint's float32 reference. W4A8: the row-parallel
+    layers quantize each rank's input columns per token on their own (docs/format.md), so the reference at
+    tensor-parallel size 2 is the one the served logprobs follow, not size 1's."""
     from offline_quantizer.reference import served_model
 
-    ckpt = tiny_tq_tp
+    ckpt = tiny_tq_tp[ckpt]
     if activations != "W4A16":
-        ckpt = str(tmp_path / "w4a8")
-        shutil.copytree(tiny_tq_tp, ckpt)
+        src, ckpt = ckpt, str(tmp_path / "w4a8")
+        shutil.copytree(src, ckpt)
         fmt.declare_activations(ckpt, 8, "int")
     prompt = list(range(1000, 1012))
     with _server(ckpt, tmp_path, "--tensor-parallel-size", "2", VLLM_CPU_OMP_THREADS_BIND=_cpu_binding(2)) as base:
