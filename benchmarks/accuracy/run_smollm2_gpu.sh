@@ -17,6 +17,11 @@
 #                  background; wait up to SECONDS for it to finish (again until "finished"; about 800 s on an H100)
 #     (nothing)    bash benchmarks/accuracy/run_smollm2_gpu.sh score w4a16 (and score dense)
 # Results under $OUT: accuracy_gpu.jsonl (one line per score), the checkpoint's config.json, README.md and log.
+# Beside `quantize` (no timing is taken, so the GPU may be shared): `acts SECONDS` starts or waits for the
+# activation-precision check: twinquant-w4a8-int8 and twinquant-w4a4-resq without its subspace, quantized on the
+# GPU; each checkpoint (the first also re-declared W4A8-FP8) scored through the CUDA kernels (bfloat16) and through
+# the format's torch path (TWINQUANT_DISABLED_KERNELS=triton) in bfloat16 and float32 (the CPU table's numerics);
+# `acts collect` copies what finished to $OUT/accuracy_acts_gpu.jsonl with the logs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -75,5 +80,45 @@ case "${1:-}" in
     esac
     python3 -m offline_quantizer.evaluate "$ckpt" --dtype "${DTYPE:-float32}" --gpu-memory-utilization 0.3 \
       --json "$out/accuracy_gpu.jsonl" --label "$label" 2>&1 | tail -3 ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  acts)
+    dir=$runs/acts; pidf=$dir/job.pid; mkdir -p "$dir"
+    if [ "${2:-}" = collect ]; then
+      cp "$dir"/*.log "$out"/ 2>/dev/null || true; cp "$dir/scores.jsonl" "$out/accuracy_acts_gpu.jsonl" 2>/dev/null || true
+      tail -3 "$dir/job.log"; exit 0
+    fi
+    if ! { [ -f $pidf ] && kill -0 "$(cat $pidf)" 2>/dev/null; } && [ ! -f "$dir/done" ]; then
+      source .gpu-stage/remote.sh env
+      python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | grep -v WARNING || true
+      PYTHONPATH=$qsite:$gsite:$PYTHONPATH PATH=$qsite/bin:$PATH \
+        setsid nohup bash "$0" acts-job > "$dir/job.log" 2>&1 < /dev/null &
+      echo $! > $pidf; echo "started (pid $(cat $pidf))"
+    fi
+    t0=$SECONDS
+    while [ ! -f "$dir/done" ] && kill -0 "$(cat $pidf)" 2>/dev/null && (( SECONDS - t0 < ${2:-0} )); do sleep 5; done
+    tail -4 "$dir/job.log"; [ -f "$dir/done" ] && echo "finished: $dir" || echo "running" ;;
+  acts-job)  # what `acts` runs in the background
+    dir=$runs/acts
+    quant() {
+      [ -f "$dir/$1/config.json" ] && return 0
+      echo "quantize $1: ${*:2}"
+      twinquant-quantize --model $model --output "$dir/$1" --calib models/data/calib.jsonl --device cuda "${@:2}" \
+        > "$dir/quantize_$1.log" 2>&1 || { echo "quantize $1 failed"; tail -5 "$dir/quantize_$1.log"; return 1; }
+    }
+    score() {  # checkpoint, dtype, kernels (triton: the plugin's choice; torch: the format's reference path)
+      local disabled=""; [ "$3" = torch ] && disabled=triton
+      echo "score $1 in $2 through $3"
+      TWINQUANT_DISABLED_KERNELS=$disabled python3 -m offline_quantizer.evaluate "$dir/$1" --dtype "$2" \
+        --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, H100-quantized)" \
+        > "$dir/score_$1_$2_$3.log" 2>&1 || { echo "score failed"; tail -5 "$dir/score_$1_$2_$3.log"; }
+    }
+    quant w4a8-int8 --recipe twinquant-w4a8-int8
+    rm -rf "$dir/w4a8-fp8"; cp -r "$dir/w4a8-int8" "$dir/w4a8-fp8"
+    python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \
+      "$dir/w4a8-fp8"
+    for ck in w4a8-int8 w4a8-fp8; do score $ck bfloat16 triton; score $ck float32 torch; done
+    quant w4a4 --recipe twinquant-w4a4-resq --set activations.subspace=0
+    score w4a4 bfloat16 triton; score w4a4 bfloat16 torch; score w4a4 float32 torch
+    score w4a8-int8 bfloat16 torch
+    touch "$dir/done"; echo done ;;
+  *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

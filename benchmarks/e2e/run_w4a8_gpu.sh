@@ -12,7 +12,8 @@
 # One lease, staging and measuring at once (vLLM's pieces staged between the first two steps):
 #   kernels   in the background, no vLLM needed: wide_layer.py (timed), then tune.py sweep-w4a8 --act-quant int4
 #             (a check, beside `make`); results under ~/lease
-#   make      after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
+#   make [ARGS..]   after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
+#                   (ARGS go to e2e_h100.py make, e.g. --head-ranks 64 for tq_r64_h4)
 #   bench CONFIG..  after the int4 check (timings alone on the GPU)
 #   collect   ~/lease's results into $OUT
 set -euo pipefail
@@ -38,23 +39,24 @@ case "${1:-}" in
     shift
     plugin_checks "$@" ;;
   kernels)
-    mkdir -p "$res"
+    mkdir -p "$res"; touch "$res/kernels.started"
     setsid nohup bash -c "python3 benchmarks/kernels/wide_layer.py --out $res > $res/wide_layer.log 2>&1; \
       touch $res/timed.done; python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant int4 --out $res \
       > $res/sweep_w4a8_int4.log 2>&1; touch $res/kernels.done" > /dev/null 2>&1 < /dev/null &
     echo "started: wide_layer.py, then tune.py sweep-w4a8 --act-quant int4 (in $res)" ;;
   make)
+    shift
     python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
-    while [ -d "$res" ] && [ ! -f "$res/timed.done" ]; do sleep 2; done
+    while [ -f "$res/kernels.started" ] && [ ! -f "$res/timed.done" ]; do sleep 2; done
     tail -3 "$res/wide_layer.log" 2>/dev/null || true
-    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 --out "$res" ;;
+    python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 "$@" --out "$res" ;;
   bench)
     shift
-    while [ -d "$res" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
   serve)
     shift
-    while [ -d "$res" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
     python3 benchmarks/e2e/e2e_h100.py serve --workdir "$work" --configs "$@" --out "$out" ;;
   collect)
     tail -4 "$res"/*.log; cp "$res"/*.json "$res"/*.log "$out"/ 2>/dev/null || true; ls "$out" ;;
