@@ -361,3 +361,53 @@ def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_k
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
     assert (y.double() - ref).norm() < (w16 - ref).norm()
+
+
+@pytest.mark.parametrize("int8_factors", [False, True])
+def test_triton_kernel_class_serves_a_resq_subspace_layer_as_the_torch_kernel_does(int8_factors):
+    """W4A4 with ResQ's 8-bit subspace on the CUDA path: the first K - S columns' 4-bit codes on the INT8 kernel,
+    the last S at 8 bits and the low-rank term in one GEMM after it. Against TorchTwinQuantKernel (the format's
+    simulation) on a merged q/k/v-shaped layer whose last 64 inputs carry the outliers the subspace is for; the
+    same layer read as plain W4A4 (one scale over every column) is far off, so the split is in the output."""
+    from vllm_twinquant import format as fmt
+    from vllm_twinquant import kernels as K
+
+    qw, sc, down, up = kernel_layer(192, 576, 64, 8, 3, torch.bfloat16, seed=7)
+    c = K.TwinQuantLayerConfig(in_features=576, slot_sizes=(64, 96, 32), rank=8, group_size=64,
+                               act_dtype=torch.bfloat16, activation_bits=4, activation_clip=0.9,
+                               activation_subspace=64, int8_lowrank=int8_factors)
+    layer = torch.nn.Module()
+    tensors = {"weight_packed": qw, "weight_scale": sc, "lowrank_down": down, "lowrank_up": up}
+    if int8_factors:
+        for name in ("lowrank_down", "lowrank_up"):
+            t = tensors[name].float()
+            s = t.abs().amax(1) / 127
+            tensors[name] = torch.round(t / s[:, None]).to(torch.int8)
+            tensors[name + "_scale"] = s
+    for name, t in tensors.items():
+        setattr(layer, name, torch.nn.Parameter(t.clone(), requires_grad=False))
+    x = torch.randn(2, 40, 576) * torch.rand(2, 40, 1) * 3
+    x[..., -64:] *= 40
+    x = x.to(torch.bfloat16)
+    assert K.TritonTwinQuantKernel.shape(type("T", (), {"config": c})()).k == 512
+    ref = K.TorchTwinQuantKernel(c).apply(layer, x, None).double()
+    plain = K.TorchTwinQuantKernel(dataclasses.replace(c, activation_subspace=0)).apply(layer, x, None).double()
+    tk = object.__new__(K.TritonTwinQuantKernel)
+    tk.config = c
+    tk.process_weights_after_loading(layer)
+    assert layer.weight_packed.shape == (192, 512 // fmt.PACK_FACTOR) and layer.subspace_up.shape == (192, 3 * 8 + 64)
+    y = tk.apply(layer, x, None)
+    assert y.shape == (2, 40, 192)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, err
+    assert (y.double() - ref).norm() * 5 < (plain - ref).norm()
+
+
+def test_a_subspace_that_does_not_start_at_a_group_boundary_stays_on_the_torch_kernel(monkeypatch):
+    from vllm_twinquant import kernels as K
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    c = K.TwinQuantLayerConfig(in_features=4096, slot_sizes=(4096,), rank=64, group_size=128,
+                               act_dtype=torch.bfloat16, activation_bits=4, activation_subspace=64)
+    ok, why = K.TritonTwinQuantKernel.can_implement(c)
+    assert not ok and "subspace of 64 of 4096 input columns" in why and "group 128" in why

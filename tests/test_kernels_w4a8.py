@@ -227,7 +227,7 @@ def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_ca
 def test_the_plugin_takes_w4a4_to_the_int8_kernels_where_its_codes_were_checked_on_a_gpu(monkeypatch):
     """W4A4 (4-bit codes, online Hadamard) goes to the INT8 kernels as "int4" codes; until a GPU check lists
     int4 in CHECKED_ON_GPU the Triton kernel refuses it with that reason, and after it, takes it (as now: tune.py
-    sweep-w4a8 --act-quant int4 passed on an H100). A ResQ subspace has no CUDA kernel either way."""
+    sweep-w4a8 --act-quant int4 passed on an H100); a ResQ subspace layer is asked for as its first K - S columns."""
     from csrc_triton.kernels import w4a8
     from csrc_triton.kernels.base import Device
     from vllm_twinquant.kernels import TritonTwinQuantKernel, TwinQuantLayerConfig
@@ -246,9 +246,11 @@ def test_the_plugin_takes_w4a4_to_the_int8_kernels_where_its_codes_were_checked_
     monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", shipped)
     assert "int4" in shipped and TritonTwinQuantKernel.can_implement(c) == (True, None)
     sub = TwinQuantLayerConfig(in_features=4096, slot_sizes=(4096,), rank=64, group_size=128,
-                               act_dtype=torch.bfloat16, activation_bits=4, activation_subspace=64)
+                               act_dtype=torch.bfloat16, activation_bits=4, activation_subspace=128)
+    assert TritonTwinQuantKernel.can_implement(sub) == (True, None)
+    monkeypatch.setattr(w4a8, "CHECKED_ON_GPU", ("fp8", "int8"))
     ok, why = TritonTwinQuantKernel.can_implement(sub)
-    assert not ok and "subspace" in why
+    assert not ok and "int4" in why
 
 
 # -- w4a8_rs: W4A8-INT8 on Hopper (Gluon; no interpreter: its arithmetic is emulated here, its layout

@@ -18,6 +18,7 @@ level and in the CUDA plan.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from abc import ABC, abstractmethod
@@ -264,13 +265,15 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             return False, f"activations in {c.act_dtype}; the kernels take fp16/bf16"
         if c.act_quant not in ("none", "fp8", "int8", "int4"):
             return False, f"activations {c.activation_bits}-bit {c.activation_type}: no CUDA kernel"
-        if c.activation_subspace:
-            return False, "W4A4 with an activation subspace (ResQ's 8-bit channels) has no CUDA kernel yet"
+        if c.activation_subspace and (c.in_features - c.activation_subspace) % c.group_size:
+            return False, (f"an activation subspace of {c.activation_subspace} of {c.in_features} input columns does "
+                           f"not start at a group boundary (group {c.group_size})")
         if c.act_quant != "none":  # W4A8: the plan's own kernel decides (device, precision, switches)
             from csrc_triton import Device
             from csrc_triton.dispatch import kernels
 
-            ok, why = kernels()["w4a8"].can_implement(_layer_shape(c), Device.of(torch.device("cuda")))
+            ok, why = kernels()["w4a8"].can_implement(_layer_shape(_residual_config(c)),
+                                                      Device.of(torch.device("cuda")))
             if not ok:
                 return False, why
         if len(c.slot_sizes) > 3:
@@ -283,12 +286,15 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         return True, None
 
     def shape(self):
-        return _layer_shape(self.config)
+        """The residual kernel's layer (a subspace layer's first K - S columns, rank 0)."""
+        return _layer_shape(_residual_config(self.config))
 
     def process_weights_after_loading(self, layer):
         import csrc_triton
         from csrc_triton.gluon_common import scratch
 
+        if self.config.activation_subspace:
+            _split_subspace(layer, self.config)
         # once, losslessly: the column order the kernels read (csrc_triton.layout.repack)
         layer.weight_packed.data = csrc_triton.repack(layer.weight_packed.data, self.config.group_size)
         if self.config.online_hadamard:  # W4A4 before o_proj/down_proj, applied as the torch path does
@@ -310,6 +316,8 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         if c.online_hadamard:
             x = fmt.apply_online_hadamard(x, c.online_hadamard, layer.online_hadamard)
         x2 = x.reshape(-1, shape[-1]).contiguous()
+        if c.activation_subspace:
+            return self._apply_subspace(layer, x2, bias).reshape(*shape[:-1], c.out_features)
         down = layer.lowrank_down if c.rank else None
         up = layer.lowrank_up if c.rank else None
         ds, us = _factor_scales(layer, c)
@@ -318,6 +326,57 @@ class TritonTwinQuantKernel(TwinQuantKernel):
             c.act_quant, c.activation_clip,
         )
         return y.reshape(*shape[:-1], c.out_features)
+
+
+    def _apply_subspace(self, layer, x2, bias):
+        """A ResQ layer: the first K - S columns' 4-bit codes on the INT8 kernel (their own per-token scale),
+        then one GEMM adds [x D^T, q8(x_S)] @ [U, deq(R_S)]^T: the low-rank term on the unquantized input and
+        the last S columns at activation_subspace_bits against their residual columns (`_split_subspace`)."""
+        c = self.config
+        k_main = c.in_features - c.activation_subspace
+        y = torch.ops.twinquant.linear(
+            x2[:, :k_main].contiguous(), layer.weight_packed, layer.weight_scale, None, None, bias, c.group_size,
+            list(c.slot_bounds), None, None, c.act_quant, c.activation_clip,
+        )
+        xs = x2[:, k_main:]
+        if c.activation_subspace_bits < 16:
+            xs = fmt.quantize_activations(xs, c.activation_subspace_bits, 1.0)
+        t = torch.cat([x2 @ layer.lowrank_down.t(), xs], 1) if c.rank else xs
+        return y.addmm_(t, layer.subspace_up.t())
+
+
+def _residual_config(c: TwinQuantLayerConfig) -> TwinQuantLayerConfig:
+    """What the residual kernel runs of a layer: itself, or for an activation subspace of S columns the first
+    K - S input columns at rank 0 (the rest is one GEMM in `_apply_subspace`)."""
+    if not c.activation_subspace:
+        return c
+    return dataclasses.replace(c, in_features=c.in_features - c.activation_subspace, rank=0, activation_subspace=0,
+                               int8_lowrank=False)
+
+
+def _split_subspace(layer: torch.nn.Module, c: TwinQuantLayerConfig) -> None:
+    """A subspace layer's parameters for `_apply_subspace`, once at load: the codes and scales of the first
+    K - S columns (weight_packed, weight_scale, still in checkpoint order), the down factor in the activation
+    dtype, and subspace_up [N, slots * rank + S] = [U laid out block-diagonally over the slots, deq(R_S)]."""
+    k_main = c.in_features - c.activation_subspace
+    n = c.out_features
+    deq = fmt.dequantize_residual(layer.weight_packed.data, layer.weight_scale.data, c.group_size, c.act_dtype)
+    ups = [deq[:, k_main:]]
+    if c.rank:
+        ds, us = _factor_scales(layer, c)
+        down = fmt.dequantize_lowrank(layer.lowrank_down.data, ds, c.act_dtype)
+        up = fmt.dequantize_lowrank(layer.lowrank_up.data, us, c.act_dtype)
+        bounds = (0, *c.slot_bounds, n)
+        up_bd = torch.zeros(n, len(c.slot_sizes) * c.rank, dtype=c.act_dtype, device=up.device)
+        for s in range(len(bounds) - 1):
+            up_bd[bounds[s] : bounds[s + 1], s * c.rank : (s + 1) * c.rank] = up[bounds[s] : bounds[s + 1]]
+        ups.insert(0, up_bd)
+        layer.lowrank_down = torch.nn.Parameter(down.contiguous(), requires_grad=False)
+    layer.subspace_up = torch.nn.Parameter(torch.cat(ups, 1).contiguous(), requires_grad=False)
+    layer.weight_packed = torch.nn.Parameter(layer.weight_packed.data[:, : k_main // fmt.PACK_FACTOR].contiguous(),
+                                             requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data[:, : k_main // c.group_size].contiguous(),
+                                            requires_grad=False)
 
 
 @functools.cache
