@@ -18,7 +18,7 @@
 #     (nothing)    bash benchmarks/accuracy/run_smollm2_gpu.sh score w4a16 (and score dense)
 # Results under $OUT: accuracy_gpu.jsonl (one line per score), the checkpoint's config.json, README.md and log.
 # Beside `quantize` (no timing is taken, so the GPU may be shared): `acts SECONDS` starts or waits for the
-# activation-precision check: twinquant-w4a8-int8 and twinquant-w4a4-resq without its subspace, quantized on the
+# activation-precision check: twinquant-w4a8-int8 and twinquant-w4a4-resq (8-bit subspace), quantized on the
 # GPU; each checkpoint (the first also re-declared W4A8-FP8) scored through the CUDA kernels (bfloat16) and through
 # the format's torch path (TWINQUANT_DISABLED_KERNELS=triton) in bfloat16 and float32 (the CPU table's numerics);
 # `acts collect` copies what finished to $OUT/accuracy_acts_gpu.jsonl with the logs.
@@ -116,8 +116,8 @@ case "${1:-}" in
     python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \
       "$dir/w4a8-fp8"
     for ck in w4a8-int8 w4a8-fp8; do score $ck bfloat16 triton; score $ck float32 torch; done
-    quant w4a4 --recipe twinquant-w4a4-resq --set activations.subspace=0
-    score w4a4 bfloat16 triton; score w4a4 bfloat16 torch; score w4a4 float32 torch
+    quant w4a4-resq --recipe twinquant-w4a4-resq
+    score w4a4-resq bfloat16 triton; score w4a4-resq bfloat16 torch; score w4a4-resq float32 torch
     score w4a8-int8 bfloat16 torch
     touch "$dir/done"; echo done ;;
   *) sed -n '2,25p' "$0"; exit 2 ;;
