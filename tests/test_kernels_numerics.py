@@ -8,6 +8,7 @@ kernels have no interpreter: tests/test_kernels_sm90.py compiles them.)"""
 
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
@@ -329,8 +330,6 @@ def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_k
     clipped) on the INT8 kernel through torch.ops.twinquant.linear; against TorchTwinQuantKernel, the path
     that simulates W4A4 (interpreter, enough tokens for the W4A8 kernel's rows), and against the float32
     reference module of the GPU plugin check (benchmarks/e2e/cuda_plugin_check.py), which must agree too."""
-    import sys
-
     from vllm_twinquant import format as fmt
     from vllm_twinquant import kernels as K
 
@@ -392,6 +391,13 @@ def test_triton_kernel_class_serves_a_resq_subspace_layer_as_the_torch_kernel_do
     assert K.TritonTwinQuantKernel.shape(type("T", (), {"config": c})()).k == 512
     ref = K.TorchTwinQuantKernel(c).apply(layer, x, None).double()
     plain = K.TorchTwinQuantKernel(dataclasses.replace(c, activation_subspace=0)).apply(layer, x, None).double()
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    from cuda_plugin_check import ActivationCodesReference  # the GPU check's float32 reference agrees
+
+    fd, fu = (fmt.dequantize_lowrank(tensors[n], tensors.get(n + "_scale")) for n in ("lowrank_down", "lowrank_up"))
+    lowrank = torch.cat([fu[a:b] @ fd[i * 8:(i + 1) * 8] for i, (a, b) in enumerate([(0, 64), (64, 160), (160, 192)])])
+    mod = ActivationCodesReference(lowrank, fmt.dequantize_residual(qw, sc, 64), None, 4, "int", 0.9, 0, 64, 8)
+    assert ((mod(x).double() - ref).norm() / ref.norm()).item() <= 1e-2
     tk = object.__new__(K.TritonTwinQuantKernel)
     tk.config = c
     tk.process_weights_after_loading(layer)

@@ -8,6 +8,8 @@ float32 transformers model holding the checkpoint's effective weights (U @ D + d
         [--activations int8|fp8|int4]   # the checkpoint declared W4A8 (W4A4: 4-bit codes clipped as the
                                         # W4A4 preset's, the online Hadamard transform before o_proj/down_proj);
                                         # the reference quantizes x per token the same way
+        [--subspace S]                  # with --activations int4: ResQ's 8-bit subspace on the last S
+                                        # inputs of q/k/v and gate/up
 Exits non-zero on a mismatch. Needs vLLM (CUDA build) and this package installed.
 """
 
@@ -67,29 +69,36 @@ def effective_model(dense: str, tq: str):
             hadamard = fmt.hadamard_block_size(res.shape[1]) if spec.has_online_hadamard(layer) else 0
             model.get_submodule(parent).register_module(name, ActivationCodesReference(
                 lowrank, res, linear.bias, spec.activation_bits, spec.activation_type, spec.activation_clip_ratio,
-                hadamard))
+                hadamard, spec.subspace_channels_for(layer), spec.activation_subspace_bits))
     return model
 
 
 class ActivationCodesReference(torch.nn.Module):
     """A layer of a checkpoint whose residual product reads per-token activation codes (W4A8, W4A4), in
     float32: x rotated by the online Hadamard transform where the checkpoint names the layer, then
-    x @ (U D)^T + (codes * s) @ deq(R)^T + bias, codes and s the format's (format.per_token_codes)."""
+    x @ (U D)^T + (codes * s) @ deq(R)^T + bias, codes and s the format's (format.per_token_codes; with a ResQ
+    subspace, format.quantize_activations: the last `subspace` columns at `subspace_bits` with their own scale)."""
 
-    def __init__(self, lowrank, residual, bias, bits: int, kind: str, clip: float, hadamard: int):
+    def __init__(self, lowrank, residual, bias, bits: int, kind: str, clip: float, hadamard: int, subspace: int = 0,
+                 subspace_bits: int = 8):
         super().__init__()
         self.register_buffer("lowrank", lowrank.float().contiguous())
         self.register_buffer("residual", residual.float().contiguous())
         self.bias = bias
         self.bits, self.kind, self.clip, self.hadamard = bits, kind, clip, hadamard
+        self.subspace, self.subspace_bits = subspace, subspace_bits
 
     def forward(self, x):
         from vllm_twinquant import format as fmt
 
         if self.hadamard:
             x = fmt.apply_online_hadamard(x, self.hadamard)
-        codes, s = fmt.per_token_codes(x, self.bits, self.kind, self.clip)
-        y = x @ self.lowrank.to(x.dtype).T + (codes * s).to(x.dtype) @ self.residual.to(x.dtype).T
+        if self.subspace:
+            xq = fmt.quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits, self.kind)
+        else:
+            codes, s = fmt.per_token_codes(x, self.bits, self.kind, self.clip)
+            xq = (codes * s).to(x.dtype)
+        y = x @ self.lowrank.to(x.dtype).T + xq @ self.residual.to(x.dtype).T
         return y if self.bias is None else y + self.bias
 
 
@@ -103,7 +112,11 @@ def main():
     ap.add_argument("--activations", default="bf16", choices=("bf16", "int8", "fp8", "int4"),
                     help="the residual product's input: bf16 (W4A16), or the checkpoint declared W4A8 / W4A4")
     ap.add_argument("--head", action="store_true", help="quantize lm_head too")
+    ap.add_argument("--subspace", type=int, default=0,
+                    help="with --activations int4: ResQ's 8-bit subspace of this many last inputs of q/k/v, gate/up")
     args = ap.parse_args()
+    if args.subspace and args.activations != "int4":
+        ap.error("--subspace takes --activations int4")
     os.makedirs(args.workdir, exist_ok=True)
     dense, tq = os.path.join(args.workdir, "dense"), os.path.join(args.workdir, "tq")
     rec = {"layers": args.layers, "rank": args.rank, "group_size": 128, "lowrank_dtype": args.lowrank_dtype,
@@ -119,6 +132,7 @@ def main():
                    + (["--set", "residual.modules_to_not_convert=[]"] if args.head else []), check=True)
     rec["quantize_s"] = round(time.time() - t0, 1)
     rec["activations"] = args.activations
+    rec["activation_subspace_channels"] = args.subspace
     if args.activations != "bf16":  # W4A8 / W4A4: the same checkpoint declared by its config alone
         from vllm_twinquant.format import declare_activations
 
@@ -126,7 +140,10 @@ def main():
             from offline_quantizer.recipe import Activations, load_recipe
 
             clip = load_recipe("twinquant-w4a4-resq").get(Activations).clip  # the W4A4 preset's codes
-            declare_activations(tq, 4, "int", activation_clip_ratio=clip, online_hadamard=["o_proj", "down_proj"])
+            sub = dict(activation_subspace_channels=args.subspace, activation_subspace_bits=8,
+                       activation_subspace_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+            declare_activations(tq, 4, "int", activation_clip_ratio=clip, online_hadamard=["o_proj", "down_proj"],
+                                **(sub if args.subspace else {}))
         else:
             declare_activations(tq, 8, "int" if args.activations == "int8" else "float")
 
@@ -228,7 +245,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     suffix = ("" if args.lowrank_dtype == "bfloat16" else f"_{args.lowrank_dtype}") + (
         "" if args.activations == "bf16" else f"_w4a{4 if args.activations == 'int4' else 8}_{args.activations}") + (
-        "_head4" if args.head else "")
+        f"_sub{args.subspace}" if args.subspace else "") + ("_head4" if args.head else "")
     with open(os.path.join(args.out, f"cuda_plugin_check{suffix}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     if not ok:

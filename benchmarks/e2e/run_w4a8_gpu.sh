@@ -6,7 +6,8 @@
 #   bash benchmarks/e2e/run_w4a8_gpu.sh bench CONFIG..  # e2e_h100.py bench (e.g. bf16 fp8 tq_r64 tq_r64_a8
 #                                                       # tq_r64_f8; a _kv8 suffix adds --kv-cache-dtype fp8)
 #   bash benchmarks/e2e/run_w4a8_gpu.sh checks ACT..    # cuda_plugin_check --activations ACT for each of
-#                                                       # int8 fp8 int4 (correctness only: no timing is kept)
+#                                                       # int8 fp8 int4 int4_sub128 (correctness only: no timing
+#                                                       # is kept; _subS: a ResQ subspace of S channels)
 #   bash benchmarks/e2e/run_w4a8_gpu.sh serve CONFIG..  # e2e_h100.py serve: `vllm serve` + `vllm bench serve`
 #                                                       # at concurrency 1, 16, 64, 256 (e.g. bf16 fp8 tq_r64_f8)
 # One lease, staging and measuring at once (vLLM's pieces staged between the first two steps):
@@ -24,10 +25,11 @@ work=$HOME/e2e-w4a8
 res=$HOME/lease
 plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
   python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
-  for act in "$@"; do
+  for act in "$@"; do  # int4_sub128: W4A4 with a ResQ subspace of 128 channels
     log="$out/cuda_plugin_check_$act.log"
-    if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" --activations "$act" \
-      > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
+    sub=0; case $act in *_sub*) sub=${act#*_sub} ;; esac
+    if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" \
+      --activations "${act%%_sub*}" --subspace "$sub" > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
     grep -E '"(max_abs_logprob_diff|greedy_agreement|pass_.*|plan_gate_up)"' "$log" || true
   done
 }
