@@ -111,14 +111,13 @@ case "${1:-}" in
         --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, H100-quantized)" \
         > "$dir/score_$1_$2_$3.log" 2>&1 || { echo "score failed"; tail -5 "$dir/score_$1_$2_$3.log"; }
     }
+    quant w4a4-resq --recipe twinquant-w4a4-resq
+    score w4a4-resq bfloat16 triton; score w4a4-resq float32 torch; score w4a4-resq bfloat16 torch
     quant w4a8-int8 --recipe twinquant-w4a8-int8
     rm -rf "$dir/w4a8-fp8"; cp -r "$dir/w4a8-int8" "$dir/w4a8-fp8"
     python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \
       "$dir/w4a8-fp8"
     for ck in w4a8-int8 w4a8-fp8; do score $ck bfloat16 triton; score $ck float32 torch; done
-    quant w4a4-resq --recipe twinquant-w4a4-resq
-    score w4a4-resq bfloat16 triton; score w4a4-resq bfloat16 torch; score w4a4-resq float32 torch
-    score w4a8-int8 bfloat16 torch
     touch "$dir/done"; echo done ;;
   *) sed -n '2,25p' "$0"; exit 2 ;;
 esac
