@@ -21,7 +21,7 @@
 # activation-precision check: twinquant-w4a8-int8 and twinquant-w4a4-resq (8-bit subspace), quantized on the
 # GPU; each checkpoint (the first also re-declared W4A8-FP8) scored through the CUDA kernels (bfloat16) and through
 # the format's torch path (TWINQUANT_DISABLED_KERNELS=triton) in bfloat16 and float32 (the CPU table's numerics);
-# `acts collect` copies what finished to $OUT/accuracy_acts_gpu.jsonl with the logs.
+# `acts collect` copies what finished to $OUT/accuracy_acts_gpu.jsonl, the logs (a tar) and the kernel lines.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -83,7 +83,9 @@ case "${1:-}" in
   acts)
     dir=$runs/acts; pidf=$dir/job.pid; mkdir -p "$dir"
     if [ "${2:-}" = collect ]; then
-      cp "$dir"/*.log "$out"/ 2>/dev/null || true; cp "$dir/scores.jsonl" "$out/accuracy_acts_gpu.jsonl" 2>/dev/null || true
+      mkdir -p "$out"; tar -czf "$out/acts_logs.tar.gz" -C "$dir" $(cd "$dir" && ls *.log)
+      grep -h "twinquant: " "$dir"/score_*.log | sort | uniq -c > "$out/acts_kernels.txt" || true
+      cp "$dir/scores.jsonl" "$out/accuracy_acts_gpu.jsonl" 2>/dev/null || true
       tail -3 "$dir/job.log"; exit 0
     fi
     if ! { [ -f $pidf ] && kill -0 "$(cat $pidf)" 2>/dev/null; } && [ ! -f "$dir/done" ]; then
