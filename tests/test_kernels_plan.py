@@ -177,6 +177,10 @@ def test_the_plan_reads_in_one_line_and_in_ranges(capsys):
     assert "dequant_cublas (transient weights 224 MiB)" in out
     main(["--k", "4096", "--n", "128256", "--device", "h100"])  # a 128k-vocabulary lm_head
     assert "(transient weights 1,002 MiB, made in 4 row ranges)" in capsys.readouterr().out
+    main(["--k", "4096", "--n", "28672", "--slots", "14336", "--rank", "64", "--activations", "int4", "--subspace",
+          "128"])
+    out = capsys.readouterr().out
+    assert "3968 -> 28672, rank 0" in out and "first 3968 input columns" in out and "width 256" in out
 
 
 def test_a_tuned_table_makes_the_plan_pick_the_fastest_measured_config(tmp_path):

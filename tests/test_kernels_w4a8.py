@@ -204,6 +204,27 @@ def test_a_dense_w4a8_config_reads_the_codes_as_they_are_where_the_8_bit_copy_wo
     assert torch.equal(outs[0], outs[1])
 
 
+def test_the_plan_names_no_8_bit_copy_for_a_layer_over_the_transient_cap(monkeypatch):
+    """What the plan (and `explain`) says runs is what launches: a table's `dense` row becomes dense=False on a
+    layer whose 8-bit copy would exceed base.TRANSIENT_BYTES, and stays as it is under the cap (the shipped
+    table's dense rows are for layers far under it, so the cap is lowered here)."""
+    from csrc_triton import tables_for
+    from csrc_triton.kernels import base, w4a8
+    from csrc_triton.kernels.base import Device
+
+    device = Device.named("NVIDIA H100 80GB HBM3", (9, 0))
+    tables = tables_for(device.name, device.capability)
+    for act in ("fp8", "int8"):
+        shape = ct.LayerShape(4096, 4096, 128, 64, (), torch.bfloat16, act_quant=act)
+        rows = {m: tables.w4a8[act].lookup(m, shape.n, shape.k) for m in (64, 128, 256, 1024)}
+        assert any(r is not None and r.dense for r in rows.values())
+        for cap, over in [(shape.n * shape.k, False), (shape.n * shape.k - 1, True)]:
+            monkeypatch.setattr(base, "TRANSIENT_BYTES", cap)
+            for m, row in rows.items():
+                want = dataclasses.replace(row, dense=False) if over and row is not None and row.dense else row
+                assert w4a8.KERNEL.choose(m, shape, tables) == want, (act, m, cap)
+
+
 def test_the_plugin_takes_a_w4a8_layer_to_the_gpu_only_where_the_plans_kernel_can_run_it(monkeypatch):
     """The plugin asks the plan's W4A8 kernel itself, so a GPU without the tensor cores and the switch
     TWINQUANT_DISABLED_KERNELS=w4a8 both send the layer to the next plugin kernel at load, with the reason,

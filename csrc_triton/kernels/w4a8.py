@@ -20,7 +20,7 @@ Below the table's first M the plan gives a W4A8 layer to the W4A16 kernels with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -299,7 +299,10 @@ class W4a8Kernel(Kernel):
         return True, None
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8Config | None:
-        return tables.w4a8[table_key(shape.act_quant)].lookup(m, shape.n, shape.k)
+        cfg = tables.w4a8[table_key(shape.act_quant)].lookup(m, shape.n, shape.k)
+        if cfg is not None and cfg.dense and shape.n * shape.k > base.TRANSIENT_BYTES:
+            cfg = replace(cfg, dense=False)  # the plan names what runs: no 8-bit copy over the cap
+        return cfg
 
     def launch(self, a: Launch, cfg: W4a8Config) -> None:
         m, n, k, group = a.m, a.n, a.k, a.group_size
