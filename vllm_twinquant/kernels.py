@@ -184,17 +184,9 @@ class CpuWna16TwinQuantKernel(TwinQuantKernel):
 
     def _lowrank(self, layer) -> None:
         """The factors in the activation dtype, U block-diagonal over the slots: [N, slots * rank]."""
-        c = self.config
-        n = c.out_features
-        if c.rank:
-            ds, us = _factor_scales(layer, c)
-            down = fmt.dequantize_lowrank(layer.lowrank_down.data, ds, c.act_dtype)
-            up = fmt.dequantize_lowrank(layer.lowrank_up.data, us, c.act_dtype)
-            bounds = (0, *c.slot_bounds, n)
-            up_bd = torch.zeros(n, len(c.slot_sizes) * c.rank, dtype=c.act_dtype)
-            for s in range(len(bounds) - 1):
-                up_bd[bounds[s] : bounds[s + 1], s * c.rank : (s + 1) * c.rank] = up[bounds[s] : bounds[s + 1]]
-            layer.lowrank_down = torch.nn.Parameter(down.contiguous(), requires_grad=False)
+        if self.config.rank:
+            down, up_bd = _dense_factors(layer, self.config)
+            layer.lowrank_down = torch.nn.Parameter(down, requires_grad=False)
             layer.lowrank_up = torch.nn.Parameter(up_bd, requires_grad=False)
 
     def apply(self, layer, x, bias):
@@ -327,7 +319,6 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         )
         return y.reshape(*shape[:-1], c.out_features)
 
-
     def _apply_subspace(self, layer, x2, bias):
         """A ResQ layer: the first K - S columns' 4-bit codes on the INT8 kernel (their own per-token scale),
         then one GEMM adds [x D^T, q8(x_S)] @ [U, deq(R_S)]^T: the low-rank term on the unquantized input and
@@ -358,25 +349,31 @@ def _split_subspace(layer: torch.nn.Module, c: TwinQuantLayerConfig) -> None:
     """A subspace layer's parameters for `_apply_subspace`, once at load: the codes and scales of the first
     K - S columns (weight_packed, weight_scale, still in checkpoint order), the down factor in the activation
     dtype, and subspace_up [N, slots * rank + S] = [U laid out block-diagonally over the slots, deq(R_S)]."""
-    k_main = c.in_features - c.activation_subspace
-    n = c.out_features
-    deq = fmt.dequantize_residual(layer.weight_packed.data, layer.weight_scale.data, c.group_size, c.act_dtype)
-    ups = [deq[:, k_main:]]
+    k_main = c.in_features - c.activation_subspace  # a multiple of the group size (can_implement)
+    ups = [fmt.dequantize_residual(layer.weight_packed.data[:, k_main // fmt.PACK_FACTOR :],
+                                   layer.weight_scale.data[:, k_main // c.group_size :], c.group_size, c.act_dtype)]
     if c.rank:
-        ds, us = _factor_scales(layer, c)
-        down = fmt.dequantize_lowrank(layer.lowrank_down.data, ds, c.act_dtype)
-        up = fmt.dequantize_lowrank(layer.lowrank_up.data, us, c.act_dtype)
-        bounds = (0, *c.slot_bounds, n)
-        up_bd = torch.zeros(n, len(c.slot_sizes) * c.rank, dtype=c.act_dtype, device=up.device)
-        for s in range(len(bounds) - 1):
-            up_bd[bounds[s] : bounds[s + 1], s * c.rank : (s + 1) * c.rank] = up[bounds[s] : bounds[s + 1]]
+        down, up_bd = _dense_factors(layer, c)
         ups.insert(0, up_bd)
-        layer.lowrank_down = torch.nn.Parameter(down.contiguous(), requires_grad=False)
+        layer.lowrank_down = torch.nn.Parameter(down, requires_grad=False)
     layer.subspace_up = torch.nn.Parameter(torch.cat(ups, 1).contiguous(), requires_grad=False)
     layer.weight_packed = torch.nn.Parameter(layer.weight_packed.data[:, : k_main // fmt.PACK_FACTOR].contiguous(),
                                              requires_grad=False)
     layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data[:, : k_main // c.group_size].contiguous(),
                                             requires_grad=False)
+
+
+def _dense_factors(layer: torch.nn.Module, c: TwinQuantLayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's factors in the activation dtype for torch matmuls: D [slots * rank, K], and U laid out
+    block-diagonally over the slots, [N, slots * rank], so that one product (x D^T) U_bd^T gives every slot's term."""
+    ds, us = _factor_scales(layer, c)
+    down = fmt.dequantize_lowrank(layer.lowrank_down.data, ds, c.act_dtype).contiguous()
+    up = fmt.dequantize_lowrank(layer.lowrank_up.data, us, c.act_dtype)
+    bounds = (0, *c.slot_bounds, c.out_features)
+    up_bd = torch.zeros(c.out_features, len(c.slot_sizes) * c.rank, dtype=c.act_dtype, device=up.device)
+    for s in range(len(bounds) - 1):
+        up_bd[bounds[s] : bounds[s + 1], s * c.rank : (s + 1) * c.rank] = up[bounds[s] : bounds[s + 1]]
+    return down, up_bd
 
 
 @functools.cache

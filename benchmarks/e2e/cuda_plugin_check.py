@@ -76,8 +76,8 @@ def effective_model(dense: str, tq: str):
 class ActivationCodesReference(torch.nn.Module):
     """A layer of a checkpoint whose residual product reads per-token activation codes (W4A8, W4A4), in
     float32: x rotated by the online Hadamard transform where the checkpoint names the layer, then
-    x @ (U D)^T + (codes * s) @ deq(R)^T + bias, codes and s the format's (format.per_token_codes; with a ResQ
-    subspace, format.quantize_activations: the last `subspace` columns at `subspace_bits` with their own scale)."""
+    x @ (U D)^T + (codes * s) @ deq(R)^T + bias, codes and s the format's (format.quantize_activations; with a
+    ResQ subspace, the last `subspace` columns at `subspace_bits` with their own scale)."""
 
     def __init__(self, lowrank, residual, bias, bits: int, kind: str, clip: float, hadamard: int, subspace: int = 0,
                  subspace_bits: int = 8):
@@ -93,11 +93,7 @@ class ActivationCodesReference(torch.nn.Module):
 
         if self.hadamard:
             x = fmt.apply_online_hadamard(x, self.hadamard)
-        if self.subspace:
-            xq = fmt.quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits, self.kind)
-        else:
-            codes, s = fmt.per_token_codes(x, self.bits, self.kind, self.clip)
-            xq = (codes * s).to(x.dtype)
+        xq = fmt.quantize_activations(x, self.bits, self.clip, self.subspace, self.subspace_bits, self.kind)
         y = x @ self.lowrank.to(x.dtype).T + xq @ self.residual.to(x.dtype).T
         return y if self.bias is None else y + self.bias
 

@@ -29,7 +29,9 @@ plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the 
     log="$out/cuda_plugin_check_$act.log"
     sub=0; case $act in *_sub*) sub=${act#*_sub} ;; esac
     if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" \
-      --activations "${act%%_sub*}" --subspace "$sub" > "$log" 2>&1; then echo "$act: passed"; else echo "$act: FAILED"; tail -30 "$log"; fi
+      --activations "${act%%_sub*}" --subspace "$sub" > "$log" 2>&1; then
+      echo "$act: passed"
+    else echo "$act: FAILED"; tail -30 "$log"; fi
     grep -E '"(max_abs_logprob_diff|greedy_agreement|pass_.*|plan_gate_up)"' "$log" || true
   done
 }
