@@ -106,11 +106,12 @@ case "${1:-}" in
       twinquant-quantize --model $model --output "$dir/$1" --calib models/data/calib.jsonl --device cuda "${@:2}" \
         > "$dir/quantize_$1.log" 2>&1 || { echo "quantize $1 failed"; tail -5 "$dir/quantize_$1.log"; return 1; }
     }
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' || echo GPU)
     score() {  # checkpoint, dtype, kernels (triton: the plugin's choice; torch: the format's reference path)
       local disabled=""; [ "$3" = torch ] && disabled=triton
       echo "score $1 in $2 through $3"
       TWINQUANT_DISABLED_KERNELS=$disabled python3 -m offline_quantizer.evaluate "$dir/$1" --dtype "$2" \
-        --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, H100-quantized)" \
+        --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, $card-quantized)" \
         > "$dir/score_$1_$2_$3.log" 2>&1 || { echo "score failed"; tail -5 "$dir/score_$1_$2_$3.log"; }
     }
     quant w4a4-resq --recipe twinquant-w4a4-resq
