@@ -87,3 +87,23 @@ def test_cpu_kernel_is_chosen_for_16_bit_activations_only():
     assert K.choose_kernel(fp32) is K.TorchTwinQuantKernel
     assert ("float16/bfloat16" if has_op else "cpu_gemm_wna16") in K.CpuWna16TwinQuantKernel.can_implement(fp32)[1]
     assert K.choose_kernel(a4) is K.TorchTwinQuantKernel
+
+
+def test_the_torch_kernel_builds_no_tensor_during_a_forward_once_loaded(monkeypatch):
+    """A W4A4 layer with the online Hadamard: after process_weights_after_loading the torch path reads H from the
+    layer (made once, on its device), so a forward makes no host tensor (in a compiled graph that is a copy that a
+    CUDA-graph capture refuses); its output equals that of a layer never loaded, which builds H per call."""
+    layer, _ = _layer(96, 256, 64, 8, 1, False, seed=3)
+    c = K.TwinQuantLayerConfig(in_features=256, slot_sizes=(96,), rank=8, group_size=64, act_dtype=torch.float32,
+                               activation_bits=4, activation_clip=0.9, online_hadamard=fmt.hadamard_block_size(256))
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    kernel = K.TorchTwinQuantKernel(c)
+    expected = kernel.apply(layer, x, None)  # not loaded: H built in the call
+    kernel.process_weights_after_loading(layer)
+    assert layer.online_hadamard.shape == (256, 256) and "online_hadamard" not in layer.state_dict()
+
+    def refuse(*a, **k):
+        raise AssertionError("a Hadamard matrix was built during the forward")
+
+    monkeypatch.setattr(fmt, "hadamard_matrix", refuse)
+    torch.testing.assert_close(kernel.apply(layer, x, None), expected, rtol=0, atol=0)

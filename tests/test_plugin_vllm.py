@@ -270,3 +270,25 @@ def test_served_checkpoint_answers_concurrent_requests_and_refuses_bad_ones_with
         ask = {"model": "tq", "prompt": [5, 6, 7, 8], "max_tokens": 12, "temperature": 0.0}
         first, second = (requests.post(base + "/v1/completions", timeout=120, json=ask).json() for _ in range(2))
         assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+def test_the_plugins_switches_are_part_of_vllms_compile_cache_key(monkeypatch):
+    """A layer's kernel (TWINQUANT_DISABLED_KERNELS) decides what vLLM's compiled graph calls, so after
+    `register()` vLLM's compile-cache factors change with every switch of vllm_twinquant.envs: a graph compiled
+    for the CUDA kernels is not reused by a run that disables them."""
+    import vllm.envs
+
+    import vllm_twinquant
+    from vllm_twinquant import envs
+
+    vllm_twinquant.register()
+    for name in envs.SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    base = vllm.envs.compile_factors()
+    for name, value in [("TWINQUANT_DISABLED_KERNELS", "triton"), ("TWINQUANT_CONFIG_DIR", "/tmp/tables"),
+                        ("TWINQUANT_GLUON_ANY_TRITON", "1")]:
+        monkeypatch.setenv(name, value)
+        assert vllm.envs.compile_factors() != base, name
+        monkeypatch.delenv(name)
+    assert vllm.envs.compile_factors() == base
+    assert set(envs.SWITCHES) == {n for n in vllm.envs.environment_variables if n.startswith("TWINQUANT_")}

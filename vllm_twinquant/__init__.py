@@ -24,8 +24,12 @@ def check_vllm_version(version: str) -> str | None:
 def register() -> None:
     # importing the module registers TwinQuantConfig under the name "twinquant"
     import vllm
+    import vllm.envs
 
     import vllm_twinquant.config
+    from vllm_twinquant import envs
+
+    envs.register_compile_factors(vllm.envs.environment_variables)
 
     warning = check_vllm_version(getattr(vllm, "__version__", "unknown"))
     if warning:

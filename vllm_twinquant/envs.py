@@ -14,7 +14,9 @@ Each variable, its default and its effect:
   kernels then take their plain-Triton code paths instead of inline PTX, with no Gluon or PDL.
 
 Functions, not constants, so that tests (and a process that changes its environment) see the
-current value.
+current value. The plugin's switches are also part of the key of vLLM's torch.compile cache
+(`register_compile_factors`): a layer's kernel decides what the compiled graph calls, so a graph compiled
+under other switches is never reused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ import os
 LAYER_KERNELS = ("triton", "cpu_int4pack", "cpu_wna16", "torch")
 CUDA_KERNELS = ("wgmma_rs", "mma_decode", "gemv", "tile", "dequant_cublas", "w4a8", "w4a8_rs", "fp8_cublas")
 FEATURES = ("pdl",)
+
+
+SWITCHES = ("TWINQUANT_DISABLED_KERNELS", "TWINQUANT_CONFIG_DIR", "TWINQUANT_GLUON_ANY_TRITON")
+
+
+def register_compile_factors(environment_variables: dict) -> None:
+    """Adds the plugin's switches to vLLM's `vllm.envs.environment_variables`, whose values vLLM hashes into
+    the key of its torch.compile cache (`vllm.envs.compile_factors`)."""
+    for name in SWITCHES:
+        environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
 
 
 def disabled_kernels() -> frozenset[str]:

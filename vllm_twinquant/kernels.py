@@ -91,8 +91,13 @@ class TwinQuantKernel(ABC):
     def can_implement(cls, c: TwinQuantLayerConfig) -> tuple[bool, str | None]:
         raise NotImplementedError
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:  # noqa: B027
-        pass
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Once, at load: every tensor that `apply` reads and does not take from the checkpoint is made now, on
+        the layer's device (a tensor made during a forward is a host-to-device copy in the compiled graph, which a
+        CUDA-graph capture refuses). Kernels that override this call it first."""
+        if self.config.online_hadamard:  # W4A4 before o_proj/down_proj
+            layer.register_buffer("online_hadamard", _hadamard(self.config.online_hadamard, layer.weight_packed.device),
+                                  persistent=False)
 
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -113,8 +118,8 @@ class TorchTwinQuantKernel(TwinQuantKernel):
 
     def apply(self, layer, x, bias):
         c = self.config
-        if c.online_hadamard:
-            x = fmt.apply_online_hadamard(x, c.online_hadamard)
+        if c.online_hadamard:  # H from process_weights_after_loading; made here for a layer not loaded by vLLM
+            x = fmt.apply_online_hadamard(x, c.online_hadamard, getattr(layer, "online_hadamard", None))
         xr = x
         if c.activation_bits < 16:
             xr = fmt.quantize_activations(x, c.activation_bits, c.activation_clip,
@@ -222,6 +227,7 @@ class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
         return True, None
 
     def process_weights_after_loading(self, layer):
+        super().process_weights_after_loading(layer)
         c = self.config
         k = c.in_features
         biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # (q + 8) * s - 8 s
@@ -285,13 +291,11 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         import csrc_triton
         from csrc_triton.gluon_common import scratch
 
+        super().process_weights_after_loading(layer)
         if self.config.activation_subspace:
             _split_subspace(layer, self.config)
         # once, losslessly: the column order the kernels read (csrc_triton.layout.repack)
         layer.weight_packed.data = csrc_triton.repack(layer.weight_packed.data, self.config.group_size)
-        if self.config.online_hadamard:  # W4A4 before o_proj/down_proj, applied as the torch path does
-            layer.register_buffer("online_hadamard", _hadamard(self.config.online_hadamard, layer.weight_packed.device),
-                                  persistent=False)
         device = csrc_triton.Device.of(layer.weight_packed.device)
         shape = self.shape()
         # the split-K scratch of the Gluon kernels, allocated now rather than during a CUDA-graph

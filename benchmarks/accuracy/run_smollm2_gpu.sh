@@ -106,7 +106,8 @@ case "${1:-}" in
       twinquant-quantize --model $model --output "$dir/$1" --calib models/data/calib.jsonl --device cuda "${@:2}" \
         > "$dir/quantize_$1.log" 2>&1 || { echo "quantize $1 failed"; tail -5 "$dir/quantize_$1.log"; return 1; }
     }
-    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' || echo GPU)
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9][0-9]*' | head -1)
+    card=${card:-GPU}
     score() {  # checkpoint, dtype, kernels (triton: the plugin's choice; torch: the format's reference path)
       local disabled=""; [ "$3" = torch ] && disabled=triton
       echo "score $1 in $2 through $3"
