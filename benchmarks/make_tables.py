@@ -137,6 +137,21 @@ def w4a8_accuracy(path="benchmarks/results/accuracy_w4a8_smollm2.jsonl"):
         print(f"| {name} (`{r['recipe'].split('+')[0]}`) | {served} | {r['ppl']:.2f} | {rel} |")
 
 
+def acts_gpu(path="benchmarks/results/accuracy_acts_h100.jsonl"):
+    """Checkpoints quantized on the GPU, each scored through the plugin's CUDA kernels (bfloat16) and through the
+    format's torch path in float32 (the CPU table's numerics) on the same GPU: the kernels' cost in perplexity."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| checkpoint | CUDA kernels, bfloat16 | torch path, float32 | kernels vs torch path |")
+    print("|---|---|---|---|")
+    names = list(dict.fromkeys(r["label"].split(" (", 1)[0] for r in rows))
+    for name in names:
+        kern = next((r["ppl"] for r in rows if r["label"].startswith(f"{name} (bfloat16, triton")), None)
+        ref = next((r["ppl"] for r in rows if r["label"].startswith(f"{name} (float32, torch")), None)
+        cell = [f"{v:.2f}" if v is not None else "not scored" for v in (kern, ref)]
+        rel = f"{100 * (kern / ref - 1):+.2f}%" if kern is not None and ref is not None else ""
+        print(f"| {name} | {cell[0]} | {cell[1]} | {rel} |")
+
+
 SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g128 (Machete)",
                "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64",
                "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)",
@@ -301,5 +316,7 @@ if __name__ == "__main__":
         w4a8_sweep(*args)
     elif what == "e2e-w4a8":
         e2e_w4a8(*args)
+    elif what == "acts-gpu":
+        acts_gpu(*args)
     else:
         accuracy(*args)
