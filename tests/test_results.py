@@ -52,6 +52,12 @@ def test_the_w4a8_accuracy_table_in_docs_is_make_tables_output():
     assert table.count("\n") >= 4 and table in open(os.path.join(ROOT, "docs", "accuracy.md")).read()
 
 
+def test_the_gpu_kernel_accuracy_table_in_docs_is_make_tables_output():
+    path = os.path.join(ROOT, "benchmarks", "results", "accuracy_acts_h100.jsonl")
+    table = _printed(make_tables.acts_gpu, path)
+    assert table.count("\n") >= 3 and table in open(os.path.join(ROOT, "docs", "accuracy.md")).read()
+
+
 def test_the_w4a8_kernel_tables_in_the_kernel_readme_are_make_tables_output():
     readme = open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
     results = os.path.join(ROOT, "benchmarks", "results")
