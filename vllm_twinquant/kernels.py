@@ -175,6 +175,7 @@ class CpuWna16TwinQuantKernel(TwinQuantKernel):
         from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
         from vllm.scalar_type import scalar_types
 
+        super().process_weights_after_loading(layer)
         c = self.config
         k = c.in_features
         biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # uint4b8: code + 8
@@ -227,7 +228,7 @@ class CpuInt4PackTwinQuantKernel(CpuWna16TwinQuantKernel):
         return True, None
 
     def process_weights_after_loading(self, layer):
-        super().process_weights_after_loading(layer)
+        TwinQuantKernel.process_weights_after_loading(self, layer)  # the base's, not CpuWna16's packing
         c = self.config
         k = c.in_features
         biased = fmt.unpack_codes(layer.weight_packed.data, k).to(torch.int32) + 8  # (q + 8) * s - 8 s
