@@ -51,16 +51,21 @@ def layer_of(t: dict[str, torch.Tensor], c: K.TwinQuantLayerConfig) -> tuple[tor
     return layer, kernel
 
 
-def reference(t, c: K.TwinQuantLayerConfig, x: torch.Tensor, quantized_main: bool) -> torch.Tensor:
+def dense_float64(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's deq(R), D and U in float64 on the GPU, once per shape for every M's reference."""
+    w = fmt.dequantize_residual(t["weight_packed"].cuda(), t["weight_scale"].cuda(), GROUP, torch.float64)
+    return w, t["lowrank_down"].cuda().double(), t["lowrank_up"].cuda().double()
+
+
+def reference(dense, c: K.TwinQuantLayerConfig, x: torch.Tensor, quantized_main: bool) -> torch.Tensor:
     """float64: the residual on [codes of x's first K - S columns (or those columns as they are), q8(x_S)], the
     low-rank term per slot on x."""
+    w, down, up = dense
     k_main = c.in_features - SUB
     xf = x.float()
     main = fmt.quantize_activations(xf[:, :k_main], 4, CLIP) if quantized_main else xf[:, :k_main]
     xr = torch.cat([main, fmt.quantize_activations(xf[:, k_main:], 8, 1.0)], 1).double()
-    w = fmt.dequantize_residual(t["weight_packed"].cuda(), t["weight_scale"].cuda(), GROUP, torch.float64)
     y = xr @ w.T
-    down, up = t["lowrank_down"].cuda().double(), t["lowrank_up"].cuda().double()
     lo = 0
     for s, size in enumerate(c.slot_sizes):
         y[:, lo:lo + size] += (x.double() @ down[s * RANK:(s + 1) * RANK].T) @ up[lo:lo + size].T
@@ -112,6 +117,7 @@ def main() -> None:
         sub = layer_of(t, c)
         plain = layer_of(t, dataclasses.replace(c, activation_subspace=0))
         w16 = layer_of(t, dataclasses.replace(c, activation_bits=16, activation_clip=1.0, activation_subspace=0))
+        dense = dense_float64(t)
         gen = torch.Generator(device="cuda").manual_seed(100 + i)
         for m in MS:
             x = torch.randn(m, k, device="cuda", generator=gen) * torch.rand(m, 1, device="cuda", generator=gen) * 2
@@ -121,7 +127,7 @@ def main() -> None:
             y.copy_(sub[1].apply(sub[0], x, None))
             errs = {}
             for key, q in (("vs_4bit_reference", True), ("vs_16bit_main_reference", False)):
-                ref = reference(t, c, x, q)
+                ref = reference(dense, c, x, q)
                 errs[key] = ((y.double() - ref).norm() / ref.norm()).item()
             want = "vs_16bit_main_reference" if m <= SMALL_M else "vs_4bit_reference"
             good = not torch.isnan(y).any().item() and errs[want] <= 1e-2 and errs[want] < min(errs.values()) * 1.01
