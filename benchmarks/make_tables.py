@@ -6,6 +6,7 @@
     python benchmarks/make_tables.py readme-accuracy [JSONL]            # README's short table
     python benchmarks/make_tables.py readme-speed [benchmarks/results/e2e_h100.json]   # README's speed table
     python benchmarks/make_tables.py w4a8-kernels | w4a8-sweep [JSON] | w4a8-accuracy [JSONL] | e2e-w4a8 [JSON]
+    python benchmarks/make_tables.py e2e JSON | e2e-serve JSON   # one machine's end-to-end run (e2e_h100.py collect)
 """
 
 import json
@@ -156,6 +157,8 @@ SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g12
                "tq_r0": "TwinQuant W4A16 g128, rank 0", "tq_r64": "TwinQuant W4A16 g128, rank 64",
                "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)",
                "tq_r64_f8": "TwinQuant W4A8-FP8 g128, rank 64 (the rank-64 checkpoint declared W4A8-FP8)",
+               "tq_r64_h4": "TwinQuant W4A16 g128, rank 64, 4-bit lm_head",
+               "w4a8_ct": "W4A8-FP8 g128 (vLLM, compressed-tensors: CUTLASS W4A8)",
                "fp8_kv8": "FP8 W8A8 (vLLM), FP8 KV cache",
                "tq_r64_f8_kv8": "TwinQuant W4A8-FP8 g128, rank 64, FP8 KV cache"}
 
@@ -186,6 +189,22 @@ def e2e_w4a8(path="benchmarks/results/e2e_w4a8_h100.json"):
     print(f"{d['device']}, vLLM {d['vllm']}; {d['workload']}\n")
     order = list(SPEED_NAMES)
     speed_table(path, sorted({r["config"] for r in d["records"]}, key=order.index), vs_fp8=True)
+
+
+def e2e_serve(path="benchmarks/results/e2e_h100_serve.json"):
+    """`vllm bench serve` against one OpenAI-API server per config of one machine: median TPOT and TTFT and
+    output tok/s at each concurrency, TPOT also against BF16's at the same concurrency."""
+    d = json.load(open(path))
+    order = list(SPEED_NAMES)
+    runs = {s["config"]: {r["concurrency"]: r for r in s.get("runs", [])} for s in d["serve"]}
+    base = runs.get("bf16", {})
+    print("| config | concurrency | median TPOT, ms | × BF16 | median TTFT, ms | output tok/s |")
+    print("|---|---|---|---|---|---|")
+    for cfg in sorted(runs, key=order.index):
+        for c, r in sorted(runs[cfg].items()):
+            vs = f"{base[c]['median_tpot_ms'] / r['median_tpot_ms']:.2f}" if c in base else "–"
+            print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {r['median_ttft_ms']:.1f} | "
+                  f"{r['output_throughput']:,.0f} |")
 
 
 def _act_bits(r) -> int:
@@ -314,8 +333,10 @@ if __name__ == "__main__":
         w4a8_kernels(*args)
     elif what == "w4a8-sweep":
         w4a8_sweep(*args)
-    elif what == "e2e-w4a8":
+    elif what in ("e2e", "e2e-w4a8"):
         e2e_w4a8(*args)
+    elif what == "e2e-serve":
+        e2e_serve(*args)
     elif what == "acts-gpu":
         acts_gpu(*args)
     else:

@@ -21,7 +21,8 @@
 # activation-precision check: twinquant-w4a8-int8 and twinquant-w4a4-resq (8-bit subspace), quantized on the
 # GPU; each checkpoint (the first also re-declared W4A8-FP8) scored through the CUDA kernels (bfloat16) and through
 # the format's torch path (TWINQUANT_DISABLED_KERNELS=triton) in bfloat16 and float32 (the CPU table's numerics);
-# `acts collect` copies what finished to $OUT/accuracy_acts_gpu.jsonl, the logs (a tar) and the kernel lines.
+# ACTS_ONLY="w4a4" (or "w4a8") runs one of the two; `acts collect` copies what finished to
+# $OUT/accuracy_acts_gpu.jsonl, the logs (a tar) and the kernel lines.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -115,13 +116,17 @@ case "${1:-}" in
         --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, $card-quantized)" \
         > "$dir/score_$1_$2_$3.log" 2>&1 || { echo "score failed"; tail -5 "$dir/score_$1_$2_$3.log"; }
     }
-    quant w4a4-resq --recipe twinquant-w4a4-resq
-    score w4a4-resq bfloat16 triton; score w4a4-resq float32 torch; score w4a4-resq bfloat16 torch
-    quant w4a8-int8 --recipe twinquant-w4a8-int8
-    rm -rf "$dir/w4a8-fp8"; cp -r "$dir/w4a8-int8" "$dir/w4a8-fp8"
-    python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \
-      "$dir/w4a8-fp8"
-    for ck in w4a8-int8 w4a8-fp8; do score $ck bfloat16 triton; score $ck float32 torch; done
+    if [[ " ${ACTS_ONLY:-w4a4 w4a8} " == *" w4a4 "* ]]; then
+      quant w4a4-resq --recipe twinquant-w4a4-resq
+      score w4a4-resq bfloat16 triton; score w4a4-resq float32 torch; score w4a4-resq bfloat16 torch
+    fi
+    if [[ " ${ACTS_ONLY:-w4a4 w4a8} " == *" w4a8 "* ]]; then
+      quant w4a8-int8 --recipe twinquant-w4a8-int8
+      rm -rf "$dir/w4a8-fp8"; cp -r "$dir/w4a8-int8" "$dir/w4a8-fp8"
+      python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \
+        "$dir/w4a8-fp8"
+      for ck in w4a8-int8 w4a8-fp8; do score $ck bfloat16 triton; score $ck float32 torch; done
+    fi
     touch "$dir/done"; echo done ;;
   *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

@@ -1,11 +1,12 @@
-"""End-to-end serving benchmark on one GPU through vLLM: BF16, FP8, GPTQ (W4A16 g128) and
-TwinQuant on a Llama with Llama-3-8B shapes (32 blocks, vocab 128256, random bf16 weights made
-on the GPU; never zeros).
+"""End-to-end serving benchmark on one GPU through vLLM: BF16, FP8, GPTQ (W4A16 g128), vLLM's W4A8-FP8
+(compressed-tensors, its CUTLASS W4A8 kernel on Hopper) and TwinQuant on a Llama with Llama-3-8B shapes
+(32 blocks, vocab 128256, random bf16 weights made on the GPU; never zeros).
 
-    # 1. checkpoints: dense bf16, its GPTQ-format peer (same weights, RTN g128 sym), TwinQuant
+    # 1. checkpoints: dense bf16, its GPTQ-format and compressed-tensors W4A8 peers (same weights, the same RTN
+    #    g128 sym codes), TwinQuant
     python benchmarks/e2e/e2e_h100.py make  --workdir W --ranks 0 64 --out $OUT
     # 2. one engine per config, each in its own process
-    python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq tq_r0 tq_r64 tq_r64_a8 --out $OUT
+    python benchmarks/e2e/e2e_h100.py bench --workdir W --configs bf16 fp8 gptq w4a8_ct tq_r0 tq_r64 --out $OUT
            [--profile tq_r64]      # + torch.profiler table of 64 batch-1 decode steps
     (tq_r<R>_a8 / _f8: tq_r<R> declared W4A8-INT8 / W4A8-FP8 by its config alone, the weights linked;
      tq_r<R>_h4: rank R with lm_head quantized too, made with `make --head-ranks R`; a trailing _kv8 on any
@@ -89,45 +90,90 @@ def make_dense(path: str, layers: int, vocab: int, shape: str = "llama3-8b", dev
     write_word_tokenizer(path, vocab)
 
 
-def write_gptq(dense: str, out: str, device: str = "cuda") -> None:
-    """GPTQ-format (v1, sym, desc_act=False) W4A16 g128 checkpoint of the same weights, RTN."""
+def rtn_codes(w, group: int = GROUP):
+    """Round-to-nearest symmetric 4-bit codes of a weight [N, K] per group of `group` columns: codes c in 0..15
+    (the value c - 8) [N, K] int64 and scales s = max|w| / 7 [N, K / group] float32, w ~ s (c - 8)."""
     import torch
+
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    s = (wg.abs().amax(-1) / 7.0).clamp_min(1e-8)
+    return (torch.round(wg / s[..., None]).clamp(-8, 7) + 8).reshape(n, k).to(torch.int64), s
+
+
+def _write_quantized(dense: str, out: str, device: str, linear_tensors, quantization_config: dict) -> None:
+    """A copy of the dense checkpoint with each linear's weight replaced by linear_tensors(prefix, weight) (a dict
+    of tensors) and config.json's quantization_config set."""
     from safetensors.torch import load_file, save_file
 
     os.makedirs(out, exist_ok=True)
-    shifts = 4 * torch.arange(8, device=device, dtype=torch.int64)
     for fn in sorted(os.listdir(dense)):
         src = os.path.join(dense, fn)
         if not fn.endswith(".safetensors"):
             if os.path.isfile(src) and fn != "config.json":
                 subprocess.run(["cp", src, os.path.join(out, fn)], check=True)
             continue
-        sd = load_file(src, device=device)
         res = {}
-        for name, w in sd.items():
-            if not (name.endswith(".weight") and any(f".{lin}." in name for lin in LINEARS)):
+        for name, w in load_file(src, device=device).items():
+            if name.endswith(".weight") and any(f".{lin}." in name for lin in LINEARS):
+                res.update(linear_tensors(name[: -len(".weight")], w))
+            else:
                 res[name] = w
-                continue
-            pre = name[: -len(".weight")]
-            n, k = w.shape
-            wg = w.float().reshape(n, k // GROUP, GROUP)
-            s = (wg.abs().amax(-1) / 7.0).clamp_min(1e-8)  # [N, K/G]
-            q = (torch.round(wg / s[..., None]).clamp(-8, 7) + 8).reshape(n, k).t().to(torch.int64)  # [K, N], 0..15
-            packed = (q.reshape(k // 8, 8, n) << shifts[None, :, None]).sum(1)
-            res[pre + ".qweight"] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
-            res[pre + ".scales"] = s.t().contiguous().half()
-            res[pre + ".qzeros"] = torch.full(
-                (k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device=device
-            )  # zero 8, stored as 8 - 1
-            res[pre + ".g_idx"] = (torch.arange(k, device=device, dtype=torch.int32) // GROUP)
         save_file({a: b.contiguous().cpu() for a, b in res.items()}, os.path.join(out, fn), metadata={"format": "pt"})
     with open(os.path.join(dense, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
-                                  "sym": True, "checkpoint_format": "gptq", "damp_percent": 0.01,
-                                  "true_sequential": True, "static_groups": False}
+    cfg["quantization_config"] = quantization_config
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def write_gptq(dense: str, out: str, device: str = "cuda") -> None:
+    """GPTQ-format (v1, sym, desc_act=False) W4A16 g128 checkpoint of the same weights, RTN (`rtn_codes`)."""
+    import torch
+
+    shifts = 4 * torch.arange(8, device=device, dtype=torch.int64)
+
+    def tensors(pre, w):
+        n, k = w.shape
+        q, s = rtn_codes(w)
+        packed = (q.t().reshape(k // 8, 8, n) << shifts[None, :, None]).sum(1)  # [K/8, N], row k's code at 4 (k % 8)
+        return {pre + ".qweight": torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32),
+                pre + ".scales": s.t().half(),
+                pre + ".qzeros": torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32, device=device),
+                pre + ".g_idx": torch.arange(k, device=device, dtype=torch.int32) // GROUP}  # qzeros: 8, stored 8 - 1
+
+    _write_quantized(dense, out, device, tensors, {
+        "quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True, "static_groups": False})
+
+
+def ct_w4a8_quantization_config() -> dict:
+    """compressed-tensors' W4A8-FP8 scheme, as llm-compressor writes it: 4-bit symmetric integer weights per
+    group of 128 (pack-quantized), FP8 activations with a dynamic per-token scale, lm_head left dense."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=GROUP,
+                                 dynamic=False),
+        input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True))
+    return QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                              quantization_status="compressed", ignore=["lm_head"]).model_dump(exclude_none=True)
+
+
+def write_ct_w4a8(dense: str, out: str, device: str = "cuda") -> None:
+    """vLLM's W4A8-FP8 peer (compressed-tensors pack-quantized, served by its CUTLASS W4A8 kernel on Hopper) of the
+    same weights and the same RTN codes and scales as `write_gptq` (scales in bf16, the checkpoint's dtype)."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    def tensors(pre, w):
+        q, s = rtn_codes(w)
+        return {pre + ".weight_packed": pack_to_int32((q - 8).to(torch.int8), 4),
+                pre + ".weight_scale": s.to(torch.bfloat16),
+                pre + ".weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+
+    _write_quantized(dense, out, device, tensors, ct_w4a8_quantization_config())
 
 
 def cmd_make(a) -> None:
@@ -152,6 +198,9 @@ def cmd_make(a) -> None:
     t0 = time.time()
     write_gptq(dense, os.path.join(a.workdir, "gptq"), a.device)
     rec["write_gptq_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    write_ct_w4a8(dense, os.path.join(a.workdir, "w4a8_ct"), a.device)
+    rec["write_w4a8_ct_s"] = round(time.time() - t0, 1)
     for name, (t0, p) in procs.items():
         if p.wait():
             raise SystemExit(f"quantization of {name} failed: see {a.out}/quantize_{name}.log")
@@ -213,6 +262,7 @@ def config_rank(cfg: str) -> int | None:
     return int(cfg[4:].split("_")[0]) if cfg.startswith("tq_") else None
 
 
+CHECKPOINTS = ("gptq", "w4a8_ct")  # configs served from their own checkpoint, the method named by its config.json
 KV8 = "_kv8"  # config suffix: the same engine with an FP8 KV cache
 DECLARED = {"_a8": ("int", "int8"), "_f8": ("float", "fp8")}  # suffix -> (activation_type, act. precision)
 
@@ -230,7 +280,7 @@ def _declared(base: str) -> str | None:
 def config_activations(cfg: str) -> str:
     """The residual product's input: `tq_r<R>_a8` (`_f8`) is tq_r<R> declared W4A8-INT8 (W4A8-FP8)."""
     base, _ = _split(cfg)
-    if base == "fp8":
+    if base in ("fp8", "w4a8_ct"):
         return "fp8"
     suffix = _declared(base)
     return DECLARED[suffix][1] if suffix else "bf16"
@@ -251,11 +301,12 @@ def declare_w4a8(src: str, dst: str, activation_type: str = "int") -> None:
 def engine_args(workdir: str, cfg: str) -> tuple[str, dict]:
     """Checkpoint folder and extra engine arguments of one config."""
     base, kv8 = _split(cfg)
-    path = os.path.join(workdir, "gptq" if base == "gptq" else (base if base.startswith("tq_") else "bf16"))
+    path = os.path.join(workdir, base if base in CHECKPOINTS or base.startswith("tq_") else "bf16")
     suffix = _declared(base)
     if suffix and not os.path.exists(os.path.join(path, "config.json")):
         declare_w4a8(path[: -len(suffix)], path, DECLARED[suffix][0])
-    kw = {"fp8": {"quantization": "fp8"}, "gptq": {}, "bf16": {}}.get(base, {"quantization": "twinquant"})
+    kw = {"fp8": {"quantization": "fp8"}, "bf16": {}, **{c: {} for c in CHECKPOINTS}}.get(
+        base, {"quantization": "twinquant"})
     return path, {**kw, "kv_cache_dtype": "fp8"} if kv8 else kw
 
 
@@ -408,9 +459,35 @@ def cmd_serve(a) -> None:
             json.dump(rec, f, indent=1)
 
 
+WORKLOAD = ("Llama-3-8B shapes (32 blocks, random weights), 512 prompts x 512 random tokens in, 256 out, vLLM defaults "
+            "(torch.compile + CUDA graphs); batch 1: ms per output token; serve: `vllm bench serve`, random 512-token "
+            "prompts, 256 out, 4 x concurrency prompts (at least 8)")
+
+
+def cmd_collect(a) -> None:
+    """One results file from a run's records (e2e_<config>.json, serve_<config>.json, e2e_make.json in --out):
+    {device, vllm, workload, commands, make, records, serve}, records in the order the configs ran."""
+    import glob
+
+    import torch
+    import vllm
+
+    def load(pattern):
+        return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.out, pattern)), key=os.path.getmtime)]
+
+    make = load("e2e_make.json")
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "vllm": vllm.__version__,
+           "workload": WORKLOAD, "commands": a.commands or [], "make": make[0] if make else None,
+           "records": load("e2e_*.json"), "serve": load("serve_*.json")}
+    res["records"] = [r for r in res["records"] if "config" in r]
+    with open(a.result, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{a.result}: {len(res['records'])} records, {len(res['serve'])} servers")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=("make", "bench", "one", "serve"))
+    ap.add_argument("stage", choices=("make", "bench", "one", "serve", "collect"))
     ap.add_argument("--workdir", default="/tmp/e2e")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=32)
@@ -429,8 +506,10 @@ def main():
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--server-timeout", type=float, default=420)
+    ap.add_argument("--result", default="e2e.json", help="collect: the results file written")
+    ap.add_argument("--commands", nargs="*", help="collect: the commands of the run, as recorded")
     a = ap.parse_args()
-    {"make": cmd_make, "bench": cmd_bench, "one": cmd_one, "serve": cmd_serve}[a.stage](a)
+    {"make": cmd_make, "bench": cmd_bench, "one": cmd_one, "serve": cmd_serve, "collect": cmd_collect}[a.stage](a)
 
 
 if __name__ == "__main__":
