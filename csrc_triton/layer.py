@@ -111,8 +111,10 @@ def run(p: KernelPlan, x, qweight, scales, group_size, down, up, bias, slot_boun
         return ws, ws.shape[0]
 
     shape = LayerShape(n, x.shape[1], group_size, slot_bounds=slot_bounds)
+    t_in = up is not None and p.lowrank is not None and p.lowrank.in_kernel
     a = Launch(x, qweight, scales, down, up, down_scale if up is not None else None,
                up_scale if up is not None else None, bias, out, group_size, b1, b2, shape.max_block_n,
-               p.pdl_trigger > 0, make_t, act_quant, act_clip)
+               p.pdl_trigger > 0, make_t, act_quant, act_clip, p.lowrank.splits if t_in else 0,
+               p.lowrank.block_r if t_in else 64)
     kernels()[p.kernel].launch(a, p.config)
     return out

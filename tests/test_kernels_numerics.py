@@ -325,6 +325,50 @@ def test_int8_lowrank_factors_match_float64(m, n, k, g, r, bounds, cfg):
         ct.gemm(x, ct.repack(qw, g), sc, g, qd, qu, slot_bounds=bounds, down_scale=ds)
 
 
+T_IN_CASES = [  # M, N, K, group, rank, slot bounds, int8 factors, bias, config, t's K-slices, rows of D per piece
+    (1, 576, 1536, 64, 16, (), False, True, Gemv(1, 8, 32, 2, 1), 8, 64),
+    (1, 960, 576, 64, 8, (576, 768), False, False, Gemv(1, 16, 32, 1, 2, 1), 3, 16),  # merged: 24 rows of D
+    (3, 96, 640, 128, 24, (), True, True, Gemv(2, 16, 32, 1, 1), 4, 16),  # two token tiles, int8 factors
+    (4, 64, 352, 32, 32, (32,), False, False, Gemv(1, 16, 8, 1, 0), 5, 32),  # K not a multiple of 64
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,r,bounds,int8,bias,cfg,splits,block_r", T_IN_CASES)
+def test_gemv_making_t_in_its_own_launch_matches_float64_and_leaves_its_scratch_zero(
+        m, n, k, g, r, bounds, int8, bias, cfg, splits, block_r):
+    """The gemv launch's first programs make t (K-slices x row blocks of D, fp32 atomics into the scratch), the
+    others wait for them before their epilogue; the last one zeroes the scratch and the counters, so a second
+    call (a CUDA-graph replay) finds them as the first did and gives the same output."""
+    from csrc_triton.dispatch import KernelPlan, LowrankPlan
+    from csrc_triton.kernels.gemv import t_pieces, t_scratch
+    from csrc_triton.layer import run
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    slots = len(bounds) + 1
+    qw, sc, down, up = kernel_layer(n, k, g, r, slots, torch.bfloat16, seed=n + r)
+    ds = us = None
+    if int8:
+        (down, ds), (up, us) = _int8_factor(slots * r, k, gen), _int8_factor(n, r, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    ref = kernel_reference(x, qw, sc, g, down.double() * (ds.double()[:, None] if int8 else 1),
+                           up.double() * (us.double()[:, None] if int8 else 1), b, bounds)
+    residual_only = kernel_reference(x, qw, sc, g, None, None, b, bounds)
+    assert (ref - residual_only).norm() > 0.1 * ref.norm()  # a missing or partial t fails the check
+    assert t_pieces(k, slots * r, splits, block_r)[0] > 1
+    p = KernelPlan("gemv", cfg, LowrankPlan(splits, False, block_r, True), 0)
+    t, sync = t_scratch(x.device)
+    outs = []
+    for _ in range(2):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        run(p, x, ct.repack(qw, g), sc, g, down, up, b, bounds, ds, us, out=out)
+        assert not torch.isnan(out).any(), "some outputs were never written"
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
+        assert not t.any() and not sync.any(), "the launch left t or its counters non-zero"
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_kernel_does(monkeypatch):
     """W4A4 on the CUDA path: the online Hadamard transform in apply(), then the layer's 4-bit codes ("int4",
     clipped) on the INT8 kernel through torch.ops.twinquant.linear; against TorchTwinQuantKernel, the path

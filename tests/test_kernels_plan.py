@@ -105,13 +105,31 @@ def test_the_low_rank_launch_follows_the_kernel():
     assert all(plan(shape, m, DEVICES["cpu-interpreter"]).pdl_trigger == 0 for m in MS)
     tables = tables_for(H100.name, H100.capability)
     # gemv's K-slices are the table's (by K): another table, another launch
-    rows = dataclasses.replace(tables, gemv_t=[(8192, 32, 16), (None, 16, None)])
+    rows = dataclasses.replace(tables, gemv_t=[P.GemvT(8192, 32, 16), P.GemvT(None, 16, None)])
     assert [dataclasses.astuple(plan(LayerShape(4096, k, 128, 64), 1, H100, rows).lowrank)
-            for k in (4096, 14336)] == [(32, False, 16), (16, False, None)]
+            for k in (4096, 14336)] == [(32, False, 16, False), (16, False, None, False)]
     off = tables.pdl_off[0]
     gate_up = LayerShape(28672, 4096, 128, 64)
     assert off["min_m"] <= 4 <= off["max_m"] and plan(gate_up, 4, H100).pdl_trigger == 0
     assert plan(gate_up, 1, H100).pdl_trigger == 1
+
+
+def test_a_table_row_in_kernel_has_gemv_make_t_itself_without_pdl_up_to_its_token_and_row_limits():
+    from csrc_triton.kernels.gemv import T_ROWS, T_TOKENS
+
+    tables = dataclasses.replace(tables_for(H100.name, H100.capability), gemv_t=[P.GemvT(None, 16, None, True)])
+    for shape in (LayerShape(4096, 4096, 128, 64), LayerShape(6144, 4096, 128, 64, (4096, 5120))):
+        for m in MS:
+            p = plan(shape, m, H100, tables)
+            if p.kernel != "gemv":
+                assert p.lowrank is None or not p.lowrank.in_kernel
+                continue
+            assert m <= T_TOKENS and p.lowrank.in_kernel and p.pdl_trigger == 0
+            assert (p.lowrank.splits, p.lowrank.block_r, p.lowrank.reduce) == (16, 64, False)
+    wide = LayerShape(6144, 4096, 128, T_ROWS // 2, (4096, 5120))  # three slots of D: more rows than the scratch
+    assert plan(wide, 1, H100, tables).kernel == "gemv" and not plan(wide, 1, H100, tables).lowrank.in_kernel
+    assert plan(LayerShape(4096, 4096, 128, 64), 1, H100, tables).lowrank.in_kernel
+    assert not plan(LayerShape(4096, 4096, 128, 64), 1, H100).lowrank.in_kernel  # the committed table: PDL
 
 
 def test_disabled_kernels_leave_the_plan(monkeypatch):

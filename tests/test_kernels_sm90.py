@@ -137,7 +137,7 @@ def test_gemv_reads_16_byte_code_vectors_and_unpacks_in_registers():
             "lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;"
         consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=False, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
                       BLOCK_W=128, BLOCK_R=16, BLOCK_S=1, EVEN=True, UNPACK=unpack, PREFETCH=prefetch, ASM=True,
-                      PDL=False)
+                      PDL=False, T_IN=False, BLOCK_RT=16, HAS_DS=False)
         ptx = compile_sm90("csrc_triton.kernels.gemv", "_tq_gemv_vec_kernel", RESIDUAL_PTRS, consts, 1,
                            aligned_extra=("N", "K"))
         code_load = "ld.global.v4.b32" if "ld.global.v4.b32" in ptx else "ld.global.v4.u32"
@@ -148,6 +148,34 @@ def test_gemv_reads_16_byte_code_vectors_and_unpacks_in_registers():
         assert ptx[: ptx.index(lop3)].count(code_load) == 8 * (1 + prefetch)
         loop = ptx[: ptx.rindex("0x64006400")]
         assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion"
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_gemv_making_t_itself_waits_for_its_pieces_after_the_main_loop_and_reads_t_from_l2(int8):
+    """t made in the gemv launch (kernels/gemv.py): a relaxed ticket, the pieces' fp32 additions and their release
+    count, the waiting programs' acquire loop after the main loop (the last nibble conversion) and before t is
+    read, t read past L1 (`.cg`: other SMs wrote it), no PDL wait; the main loop is the same as without it, and
+    the pieces take no more registers than the residual programs (occupancy) and no stack."""
+    consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=int8, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
+                  BLOCK_W=256, BLOCK_R=64, BLOCK_S=1, EVEN=True, UNPACK=1, PREFETCH=0, ASM=True, PDL=False,
+                  BLOCK_RT=64, HAS_DS=int8)
+    ptrs = {**RESIDUAL_PTRS, "d_ptr": "*i8" if int8 else "*bf16", "ds_ptr": "*fp32", "sync_ptr": "*i32",
+            "up_ptr": "*i8" if int8 else "*bf16"}
+    ptx, res = compile_sm90("csrc_triton.kernels.gemv", "_tq_gemv_vec_kernel", ptrs, {**consts, "T_IN": True}, 2,
+                            aligned_extra=("N", "K"), want_resources=True)
+    plain, plain_res = compile_sm90("csrc_triton.kernels.gemv", "_tq_gemv_vec_kernel", ptrs,
+                                    {**consts, "T_IN": False}, 2, aligned_extra=("N", "K"), want_resources=True)
+    lop3 = "0x64006400, 0xEA;"
+    assert ptx.count(lop3) == plain.count(lop3) > 0
+    assert "griddepcontrol" not in ptx
+    assert res["STACK"] == 0 and res["REG"] <= plain_res["REG"] + 8, (res, plain_res)
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.u32", ptx), "the ticket"
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32", ptx), "the pieces add into t"
+    assert re.search(r"(atom|red)\.global\.gpu\.release\.add\.u32", ptx), "a piece counted done"
+    acquire = re.search(r"(ld|atom)\.global\.gpu\.acquire\.", ptx)
+    assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
+    t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
+    assert t_load and t_load.start() > acquire.start()
 
 
 def _wait_after_loop(ptx: str, loop_op: str, pdl: bool) -> None:
@@ -175,7 +203,8 @@ def test_residual_kernels_wait_for_the_down_projection_after_their_main_loop(ker
             _wait_after_loop(ptx, "wgmma.mma_async", pdl)
         elif kernel == "gemv":
             consts = dict(GROUP=128, CHUNK_W=8, HAS_LOWRANK=True, HAS_US=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8,
-                          BLOCK_W=128, BLOCK_R=64, BLOCK_S=8, EVEN=True, UNPACK=1, PREFETCH=1, ASM=True, PDL=pdl)
+                          BLOCK_W=128, BLOCK_R=64, BLOCK_S=8, EVEN=True, UNPACK=1, PREFETCH=1, ASM=True, PDL=pdl,
+                          T_IN=False, BLOCK_RT=16, HAS_DS=False)
             ptx = compile_sm90("csrc_triton.kernels.gemv", "_tq_gemv_vec_kernel", RESIDUAL_PTRS, consts, 1,
                                aligned_extra=("N", "K"))
             _wait_after_loop(ptx, "0x64006400, 0xEA;", pdl)

@@ -319,8 +319,10 @@ def cmd_one(a) -> None:
     t0 = time.time()
     llm = LLM(model=path, dtype=a.dtype, max_model_len=1024, gpu_memory_utilization=a.gpu_memory_utilization,
               skip_tokenizer_init=True, seed=0, **kw)
-    rec = {"config": cfg, "rank": config_rank(cfg), "activations": config_activations(cfg),
+    rec = {"config": cfg + a.suffix, "rank": config_rank(cfg), "activations": config_activations(cfg),
            "startup_s": round(time.time() - t0, 1)}
+    if a.suffix:  # the same checkpoint under other plugin switches (a launch table's folder, say)
+        rec["switches"] = {k: v for k, v in os.environ.items() if k.startswith("TWINQUANT_")}
     g = torch.Generator().manual_seed(0)
     p1 = random_prompts(g, 1, 32)[0]
     rec["bs1_ms_per_token"] = bs1_ms_per_token(llm, p1)
@@ -355,6 +357,8 @@ def cmd_bench(a) -> None:
             a.dtype,
             "--gpu-memory-utilization",
             str(a.gpu_memory_utilization),
+            "--suffix",
+            a.suffix,
         ]
         env = dict(os.environ)
         if cfg in (a.profile or []):
@@ -362,7 +366,7 @@ def cmd_bench(a) -> None:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # so the profiler sees the engine's kernels
         p = subprocess.run(args, capture_output=True, text=True, env=env)
         log = p.stdout + p.stderr
-        with open(os.path.join(a.out, f"e2e_{cfg}.log"), "w") as f:
+        with open(os.path.join(a.out, f"e2e_{cfg}{a.suffix}.log"), "w") as f:
             f.write(log)
         m = re.search(r"^RECORD (.*)$", log, re.M)
         if p.returncode or not m:
@@ -371,7 +375,7 @@ def cmd_bench(a) -> None:
         rec = json.loads(m.group(1))
         rec["linear_kernels_logged"] = logged_kernels(log)
         print(json.dumps(rec), flush=True)
-        with open(os.path.join(a.out, f"e2e_{cfg}.json"), "w") as f:
+        with open(os.path.join(a.out, f"e2e_{cfg}{a.suffix}.json"), "w") as f:
             json.dump(rec, f, indent=1)
 
 
@@ -498,6 +502,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["bf16", "fp8", "gptq", "tq_r0", "tq_r32", "tq_r64"])
     ap.add_argument("--config")
     ap.add_argument("--profile", nargs="*")
+    ap.add_argument("--suffix", default="", help="bench: appended to each record's config name (e.g. _tin: the same "
+                    "checkpoints under other TWINQUANT_* switches, which the record lists)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--device", default="cuda", help="where make builds and quantizes")
     ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the engines (float16 on the CPU)")

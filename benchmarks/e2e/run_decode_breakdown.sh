@@ -5,8 +5,9 @@
 #                                                                    # HEAD_RANKS=64: also tq_r64_h4 (4-bit lm_head)
 #   bash benchmarks/e2e/run_decode_breakdown.sh profile CONFIG...    # bf16, fp8, tq_r<R>, tq_r<R>_a8, tq_r<R>_h4
 #   T_SPLITS='[[null, 8, 16]]' bash ... profile tq_r64  # an A/B of the launch table's gemv_t_splits rows
-#       ([max K or null, K-slices of t, rows of D per program or null]): a copy of the device's table with
-#       these rows, the results labelled <config>_tsplits-<slices>[r<rows>]...
+#       ([max K or null, K-slices of t, rows of D per program or null, in_kernel (optional)]): a copy of the
+#       device's table with these rows, the results labelled <config>_tsplits-<slices>[r<rows>][i]... (i: t made
+#       in the gemv launch itself)
 # Results: $OUT/decode_breakdown_<label>.json (+ decode_kernels_<label>.json.gz, the raw kernel list).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,10 +36,12 @@ dst = os.path.join(os.environ["TWINQUANT_CONFIG_DIR"], name)
 os.makedirs(os.path.dirname(dst), exist_ok=True)
 with open(src) as f:
     table = json.load(f)
-table["gemv_t_splits"] = [{"max_k": r[0], "splits": r[1], "block_r": r[2] if len(r) > 2 else None} for r in rows]
+table["gemv_t_splits"] = [{"max_k": r[0], "splits": r[1], "block_r": r[2] if len(r) > 2 else None,
+                           "in_kernel": len(r) > 3 and bool(r[3])} for r in rows]
 with open(dst, "w") as f:
     json.dump(table, f, indent=1)
-print("_tsplits-" + "-".join(f"{r[1]}" + (f"r{r[2]}" if len(r) > 2 and r[2] else "") for r in rows))
+print("_tsplits-" + "-".join(f"{r[1]}" + (f"r{r[2]}" if len(r) > 2 and r[2] else "")
+                             + ("i" if len(r) > 3 and r[3] else "") for r in rows))
 PY
 )
     fi

@@ -112,6 +112,8 @@ class Launch:
     make_t: Callable[[], tuple[torch.Tensor | None, int]]
     act_quant: str = "none"  # LayerShape.act_quant
     act_clip: float = 1.0  # int4 codes: the per-token scale is act_clip * max|x| / 7 (format.per_token_codes)
+    t_splits: int = 0  # > 0: the gemv kernel makes t itself in this many K-slices (kernels/gemv.py), not make_t
+    t_block_r: int = 64  # rows of D per piece of t made that way
 
     @property
     def m(self) -> int:

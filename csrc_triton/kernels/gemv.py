@@ -3,13 +3,23 @@
 Each thread streams 16-byte vectors of codes for a few output rows, turns two nibbles into fp16
 1024 + q with one LOP3 (or four from one shift, UNPACK 2), and accumulates in fp32; the
 constant part is removed per scale group from the sum of x. The low-rank term is added in the
-epilogue from t (the down projection's K-slices) and the program's rows of U.
+epilogue from t and the program's rows of U.
+
+t = x D^T comes either from `lowrank_down` (its own launch, K-slices in a workspace, with PDL on sm_90) or, with
+`t_splits` (`Launch.t_splits`, the table's `gemv_t_splits` rows with `in_kernel`), from this launch itself:
+every program takes a ticket as it starts; the first T_PROGS tickets compute t's pieces (a K-slice of a
+block of D's rows each, added into a zeroed scratch with fp32 atomics) and count themselves done; the other
+programs run the residual product and, before their epilogue, wait for that count. Programs that hold a
+ticket are running, so every piece the waiting ones need is being made (no deadlock, whatever order the GPU
+starts programs in). The last program to finish zeroes t and the counters again (`t_scratch`: all zero
+between calls, as CUDA graphs need). One launch instead of two at one token, and no launch gap between them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,18 +52,19 @@ def _unpack_v(p, J: tl.constexpr):
 def _gemv_epilogue(y, m, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr,
                    R, slot, NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym,
                    HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, T_L2: tl.constexpr):
     """Token row m of a decode program: y [BLOCK_N] (the residual product's row sums) plus the
     low-rank term (u [BLOCK_N, BLOCK_R] fp32, this program's rows of U, loaded after the main
-    loop; t from the down projection's NUM_SPLITS <= BLOCK_S K-slices, all loads issued at once)
-    and the bias, stored."""
+    loop; t from the down projection's NUM_SPLITS <= BLOCK_S K-slices, all loads issued at once;
+    T_L2: t was written by other programs of this launch, so read from L2, not L1) and the bias, stored."""
     if HAS_LOWRANK:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = (offs_r < R) & (offs_r * 0 + m < M)
         t = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for sp in tl.static_range(BLOCK_S):  # unrolled: every slice's load is issued before the sum
             t += tl.load(ws_ptr + sp * stride_ws_s + m * stride_ws_m + slot * R + offs_r,
-                         mask=r_mask & (offs_r * 0 + sp < NUM_SPLITS), other=0.0)
+                         mask=r_mask & (offs_r * 0 + sp < NUM_SPLITS), other=0.0,
+                         cache_modifier=".cg" if T_L2 else "")
         # t is rounded to the activation dtype, as the tile kernel's tensor-core operand is
         t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
         lr = tl.sum(u * t[None, :], axis=1)
@@ -233,14 +244,76 @@ def _vec_step(p, s, acc0, acc1, x_ptr, w0, m0, M, kw, stride_xm, wv, row,
 
 
 @triton.jit
+def _t_piece(j, x_ptr, d_ptr, ds_ptr, t_ptr, M, K, RT, k_per, stride_xm, stride_dr,
+             BLOCK_RT: tl.constexpr, HAS_DS: tl.constexpr):
+    """Piece j of t = x D^T made inside the gemv launch: rows [rb BLOCK_RT, +BLOCK_RT) of D over the
+    K-slice [ks k_per, +k_per) (j = ks * row blocks + rb), for each token row, added into t (fp32, RT
+    per token row) with relaxed atomics; int8 D: times its row scales."""
+    BLOCK_KT: tl.constexpr = 16
+    rb = j % tl.cdiv(RT, BLOCK_RT)
+    k_lo = (j // tl.cdiv(RT, BLOCK_RT)) * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    offs_r = rb * BLOCK_RT + tl.arange(0, BLOCK_RT)
+    r_mask = offs_r < RT
+    for mm in range(M):  # M <= 4: D's slice is read again from L2 for each further token row
+        acc = tl.zeros((BLOCK_RT, BLOCK_KT), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_KT):
+            offs_k = k0 + tl.arange(0, BLOCK_KT)
+            k_mask = offs_k < k_hi
+            d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                        other=0).to(tl.float32)
+            xk = tl.load(x_ptr + mm * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            acc += d * xk[None, :]
+        t = tl.sum(acc, axis=1)
+        if HAS_DS:
+            t *= tl.load(ds_ptr + offs_r, mask=r_mask, other=0.0)
+        tl.atomic_add(t_ptr + mm * RT + offs_r, t, mask=r_mask, sem="relaxed")
+
+
+@triton.jit
 def _tq_gemv_vec_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
-    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, d_ptr, ds_ptr, sync_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, k_per,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym, stride_dr,
+    GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, T_IN: tl.constexpr, BLOCK_RT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+):
+    """One program of the decode launch (`_gemv_program`). T_IN (module docstring): a 1-D grid of T_PROGS
+    pieces of t, then the residual programs, each role taken by ticket (sync_ptr: tickets, pieces done,
+    residual programs done); t in ws_ptr [4, RT] fp32. Else a 2-D grid of residual programs."""
+    if T_IN:
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        if ticket < T_PROGS:
+            _t_piece(ticket, x_ptr, d_ptr, ds_ptr, ws_ptr, M, K, RT, k_per, stride_xm, stride_dr, BLOCK_RT, HAS_DS)
+            tl.debug_barrier()  # every thread's additions are in before the count says so (release)
+            tl.atomic_add(sync_ptr + 1, 1, sem="release")
+        else:
+            grid_m = tl.cdiv(M, BLOCK_M)
+            _gemv_program(
+                (ticket - T_PROGS) % grid_m, (ticket - T_PROGS) // grid_m, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr,
+                ws_ptr, bias_ptr, y_ptr, sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, stride_xm,
+                stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym, GROUP, CHUNK_W, HAS_LOWRANK,
+                HAS_US, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_R, BLOCK_S, EVEN, UNPACK, PREFETCH, ASM, PDL, T_IN)
+    else:
+        _gemv_program(
+            tl.program_id(0), tl.program_id(1), x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
+            sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, stride_xm, stride_qn, stride_sn,
+            stride_un, stride_ws_s, stride_ws_m, stride_ym, GROUP, CHUNK_W, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_M,
+            BLOCK_N, BLOCK_W, BLOCK_R, BLOCK_S, EVEN, UNPACK, PREFETCH, ASM, PDL, T_IN)
+
+
+@triton.jit
+def _gemv_program(
+    pid_m, pid_n, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, sync_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: tl.constexpr, CHUNK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_US: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, EVEN: tl.constexpr, UNPACK: tl.constexpr,
-    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, T_IN: tl.constexpr,
 ):
     """Decode kernel with whole 16-byte code vectors per thread, BLOCK_M (1 or
     2) token rows and BLOCK_N output rows per program. The codes of a step are a [BLOCK_N,
@@ -259,9 +332,9 @@ def _tq_gemv_vec_kernel(
       arithmetic, so each warp keeps two steps of loads in flight; 0: one step at a time.
     EVEN (K a multiple of 8 * BLOCK_W, N of BLOCK_N): no masks on the codes and scales.
     The low-rank branch reads its rows of U and t (the down projection's output, with PDL still
-    being written while the loop runs) after the main loop, t's K-slices in unrolled loads."""
-    m0 = tl.program_id(0) * BLOCK_M
-    pid_n = tl.program_id(1)
+    being written while the loop runs; T_IN: made by this launch's first programs, waited for here) after
+    the main loop, t's K-slices in unrolled loads."""
+    m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     kw = K // 8
@@ -310,12 +383,50 @@ def _tq_gemv_vec_kernel(
     slot = slot_of(n0, SLOT_B1, SLOT_B2)
     if HAS_LOWRANK:
         pdl_wait(PDL)  # t is the down projection's, launched just before this kernel
+    if T_IN:  # t's pieces: made by programs that hold their tickets, so running (module docstring)
+        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while done < T_PROGS:
+            done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
     _gemv_epilogue(tl.sum(acc0, axis=1), m0, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr, R, slot,
-                   NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R, BLOCK_S)
+                   NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R, BLOCK_S,
+                   T_IN)
     if BLOCK_M > 1:
         _gemv_epilogue(tl.sum(acc1, axis=1), m0 + 1, M, offs_n, n_mask, x_ptr, u, us_ptr, ws_ptr, bias_ptr, y_ptr, R,
                        slot, NUM_SPLITS, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_R,
-                       BLOCK_S)
+                       BLOCK_S, T_IN)
+    if T_IN:  # the last residual program zeroes t and the three counters (all have read t by then)
+        tl.debug_barrier()
+        finished = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if finished == tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) - 1:
+            offs = tl.arange(0, 1024)
+            for z0 in range(0, M * RT, 1024):
+                tl.store(ws_ptr + z0 + offs, tl.zeros((1024,), dtype=tl.float32), mask=z0 + offs < M * RT)
+            tl.store(sync_ptr + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
+
+
+# t made inside the launch (`t_splits`): the scratch holds t for up to T_TOKENS tokens x T_ROWS rows of D
+T_TOKENS = 4
+T_ROWS = 1024
+_T_SCRATCH: dict = {}
+
+
+def t_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scratch of t made inside the launch on a device: t fp32 [T_TOKENS * T_ROWS] and the counters int32 [4]
+    (tickets, pieces done, residual programs done), all zero between calls (the launch leaves them so). Shared by
+    the layers of a device, which vLLM runs one after another on one stream; allocated at layer load
+    (vllm_twinquant.kernels), not inside a CUDA-graph capture."""
+    key = (device.type, device.index)
+    if key not in _T_SCRATCH:
+        _T_SCRATCH[key] = (torch.zeros(T_TOKENS * T_ROWS, dtype=torch.float32, device=device),
+                           torch.zeros(4, dtype=torch.int32, device=device))
+    return _T_SCRATCH[key]
+
+
+def t_pieces(k: int, rt: int, splits: int, block_r: int) -> tuple[int, int]:
+    """(pieces of t, columns per K-slice) for t made inside the launch: `splits` K-slices (whole 64-column
+    steps) of every block of block_r rows of D."""
+    k_per = triton.cdiv(triton.cdiv(k, splits), 64) * 64
+    return triton.cdiv(k, k_per) * triton.cdiv(rt, block_r), k_per
 
 
 class GemvKernel(Kernel):
@@ -337,14 +448,34 @@ class GemvKernel(Kernel):
         m, n, k = a.m, a.n, a.k
         bn = min(cfg.block_n, a.max_block_n)
         br = max(16, next_pow2(a.rank)) if a.has_lr else 16
-        ws, num_splits = a.make_t()
-        _tq_gemv_vec_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, bn))](
-            *a.operands(ws), a.out, m, n, k, a.rank, a.slot_b1, a.slot_b2, num_splits, *a.strides(ws), a.out.stride(0),
+        residual = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, bn)
+        t_in = a.has_lr and a.t_splits > 0
+        if t_in:
+            rt = a.down.shape[0]
+            if m > T_TOKENS or rt > T_ROWS or a.t_block_r not in (16, 32, 64):
+                raise ValueError(f"gemv with t made in the launch: {m} tokens (at most {T_TOKENS}), {rt} rows of D "
+                                 f"(at most {T_ROWS}), {a.t_block_r} rows per piece (16, 32 or 64)")
+            ws, sync = t_scratch(a.x.device)
+            t_progs, k_per = t_pieces(k, rt, a.t_splits, a.t_block_r)
+            num_splits, ws_strides = 1, (0, rt)
+            grid = (t_progs + residual,)
+            down, ds, stride_dr = a.down, a.down_scale if a.down_scale is not None else a.x, a.down.stride(0)
+        else:
+            ws, num_splits = a.make_t()
+            ws_strides = (ws.stride(0), ws.stride(1)) if ws is not None else (0, 0)
+            sync, rt, t_progs, k_per, stride_dr = a.x, 0, 0, 0, 0
+            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, bn))
+            down = ds = a.x
+        x, qw, sc, up, us, ws_arg, bias = a.operands(ws)
+        _tq_gemv_vec_kernel[grid](
+            x, qw, sc, up, us, ws_arg, bias, a.out, down, ds, sync, m, n, k, a.rank, a.slot_b1, a.slot_b2, num_splits,
+            rt, t_progs, k_per, *a.strides(None)[:4], *ws_strides, a.out.stride(0), stride_dr,
             GROUP=a.group_size, CHUNK_W=chunk_words(a.group_size), HAS_LOWRANK=a.has_lr, HAS_US=a.has_us,
             HAS_BIAS=a.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_W=cfg.block_w, BLOCK_R=br,
             BLOCK_S=next_pow2(max(1, num_splits)), EVEN=(k // 8) % cfg.block_w == 0 and n % bn == 0,
-            UNPACK=cfg.unpack, PREFETCH=cfg.prefetch, ASM=not INTERPRETED, PDL=a.pdl, num_warps=cfg.warps,
-            launch_pdl=a.pdl,
+            UNPACK=cfg.unpack, PREFETCH=cfg.prefetch, ASM=not INTERPRETED, PDL=a.pdl and not t_in, T_IN=t_in,
+            BLOCK_RT=a.t_block_r if t_in else 16, HAS_DS=t_in and a.down_scale is not None, num_warps=cfg.warps,
+            launch_pdl=a.pdl and not t_in,
         )
 
 
