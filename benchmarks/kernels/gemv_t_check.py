@@ -1,7 +1,7 @@
 """t = x D^T made inside the one-token kernel's own launch (`csrc_triton/kernels/gemv.py`; a `gemv_t_splits` row
 with `in_kernel`) against the separate down projection with PDL (what the committed table plans), one GPU, no vLLM.
 
-    python benchmarks/kernels/gemv_t_check.py --out $OUT [--table-dir DIR]
+    python benchmarks/kernels/gemv_t_check.py --out $OUT [--table-dir DIR] [--ms 1 2] [--variants 8x64 16x64]
 
 For Llama-3-8B's four layers (merged q/k/v and gate/up), rank 64, at every token count the plan gives the gemv
 kernel: each way of making t (the committed plan, and in the launch with (K-slices, rows of D per piece) from
@@ -40,11 +40,11 @@ RANK = 64
 VARIANTS = [(8, 64), (16, 64), (32, 64), (16, 32), (32, 32)]  # (K-slices, rows of D per piece)
 
 
-def plans(shape, m, device):
+def plans(shape, m, device, variants):
     """name -> KernelPlan: the committed plan, then each in-launch variant (gemv layers only)."""
     base = ct.plan(shape, m, device)
     out = {"pdl" if base.pdl_trigger else "separate": base}
-    for splits, block_r in VARIANTS:
+    for splits, block_r in variants:
         out[f"in_launch_{splits}x{block_r}"] = dataclasses.replace(
             base, lowrank=LowrankPlan(splits, False, block_r, True), pdl_trigger=0)
     return out
@@ -90,16 +90,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--table-dir", help="write the device's table with the fastest in-launch row here")
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 3, 4], help="token counts (where the plan is gemv)")
+    ap.add_argument("--variants", nargs="+", default=[f"{s}x{b}" for s, b in VARIANTS],
+                    help="in-launch variants, K-slices x rows of D per piece")
     a = ap.parse_args()
+    variants = [tuple(map(int, v.split("x"))) for v in a.variants]
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     device = ct.Device.of(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     recs = []
     for name, (k, n, bounds) in LAYERS.items():
-        for m in range(1, 5):
+        for m in a.ms:
             shape = ct.LayerShape(n, k, GROUP, RANK, bounds)
-            ps = plans(shape, m, device)
+            ps = plans(shape, m, device, variants)
             if next(iter(ps.values())).kernel != "gemv":
                 continue
             r0 = timed_us(ct.plan(ct.LayerShape(n, k, GROUP, 0, bounds), m, device), m, k, n, bounds, 0, gen)
@@ -113,7 +117,7 @@ def main():
                 print(json.dumps(rec), flush=True)
                 save_records(a.out, f"gemv_t_check_{device.name.split()[1].lower()}", {}, recs)
     meta = {"device": device.name, "torch": torch.__version__, "triton": device.triton,
-            "command": "python benchmarks/kernels/gemv_t_check.py --out $OUT", "variants": VARIANTS}
+            "command": "python benchmarks/kernels/gemv_t_check.py " + " ".join(sys.argv[1:]), "variants": variants}
     one_token = [r for r in recs if r["m"] == 1]
     totals = {v: sum(r["us"] for r in one_token if r["t"] == v) for v in dict.fromkeys(r["t"] for r in one_token)}
     meta["one_token_sum_us"] = totals
