@@ -227,3 +227,35 @@ def test_the_end_to_end_record_names_the_linear_kernels_the_engine_logged():
     assert got == ["MacheteLinearKernel", *(p.removeprefix("twinquant: ") for p in plugin),
                    "CutlassFP8ScaledMMLinearKernel"]
     assert all(" 4096->" in g and "r64" in g for g in got[1:3])
+
+
+def test_one_runs_results_file_holds_its_records_and_servers_and_the_serve_table_compares_tpot_to_bf16(tmp_path):
+    """`e2e_h100.py collect` gathers a run's records (e2e_<config>.json, in the order they ran) and `serve`
+    records into one file; `make_tables.py e2e-serve` prints each server's runs with TPOT against BF16's at the
+    same concurrency (none where BF16 has no run at it)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
+    import argparse
+    import time
+
+    from e2e_h100 import cmd_collect
+
+    def run(c, tpot):
+        return {"concurrency": c, "median_tpot_ms": tpot, "median_ttft_ms": 20.0, "output_throughput": 1000.0 / tpot}
+
+    files = {"e2e_make.json": {"layers": 32},
+             "e2e_bf16.json": {"config": "bf16", "bs1_ms_per_token": 6.5, "out_tok_s": 9600.0},
+             "e2e_tq_r64.json": {"config": "tq_r64", "bs1_ms_per_token": 3.5, "out_tok_s": 8100.0},
+             "serve_bf16.json": {"config": "bf16", "runs": [run(1, 6.8), run(16, 8.0)]},
+             "serve_tq_r64_h4.json": {"config": "tq_r64_h4", "runs": [run(1, 3.4), run(16, 5.0), run(64, 9.0)]}}
+    for i, (name, rec) in enumerate(files.items()):
+        (tmp_path / name).write_text(json.dumps(rec))
+        os.utime(tmp_path / name, (time.time() + i, time.time() + i))
+    result = tmp_path / "e2e.json"
+    cmd_collect(argparse.Namespace(out=str(tmp_path), result=str(result), commands=["bench bf16 tq_r64"]))
+    d = json.load(open(result))
+    assert [r["config"] for r in d["records"]] == ["bf16", "tq_r64"] and d["make"] == {"layers": 32}
+    assert [s["config"] for s in d["serve"]] == ["bf16", "tq_r64_h4"] and d["commands"] == ["bench bf16 tq_r64"]
+    rows = [line.split(" | ") for line in _printed(make_tables.e2e_serve, str(result)).splitlines()[2:]]
+    tq = {int(r[1]): r for r in rows if r[0].endswith(make_tables.SPEED_NAMES["tq_r64_h4"])}
+    assert float(tq[1][3]) == pytest.approx(6.8 / 3.4, abs=0.01) and float(tq[16][3]) == pytest.approx(1.6, abs=0.01)
+    assert tq[64][3] == "–" and len(rows) == 5
