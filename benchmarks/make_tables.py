@@ -193,7 +193,7 @@ def e2e_w4a8(path="benchmarks/results/e2e_w4a8_h100.json"):
     speed_table(path, sorted({r["config"] for r in d["records"]}, key=order.index), vs_fp8=True)
 
 
-def e2e_serve(path="benchmarks/results/e2e_h100_serve.json"):
+def e2e_serve(path):
     """`vllm bench serve` against one OpenAI-API server per config of one machine: median TPOT and TTFT and
     output tok/s at each concurrency, TPOT also against BF16's at the same concurrency."""
     d = json.load(open(path))

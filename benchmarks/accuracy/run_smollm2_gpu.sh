@@ -116,11 +116,12 @@ case "${1:-}" in
         --gpu-memory-utilization 0.25 --json "$dir/scores.jsonl" --label "$1 ($2, $3 kernels, $card-quantized)" \
         > "$dir/score_$1_$2_$3.log" 2>&1 || { echo "score failed"; tail -5 "$dir/score_$1_$2_$3.log"; }
     }
-    if [[ " ${ACTS_ONLY:-w4a4 w4a8} " == *" w4a4 "* ]]; then
+    only=" ${ACTS_ONLY:-w4a4 w4a8} "
+    if [[ $only == *" w4a4 "* ]]; then
       quant w4a4-resq --recipe twinquant-w4a4-resq
       score w4a4-resq bfloat16 triton; score w4a4-resq float32 torch; score w4a4-resq bfloat16 torch
     fi
-    if [[ " ${ACTS_ONLY:-w4a4 w4a8} " == *" w4a8 "* ]]; then
+    if [[ $only == *" w4a8 "* ]]; then
       quant w4a8-int8 --recipe twinquant-w4a8-int8
       rm -rf "$dir/w4a8-fp8"; cp -r "$dir/w4a8-int8" "$dir/w4a8-fp8"
       python3 -c 'import sys; from vllm_twinquant.format import declare_activations as d; d(sys.argv[1], 8, "float")' \

@@ -482,8 +482,7 @@ def cmd_collect(a) -> None:
     make = load("e2e_make.json")
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "vllm": vllm.__version__,
            "workload": WORKLOAD, "commands": a.commands or [], "make": make[0] if make else None,
-           "records": load("e2e_*.json"), "serve": load("serve_*.json")}
-    res["records"] = [r for r in res["records"] if "config" in r]
+           "records": [r for r in load("e2e_*.json") if "config" in r], "serve": load("serve_*.json")}  # not make
     with open(a.result, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{a.result}: {len(res['records'])} records, {len(res['serve'])} servers")

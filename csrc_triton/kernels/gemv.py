@@ -284,25 +284,24 @@ def _tq_gemv_vec_kernel(
     """One program of the decode launch (`_gemv_program`). T_IN (module docstring): a 1-D grid of T_PROGS
     pieces of t, then the residual programs, each role taken by ticket (sync_ptr: tickets, pieces done,
     residual programs done); t in ws_ptr [4, RT] fp32. Else a 2-D grid of residual programs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    residual = True
     if T_IN:
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         if ticket < T_PROGS:
             _t_piece(ticket, x_ptr, d_ptr, ds_ptr, ws_ptr, M, K, RT, k_per, stride_xm, stride_dr, BLOCK_RT, HAS_DS)
             tl.debug_barrier()  # every thread's additions are in before the count says so (release)
             tl.atomic_add(sync_ptr + 1, 1, sem="release")
-        else:
-            grid_m = tl.cdiv(M, BLOCK_M)
-            _gemv_program(
-                (ticket - T_PROGS) % grid_m, (ticket - T_PROGS) // grid_m, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr,
-                ws_ptr, bias_ptr, y_ptr, sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, stride_xm,
-                stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym, GROUP, CHUNK_W, HAS_LOWRANK,
-                HAS_US, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_R, BLOCK_S, EVEN, UNPACK, PREFETCH, ASM, PDL, T_IN)
-    else:
+        residual = ticket >= T_PROGS
+        pid_m = (ticket - T_PROGS) % tl.cdiv(M, BLOCK_M)
+        pid_n = (ticket - T_PROGS) // tl.cdiv(M, BLOCK_M)
+    if residual:
         _gemv_program(
-            tl.program_id(0), tl.program_id(1), x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
-            sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, stride_xm, stride_qn, stride_sn,
-            stride_un, stride_ws_s, stride_ws_m, stride_ym, GROUP, CHUNK_W, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_M,
-            BLOCK_N, BLOCK_W, BLOCK_R, BLOCK_S, EVEN, UNPACK, PREFETCH, ASM, PDL, T_IN)
+            pid_m, pid_n, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, sync_ptr, M, N, K, R,
+            SLOT_B1, SLOT_B2, NUM_SPLITS, RT, T_PROGS, stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s,
+            stride_ws_m, stride_ym, GROUP, CHUNK_W, HAS_LOWRANK, HAS_US, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_R,
+            BLOCK_S, EVEN, UNPACK, PREFETCH, ASM, PDL, T_IN)
 
 
 @triton.jit
