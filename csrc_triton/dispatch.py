@@ -17,8 +17,9 @@ The rule, in full:
    wgmma_rs (Hopper, 17-256 tokens), mma_decode (sm_80+, 2-128), gemv (1-4), tile (any M).
 3. The low-rank down projection t = x @ D^T runs first (`lowrank_down`); with PDL (sm_90) the
    residual kernel is launched while it runs and waits for t in its epilogue, except where the
-   table's `pdl_off` rows measured PDL slower. Where the table's `gemv_t_splits` row says `in_kernel`, the
-   gemv kernel makes t in its own launch instead (`kernels/gemv.py`).
+   table's `pdl_off` rows measured PDL slower. Where the table's `gemv_t_splits` (`mma_decode_t_splits`) row
+   says `in_kernel`, the gemv (mma_decode) kernel makes t in its own launch instead, up to its T_TOKENS
+   tokens (`kernels/gemv.py`, `kernels/mma_decode.py`).
 
 The tables are data (`csrc_triton/configs/<device name>.json`, written by
 benchmarks/kernels/tune.py); a device without its own table uses the nearest one (same compute
@@ -124,10 +125,11 @@ class TileTable:
 
 
 @dataclass(frozen=True)
-class GemvT:
-    """A `gemv_t_splits` row: for layers of K up to max_k (None: any), the one-token kernel's t in `splits`
-    K-slices of block_r rows of D per program (None: up to 64); made by `lowrank_down` with PDL, or with
-    `in_kernel` by the gemv launch's own first programs (kernels/gemv.py, block_r then 64 if None)."""
+class TSplits:
+    """A `gemv_t_splits` or `mma_decode_t_splits` row: for layers of K up to max_k (None: any), the decode
+    kernel's t in `splits` K-slices of block_r rows of D per program (None: up to 64); made by `lowrank_down`
+    (gemv: with PDL), or with `in_kernel` by the residual launch's own first programs (kernels/gemv.py,
+    kernels/mma_decode.py; block_r then 64 if None)."""
 
     max_k: int | None
     splits: int
@@ -148,10 +150,14 @@ class Tables:
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
-    gemv_t: list[GemvT]  # how the one-token kernel gets t, by K
+    gemv_t: list[TSplits]  # how the one-token kernel gets t, by K
+    mma_t: list[TSplits]  # where the tensor-core decode kernel makes t itself, by K (none: lowrank_down)
 
-    def gemv_t_for(self, k: int) -> GemvT:
+    def gemv_t_for(self, k: int) -> TSplits:
         return next(row for row in self.gemv_t if row.max_k is None or k <= row.max_k)
+
+    def mma_t_for(self, k: int) -> TSplits | None:
+        return next((row for row in self.mma_t if row.max_k is None or k <= row.max_k), None)
 
     def large_m_threshold(self, n: int, k: int) -> int:
         return next(thr for size, thr in self.large_m if size is None or n * k < size)
@@ -169,6 +175,10 @@ def _rules(rows: list[dict], config_type) -> RuleTable:
             cfg = config_type(**cfg)
         out.append(Rule(row["max_m"], row["max_n"], row["min_k"], cfg))
     return RuleTable(out)
+
+
+def _t_splits(row: dict) -> TSplits:
+    return TSplits(row["max_k"], row["splits"], row.get("block_r"), row.get("in_kernel", False))
 
 
 def load_tables(path: str) -> Tables:
@@ -189,8 +199,8 @@ def load_tables(path: str) -> Tables:
         w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig), w4a8_rs=_rules(d["w4a8_rs_int8"], W4a8RsConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
-        gemv_t=[GemvT(r["max_k"], r["splits"], r.get("block_r"), r.get("in_kernel", False))
-                for r in d["gemv_t_splits"]],
+        gemv_t=[_t_splits(r) for r in d["gemv_t_splits"]],
+        mma_t=[_t_splits(r) for r in d.get("mma_decode_t_splits", [])],
     )
 
 
@@ -227,7 +237,7 @@ class LowrankPlan:
     splits: int | None
     reduce: bool
     block_r: int | None = None
-    in_kernel: bool = False  # made by the gemv launch itself (kernels/gemv.py), no lowrank_down launch
+    in_kernel: bool = False  # made by the residual launch itself (gemv.py, mma_decode.py), no lowrank_down
 
 
 @dataclass(frozen=True)
@@ -267,17 +277,18 @@ def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables
         return KernelPlan(name, config, None, 0)
     if name in ("w4a8", "w4a8_rs"):  # launched after quantize_rows, without PDL
         return KernelPlan(name, config, LowrankPlan(None, m > 16), 0)
-    if name == "gemv":  # t made by the gemv launch itself, where the table's row says so
-        from csrc_triton.kernels.gemv import T_ROWS, T_TOKENS
+    if name in ("gemv", "mma_decode"):  # t made by the residual launch itself, where the table's row says so
+        from csrc_triton.kernels.base import T_ROWS
 
-        row = tables.gemv_t_for(shape.k)
-        if row.in_kernel and m <= T_TOKENS and shape.rank * (len(shape.slot_bounds) + 1) <= T_ROWS:
+        row = tables.gemv_t_for(shape.k) if name == "gemv" else tables.mma_t_for(shape.k)
+        if (row is not None and row.in_kernel and m <= kernels()[name].t_tokens
+                and shape.rank * (len(shape.slot_bounds) + 1) <= T_ROWS):
             return KernelPlan(name, config, LowrankPlan(row.splits, False, row.block_r or 64, True), 0)
     trigger = pdl_trigger(tables, m, shape.n, shape.k, shape.rank) if pdl_usable(device) else 0
     # The gemv kernel takes t in the table's K-slices with PDL (fewer partial slices in its epilogue, and
     # the longer down projection runs under its loop); the tensor-core kernels from 17 tokens on and
     # mma_decode (one finishing program per column tile) read one reduced slice.
-    row = tables.gemv_t_for(shape.k) if trigger and name == "gemv" else GemvT(None, None)
+    row = tables.gemv_t_for(shape.k) if trigger and name == "gemv" else TSplits(None, None)
     reduce = name == "mma_decode" or (name in ("tile", "wgmma_rs") and m > 16)
     return KernelPlan(name, config, LowrankPlan(row.splits, reduce, row.block_r), trigger)
 

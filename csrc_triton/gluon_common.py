@@ -169,14 +169,14 @@ def lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B
 
 
 @gluon.jit
-def split_k_finish(acc, part_ptrs, out_mask, tk):
-    """Split-K without a zeroed output: every program along grid axis 1 adds its partial sums
+def split_k_finish(acc, part_ptrs, out_mask, tk, splits):
+    """Split-K without a zeroed output: each of the tile's `splits` programs adds its partial sums
     into the scratch (`scratch`) and takes the tile's ticket tk; the last one gets the total
     back (leaving zeros) and resets the ticket. Returns (acc, whether this program is that one)."""
     gl.atomic_add(part_ptrs, acc, mask=out_mask, sem="relaxed")
     cta_barrier()  # every thread's partial sums are in before the ticket is taken (release)
     ticket = gl.atomic_add(tk, 1, sem="acq_rel")
-    last = ticket == gl.num_programs(1) - 1
+    last = ticket == splits - 1
     if last:
         acc = gl.atomic_xchg(part_ptrs, gl.zeros_like(acc), mask=out_mask, sem="relaxed")
         gl.atomic_xchg(tk, 0, sem="relaxed")

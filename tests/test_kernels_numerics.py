@@ -340,7 +340,7 @@ def test_gemv_making_t_in_its_own_launch_matches_float64_and_leaves_its_scratch_
     others wait for them before their epilogue; the last one zeroes the scratch and the counters, so a second
     call (a CUDA-graph replay) finds them as the first did and gives the same output."""
     from csrc_triton.dispatch import KernelPlan, LowrankPlan
-    from csrc_triton.kernels.gemv import t_pieces, t_scratch
+    from csrc_triton.kernels.base import t_pieces, t_scratch
     from csrc_triton.layer import run
 
     gen = torch.Generator().manual_seed(m + n + k)

@@ -105,7 +105,7 @@ def test_the_low_rank_launch_follows_the_kernel():
     assert all(plan(shape, m, DEVICES["cpu-interpreter"]).pdl_trigger == 0 for m in MS)
     tables = tables_for(H100.name, H100.capability)
     # gemv's K-slices are the table's (by K): another table, another launch
-    rows = dataclasses.replace(tables, gemv_t=[P.GemvT(8192, 32, 16), P.GemvT(None, 16, None)])
+    rows = dataclasses.replace(tables, gemv_t=[P.TSplits(8192, 32, 16), P.TSplits(None, 16, None)])
     assert [dataclasses.astuple(plan(LayerShape(4096, k, 128, 64), 1, H100, rows).lowrank)
             for k in (4096, 14336)] == [(32, False, 16, False), (16, False, None, False)]
     off = tables.pdl_off[0]
@@ -115,9 +115,10 @@ def test_the_low_rank_launch_follows_the_kernel():
 
 
 def test_a_table_row_in_kernel_has_gemv_make_t_itself_without_pdl_up_to_its_token_and_row_limits():
-    from csrc_triton.kernels.gemv import T_ROWS, T_TOKENS
+    from csrc_triton.kernels.base import T_ROWS
+    from csrc_triton.kernels.gemv import T_TOKENS
 
-    tables = dataclasses.replace(tables_for(H100.name, H100.capability), gemv_t=[P.GemvT(None, 16, None, True)])
+    tables = dataclasses.replace(tables_for(H100.name, H100.capability), gemv_t=[P.TSplits(None, 16, None, True)])
     for shape in (LayerShape(4096, 4096, 128, 64), LayerShape(6144, 4096, 128, 64, (4096, 5120))):
         for m in MS:
             p = plan(shape, m, H100, tables)
@@ -130,6 +131,27 @@ def test_a_table_row_in_kernel_has_gemv_make_t_itself_without_pdl_up_to_its_toke
     assert plan(wide, 1, H100, tables).kernel == "gemv" and not plan(wide, 1, H100, tables).lowrank.in_kernel
     assert plan(LayerShape(4096, 4096, 128, 64), 1, H100, tables).lowrank.in_kernel
     assert not plan(LayerShape(4096, 4096, 128, 64), 1, H100).lowrank.in_kernel  # the committed table: PDL
+
+
+def test_a_table_row_in_kernel_has_mma_decode_make_t_itself_up_to_16_tokens(monkeypatch):
+    from csrc_triton.kernels.mma_decode import T_TOKENS
+
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "wgmma_rs")  # mma_decode then runs 17+ tokens too
+
+    tables = dataclasses.replace(tables_for(H100.name, H100.capability), mma_t=[P.TSplits(None, 8, 32, True)])
+    seen = set()
+    for shape in (LayerShape(4096, 14336, 128, 64), LayerShape(6144, 4096, 128, 64, (4096, 5120))):
+        for m in MS:
+            p = plan(shape, m, H100, tables)
+            if p.kernel != "mma_decode":
+                continue
+            seen.add(m <= T_TOKENS)
+            assert p.lowrank.in_kernel == (m <= T_TOKENS)
+            if m <= T_TOKENS:
+                assert (p.lowrank.splits, p.lowrank.block_r, p.lowrank.reduce, p.pdl_trigger) == (8, 32, False, 0)
+            assert not plan(shape, m, H100).lowrank.in_kernel  # the committed table: lowrank_down
+    assert seen == {True, False}
+    assert T_TOKENS == 16
 
 
 def test_disabled_kernels_leave_the_plan(monkeypatch):

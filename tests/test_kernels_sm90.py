@@ -20,20 +20,22 @@ LLAMA3_8B = {"qkv_proj": (6144, 4096, (4096, 5120)), "o_proj": (4096, 4096, ()),
              "gate_up_proj": (28672, 4096, (14336,)), "down_proj": (4096, 14336, ())}
 RESIDUAL_PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "up_ptr": "*bf16", "us_ptr": "*fp32",
                  "ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-GLUON_PTRS = {**RESIDUAL_PTRS, "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+GLUON_PTRS = {**RESIDUAL_PTRS, "part_ptr": "*fp32", "ticket_ptr": "*i32", "d_ptr": "*bf16", "ds_ptr": "*fp32",
+              "sync_ptr": "*i32"}
 
 
 def _ptrs(dtype, int8, gluon=True):
     base = GLUON_PTRS if gluon else RESIDUAL_PTRS
     return {**base, "x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-            "up_ptr": "*i8" if int8 else f"*{dtype}"}
+            "up_ptr": "*i8" if int8 else f"*{dtype}", "d_ptr": "*i8" if int8 else f"*{dtype}"}
 
 
-def compile_mma(m, n, k, cfg, rank=0, dtype="bf16", int8=False, bias=False, group=128, pdl=False, **kw):
-    """mma_decode's kernel compiled as a launch of `cfg` for this layer and M would make it."""
+def compile_mma(m, n, k, cfg, rank=0, dtype="bf16", int8=False, bias=False, group=128, pdl=False, t_block_r=0, **kw):
+    """mma_decode's kernel compiled as a launch of `cfg` for this layer and M would make it (t_block_r > 0: with t
+    made in the launch, that many rows of D per piece)."""
     p = mma_decode.launch_params(m, n, k, group, cfg, 256, H100.smem_optin)
     consts = mma_decode.constexprs(p, group, rank, int8, bias, torch.bfloat16 if dtype == "bf16" else torch.float16,
-                                   pdl)
+                                   pdl, t_block_r=t_block_r, int8_down=int8 and t_block_r > 0)
     return compile_sm90("csrc_triton.kernels.mma_decode", "_tq_decode_mma_kernel", _ptrs(dtype, int8), consts,
                         p.warps, gluon=True, aligned_extra=("N", "K"), **kw), p
 
@@ -176,6 +178,36 @@ def test_gemv_making_t_itself_waits_for_its_pieces_after_the_main_loop_and_reads
     assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
     t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
     assert t_load and t_load.start() > acquire.start()
+
+
+@pytest.mark.parametrize("cfg,m,k,int8,block_r", [
+    (MmaConfig(1, 8, 8), 4, 14336, False, 64),  # down at 2-8 tokens
+    (MmaConfig(2, 8, 16), 16, 4096, True, 16),  # q/k/v at 9-16 tokens, int8 factors
+    (MmaConfig(1, 4, 8), 16, 4096, False, 32),  # o: 4 warps
+])
+def test_mma_decode_making_t_itself_waits_for_its_pieces_before_the_epilogue_and_reads_t_from_l2(cfg, m, k, int8,
+                                                                                                  block_r):
+    """t made in the mma_decode launch (kernels/mma_decode.py): a relaxed ticket, the pieces' fp32 additions and
+    their release count, the tile-finishing program's acquire loop after the main loop (the last nibble
+    conversion) and before t is read past L1 (`.cg`), no PDL wait; the main loop is the same as without it, and
+    the pieces cost the residual programs no registers (occupancy: <= +8) and no stack beyond the kernel's own."""
+    ptx, p = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, t_block_r=block_r)
+    (_, res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, t_block_r=block_r, want_resources=True)
+    plain, _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128)
+    (_, plain_res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, want_resources=True)
+    lop3 = "0x000F000F, 0x43004300, 0xEA;"
+    assert ptx.count(lop3) == plain.count(lop3) > 0
+    assert "griddepcontrol" not in ptx
+    assert res["LOCAL"] == 0 and res["STACK"] <= max(plain_res["STACK"], 32), (res, plain_res)
+    assert res["REG"] <= plain_res["REG"] + 8, (res, plain_res)
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.u32", ptx), "the ticket"
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32", ptx), "the pieces add into t"
+    assert re.search(r"(atom|red)\.global\.gpu\.release\.add\.u32", ptx), "a piece counted done"
+    acquire = re.search(r"(ld|atom)\.global\.gpu\.acquire\.", ptx)
+    assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
+    t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
+    assert t_load and t_load.start() > acquire.start()
+    assert not re.search(r"ld\.global\.cg", plain) and "acquire" not in plain
 
 
 def _wait_after_loop(ptx: str, loop_op: str, pdl: bool) -> None:

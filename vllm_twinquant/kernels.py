@@ -291,7 +291,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
     def process_weights_after_loading(self, layer):
         import csrc_triton
         from csrc_triton.gluon_common import scratch
-        from csrc_triton.kernels.gemv import t_scratch
+        from csrc_triton.kernels.base import t_scratch
 
         super().process_weights_after_loading(layer)
         if self.config.activation_subspace:
@@ -305,7 +305,7 @@ class TritonTwinQuantKernel(TwinQuantKernel):
         tokens = csrc_triton.scratch_tokens(shape, device)
         if tokens:
             scratch(layer.weight_packed.device, shape.n, tokens)
-        if shape.rank:  # and that of t made inside the one-token kernel's launch (csrc_triton/kernels/gemv.py)
+        if shape.rank:  # and that of t made inside a decode kernel's launch (csrc_triton/kernels/base.py)
             t_scratch(layer.weight_packed.device)
         _log_once(("triton", self.config.name.rsplit(".", 1)[-1], shape),
                   lambda: csrc_triton.summary(self.config.name.rsplit(".", 1)[-1] or "layer", shape, device))

@@ -12,7 +12,7 @@ shape, rank 64: the cost that decides is the layer's with its low-rank term). `t
 each (M, shape class) to the fastest measured (kernel, config): the rows of the kernels before it
 in the plan's priority say null there, its own row names the config, and a token count between
 two swept ones takes the choice of the next swept M above it. The tile kernel's rules, the large-M
-thresholds, the PDL rows and the one-token kernel's t slices are taken from --base (they come from their own,
+thresholds, the PDL rows and the decode kernels' t slices are taken from --base (they come from their own,
 longer sweeps). The `sources` of the written table say so.
 
 The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_rs_int8`: layers with
@@ -277,7 +277,7 @@ def main() -> None:
     s.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     t = sub.add_parser("table", help="write the launch table a sweep implies")
     t.add_argument("--sweep", required=True)
-    t.add_argument("--base", required=True, help="table whose tile, large_m, pdl_off and gemv_t_splits rows are kept")
+    t.add_argument("--base", required=True, help="table whose tile, large_m, pdl_off and t-slice rows are kept")
     t.add_argument("--write", required=True)
     s8 = sub.add_parser("sweep-w4a8", help="time the W4A8 kernel's candidate configs on this GPU")
     s8.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -1,6 +1,7 @@
 """What every CUDA kernel of the plan shares: the layer it serves (`LayerShape`), the device
 (`Device`), one call's operands (`Launch`), and the interface (`Kernel`): `can_implement` with a
-reason, `choose` a launch configuration from the device's table, `launch`."""
+reason, `choose` a launch configuration from the device's table, `launch`; and the scratch of t = x D^T
+made inside a residual kernel's own launch (`t_scratch`, `t_pieces`: gemv.py, mma_decode.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,32 @@ def row_ranges(k: int, slot_edges: tuple[int, ...], bytes_per_weight: int) -> li
         return [(0, n)]
     rows = max(128, TRANSIENT_BYTES // (k * bytes_per_weight) // 128 * 128)
     return [(lo, min(lo + rows, hi)) for a, hi in zip(slot_edges, slot_edges[1:]) for lo in range(a, hi, rows)]
+
+
+# t made inside a residual launch (`Launch.t_splits`): the scratch holds t for up to T_SCRATCH_TOKENS tokens x
+# T_ROWS rows of D (each kernel takes up to its own T_TOKENS of them)
+T_SCRATCH_TOKENS = 16
+T_ROWS = 1024
+_T_SCRATCH: dict = {}
+
+
+def t_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scratch of t made inside a residual launch on a device: t fp32 [T_SCRATCH_TOKENS * T_ROWS] and the
+    counters int32 [4] (tickets, pieces done, residual programs done), all zero between calls (the launch leaves
+    them so). Shared by the layers of a device, which vLLM runs one after another on one stream; allocated at
+    layer load (vllm_twinquant.kernels), not inside a CUDA-graph capture."""
+    key = (device.type, device.index)
+    if key not in _T_SCRATCH:
+        _T_SCRATCH[key] = (torch.zeros(T_SCRATCH_TOKENS * T_ROWS, dtype=torch.float32, device=device),
+                           torch.zeros(4, dtype=torch.int32, device=device))
+    return _T_SCRATCH[key]
+
+
+def t_pieces(k: int, rt: int, splits: int, block_r: int) -> tuple[int, int]:
+    """(pieces of t, columns per K-slice) for t made inside a residual launch: `splits` K-slices (whole
+    64-column steps) of every block of block_r rows of D."""
+    k_per = triton.cdiv(triton.cdiv(k, splits), 64) * 64
+    return triton.cdiv(k, k_per) * triton.cdiv(rt, block_r), k_per
 
 
 @dataclass(frozen=True)
@@ -112,7 +139,7 @@ class Launch:
     make_t: Callable[[], tuple[torch.Tensor | None, int]]
     act_quant: str = "none"  # LayerShape.act_quant
     act_clip: float = 1.0  # int4 codes: the per-token scale is act_clip * max|x| / 7 (format.per_token_codes)
-    t_splits: int = 0  # > 0: the gemv kernel makes t itself in this many K-slices (kernels/gemv.py), not make_t
+    t_splits: int = 0  # > 0: the kernel makes t itself in this many K-slices (gemv.py, mma_decode.py), not make_t
     t_block_r: int = 64  # rows of D per piece of t made that way
 
     @property
@@ -165,6 +192,7 @@ class Kernel:
     print call it."""
 
     name = ""
+    t_tokens = 0  # up to how many tokens the kernel can make t = x D^T in its own launch (`Launch.t_splits`)
 
     def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
         """(True, None), or (False, the reason). The default: any layer on any device, unless disabled;

@@ -11,19 +11,19 @@ every program takes a ticket as it starts; the first T_PROGS tickets compute t's
 block of D's rows each, added into a zeroed scratch with fp32 atomics) and count themselves done; the other
 programs run the residual product and, before their epilogue, wait for that count. Programs that hold a
 ticket are running, so every piece the waiting ones need is being made (no deadlock, whatever order the GPU
-starts programs in). The last program to finish zeroes t and the counters again (`t_scratch`: all zero
-between calls, as CUDA graphs need). One launch instead of two at one token, and no launch gap between them.
+starts programs in). The last program to finish zeroes t and the counters again (`base.t_scratch`: all
+zero between calls, as CUDA graphs need). One launch instead of two at one token, and no launch gap between
+them. The tensor-core decode kernel (`mma_decode.py`) does the same from 2 to 16 tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 
-from csrc_triton.kernels.base import Kernel, Launch, LayerShape
+from csrc_triton.kernels.base import T_ROWS, Kernel, Launch, LayerShape, t_pieces, t_scratch
 from csrc_triton.layout import chunk_words, next_pow2
 from csrc_triton.triton_common import INTERPRETED, pdl_wait, slot_of
 
@@ -403,33 +403,12 @@ def _gemv_program(
             tl.store(sync_ptr + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
 
 
-# t made inside the launch (`t_splits`): the scratch holds t for up to T_TOKENS tokens x T_ROWS rows of D
-T_TOKENS = 4
-T_ROWS = 1024
-_T_SCRATCH: dict = {}
-
-
-def t_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scratch of t made inside the launch on a device: t fp32 [T_TOKENS * T_ROWS] and the counters int32 [4]
-    (tickets, pieces done, residual programs done), all zero between calls (the launch leaves them so). Shared by
-    the layers of a device, which vLLM runs one after another on one stream; allocated at layer load
-    (vllm_twinquant.kernels), not inside a CUDA-graph capture."""
-    key = (device.type, device.index)
-    if key not in _T_SCRATCH:
-        _T_SCRATCH[key] = (torch.zeros(T_TOKENS * T_ROWS, dtype=torch.float32, device=device),
-                           torch.zeros(4, dtype=torch.int32, device=device))
-    return _T_SCRATCH[key]
-
-
-def t_pieces(k: int, rt: int, splits: int, block_r: int) -> tuple[int, int]:
-    """(pieces of t, columns per K-slice) for t made inside the launch: `splits` K-slices (whole 64-column
-    steps) of every block of block_r rows of D."""
-    k_per = triton.cdiv(triton.cdiv(k, splits), 64) * 64
-    return triton.cdiv(k, k_per) * triton.cdiv(rt, block_r), k_per
+T_TOKENS = 4  # tokens for which the launch can make t itself (the pieces loop over the token rows)
 
 
 class GemvKernel(Kernel):
     name = "gemv"
+    t_tokens = T_TOKENS
 
     def can_implement(self, shape: LayerShape, device) -> tuple[bool, str | None]:
         if self.disabled():

@@ -1,6 +1,7 @@
 """The tensor-core decode kernel (W4A16, 2 <= M <= 128), written in Gluon: mma.sync m16n8k16.
 
-    y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`, one slice)
+    y = x @ deq(R)^T + (x @ D^T) @ U^T + bias        (t = x @ D^T from `lowrank_down`, one slice,
+                                                      or made in this launch: below)
 
 Why: the CUDA-core decode kernel (`gemv.py`) spends about 4
 instructions per 4-bit code (unpack, convert to fp32, FMA). Here the multiply-adds go to
@@ -32,6 +33,13 @@ Split over K (so that every SM gets work at decode sizes) through the scratch of
 (one more MMA) and the bias and stores y.
 A program takes up to 64 tokens (TOK 8, 16, 32 or 64); more run as token tiles along grid
 axis 2, each reading the weights again (mostly from L2).
+Up to 16 tokens t can be made inside the launch (`Launch.t_splits`, the table's `mma_decode_t_splits` rows
+with `in_kernel`), as the one-token kernel does (gemv.py): every program takes a ticket as it starts; the
+first T_PROGS tickets compute t's pieces (a K-slice of a block of D's rows for every token, CUDA cores,
+added into the zeroed `base.t_scratch` with fp32 atomics) and count themselves done; the others run the
+residual product, and the program that finishes a column tile waits for that count before its epilogue.
+Programs that hold a ticket are running, so no wait can deadlock; the last residual program zeroes t and
+the counters again. No down-projection launch, and no launch gap.
 Only compiled for sm_80+ (Gluon has no CPU interpreter); CI compiles it for sm_90, numerics are
 checked on the GPU by benchmarks/kernels/bench_kernels.py and graph_check.py.
 """
@@ -48,10 +56,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from csrc_triton.gluon_common import code_ptrs, cp_async, cta_barrier, fragment, planes, scratch, split_k_finish
-from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
+from csrc_triton.kernels.base import T_ROWS, Device, Kernel, Launch, LayerShape, t_pieces, t_scratch
 from csrc_triton.layout import next_pow2
 
 MAX_M = gl.constexpr(64)  # tokens per program (the MMA's 8-column side, 8 times at most)
+T_TOKENS = 16  # tokens for which the launch can make t itself (`Launch.t_splits`)
 MAX_TOKENS = 128  # tokens per launch (programs along grid axis 2 take MAX_M each); sizes the scratch
 X_SMEM_MAX = 128 << 10  # bytes of the x K-slice a program keeps in shared memory (at most; the
 # configs' SPLIT_K keep the measured decode ones at <= 64 KB; capped by the device's opt-in limit)
@@ -76,14 +85,86 @@ def _mma_step(p, xb, s, acc, BN: gl.constexpr, BK: gl.constexpr, TOK: gl.constex
 
 
 @gluon.jit
+def _t_piece(j, x_ptr, d_ptr, ds_ptr, t_ptr, M, K, RT, k_per, stride_xm, stride_dr,
+             BLOCK_RT: gl.constexpr, HAS_DS: gl.constexpr, num_warps: gl.constexpr):
+    """Piece j of t = x D^T made inside the launch: rows [rb BLOCK_RT, +BLOCK_RT) of D over the K-slice
+    [ks k_per, +k_per) (j = ks * row blocks + rb), for each of the M token rows, added into t (fp32, RT per
+    token row) with relaxed atomics; int8 D: times its row scales. CUDA cores, 16-byte loads; D's slice is
+    read again for each further token row, from L1 (at most 64 rows x k_per columns)."""
+    # a warp takes BLOCK_RT / num_warps rows, 8 columns a thread: each thread holds 8 elements of D per step
+    RW: gl.constexpr = BLOCK_RT // num_warps
+    PL: gl.constexpr = gl.BlockedLayout([1, 8], [RW, 32 // RW], [num_warps, 1], [1, 0])
+    BKT: gl.constexpr = 8 * (32 // RW)
+    n_rb = gl.cdiv(RT, BLOCK_RT)
+    rb = j % n_rb
+    k_lo = (j // n_rb) * k_per
+    k_hi = gl.minimum(k_lo + k_per, K)
+    offs_r = rb * BLOCK_RT + gl.arange(0, BLOCK_RT, layout=gl.SliceLayout(1, PL))
+    offs_k = gl.arange(0, BKT, layout=gl.SliceLayout(0, PL))
+    r_mask = offs_r < RT
+    d_rows = d_ptr + gl.expand_dims(offs_r, 1) * stride_dr
+    for mm in range(M):
+        acc = gl.zeros([BLOCK_RT, BKT], gl.float32, layout=PL)
+        for k0 in range(k_lo, k_hi, BKT):
+            kk = k0 + offs_k
+            k_mask = kk < k_hi
+            d = gl.load(d_rows + gl.expand_dims(kk, 0), mask=gl.expand_dims(r_mask, 1) & gl.expand_dims(k_mask, 0),
+                        other=0).to(gl.float32)
+            xk = gl.load(x_ptr + mm * stride_xm + kk, mask=k_mask, other=0.0).to(gl.float32)
+            acc += d * gl.expand_dims(xk, 0)
+        t = gl.sum(acc, axis=1)
+        if HAS_DS:
+            t *= gl.load(ds_ptr + offs_r, mask=r_mask, other=0.0)
+        gl.atomic_add(t_ptr + mm * RT + offs_r, t, mask=r_mask, sem="relaxed")
+
+
+@gluon.jit
 def _tq_decode_mma_kernel(
-    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
-    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+    x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, d_ptr, ds_ptr, sync_ptr,
+    M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, N_TILES, N_SPLIT, RT, T_PROGS, k_per_t,
+    stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym, stride_dr,
+    KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
+    TILED: gl.constexpr, PDL: gl.constexpr, T_IN: gl.constexpr, BLOCK_RT: gl.constexpr, HAS_DS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """One program of the launch (`_mma_program`). T_IN (module docstring): a 1-D grid of T_PROGS pieces of t,
+    then the residual programs (column tile fastest, then K-slice, then token tile), each role taken by
+    ticket (sync_ptr: tickets, pieces done, residual programs done); t in ws_ptr [M, RT] fp32. Else a 3-D grid
+    of residual programs (column tiles, K-slices, token tiles)."""
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    residual = True
+    if T_IN:
+        ticket = gl.atomic_add(sync_ptr, 1, sem="relaxed")
+        if ticket < T_PROGS:
+            _t_piece(ticket, x_ptr, d_ptr, ds_ptr, ws_ptr, M, K, RT, k_per_t, stride_xm, stride_dr, BLOCK_RT, HAS_DS,
+                     num_warps)
+            cta_barrier()  # every thread's additions are in before the count says so (release)
+            gl.atomic_add(sync_ptr + 1, 1, sem="release")
+        residual = ticket >= T_PROGS
+        pid_n = (ticket - T_PROGS) % N_TILES
+        pid_k = (ticket - T_PROGS) // N_TILES % N_SPLIT
+        pid_m = (ticket - T_PROGS) // (N_TILES * N_SPLIT)
+    if residual:
+        _mma_program(
+            pid_n, pid_k, pid_m, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+            sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, N_TILES, N_SPLIT, T_PROGS, stride_xm, stride_qn,
+            stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym, KS, GROUP, BK, HAS_LOWRANK, HAS_US, HAS_BIAS,
+            MT, TOK, BLOCK_R, SPLIT, EXP, TILED, PDL, T_IN, num_warps)
+
+
+@gluon.jit
+def _mma_program(
+    pid_n, pid_k, pid_m, x_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+    sync_ptr, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, N_TILES, N_SPLIT, T_PROGS,
     stride_xm, stride_qn, stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     KS: gl.constexpr, GROUP: gl.constexpr, BK: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr,
     HAS_BIAS: gl.constexpr,
     MT: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, SPLIT: gl.constexpr, EXP: gl.constexpr,
-    TILED: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    TILED: gl.constexpr, PDL: gl.constexpr, T_IN: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Program (pid_n, pid_k, pid_m): weight rows [pid_n * BN, +BN) (BN = 16 * MT * num_warps)
     over the K-slice pid_k, for tokens [pid_m * TOK, +TOK) (TOK 8-64). acc^T [BN, TOK] = deq(R) [BN, BK] @ x^T: the
@@ -91,14 +172,12 @@ def _tq_decode_mma_kernel(
     A step of BK columns (64 or GROUP) lies in one scale group."""
     act: gl.constexpr = x_ptr.dtype.element_ty
     BN: gl.constexpr = 16 * MT * num_warps
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
     # token tiles along grid axis 2 (M > TOK). Else m0 is the constant 0: at 8-16 tokens that
     # saves registers (gate/up (2, 8, 4): 128 instead of 148, two programs per SM), while at 64
     # tokens the constant made (2, 4, 16) spill (80 bytes of stack) and run 52.6 instead of 41.9 us
     # on down at M = 64, so from 32 tokens per program the launch always passes TILED.
     if TILED:
-        m0 = gl.program_id(2) * TOK
+        m0 = pid_m * TOK
     else:
         m0 = 0
     off_n = pid_n * BN
@@ -164,8 +243,8 @@ def _tq_decode_mma_kernel(
     if SPLIT:  # the last of the gl.num_programs(1) programs of this column tile finishes it
         tk = ticket_ptr + pid_n
         if TILED:
-            tk += gl.program_id(2) * gl.num_programs(0)
-        acc, last = split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, tk)
+            tk += pid_m * N_TILES
+        acc, last = split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, tk, N_SPLIT)
     if last:
         if HAS_LOWRANK:
             slot = (off_n >= SLOT_B1).to(gl.int32) + (off_n >= SLOT_B2).to(gl.int32)
@@ -179,6 +258,10 @@ def _tq_decode_mma_kernel(
             tm = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
             if PDL:  # t is the down projection's, launched just before this kernel
                 tl.extra.cuda.gdc_wait()
+            if T_IN:  # t's pieces: made by programs that hold their tickets, so running (module docstring)
+                done = gl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+                while done < T_PROGS:
+                    done = gl.atomic_add(sync_ptr + 1, 0, sem="acquire")
             for r0 in gl.static_range(0, BLOCK_R, RC):
                 ur = r0 + gl.arange(0, RC, layout=gl.SliceLayout(0, A_L))
                 u_mask = gl.expand_dims(un < N, 1) & gl.expand_dims(ur < R, 0)
@@ -190,12 +273,22 @@ def _tq_decode_mma_kernel(
                 t_ptrs = ws_ptr + gl.expand_dims(tm, 0) * stride_ws_m + slot * R + gl.expand_dims(tr, 1)
                 t = gl.zeros([RC, TOK], gl.float32, layout=B_L)
                 for sp in range(NUM_SPLITS):
-                    t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0)
+                    t += gl.load(t_ptrs + sp * stride_ws_s, mask=t_mask, other=0.0,
+                                 cache_modifier=".cg" if T_IN else "")  # T_IN: written by other SMs
                 acc = mma_v2(u.to(act), t.to(act), acc)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + sn, mask=s_nmask, other=0.0).to(gl.float32)
             acc += gl.expand_dims(bias, 1)
         gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if T_IN:  # the last residual program zeroes t and the three counters (the readers of t are done by then)
+        cta_barrier()
+        finished = gl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if finished == N_TILES * N_SPLIT * gl.cdiv(M, TOK) - 1:
+            ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
+            offs = gl.arange(0, 1024, layout=ZL)
+            for z0 in range(0, M * stride_ws_m, 1024):
+                gl.store(ws_ptr + z0 + offs, gl.zeros([1024], gl.float32, layout=ZL), mask=z0 + offs < M * stride_ws_m)
+            gl.store(sync_ptr + gl.arange(0, 4, layout=ZL), gl.zeros([4], gl.int32, layout=ZL))
 
 
 
@@ -249,6 +342,7 @@ def fit(config: MmaConfig, max_bn: int) -> MmaConfig | None:
 
 class MmaDecodeKernel(Kernel):
     name = "mma_decode"
+    t_tokens = T_TOKENS
 
     def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
         if self.disabled():
@@ -268,14 +362,35 @@ class MmaDecodeKernel(Kernel):
     def launch(self, a: Launch, cfg: MmaConfig) -> None:
         m, n, k = a.m, a.n, a.k
         p = launch_params(m, n, k, a.group_size, cfg, a.max_block_n, Device.of(a.x.device).smem_optin)
-        ws, num_splits = a.make_t()
         part, ticket = scratch(a.out.device, n, MAX_TOKENS)
-        assert p.tiles * triton.cdiv(m, p.tok) <= ticket.numel() and m * n <= part.numel()
-        _tq_decode_mma_kernel[(p.tiles, p.split, triton.cdiv(m, p.tok))](
-            *a.operands(ws), a.out, part, ticket, m, n, k, a.rank, a.slot_b1, a.slot_b2, num_splits,
-            *a.strides(ws), a.out.stride(0),
-            **constexprs(p, a.group_size, a.rank, a.has_us, a.bias is not None, a.x.dtype, a.pdl),
-            num_warps=p.warps, launch_pdl=a.pdl,
+        m_tiles = triton.cdiv(m, p.tok)
+        assert p.tiles * m_tiles <= ticket.numel() and m * n <= part.numel()
+        t_in = a.has_lr and a.t_splits > 0
+        if t_in:
+            rt = a.down.shape[0]
+            if m > T_TOKENS or rt > T_ROWS or a.t_block_r not in (16, 32, 64):
+                raise ValueError(f"mma_decode with t made in the launch: {m} tokens (at most {T_TOKENS}), {rt} rows "
+                                 f"of D (at most {T_ROWS}), {a.t_block_r} rows per piece (16, 32 or 64)")
+            ws, sync = t_scratch(a.x.device)
+            t_progs, k_per = t_pieces(k, rt, a.t_splits, a.t_block_r)
+            num_splits, ws_strides = 1, (0, rt)
+            grid = (t_progs + p.tiles * p.split * m_tiles,)
+            down, ds = a.down, a.down_scale if a.down_scale is not None else a.x
+            stride_dr = a.down.stride(0)
+        else:
+            ws, num_splits = a.make_t()
+            ws_strides = (ws.stride(0), ws.stride(1)) if ws is not None else (0, 0)
+            sync, rt, t_progs, k_per, stride_dr = a.x, 0, 0, 0, 0
+            grid = (p.tiles, p.split, m_tiles)
+            down = ds = a.x
+        x, qw, sc, up, us, ws_arg, bias = a.operands(ws)
+        _tq_decode_mma_kernel[grid](
+            x, qw, sc, up, us, ws_arg, bias, a.out, part, ticket, down, ds, sync, m, n, k, a.rank, a.slot_b1,
+            a.slot_b2, num_splits, p.tiles, p.split, rt, t_progs, k_per, *a.strides(None)[:4], *ws_strides,
+            a.out.stride(0), stride_dr,
+            **constexprs(p, a.group_size, a.rank, a.has_us, a.bias is not None, a.x.dtype, a.pdl and not t_in,
+                         t_block_r=a.t_block_r if t_in else 0, int8_down=t_in and a.down_scale is not None),
+            num_warps=p.warps, launch_pdl=a.pdl and not t_in,
         )
 
 
@@ -306,10 +421,12 @@ def launch_params(m: int, n: int, k: int, group_size: int, cfg: MmaConfig, max_b
 
 
 def constexprs(p: LaunchParams, group_size: int, rank: int, int8: bool, bias: bool, dtype: torch.dtype,
-               pdl: bool) -> dict:
+               pdl: bool, t_block_r: int = 0, int8_down: bool = False) -> dict:
+    """The kernel's constexprs; t_block_r > 0: t made in the launch, that many rows of D per piece."""
     return dict(KS=p.k_per_split, GROUP=group_size, BK=p.bk, HAS_LOWRANK=rank > 0, HAS_US=int8, HAS_BIAS=bias,
                 MT=p.mt, TOK=p.tok, BLOCK_R=max(16, next_pow2(rank)) if rank else 16, SPLIT=p.split > 1,
-                EXP=0x4300 if dtype == torch.bfloat16 else 0x6400, TILED=p.tiled, PDL=pdl)
+                EXP=0x4300 if dtype == torch.bfloat16 else 0x6400, TILED=p.tiled, PDL=pdl, T_IN=t_block_r > 0,
+                BLOCK_RT=t_block_r or 16, HAS_DS=int8_down)
 
 
 KERNEL = MmaDecodeKernel()

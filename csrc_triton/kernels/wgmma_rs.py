@@ -178,7 +178,7 @@ def _tq_gemm_wgmma_rs_kernel(
     out_mask = (om2 < M) & (on2 < N)
     last = True
     if SPLIT:  # the last of the programs along K of this (row, token) tile finishes it
-        acc, last = split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, ticket_ptr + pid)
+        acc, last = split_k_finish(acc, part_ptr + om2 * N + on2, out_mask, ticket_ptr + pid, gl.num_programs(1))
     if last:
         if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T
             acc = _lowrank_epilogue_rs(acc, ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2,

@@ -1,16 +1,18 @@
-"""t = x D^T made inside the one-token kernel's own launch (`csrc_triton/kernels/gemv.py`; a `gemv_t_splits` row
-with `in_kernel`) against the separate down projection with PDL (what the committed table plans), one GPU, no vLLM.
+"""t = x D^T made inside the decode kernels' own launch (`csrc_triton/kernels/gemv.py` up to 4 tokens,
+`mma_decode.py` up to 16; a `gemv_t_splits` / `mma_decode_t_splits` row with `in_kernel`) against the separate
+down projection (what the committed table plans, with PDL where it does), one GPU, no vLLM.
 
-    python benchmarks/kernels/gemv_t_check.py --out $OUT [--table-dir DIR] [--ms 1 2] [--variants 8x64 16x64]
+    python benchmarks/kernels/t_in_launch_check.py --out $OUT [--table-dir DIR] [--ms 1 4 16] [--variants 8x64]
 
-For Llama-3-8B's four layers (merged q/k/v and gate/up), rank 64, at every token count the plan gives the gemv
-kernel: each way of making t (the committed plan, and in the launch with (K-slices, rows of D per piece) from
-VARIANTS) is first checked against the float32 reference with a NaN-poisoned output, again after 100 CUDA-graph
-replays (which must leave the scratch zero: the next replay depends on it), then timed: CUDA-graph replays over
-enough copies of the layer to overflow L2 (benchmarks/kernels/common.py), rank 0 beside it (what the low-rank term
-costs). Writes gemv_t_check_<device>.json; with --table-dir, a copy of the device's launch table whose
-`gemv_t_splits` row is the fastest in-launch variant, where it is faster than the committed plan on the sum over
-the four layers at one token (TWINQUANT_CONFIG_DIR=DIR serves with it).
+For Llama-3-8B's four layers (merged q/k/v and gate/up), rank 64, at every token count of --ms that the plan
+gives one of those two kernels: each way of making t (the committed plan, and in the launch with (K-slices, rows
+of D per piece) from VARIANTS) is first checked against the float32 reference with a NaN-poisoned output, again
+after 100 CUDA-graph replays (which must leave the scratch zero: the next replay depends on it), then timed:
+CUDA-graph replays over enough copies of the layer to overflow L2 (benchmarks/kernels/common.py), rank 0 beside
+it (what the low-rank term costs). Writes t_in_launch_check_<device>.json; with --table-dir, a copy of the
+device's launch table whose `gemv_t_splits` (`mma_decode_t_splits`) row is the fastest in-launch variant, where
+it is faster than the committed plan on the sum over the four layers at one token (over every token count the
+plan gives mma_decode) (TWINQUANT_CONFIG_DIR=DIR serves with it).
 """
 
 from __future__ import annotations
@@ -30,18 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import GROUP, flush_copies, fresh_case, graph_time_ms, layer_bytes, save_records  # noqa: E402
 
 import csrc_triton as ct  # noqa: E402
-from csrc_triton.dispatch import LowrankPlan, table_file  # noqa: E402
-from csrc_triton.kernels.gemv import t_scratch  # noqa: E402
+from csrc_triton.dispatch import LowrankPlan, kernels, table_file  # noqa: E402
+from csrc_triton.kernels.base import t_scratch  # noqa: E402
 from csrc_triton.layer import run  # noqa: E402
 
 LAYERS = {"qkv": (4096, 6144, (4096, 5120)), "o": (4096, 4096, ()), "gate_up": (4096, 28672, (14336,)),
           "down": (14336, 4096, ())}
 RANK = 64
 VARIANTS = [(8, 64), (16, 64), (32, 64), (16, 32), (32, 32)]  # (K-slices, rows of D per piece)
+KERNELS = {"gemv": ("gemv_t_splits", [1]), "mma_decode": ("mma_decode_t_splits", None)}  # table row, ms summed
 
 
 def plans(shape, m, device, variants):
-    """name -> KernelPlan: the committed plan, then each in-launch variant (gemv layers only)."""
+    """name -> KernelPlan: the committed plan, then each in-launch variant."""
     base = ct.plan(shape, m, device)
     out = {"pdl" if base.pdl_trigger else "separate": base}
     for splits, block_r in variants:
@@ -90,7 +93,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--table-dir", help="write the device's table with the fastest in-launch row here")
-    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 3, 4], help="token counts (where the plan is gemv)")
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help="token counts (where the plan is gemv or mma_decode)")
     ap.add_argument("--variants", nargs="+", default=[f"{s}x{b}" for s, b in VARIANTS],
                     help="in-launch variants, K-slices x rows of D per piece")
     a = ap.parse_args()
@@ -104,39 +108,46 @@ def main():
         for m in a.ms:
             shape = ct.LayerShape(n, k, GROUP, RANK, bounds)
             ps = plans(shape, m, device, variants)
-            if next(iter(ps.values())).kernel != "gemv":
+            kernel = next(iter(ps.values())).kernel
+            if kernel not in KERNELS or m > kernels()[kernel].t_tokens:
                 continue
             r0 = timed_us(ct.plan(ct.LayerShape(n, k, GROUP, 0, bounds), m, device), m, k, n, bounds, 0, gen)
             for label, p in ps.items():
                 err, zero = check(p, fresh_case(m, k, n, RANK, torch.bfloat16, gen, bounds=bounds, bias=True), bounds)
-                rec = {"layer": name, "k": k, "n": n, "m": m, "rank": RANK, "t": label, "rel_err": err,
-                       "scratch_zero_after": zero, "us": round(timed_us(p, m, k, n, bounds, RANK, gen), 2),
-                       "rank0_us": round(r0, 2)}
+                rec = {"layer": name, "k": k, "n": n, "m": m, "rank": RANK, "kernel": kernel, "t": label,
+                       "rel_err": err, "scratch_zero_after": zero,
+                       "us": round(timed_us(p, m, k, n, bounds, RANK, gen), 2), "rank0_us": round(r0, 2)}
                 rec["ok"] = err <= 1e-2 and zero
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
-                save_records(a.out, f"gemv_t_check_{device.name.split()[1].lower()}", {}, recs)
+                save_records(a.out, f"t_in_launch_check_{device.name.split()[1].lower()}", {}, recs)
     meta = {"device": device.name, "torch": torch.__version__, "triton": device.triton,
-            "command": "python benchmarks/kernels/gemv_t_check.py " + " ".join(sys.argv[1:]), "variants": variants}
-    one_token = [r for r in recs if r["m"] == 1]
-    totals = {v: sum(r["us"] for r in one_token if r["t"] == v) for v in dict.fromkeys(r["t"] for r in one_token)}
-    meta["one_token_sum_us"] = totals
+            "command": "python benchmarks/kernels/t_in_launch_check.py " + " ".join(sys.argv[1:]), "variants": variants}
+    totals = {}  # kernel -> variant -> µs summed over the cases that choose its table row
+    for kernel, (_, ms) in KERNELS.items():
+        rows = [r for r in recs if r["kernel"] == kernel and (ms is None or r["m"] in ms)]
+        if rows:
+            totals[kernel] = {v: round(sum(r["us"] for r in rows if r["t"] == v), 2)
+                              for v in dict.fromkeys(r["t"] for r in rows)}
+    meta["sum_us"] = totals
     print(json.dumps(totals))
-    path = save_records(a.out, f"gemv_t_check_{device.name.split()[1].lower()}", meta, recs, t0)
+    path = save_records(a.out, f"t_in_launch_check_{device.name.split()[1].lower()}", meta, recs, t0)
     if not all(r["ok"] for r in recs):
         raise SystemExit(f"{path}: some variant failed its check")
     if a.table_dir:
-        base = min((v for v in totals if not v.startswith("in_launch")), key=totals.get)
-        best = min((v for v in totals if v.startswith("in_launch")), key=totals.get)
         with open(table_file(device.name)) as f:
             table = json.load(f)
-        if totals[best] < totals[base]:
-            splits, block_r = map(int, best.removeprefix("in_launch_").split("x"))
-            table["gemv_t_splits"] = [{"max_k": None, "splits": splits, "block_r": block_r, "in_kernel": True}]
+        for kernel, sums in totals.items():
+            row = KERNELS[kernel][0]
+            base = min((v for v in sums if not v.startswith("in_launch")), key=sums.get)
+            best = min((v for v in sums if v.startswith("in_launch")), key=sums.get)
+            if sums[best] < sums[base]:
+                splits, block_r = map(int, best.removeprefix("in_launch_").split("x"))
+                table[row] = [{"max_k": None, "splits": splits, "block_r": block_r, "in_kernel": True}]
+            print(f"{row}: {table.get(row)} ({best} {sums[best]:.1f} us vs {base} {sums[base]:.1f} us)")
         os.makedirs(a.table_dir, exist_ok=True)
         with open(os.path.join(a.table_dir, os.path.basename(table_file(device.name))), "w") as f:
             json.dump(table, f, indent=1)
-        print(f"table: {table['gemv_t_splits']} ({best} {totals[best]:.1f} us vs {base} {totals[base]:.1f} us)")
 
 
 if __name__ == "__main__":
