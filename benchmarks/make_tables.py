@@ -7,6 +7,7 @@
     python benchmarks/make_tables.py readme-speed [benchmarks/results/e2e_h100.json]   # README's speed table
     python benchmarks/make_tables.py w4a8-kernels | w4a8-sweep [JSON] | w4a8-accuracy [JSONL] | e2e-w4a8 [JSON]
     python benchmarks/make_tables.py e2e JSON | e2e-serve JSON   # one machine's end-to-end run (e2e_h100.py collect)
+    python benchmarks/make_tables.py t-in-launch [benchmarks/results/t_in_launch_check_h100.json]
 """
 
 import json
@@ -158,6 +159,7 @@ SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g12
                "tq_r64_a8": "TwinQuant W4A8-INT8 g128, rank 64 (the rank-64 checkpoint declared W4A8)",
                "tq_r64_f8": "TwinQuant W4A8-FP8 g128, rank 64 (the rank-64 checkpoint declared W4A8-FP8)",
                "tq_r64_h4": "TwinQuant W4A16 g128, rank 64, 4-bit lm_head",
+               "tq_r64_h4_f8": "TwinQuant W4A8-FP8 g128, rank 64, 4-bit lm_head (declared W4A8-FP8 by its config)",
                "tq_r64_tin": "TwinQuant W4A16 g128, rank 64, t made in the one-token kernel's launch",
                "tq_r64_h4_tin": "TwinQuant W4A16 g128, rank 64, 4-bit lm_head, t made in the one-token kernel's launch",
                "w4a8_ct": "W4A8-FP8 g128 (vLLM, compressed-tensors: CUTLASS W4A8)",
@@ -207,6 +209,29 @@ def e2e_serve(path):
             vs = f"{base[c]['median_tpot_ms'] / r['median_tpot_ms']:.2f}" if c in base else "–"
             print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {r['median_ttft_ms']:.1f} | "
                   f"{r['output_throughput']:,.0f} |")
+
+
+def t_in_launch(path="benchmarks/results/t_in_launch_check_h100.json"):
+    """t_in_launch_check.py: per layer and M, the plan's way of making t (its own launch, with PDL or after it)
+    against t made in the residual launch (K-slices x rows of D per piece), rank 0 beside them (µs)."""
+    d = json.load(open(path))
+    m = d["meta"]
+    variants = [f"in_launch_{s}x{b}" for s, b in m["variants"]]
+    print(f"{m['device']}, torch {m['torch']}, Triton {m['triton']}; rank 64, µs per call (CUDA graphs, weights "
+          f"beyond L2); every variant matched float32 (rel. error <= "
+          f"{max(r['rel_err'] for r in d['records']):.1e}) and left the scratch zero after 100 graph replays\n")
+    print("| layer (K→N) | M | kernel | rank 0 | plan (t by `lowrank_down`) | "
+          + " | ".join(f"in launch {v.removeprefix('in_launch_')}" for v in variants) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(variants))
+    cases = {}
+    for r in d["records"]:
+        cases.setdefault((r["layer"], r["k"], r["n"], r["m"]), []).append(r)
+    for (layer, k, n, mm), rs in cases.items():
+        by = {r["t"]: r for r in rs}
+        plan = next(r for r in rs if not r["t"].startswith("in_launch"))
+        cells = " | ".join(f"{by[v]['us']:.1f}" for v in variants)
+        print(f"| {layer} ({k}→{n}) | {mm} | {plan['kernel']} | {plan['rank0_us']:.1f} | {plan['us']:.1f} "
+              f"({'PDL' if plan['t'] == 'pdl' else 'after it'}) | {cells} |")
 
 
 def _act_bits(r) -> int:
@@ -341,5 +366,7 @@ if __name__ == "__main__":
         e2e_serve(*args)
     elif what == "acts-gpu":
         acts_gpu(*args)
+    elif what == "t-in-launch":
+        t_in_launch(*args)
     else:
         accuracy(*args)

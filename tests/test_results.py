@@ -98,6 +98,19 @@ def test_kernel_readme_table_is_make_tables_output(path):
     assert out.getvalue().strip() in open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
 
 
+def test_the_in_launch_t_check_passed_every_case_and_its_readme_table_is_make_tables_output():
+    path = os.path.join(ROOT, "benchmarks", "results", "t_in_launch_check_h100.json")
+    d = json.load(open(path))
+    assert all(r["ok"] and r["rel_err"] <= 1e-2 and r["scratch_zero_after"] for r in d["records"])
+    for kernel, by_variant in d["meta"]["sum_us"].items():  # the sums the table choice was made from
+        for variant, total in by_variant.items():
+            rows = [r for r in d["records"] if r["kernel"] == kernel and (r["m"] == 1 or kernel != "gemv")
+                    and (r["t"] == variant or (variant == "plan" and not r["t"].startswith("in_launch")))]
+            assert rows and abs(sum(r["us"] for r in rows) - total) < 0.05, (kernel, variant)
+    readme = open(os.path.join(ROOT, "benchmarks", "kernels", "README.md")).read()
+    assert _printed(make_tables.t_in_launch, path) in readme
+
+
 def test_the_w4a8_end_to_end_table_is_one_runs_records_with_the_issue_keys():
     path = os.path.join(ROOT, "benchmarks", "results", "e2e_w4a8_h100.json")
     d = json.load(open(path))

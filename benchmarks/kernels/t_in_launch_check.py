@@ -53,6 +53,20 @@ def plans(shape, m, device, variants):
     return out
 
 
+def sums(recs: list[dict]) -> dict[str, dict[str, float]]:
+    """kernel -> {"plan": the committed plan's µs (PDL or separate, as it chose per case), in-launch variant: µs},
+    each summed over the cases that decide the kernel's table row (KERNELS)."""
+    out = {}
+    for kernel, (_, ms) in KERNELS.items():
+        rows = [r for r in recs if r["kernel"] == kernel and (ms is None or r["m"] in ms)]
+        if rows:
+            label = {r["t"]: r["t"] if r["t"].startswith("in_launch") else "plan" for r in rows}
+            out[kernel] = {}
+            for r in rows:
+                out[kernel][label[r["t"]]] = round(out[kernel].get(label[r["t"]], 0.0) + r["us"], 2)
+    return out
+
+
 def check(p, case, bounds) -> tuple[float, bool]:
     """The relative error against the float32 reference (the larger of one call's and of the last of 100 graph
     replays'), and whether the scratch of t made in the launch is all zero after them."""
@@ -123,12 +137,7 @@ def main():
                 save_records(a.out, f"t_in_launch_check_{device.name.split()[1].lower()}", {}, recs)
     meta = {"device": device.name, "torch": torch.__version__, "triton": device.triton,
             "command": "python benchmarks/kernels/t_in_launch_check.py " + " ".join(sys.argv[1:]), "variants": variants}
-    totals = {}  # kernel -> variant -> µs summed over the cases that choose its table row
-    for kernel, (_, ms) in KERNELS.items():
-        rows = [r for r in recs if r["kernel"] == kernel and (ms is None or r["m"] in ms)]
-        if rows:
-            totals[kernel] = {v: round(sum(r["us"] for r in rows if r["t"] == v), 2)
-                              for v in dict.fromkeys(r["t"] for r in rows)}
+    totals = sums(recs)
     meta["sum_us"] = totals
     print(json.dumps(totals))
     path = save_records(a.out, f"t_in_launch_check_{device.name.split()[1].lower()}", meta, recs, t0)
@@ -137,14 +146,13 @@ def main():
     if a.table_dir:
         with open(table_file(device.name)) as f:
             table = json.load(f)
-        for kernel, sums in totals.items():
+        for kernel, by_variant in totals.items():
             row = KERNELS[kernel][0]
-            base = min((v for v in sums if not v.startswith("in_launch")), key=sums.get)
-            best = min((v for v in sums if v.startswith("in_launch")), key=sums.get)
-            if sums[best] < sums[base]:
+            best = min((v for v in by_variant if v != "plan"), key=by_variant.get)
+            if by_variant[best] < by_variant["plan"]:
                 splits, block_r = map(int, best.removeprefix("in_launch_").split("x"))
                 table[row] = [{"max_k": None, "splits": splits, "block_r": block_r, "in_kernel": True}]
-            print(f"{row}: {table.get(row)} ({best} {sums[best]:.1f} us vs {base} {sums[base]:.1f} us)")
+            print(f"{row}: {table.get(row)} ({best} {by_variant[best]:.1f} us vs the plan {by_variant['plan']:.1f} us)")
         os.makedirs(a.table_dir, exist_ok=True)
         with open(os.path.join(a.table_dir, os.path.basename(table_file(device.name))), "w") as f:
             json.dump(table, f, indent=1)
