@@ -358,7 +358,7 @@ def ranges(shape: LayerShape, device: Device, tables: Tables | None = None, with
     plans merged; sampled at `ms`, with each change between two samples found by bisection."""
     def label(m: int) -> str:
         p = plan(shape, m, device, tables)
-        return f"{p.kernel} {_config_text(p.config)}" if with_config else p.kernel
+        return f"{p.kernel} {_config_text(p.config)}{_t_text(p)}" if with_config else p.kernel
 
     out: list[list] = []
     prev = None
@@ -381,6 +381,15 @@ def ranges(shape: LayerShape, device: Device, tables: Tables | None = None, with
 
 def _config_text(cfg) -> str:
     return "(" + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)) + ")"
+
+
+def _t_text(p: KernelPlan) -> str:
+    """How the plan makes t = x D^T (none where the kernel makes it itself, or rank 0)."""
+    if p.lowrank is None:
+        return ""
+    if p.lowrank.in_kernel:
+        return f", t made in the launch ({p.lowrank.splits} K-slices x {p.lowrank.block_r} rows of D)"
+    return ", t by lowrank_down" + (" with PDL" if p.pdl_trigger else "")
 
 
 def summary(name: str, shape: LayerShape, device: Device) -> str:

@@ -209,6 +209,12 @@ def test_the_plan_reads_in_one_line_and_in_ranges(capsys):
     assert all(a[1] + 1 == b[0] for a, b in zip(rs, rs[1:]))  # contiguous, no M left out
     fold_at = next(lo for lo, _, label in rs if "fold=True" in label)
     assert fold_at == 6144 * 64 // 256 + 1  # the fold rule's exact boundary, found between the samples
+    for lo, _, label in rs:  # each range says how t is made, as its plan does
+        p = plan(shape, lo, H100)
+        assert ("t by lowrank_down" in label) == (p.lowrank is not None)
+        assert ("with PDL" in label) == (p.lowrank is not None and p.pdl_trigger > 0)
+    tin = dataclasses.replace(tables_for(H100.name, H100.capability), gemv_t=[P.TSplits(None, 32, 16, True)])
+    assert "t made in the launch (32 K-slices x 16 rows of D)" in ranges(shape, H100, tin, with_config=True)[0][2]
     from vllm_twinquant.explain import main
 
     main(["--k", "4096", "--n", "28672", "--slots", "14336", "--rank", "64", "--device", "h200"])
