@@ -152,6 +152,21 @@ def test_gemv_reads_16_byte_code_vectors_and_unpacks_in_registers():
         assert not any(op in loop for op in ("ld.shared", "st.shared", "shfl.sync", ".local")), "layout conversion"
 
 
+def _makes_t_in_its_launch(ptx: str, plain: str, lop3: str) -> None:
+    """The PTX of a residual kernel making t in its own launch, against `plain` (the same launch without): the
+    same nibble conversions (lop3, the main loop's), no PDL wait, a relaxed ticket, the pieces' relaxed fp32
+    additions and their release count, an acquire after the last conversion, and t read past L1 after it."""
+    assert ptx.count(lop3) == plain.count(lop3) > 0
+    assert "griddepcontrol" not in ptx
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.u32", ptx), "the ticket"
+    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32", ptx), "the pieces add into t"
+    assert re.search(r"(atom|red)\.global\.gpu\.release\.add\.u32", ptx), "a piece counted done"
+    acquire = re.search(r"(ld|atom)\.global\.gpu\.acquire\.", ptx)
+    assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
+    t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
+    assert t_load and t_load.start() > acquire.start()
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_gemv_making_t_itself_waits_for_its_pieces_after_the_main_loop_and_reads_t_from_l2(int8):
     """t made in the gemv launch (kernels/gemv.py): a relaxed ticket, the pieces' fp32 additions and their release
@@ -167,17 +182,8 @@ def test_gemv_making_t_itself_waits_for_its_pieces_after_the_main_loop_and_reads
                             aligned_extra=("N", "K"), want_resources=True)
     plain, plain_res = compile_sm90("csrc_triton.kernels.gemv", "_tq_gemv_vec_kernel", ptrs,
                                     {**consts, "T_IN": False}, 2, aligned_extra=("N", "K"), want_resources=True)
-    lop3 = "0x64006400, 0xEA;"
-    assert ptx.count(lop3) == plain.count(lop3) > 0
-    assert "griddepcontrol" not in ptx
+    _makes_t_in_its_launch(ptx, plain, "0x64006400, 0xEA;")
     assert res["STACK"] == 0 and res["REG"] <= plain_res["REG"] + 8, (res, plain_res)
-    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.u32", ptx), "the ticket"
-    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32", ptx), "the pieces add into t"
-    assert re.search(r"(atom|red)\.global\.gpu\.release\.add\.u32", ptx), "a piece counted done"
-    acquire = re.search(r"(ld|atom)\.global\.gpu\.acquire\.", ptx)
-    assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
-    t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
-    assert t_load and t_load.start() > acquire.start()
 
 
 @pytest.mark.parametrize("cfg,m,k,int8,block_r", [
@@ -191,22 +197,12 @@ def test_mma_decode_making_t_itself_waits_for_its_pieces_before_the_epilogue_and
     their release count, the tile-finishing program's acquire loop after the main loop (the last nibble
     conversion) and before t is read past L1 (`.cg`), no PDL wait; the main loop is the same as without it, and
     the pieces cost the residual programs no registers (occupancy: <= +8) and no stack beyond the kernel's own."""
-    ptx, p = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, t_block_r=block_r)
-    (_, res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, t_block_r=block_r, want_resources=True)
-    plain, _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128)
-    (_, plain_res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, want_resources=True)
-    lop3 = "0x000F000F, 0x43004300, 0xEA;"
-    assert ptx.count(lop3) == plain.count(lop3) > 0
-    assert "griddepcontrol" not in ptx
+    (ptx, res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, t_block_r=block_r,
+                                want_resources=True)
+    (plain, plain_res), _ = compile_mma(m, 4096, k, cfg, 64, "bf16", int8, False, 128, want_resources=True)
+    _makes_t_in_its_launch(ptx, plain, "0x000F000F, 0x43004300, 0xEA;")
     assert res["LOCAL"] == 0 and res["STACK"] <= max(plain_res["STACK"], 32), (res, plain_res)
     assert res["REG"] <= plain_res["REG"] + 8, (res, plain_res)
-    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.u32", ptx), "the ticket"
-    assert re.search(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32", ptx), "the pieces add into t"
-    assert re.search(r"(atom|red)\.global\.gpu\.release\.add\.u32", ptx), "a piece counted done"
-    acquire = re.search(r"(ld|atom)\.global\.gpu\.acquire\.", ptx)
-    assert acquire and acquire.start() > ptx.rindex(lop3), "the wait for t comes after the main loop"
-    t_load = re.search(r"ld\.global\.cg\.\w+", ptx)
-    assert t_load and t_load.start() > acquire.start()
     assert not re.search(r"ld\.global\.cg", plain) and "acquire" not in plain
 
 

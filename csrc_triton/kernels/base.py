@@ -59,6 +59,25 @@ def t_pieces(k: int, rt: int, splits: int, block_r: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class TSource:
+    """Where a decode kernel's launch reads t = x D^T (`Launch.t_source`): the down projection's workspace ws
+    (num_splits K-slices, strides ws_strides), or, `in_launch`, the zeroed `t_scratch` that its first t_progs
+    programs fill (pieces of k_per columns of D's rt rows; sync: the counters). Unused pointers are x."""
+
+    in_launch: bool
+    ws: torch.Tensor | None
+    num_splits: int
+    ws_strides: tuple[int, int]
+    sync: torch.Tensor
+    down: torch.Tensor
+    down_scale: torch.Tensor
+    rt: int = 0
+    t_progs: int = 0
+    k_per: int = 0
+    stride_dr: int = 0
+
+
+@dataclass(frozen=True)
 class LayerShape:
     """A TwinQuant linear layer as the kernels see it (this tensor-parallel rank's part)."""
 
@@ -173,6 +192,22 @@ class Launch:
 
     def row_ranges(self, bytes_per_weight: int) -> list[tuple[int, int]]:
         return row_ranges(self.k, self.slot_edges, bytes_per_weight)
+
+    def t_source(self, kernel: str, t_tokens: int) -> TSource:
+        """How t reaches a decode kernel's launch (gemv, mma_decode), taken right before it: made in the launch
+        where `t_splits` says so (up to t_tokens tokens and T_ROWS rows of D), else by `make_t`."""
+        x = self.x
+        if not (self.has_lr and self.t_splits > 0):
+            ws, num_splits = self.make_t()
+            return TSource(False, ws, num_splits, (ws.stride(0), ws.stride(1)) if ws is not None else (0, 0), x, x, x)
+        rt = self.down.shape[0]
+        if self.m > t_tokens or rt > T_ROWS or self.t_block_r not in (16, 32, 64):
+            raise ValueError(f"{kernel} with t made in the launch: {self.m} tokens (at most {t_tokens}), {rt} rows "
+                             f"of D (at most {T_ROWS}), {self.t_block_r} rows per piece (16, 32 or 64)")
+        t, sync = t_scratch(x.device)
+        t_progs, k_per = t_pieces(self.k, rt, self.t_splits, self.t_block_r)
+        return TSource(True, t, 1, (0, rt), sync, self.down, self.down_scale if self.down_scale is not None else x,
+                       rt, t_progs, k_per, self.down.stride(0))
 
     def operands(self, ws: torch.Tensor | None) -> tuple:
         """The residual kernels' first pointer arguments: x, codes, scales, U, U's scales, t, bias

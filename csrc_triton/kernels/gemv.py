@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from csrc_triton.kernels.base import T_ROWS, Kernel, Launch, LayerShape, t_pieces, t_scratch
+from csrc_triton.kernels.base import Kernel, Launch, LayerShape
 from csrc_triton.layout import chunk_words, next_pow2
 from csrc_triton.triton_common import INTERPRETED, pdl_wait, slot_of
 
@@ -427,33 +427,20 @@ class GemvKernel(Kernel):
         bn = min(cfg.block_n, a.max_block_n)
         br = max(16, next_pow2(a.rank)) if a.has_lr else 16
         residual = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, bn)
-        t_in = a.has_lr and a.t_splits > 0
-        if t_in:
-            rt = a.down.shape[0]
-            if m > T_TOKENS or rt > T_ROWS or a.t_block_r not in (16, 32, 64):
-                raise ValueError(f"gemv with t made in the launch: {m} tokens (at most {T_TOKENS}), {rt} rows of D "
-                                 f"(at most {T_ROWS}), {a.t_block_r} rows per piece (16, 32 or 64)")
-            ws, sync = t_scratch(a.x.device)
-            t_progs, k_per = t_pieces(k, rt, a.t_splits, a.t_block_r)
-            num_splits, ws_strides = 1, (0, rt)
-            grid = (t_progs + residual,)
-            down, ds, stride_dr = a.down, a.down_scale if a.down_scale is not None else a.x, a.down.stride(0)
-        else:
-            ws, num_splits = a.make_t()
-            ws_strides = (ws.stride(0), ws.stride(1)) if ws is not None else (0, 0)
-            sync, rt, t_progs, k_per, stride_dr = a.x, 0, 0, 0, 0
-            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, bn))
-            down = ds = a.x
-        x, qw, sc, up, us, ws_arg, bias = a.operands(ws)
+        ts = a.t_source(self.name, T_TOKENS)
+        grid = (ts.t_progs + residual,) if ts.in_launch else (triton.cdiv(m, cfg.block_m), triton.cdiv(n, bn))
+        x, qw, sc, up, us, ws_arg, bias = a.operands(ts.ws)
         _tq_gemv_vec_kernel[grid](
-            x, qw, sc, up, us, ws_arg, bias, a.out, down, ds, sync, m, n, k, a.rank, a.slot_b1, a.slot_b2, num_splits,
-            rt, t_progs, k_per, *a.strides(None)[:4], *ws_strides, a.out.stride(0), stride_dr,
+            x, qw, sc, up, us, ws_arg, bias, a.out, ts.down, ts.down_scale, ts.sync, m, n, k, a.rank, a.slot_b1,
+            a.slot_b2, ts.num_splits, ts.rt, ts.t_progs, ts.k_per, *a.strides(None)[:4], *ts.ws_strides,
+            a.out.stride(0), ts.stride_dr,
             GROUP=a.group_size, CHUNK_W=chunk_words(a.group_size), HAS_LOWRANK=a.has_lr, HAS_US=a.has_us,
             HAS_BIAS=a.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_W=cfg.block_w, BLOCK_R=br,
-            BLOCK_S=next_pow2(max(1, num_splits)), EVEN=(k // 8) % cfg.block_w == 0 and n % bn == 0,
-            UNPACK=cfg.unpack, PREFETCH=cfg.prefetch, ASM=not INTERPRETED, PDL=a.pdl and not t_in, T_IN=t_in,
-            BLOCK_RT=a.t_block_r if t_in else 16, HAS_DS=t_in and a.down_scale is not None, num_warps=cfg.warps,
-            launch_pdl=a.pdl and not t_in,
+            BLOCK_S=next_pow2(max(1, ts.num_splits)), EVEN=(k // 8) % cfg.block_w == 0 and n % bn == 0,
+            UNPACK=cfg.unpack, PREFETCH=cfg.prefetch, ASM=not INTERPRETED, PDL=a.pdl and not ts.in_launch,
+            T_IN=ts.in_launch, BLOCK_RT=a.t_block_r if ts.in_launch else 16,
+            HAS_DS=ts.in_launch and a.down_scale is not None, num_warps=cfg.warps,
+            launch_pdl=a.pdl and not ts.in_launch,
         )
 
 

@@ -56,7 +56,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from csrc_triton.gluon_common import code_ptrs, cp_async, cta_barrier, fragment, planes, scratch, split_k_finish
-from csrc_triton.kernels.base import T_ROWS, Device, Kernel, Launch, LayerShape, t_pieces, t_scratch
+from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
 from csrc_triton.layout import next_pow2
 
 MAX_M = gl.constexpr(64)  # tokens per program (the MMA's 8-column side, 8 times at most)
@@ -365,32 +365,17 @@ class MmaDecodeKernel(Kernel):
         part, ticket = scratch(a.out.device, n, MAX_TOKENS)
         m_tiles = triton.cdiv(m, p.tok)
         assert p.tiles * m_tiles <= ticket.numel() and m * n <= part.numel()
-        t_in = a.has_lr and a.t_splits > 0
-        if t_in:
-            rt = a.down.shape[0]
-            if m > T_TOKENS or rt > T_ROWS or a.t_block_r not in (16, 32, 64):
-                raise ValueError(f"mma_decode with t made in the launch: {m} tokens (at most {T_TOKENS}), {rt} rows "
-                                 f"of D (at most {T_ROWS}), {a.t_block_r} rows per piece (16, 32 or 64)")
-            ws, sync = t_scratch(a.x.device)
-            t_progs, k_per = t_pieces(k, rt, a.t_splits, a.t_block_r)
-            num_splits, ws_strides = 1, (0, rt)
-            grid = (t_progs + p.tiles * p.split * m_tiles,)
-            down, ds = a.down, a.down_scale if a.down_scale is not None else a.x
-            stride_dr = a.down.stride(0)
-        else:
-            ws, num_splits = a.make_t()
-            ws_strides = (ws.stride(0), ws.stride(1)) if ws is not None else (0, 0)
-            sync, rt, t_progs, k_per, stride_dr = a.x, 0, 0, 0, 0
-            grid = (p.tiles, p.split, m_tiles)
-            down = ds = a.x
-        x, qw, sc, up, us, ws_arg, bias = a.operands(ws)
+        ts = a.t_source(self.name, T_TOKENS)
+        grid = (ts.t_progs + p.tiles * p.split * m_tiles,) if ts.in_launch else (p.tiles, p.split, m_tiles)
+        x, qw, sc, up, us, ws_arg, bias = a.operands(ts.ws)
         _tq_decode_mma_kernel[grid](
-            x, qw, sc, up, us, ws_arg, bias, a.out, part, ticket, down, ds, sync, m, n, k, a.rank, a.slot_b1,
-            a.slot_b2, num_splits, p.tiles, p.split, rt, t_progs, k_per, *a.strides(None)[:4], *ws_strides,
-            a.out.stride(0), stride_dr,
-            **constexprs(p, a.group_size, a.rank, a.has_us, a.bias is not None, a.x.dtype, a.pdl and not t_in,
-                         t_block_r=a.t_block_r if t_in else 0, int8_down=t_in and a.down_scale is not None),
-            num_warps=p.warps, launch_pdl=a.pdl and not t_in,
+            x, qw, sc, up, us, ws_arg, bias, a.out, part, ticket, ts.down, ts.down_scale, ts.sync, m, n, k, a.rank,
+            a.slot_b1, a.slot_b2, ts.num_splits, p.tiles, p.split, ts.rt, ts.t_progs, ts.k_per, *a.strides(None)[:4],
+            *ts.ws_strides, a.out.stride(0), ts.stride_dr,
+            **constexprs(p, a.group_size, a.rank, a.has_us, a.bias is not None, a.x.dtype, a.pdl and not ts.in_launch,
+                         t_block_r=a.t_block_r if ts.in_launch else 0,
+                         int8_down=ts.in_launch and a.down_scale is not None),
+            num_warps=p.warps, launch_pdl=a.pdl and not ts.in_launch,
         )
 
 
