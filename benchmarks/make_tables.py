@@ -122,6 +122,7 @@ def w4a8_sweep(path="benchmarks/results/sweeps/w4a8_fp8_h100.json"):
             w16, w8 = best[(c, m, True)], best.get((c, m, False))
             name = "" if w8 is None else ("cuBLAS" if w8["kernel"] == "fp8_cublas" else
                                           "Gluon" if w8["kernel"] == "w4a8_rs" else
+                                          "Gluon, warp-specialized" if w8["kernel"] == "w4a8_ws" else
                                           "Triton, 8-bit copy" if w8["config"].get("dense") else "Triton")
             cells.append(f"{w16['ms'] * 1e3:.0f} / " + (f"{w8['ms'] * 1e3:.0f} ({name})" if w8 else "–"))
         print(f"| {c} | " + " | ".join(cells) + " |")

@@ -18,20 +18,24 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, num_warps: int,
                  gluon: bool = False, aligned_extra: tuple[str, ...] = (), want_resources: bool = False,
-                 want_sass: bool = False):
+                 want_sass: bool = False, maxnreg: int | None = None):
     """PTX of `module.kernel` compiled for sm_90. ptrs: pointer parameter -> Triton type
     ("*bf16"); consts: constexpr parameters; every other parameter is an i32. Pointers,
-    strides and `aligned_extra` are declared 16-divisible, as the launches make them.
+    strides and `aligned_extra` are declared 16-divisible, as the launches make them; a TMA
+    descriptor parameter takes its mangled type (`tensordesc<...>`, `descriptor_type`) in ptrs.
+    maxnreg: the registers per thread a launch asks for (warp-specialized kernels).
     want_resources: return (ptx, {"REG": .., "STACK": .., "LOCAL": .., ...}) read from the
     cubin by the cuobjdump that ships with Triton, and "SMEM": the shared memory a launch asks for).
     want_sass: also "SASS", cuobjdump's disassembly of the cubin."""
     spec = dict(module=module, kernel=kernel, ptrs=ptrs, consts=consts, num_warps=num_warps, gluon=gluon,
-                aligned_extra=list(aligned_extra), sass=want_sass)
+                aligned_extra=list(aligned_extra), sass=want_sass, maxnreg=maxnreg)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -50,6 +54,15 @@ def compile_sm90(module: str, kernel: str, ptrs: dict[str, str], consts: dict, n
                     res["SASS"] = f.read()
             return ptx, res
         return ptx
+
+
+def descriptor_type(dtype: torch.dtype, block: list[int], layout) -> str:
+    """The signature type of a TMA descriptor argument (block shape, shared layout), as a launch mangles it."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    base = torch.zeros([b * 2 for b in block], dtype=dtype)
+    return mangle_type(TensorDescriptor.from_tensor(base, block, layout))
 
 
 def _main(spec_json: str, out: str) -> None:
@@ -80,7 +93,10 @@ def _main(spec_json: str, out: str) -> None:
         from triton.compiler import ASTSource
 
         src = ASTSource(fn, signature, **kw)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": spec["num_warps"]})
+    options = {"num_warps": spec["num_warps"]}
+    if spec.get("maxnreg"):
+        options["maxnreg"] = spec["maxnreg"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     with open(os.path.join(out, "kernel.ptx"), "w") as f:
         f.write(compiled.asm["ptx"])
     cubin = os.path.join(out, "kernel.cubin")

@@ -6,7 +6,8 @@
 The rule, in full:
 0. A W4A8 layer (`LayerShape.act_quant` fp8/int8; int4, W4A4's codes, as int8): the first kernel of
    W4A8_PRIORITY that can run it and whose table rows name a config for (M, N, K): `fp8_cublas` (FP8, rows
-   `w4a8_fp8_cublas`), `w4a8_rs` (integer codes on Hopper, rows `w4a8_rs_int8`), the Triton `w4a8`
+   `w4a8_fp8_cublas`), `w4a8_ws` and `w4a8_rs` (integer codes on Hopper, rows `w4a8_ws_int8`, `w4a8_rs_int8`),
+   the Triton `w4a8`
    (rows `w4a8_<act>`); below the tables' first such M (decode), the rule below for the same
    layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8 product's
    by the activation rounding; README, "Limits").
@@ -44,9 +45,10 @@ from vllm_twinquant import envs
 log = logging.getLogger("vllm.twinquant")
 
 PRIORITY = ("wgmma_rs", "mma_decode", "gemv", "tile")
-W4A8_PRIORITY = ("fp8_cublas", "w4a8_rs", "w4a8")
+W4A8_PRIORITY = ("fp8_cublas", "w4a8_ws", "w4a8_rs", "w4a8")
 KERNEL_MODULES = {"wgmma_rs": "wgmma_rs", "mma_decode": "mma_decode", "gemv": "gemv", "tile": "tile",
-                  "dequant_cublas": "dequant", "w4a8": "w4a8", "w4a8_rs": "w4a8_rs", "fp8_cublas": "fp8_cublas"}
+                  "dequant_cublas": "dequant", "w4a8": "w4a8", "w4a8_rs": "w4a8_rs", "w4a8_ws": "w4a8_ws",
+                  "fp8_cublas": "fp8_cublas"}
 FALLBACK_TABLE = "NVIDIA H100 80GB HBM3"
 
 
@@ -147,6 +149,7 @@ class Tables:
     w4a8: dict[str, RuleTable]  # act_quant ("fp8", "int8") -> the Triton W4A8 kernel's rows
     w4a8_fp8_cublas: RuleTable  # where W4A8-FP8 layers run cuBLAS's block-scaled GEMM instead
     w4a8_rs: RuleTable  # where W4A8-INT8 layers run the Gluon kernel (Hopper) instead
+    w4a8_ws: RuleTable  # where they run the warp-specialized Gluon kernel (Hopper; none: no rows in the table)
     tile: TileTable
     large_m: list[tuple[int | None, int]]  # (layers with fewer weights than this, or any: threshold M)
     pdl_off: list[dict]
@@ -187,6 +190,7 @@ def load_tables(path: str) -> Tables:
     from csrc_triton.kernels.mma_decode import MmaConfig
     from csrc_triton.kernels.w4a8 import W4a8Config
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
+    from csrc_triton.kernels.w4a8_ws import W4a8WsConfig
     from csrc_triton.kernels.wgmma_rs import RsConfig
 
     with open(path) as f:
@@ -197,6 +201,7 @@ def load_tables(path: str) -> Tables:
         wgmma_rs=_rules(d["wgmma_rs"], RsConfig),
         w4a8={aq: _rules(d[f"w4a8_{aq}"], W4a8Config) for aq in ("fp8", "int8")},
         w4a8_fp8_cublas=_rules(d["w4a8_fp8_cublas"], Fp8CublasConfig), w4a8_rs=_rules(d["w4a8_rs_int8"], W4a8RsConfig),
+        w4a8_ws=_rules(d.get("w4a8_ws_int8", []), W4a8WsConfig),
         tile=TileTable([TileRule(**r) for r in d["tile"]["rules"]], d["tile"]["min_programs"]),
         large_m=[(r["max_weights"], r["threshold_m"]) for r in d["large_m"]], pdl_off=d["pdl_off"],
         gemv_t=[_t_splits(r) for r in d["gemv_t_splits"]],
@@ -275,7 +280,7 @@ def large_m_threshold(shape: LayerShape, device: Device, tables: Tables) -> int:
 def _finish(name: str, config, m: int, shape: LayerShape, device: Device, tables: Tables) -> KernelPlan:
     if not shape.rank or name in ("dequant_cublas", "fp8_cublas"):  # (they make t themselves)
         return KernelPlan(name, config, None, 0)
-    if name in ("w4a8", "w4a8_rs"):  # launched after quantize_rows, without PDL
+    if name in ("w4a8", "w4a8_rs", "w4a8_ws"):  # launched after quantize_rows, without PDL
         return KernelPlan(name, config, LowrankPlan(None, m > 16), 0)
     if name in ("gemv", "mma_decode"):  # t made by the residual launch itself, where the table's row says so
         from csrc_triton.kernels.base import T_ROWS

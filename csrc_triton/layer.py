@@ -33,9 +33,10 @@ def config_kernel(config) -> str:
         return CONFIG_KERNELS[type(config)]
     from csrc_triton.kernels.mma_decode import MmaConfig
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig
+    from csrc_triton.kernels.w4a8_ws import W4a8WsConfig
     from csrc_triton.kernels.wgmma_rs import RsConfig
 
-    names = {MmaConfig: "mma_decode", RsConfig: "wgmma_rs", W4a8RsConfig: "w4a8_rs"}
+    names = {MmaConfig: "mma_decode", RsConfig: "wgmma_rs", W4a8RsConfig: "w4a8_rs", W4a8WsConfig: "w4a8_ws"}
     if type(config) not in names:
         raise TypeError(f"config {config!r}: expected a kernel's config dataclass "
                         f"({', '.join(t.__name__ for t in [*CONFIG_KERNELS, *names])})")

@@ -361,6 +361,72 @@ def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg
     assert ("cvt.rn.f32.s32" in ptx) == (c.convert == "cvt")
 
 
+@pytest.mark.parametrize("tokens,stages,rank,group,dtype,bias", [(128, 4, 64, 128, "bf16", False),
+                                                                  (64, 6, 0, 64, "fp16", True)])
+def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_two_int8_wgmma_warpgroups_without_spills(
+        tokens, stages, rank, group, dtype, bias):
+    """One producer warp issues the three TMA copies of a scale group (x's codes, each warpgroup's words) against
+    one barrier expecting exactly their bytes; the consumers' MMAs are s8 x s8 -> s32 wgmma on register fragments
+    (no descriptor for A) of 64 rows each; a slot is released by one arrival per warpgroup (its barrier counts
+    two); registers move from the producer to the consumers; nothing spills and the ring fits in shared memory."""
+    from csrc_triton.compile import compile_sm90, descriptor_type
+    from csrc_triton.kernels import w4a8_ws
+
+    cfg = w4a8_ws.W4a8WsConfig(tokens, stages)
+    x_l, q_l = w4a8_ws.smem_layouts(tokens, group)
+    ptrs = {"x_ptr": f"*{dtype}", "xs_ptr": "*fp32", "sc_ptr": "*fp16", "up_ptr": f"*{dtype}", "us_ptr": "*fp32",
+            "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "x_desc": descriptor_type(torch.int8, [tokens, group], x_l),
+            "q_desc": descriptor_type(torch.int32, [w4a8_ws.WG_ROWS, group // 8], q_l)}
+    ptx, res = compile_sm90("csrc_triton.kernels.w4a8_ws", "_tq_w4a8_ws_kernel", ptrs,
+                            w4a8_ws.constexprs(cfg, group, rank, False, bias, False), 4, gluon=True,
+                            want_resources=True, want_sass=True, maxnreg=w4a8_ws.MAXNREG)
+    assert len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)) == 3
+    expect = {int(b) for b in re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);",
+                                         ptx)}
+    assert expect == {tokens * group + 2 * w4a8_ws.WG_ROWS * group // 2}
+    mma8 = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k32\.(\S+)\s+\{[^}]*\},\s*\{", ptx)
+    assert mma8 and {m[1] for m in mma8} == {"s32.s8.s8"} and {m[0] for m in mma8} == {str(tokens)}
+    assert bool(re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32", ptx)) == bool(rank)
+    assert sorted(int(c) for c in re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)) == (
+        [1] * stages + [2] * stages)
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{int(w4a8_ws.CONSUMER_REGS)};" in ptx
+    assert f"setmaxnreg.dec.sync.aligned.u32 \t{int(w4a8_ws.PRODUCER_REGS)};" in ptx
+    # a few per-tile values may go to the stack between tiles, never inside a scale-group loop
+    loops = _sass_loops(res["SASS"])
+    mma_loops = [body for body in loops if any("IGMMA" in ins for ins in body)]
+    assert len(mma_loops) == 2 and not any(("STL" in ins or "LDL" in ins) for b in mma_loops for ins in b)
+    assert res["STACK"] <= 128 and res["LOCAL"] == 0, res
+    assert res["SMEM"] <= 227 * 1024, res
+
+
+def _sass_loops(sass: str) -> list[list[str]]:
+    """The innermost loops of a cuobjdump disassembly: the instructions from a backward branch's target
+    to the branch, for branches whose range holds no other backward branch."""
+    ins = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    back = [(int(t, 16), a) for a, text in ins for t in re.findall(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text)
+            if int(t, 16) < a]
+    inner = [(lo, hi) for lo, hi in back if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi)
+                                                      for lo2, hi2 in back)]
+    return [[text for a, text in ins if lo <= a <= hi] for lo, hi in inner]
+
+
+def test_w4a8_ws_launch_check_and_descriptors_name_what_a_config_needs():
+    from csrc_triton.kernels import w4a8_ws
+
+    cfg = w4a8_ws.W4a8WsConfig(128, 6)
+    x_desc, q_desc = w4a8_ws.descriptors(torch.zeros(300, 4096, dtype=torch.int8),
+                                         torch.zeros(6144, 512, dtype=torch.int32), cfg, 128)
+    assert list(x_desc.block_shape) == [128, 128] and list(q_desc.block_shape) == [64, 16]
+    assert w4a8_ws.grid(300, 6144, cfg, 132) == (3 * 48,)
+    assert w4a8_ws.grid(300, 6144, w4a8_ws.W4a8WsConfig(128, 6, persistent=True), 132) == (132,)
+    assert w4a8_ws.grid(16, 4096, w4a8_ws.W4a8WsConfig(128, 6, persistent=True), 132) == (32,)
+    with pytest.raises(ValueError, match="group size 32"):
+        w4a8_ws.launch_check(16, 6144, 4096, 32, cfg)
+    with pytest.raises(ValueError, match="tokens 64 or 128"):
+        w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(256, 6))
+
+
 def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_run(tmp_path, monkeypatch):
     import json
 
@@ -397,6 +463,40 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
         assert why in ct.dispatch.kernels()["w4a8_rs"].can_implement(int8, device)[1]
     monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "w4a8_rs")
     assert ct.plan(int8, 8192, h100, tables).kernel == "w4a8"
+
+
+def test_w4a8_int8_layers_take_the_warp_specialized_kernel_first_where_the_table_names_it(tmp_path, monkeypatch):
+    import json
+
+    from csrc_triton.dispatch import load_tables, table_file
+    from csrc_triton.kernels.w4a8_ws import W4a8WsConfig
+
+    h100 = ct.Device.named("NVIDIA H100 80GB HBM3")
+    with open(table_file(h100.name)) as f:
+        table = json.load(f)
+    rs = {"tokens": 64, "warps": 8, "stages": 4}
+    table["w4a8_rs_int8"] = [{"max_m": 64, "max_n": None, "min_k": 0, "config": None},
+                             {"max_m": None, "max_n": None, "min_k": 0, "config": rs}]
+    table["w4a8_ws_int8"] = [{"max_m": 256, "max_n": None, "min_k": 0, "config": None},
+                             {"max_m": None, "max_n": None, "min_k": 0, "config": {"tokens": 128, "stages": 6}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    tables = load_tables(str(path))
+    int8 = ct.LayerShape(6144, 4096, 128, 64, (4096, 5120), torch.bfloat16, act_quant="int8")
+    assert [ct.plan(int8, m, h100, tables).kernel for m in (64, 256, 257, 8192)] == [
+        "w4a8", "w4a8_rs", "w4a8_ws", "w4a8_ws"]
+    p = ct.plan(int8, 8192, h100, tables)
+    assert p.config == W4a8WsConfig(128, 6) and p.pdl_trigger == 0 and p.lowrank is not None
+    narrow = ct.LayerShape(960, 576, 64, 16, (576, 768), torch.bfloat16, act_quant="int8")  # 64-row slots
+    assert ct.plan(narrow, 8192, h100, tables).kernel == "w4a8_ws"
+    newer = ct.Device.named("NVIDIA H100 80GB HBM3", (9, 0), "3.9.0")
+    assert "Triton 3.9.0: measured with" in ct.dispatch.kernels()["w4a8_ws"].can_implement(int8, newer)[1]
+    monkeypatch.setenv("TWINQUANT_DISABLED_KERNELS", "w4a8_ws")
+    assert ct.plan(int8, 8192, h100, tables).kernel == "w4a8_rs"
+    del table["w4a8_ws_int8"]  # a table written before the kernel existed: no rows, the next kernel
+    path.write_text(json.dumps(table))
+    monkeypatch.delenv("TWINQUANT_DISABLED_KERNELS")
+    assert ct.plan(int8, 8192, h100, load_tables(str(path))).kernel == "w4a8_rs"
 
 
 def test_a_gpu_check_script_lets_its_own_process_plan_a_precision_once(monkeypatch):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 LAYER_KERNELS = ("triton", "cpu_int4pack", "cpu_wna16", "torch")
-CUDA_KERNELS = ("wgmma_rs", "mma_decode", "gemv", "tile", "dequant_cublas", "w4a8", "w4a8_rs", "fp8_cublas")
+CUDA_KERNELS = ("wgmma_rs", "mma_decode", "gemv", "tile", "dequant_cublas", "w4a8", "w4a8_rs", "w4a8_ws", "fp8_cublas")
 FEATURES = ("pdl",)
 
 

@@ -129,6 +129,7 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
     from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
     from csrc_triton.kernels.w4a8 import table_key
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig as Rs
+    from csrc_triton.kernels.w4a8_ws import W4a8WsConfig as Ws
 
     act_quant = table_key(act_quant)  # W4A4's codes run int8's kernels
     cublas = [Fp8CublasConfig()] if act_quant == "fp8" and m >= 128 else []
@@ -137,6 +138,10 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
             [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
              Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
+        gluon += [Ws(64, 6), Ws(64, 6, convert="bias")] + (
+            [Ws(128, 4), Ws(128, 6), Ws(128, 6, convert="bias"), Ws(128, 6, band=8), Ws(128, 6, band=32),
+             Ws(128, 6, persistent=True), Ws(128, 6, convert="bias", persistent=True)]
+            if m >= 128 else [])
     triton_ = _triton_candidates(m)
     if act_quant == "int8" and m <= 64:  # the group sums converted without I2F, beside each (w4a8.CONVERTS),
         triton_ += [dataclasses.replace(c, convert="bias") for c in triton_]  # where the Gluon kernel trails
@@ -215,7 +220,7 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
 
 
 # W4A8 kernels that run before the Triton one in the plan (dispatch.W4A8_PRIORITY) -> their table key
-W4A8_FIRST = {"fp8_cublas": "w4a8_fp8_cublas", "w4a8_rs": "w4a8_rs_int8"}
+W4A8_FIRST = {"fp8_cublas": "w4a8_fp8_cublas", "w4a8_ws": "w4a8_ws_int8", "w4a8_rs": "w4a8_rs_int8"}
 
 
 def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
