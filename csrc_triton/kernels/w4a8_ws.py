@@ -6,9 +6,10 @@ The numerics and the fragment are w4a8_rs's (16 q made from the 4-bit codes with
 codes, exact int32 sums per scale group promoted into fp32 with the group scales, x's codes in
 `perm_columns` order), the schedule is that of block-scaled FP8 GEMMs on Hopper:
 
-* one CTA computes 128 weight rows x TOK tokens; a producer warp (few registers) streams, per scale
-  group, x's codes [TOK, group] and each warpgroup's words [64, group / 8] by TMA into a STAGES-deep
-  ring, signalling a `ready` barrier with the bytes it expects;
+* one CTA computes 128 weight rows x TOK tokens (or, `warpgroups=1`, 64 rows, two CTAs per SM); a
+  producer warp (few registers) streams, per scale group, x's codes [TOK, group] and each
+  warpgroup's words [64, group / 8] by TMA into a STAGES-deep ring, signalling a `ready` barrier
+  with the bytes it expects;
 * each consumer warpgroup (its own partition, registers moved to it) waits for its group, makes its
   int8 fragment from the words, runs wgmma s8 into int32 sums and, while it runs, reads the next
   group's words and scales (ptxas places the fragment's LOP3s after the wait); then releases the
@@ -50,12 +51,12 @@ from csrc_triton.kernels.w4a8_rs import _fragment, _operand, _promote
 from csrc_triton.layout import next_pow2
 
 MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
-ROWS = 128  # weight rows per CTA: two consumer warpgroups of 64
-WG_ROWS = 64
-_ROWS = gl.constexpr(ROWS)
+WG_ROWS = 64  # weight rows per consumer warpgroup; a CTA has one or two of them
 _WG_ROWS = gl.constexpr(WG_ROWS)
-# registers: 12 warps (two consumer warpgroups, the producer's warp padded to a warpgroup) share the 64K of an SM
-MAXNREG = 168
+# registers per thread a launch asks for, by consumer warpgroups: two of them and the producer's warp (padded to a
+# warpgroup) take the 64K of an SM; one of them takes half, so that two CTAs share an SM. Either way the producer
+# keeps PRODUCER_REGS and each consumer gets CONSUMER_REGS.
+MAXNREG = {2: 168, 1: 128}
 CONSUMER_REGS = gl.constexpr(232)
 PRODUCER_REGS = gl.constexpr(24)
 
@@ -71,32 +72,33 @@ class W4a8WsConfig:
     stages: int  # depth of the TMA ring, >= 2
     band: int = 16  # row tiles per raster band (token tiles inner)
     persistent: bool = False  # one CTA per SM looping over the tiles (else one CTA per tile)
+    warpgroups: int = 2  # consumer warpgroups per CTA (64 weight rows each): 2, or 1 with two CTAs per SM
     convert: str = "cvt"  # int32 -> fp32 of a group's sums (w4a8.CONVERTS)
 
 
 @gluon.jit
-def _tile(tile, M, N, TOK: gl.constexpr, BAND: gl.constexpr):
-    """(first token, first weight row) of a tile: bands of BAND row tiles, token tiles inner."""
+def _tile(tile, M, N, TOK: gl.constexpr, WGS: gl.constexpr, BAND: gl.constexpr):
+    """(first token, first weight row) of a tile of 64 WGS rows: bands of BAND row tiles, token tiles inner."""
     tiles_m = gl.cdiv(M, TOK)
-    tiles_n = gl.cdiv(N, _ROWS)
+    tiles_n = gl.cdiv(N, WGS * _WG_ROWS)
     per_band = BAND * tiles_m
     first_n = (tile // per_band) * BAND
     rows_here = gl.minimum(tiles_n - first_n, BAND)
     local = tile % per_band
-    return (local // rows_here) * TOK, (first_n + local % rows_here) * _ROWS
+    return (local // rows_here) * TOK, (first_n + local % rows_here) * (WGS * _WG_ROWS)
 
 
 @gluon.jit
 def _producer(x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP: gl.constexpr,
-              TOK: gl.constexpr, STAGES: gl.constexpr, BAND: gl.constexpr):
+              TOK: gl.constexpr, STAGES: gl.constexpr, WGS: gl.constexpr, BAND: gl.constexpr):
     """Per tile of this CTA and scale group (`it` counts them through the ring): wait for the slot to be
-    released by both warpgroups, then x's codes and the two warpgroups' words by TMA, completing
+    released by every consumer warpgroup, then x's codes and each warpgroup's words by TMA, completing
     `ready` with their bytes. The next tile's first groups load while the consumers finish a tile."""
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + 2 * q_desc.block_type.nbytes
-    tiles = gl.cdiv(M, TOK) * gl.cdiv(N, _ROWS)
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + WGS * q_desc.block_type.nbytes
+    tiles = gl.cdiv(M, TOK) * gl.cdiv(N, WGS * _WG_ROWS)
     it = 0
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        m0, off_n = _tile(tile, M, N, TOK, BAND)
+        m0, off_n = _tile(tile, M, N, TOK, WGS, BAND)
         for g in range(K // GROUP):
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
@@ -104,7 +106,8 @@ def _producer(x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, G
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [m0, g * GROUP], bar, x_bufs.index(st))
             _tma_load(q_desc, [off_n, g * (GROUP // 8)], bar, q_bufs0.index(st))
-            _tma_load(q_desc, [off_n + _WG_ROWS, g * (GROUP // 8)], bar, q_bufs1.index(st))
+            if WGS == 2:
+                _tma_load(q_desc, [off_n + _WG_ROWS, g * (GROUP // 8)], bar, q_bufs1.index(st))
             it += 1
 
 
@@ -148,7 +151,7 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
               ready, empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
               stride_ws_m, stride_ym, GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr,
               HAS_BIAS: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr,
-              BAND: gl.constexpr, BIAS_CVT: gl.constexpr, PDL: gl.constexpr):
+              WGS: gl.constexpr, BAND: gl.constexpr, BIAS_CVT: gl.constexpr, PDL: gl.constexpr):
     """Warpgroup WG: for each tile of this CTA, rows off_n + 64 WG .. + 64 over all of K, then its epilogue."""
     BK: gl.constexpr = GROUP
     BN: gl.constexpr = _WG_ROWS
@@ -160,10 +163,10 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
                                        .reshape([BN, BK // 64, 2, 2, 4, 4]).type.layout)
     W_L: gl.constexpr = gl.SliceLayout(2, R_L)
     words = _words_view(q_bufs, STAGES, BK)
-    tiles = gl.cdiv(M, TOK) * gl.cdiv(N, _ROWS)
+    tiles = gl.cdiv(M, TOK) * gl.cdiv(N, WGS * _WG_ROWS)
     it = 0
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        m0, off_n = _tile(tile, M, N, TOK, BAND)
+        m0, off_n = _tile(tile, M, N, TOK, WGS, BAND)
         off_n = off_n + WG * _WG_ROWS
         sn = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         s_ptrs = sc_ptr + gl.minimum(sn, N - 1) * stride_sn
@@ -219,32 +222,45 @@ def _tq_w4a8_ws_kernel(
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
     stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
-    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, BAND: gl.constexpr, BIAS_CVT: gl.constexpr,
-    PDL: gl.constexpr,
+    TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, WGS: gl.constexpr, BAND: gl.constexpr,
+    BIAS_CVT: gl.constexpr, PDL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """Tiles of tokens [m0, +TOK) x weight rows [off_n, +128) (`_tile`), this CTA's every
-    num_programs-th, in three partitions (module docstring). x_desc: x's codes [M, K] int8
+    """Tiles of tokens [m0, +TOK) x weight rows [off_n, +64 WGS) (`_tile`), this CTA's every
+    num_programs-th, in WGS + 1 partitions (module docstring). x_desc: x's codes [M, K] int8
     (`perm_columns` order); q_desc: the words [N, K / 8] int32, 64-row boxes. x_ptr (the unquantized
     input) gives the dtype of the low-rank product."""
     x_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, TOK, GROUP], x_desc.layout)
     q_bufs0 = gl.allocate_shared_memory(gl.int32, [STAGES, _WG_ROWS, GROUP // 8], q_desc.layout)
-    q_bufs1 = gl.allocate_shared_memory(gl.int32, [STAGES, _WG_ROWS, GROUP // 8], q_desc.layout)
+    q_bufs1 = gl.allocate_shared_memory(gl.int32, [STAGES if WGS == 2 else 1, _WG_ROWS, GROUP // 8], q_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for st in gl.static_range(STAGES):
         mbarrier.init(ready.index(st), count=1)
-        mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(empty.index(st), count=WGS)  # one arrival per consumer warpgroup
     fence_async_shared()
-    gl.warp_specialize([
-        (_consumer, (0, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs0, ready, empty,
-                     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s, stride_ws_m,
-                     stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, BAND, BIAS_CVT, PDL)),
-        (_consumer, (1, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs1, ready, empty,
-                     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s, stride_ws_m,
-                     stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, BAND, BIAS_CVT, PDL)),
-        (_producer, (x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP, TOK, STAGES, BAND)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if WGS == 2:
+        gl.warp_specialize([
+            (_consumer, (0, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs0, ready,
+                         empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
+                         stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
+                         BIAS_CVT, PDL)),
+            (_consumer, (1, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs1, ready,
+                         empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
+                         stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
+                         BIAS_CVT, PDL)),
+            (_producer, (x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP, TOK, STAGES, WGS,
+                         BAND)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs0, ready,
+                         empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
+                         stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
+                         BIAS_CVT, PDL)),
+            (_producer, (x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP, TOK, STAGES, WGS,
+                         BAND)),
+        ], [1], [PRODUCER_REGS])
 
 
 # -- host side --------------------------------------------------------------------------------
@@ -266,14 +282,15 @@ def launch_check(m: int, n: int, k: int, group_size: int, cfg: W4a8WsConfig) -> 
     """Raise ValueError where `cfg` cannot launch for this layer (what can_implement does not know)."""
     if group_size not in (64, 128) or k % group_size:
         raise ValueError(f"w4a8_ws steps over whole groups of 64 or 128 columns: group size {group_size}, K = {k}")
-    if cfg.tokens not in (64, 128) or cfg.stages < 2 or cfg.band < 1 or cfg.convert not in CONVERTS:
+    if (cfg.tokens not in (64, 128) or cfg.stages < 2 or cfg.band < 1 or cfg.convert not in CONVERTS
+            or cfg.warpgroups not in MAXNREG):
         raise ValueError(f"w4a8_ws config {cfg}: tokens 64 or 128, stages >= 2, band >= 1, convert one of "
-                         f"{CONVERTS}")
+                         f"{CONVERTS}, warpgroups one of {sorted(MAXNREG)}")
 
 
 def constexprs(cfg: W4a8WsConfig, group_size: int, rank: int, int8_factors: bool, bias: bool, pdl: bool) -> dict:
     return dict(GROUP=group_size, HAS_LOWRANK=rank > 0, HAS_US=int8_factors, HAS_BIAS=bias, TOK=cfg.tokens,
-                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, BAND=cfg.band,
+                BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, WGS=cfg.warpgroups, BAND=cfg.band,
                 BIAS_CVT=cfg.convert == "bias", PDL=pdl)
 
 
@@ -283,9 +300,10 @@ def _sm_count(index: int) -> int:
 
 
 def grid(m: int, n: int, cfg: W4a8WsConfig, sms: int) -> tuple[int]:
-    """One CTA per tile, or (persistent) at most one per SM, each taking every sms-th tile."""
-    tiles = triton.cdiv(m, cfg.tokens) * triton.cdiv(n, ROWS)
-    return (min(tiles, sms) if cfg.persistent else tiles,)
+    """One CTA per tile, or (persistent) at most as many as fit the SMs at once, each taking every
+    grid-th tile."""
+    tiles = triton.cdiv(m, cfg.tokens) * triton.cdiv(n, WG_ROWS * cfg.warpgroups)
+    return (min(tiles, sms * (3 - cfg.warpgroups)) if cfg.persistent else tiles,)
 
 
 class W4a8WsKernel(Kernel):
@@ -324,7 +342,7 @@ class W4a8WsKernel(Kernel):
             a.x, x_desc, xs, q_desc, sc, up, us, ws_arg, bias, a.out, m, n, k, a.rank, a.slot_b1, a.slot_b2,
             num_splits, *a.strides(ws)[2:], a.out.stride(0),
             **constexprs(cfg, group, a.rank, a.has_us, a.bias is not None, a.pdl),
-            num_warps=4, maxnreg=MAXNREG, launch_pdl=a.pdl,
+            num_warps=4, maxnreg=MAXNREG[cfg.warpgroups], launch_pdl=a.pdl,
         )
 
 
