@@ -138,9 +138,8 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
             [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
              Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
-        gluon += [Ws(64, 6), Ws(64, 6, convert="bias"), Ws(64, 6, warpgroups=1)] + (
-            [Ws(128, 4), Ws(128, 6), Ws(128, 6, convert="bias"), Ws(128, 6, band=8), Ws(128, 6, band=32),
-             Ws(128, 6, persistent=True), Ws(128, 6, convert="bias", persistent=True), Ws(128, 4, warpgroups=1),
+        gluon += [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
+            [Ws(128, 4), Ws(128, 6), Ws(128, 6, band=32), Ws(128, 6, persistent=True), Ws(128, 4, warpgroups=1),
              Ws(64, 6, persistent=True, warpgroups=1)]
             if m >= 128 else [])
     triton_ = _triton_candidates(m)
