@@ -2,9 +2,10 @@
 # The W4A8 kernel on a GPU, in one device call: sweep its launch configs and write the device's w4a8 rows
 # (tune.py sweep-w4a8 / table-w4a8, into csrc_triton/configs/<device>.json and a copy under $OUT), then the
 # kernel table against BF16, FP8 W8A8 and W4A16 with that table (bench_w4a8.py -> $OUT/w4a8_<tag>.json).
-#   [ACTS="fp8 int8"] bash benchmarks/kernels/run_w4a8.sh [TAG] [SECONDS]
+#   [ACTS="fp8 int8"] [BENCH_MS="1 16 ..."] [BENCH_RANKS="0 64"] bash benchmarks/kernels/run_w4a8.sh [TAG] [SECONDS]
 # TAG: h100 or h200 (default: from the device's name); the bench stops its table SECONDS after the start (540);
-# ACTS: the activation precisions swept (the others' rows stay as they are).
+# ACTS: the activation precisions swept (the others' rows stay as they are); BENCH_MS, BENCH_RANKS: the bench's
+# token counts and ranks (default 1 16 128 256 512 1024 4096; 0 64).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/w4a8-out}; mkdir -p "$out"
@@ -19,5 +20,6 @@ for aq in ${ACTS:-fp8 int8}; do
   rm -f "$out/sweep_w4a8_$aq.partial.json"
 done
 cp "$table" "$out/"
-python3 benchmarks/kernels/bench_w4a8.py --out "$out" --tag "$tag" --ms 1 16 128 256 512 1024 4096 \
+python3 benchmarks/kernels/bench_w4a8.py --out "$out" --tag "$tag" --ms ${BENCH_MS:-1 16 128 256 512 1024 4096} \
+  --ranks ${BENCH_RANKS:-0 64} \
   --time-limit $(( ${2:-540} - $(date +%s) + start ))
