@@ -199,6 +199,31 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_
 
 
 @gluon.jit
+def epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
+             NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK: gl.constexpr,
+             HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr, TOK: gl.constexpr, BN: gl.constexpr,
+             BLOCK_R: gl.constexpr, PDL: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
+    """The integer kernels' epilogue (w4a8_rs, w4a8_ws): acc^T [BN weight rows, TOK tokens] times the token scales,
+    plus t U^T (on 16-bit wgmma) and the bias, stored into y [tokens, N]. x_ptr gives the low-rank dtype."""
+    act: gl.constexpr = x_ptr.dtype.element_ty
+    om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    acc *= gl.expand_dims(gl.load(xs_ptr + om, mask=om < M, other=0.0), 0)
+    if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T, on 16-bit tensor cores
+        MMA_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, TOK, 16])
+        t, u = lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
+                                stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, num_warps, 0)
+        acc = register_smem_mma(u.to(act), t.to(act), gl.convert_layout(acc, MMA_F, assert_trivial=True), MMA_F)
+        acc = gl.convert_layout(acc, MMA, assert_trivial=True)
+    om2 = gl.expand_dims(om, 0)
+    on2 = gl.expand_dims(on, 1)
+    if HAS_BIAS:
+        acc += gl.expand_dims(gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+    gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=(om2 < M) & (on2 < N))
+
+
+@gluon.jit
 def _tq_w4a8_rs_kernel(
     x_ptr, xq_ptr, xs_ptr, qw_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr,
     M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
@@ -211,7 +236,6 @@ def _tq_w4a8_rs_kernel(
     """Program pid: tokens [m0, +TOK) (pid % token tiles) x weight rows [off_n, +BN) (pid // token
     tiles, BN = 16 * num_warps) over all of K (module docstring). x_ptr (the unquantized input)
     gives the dtype of the low-rank product; it is not read."""
-    act: gl.constexpr = x_ptr.dtype.element_ty
     BK: gl.constexpr = GROUP
     BN: gl.constexpr = 16 * num_warps
     pid = gl.program_id(0)
@@ -277,21 +301,9 @@ def _tq_w4a8_rs_kernel(
         acc = _promote(acc, part_b, s_old, BIAS_CVT)
     async_copy.wait_group(0)
 
-    om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
-    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    acc *= gl.expand_dims(gl.load(xs_ptr + om, mask=om < M, other=0.0), 0)
-    if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T, on 16-bit tensor cores
-        MMA_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, TOK, 16])
-        t, u = lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-                                stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, num_warps, 0)
-        acc = register_smem_mma(u.to(act), t.to(act), gl.convert_layout(acc, MMA_F, assert_trivial=True), MMA_F)
-        acc = gl.convert_layout(acc, MMA, assert_trivial=True)
-    om2 = gl.expand_dims(om, 0)
-    on2 = gl.expand_dims(on, 1)
-    if HAS_BIAS:
-        acc += gl.expand_dims(gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-    gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=(om2 < M) & (on2 < N))
+    epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
+             NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BN,
+             BLOCK_R, PDL, MMA, num_warps)
 
 
 def launch_check(m: int, n: int, k: int, group_size: int, cfg: W4a8RsConfig) -> None:
@@ -309,25 +321,34 @@ def constexprs(cfg: W4a8RsConfig, group_size: int, rank: int, int8_factors: bool
                 BIAS_CVT=cfg.convert == "bias", PDL=pdl)
 
 
-class W4a8RsKernel(Kernel):
-    """Layers with integer activation codes on Hopper (`LayerShape.act_quant` int8, or int4: W4A4's codes)."""
+def integer_refusal(shape: LayerShape, device: Device, measured_triton: tuple[str, ...]) -> str | None:
+    """Why an integer-code Hopper kernel (w4a8_rs, w4a8_ws: 64-row warpgroup tiles over whole scale groups)
+    cannot run a layer on a device, or None."""
+    if shape.act_quant not in ("int8", "int4"):
+        return "the layer's activation codes are not integers (INT8, or W4A4's 4-bit codes)"
+    why = hopper_refusal(shape, device, measured_triton)
+    if why:
+        return why
+    if shape.group_size not in (64, 128) or shape.k % shape.group_size:
+        return f"group size {shape.group_size}: the kernel steps over whole groups of 64 or 128 columns"
+    if shape.max_block_n < 64:
+        return f"slot bounds allow output tiles of {shape.max_block_n} rows; the kernel's warpgroups take 64"
+    return None
 
-    name = "w4a8_rs"
+
+class IntegerCodesKernel(Kernel):
+    """A Gluon kernel of layers with integer activation codes on Hopper (`LayerShape.act_quant` int8, or int4:
+    W4A4's codes), written against the Triton versions `measured_triton`."""
+
+    measured_triton: tuple[str, ...] = MEASURED_TRITON
 
     def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
-        why = self.disabled()
-        if why:
-            return False, why
-        if shape.act_quant not in ("int8", "int4"):
-            return False, "the layer's activation codes are not integers (INT8, or W4A4's 4-bit codes)"
-        why = hopper_refusal(shape, device, MEASURED_TRITON)
-        if why:
-            return False, why
-        if shape.group_size not in (64, 128) or shape.k % shape.group_size:
-            return False, f"group size {shape.group_size}: the kernel steps over whole groups of 64 or 128 columns"
-        if shape.max_block_n < 64:
-            return False, f"slot bounds allow output tiles of {shape.max_block_n} rows; the kernel takes 64 or 128"
-        return True, None
+        why = self.disabled() or integer_refusal(shape, device, self.measured_triton)
+        return why is None, why
+
+
+class W4a8RsKernel(IntegerCodesKernel):
+    name = "w4a8_rs"
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8RsConfig | None:
         if m * shape.k >= 2**31:  # the kernel's offsets into x's codes are int32

@@ -44,10 +44,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from csrc_triton.gluon_common import hopper_refusal, lowrank_operands, register_smem_mma
-from csrc_triton.kernels.base import Device, Kernel, Launch, LayerShape
+from csrc_triton.kernels.base import Launch, LayerShape
 from csrc_triton.kernels.w4a8 import CONVERTS, quantize_rows
-from csrc_triton.kernels.w4a8_rs import _fragment, _operand, _promote
+from csrc_triton.kernels.w4a8_rs import IntegerCodesKernel, _fragment, _operand, _promote, epilogue
 from csrc_triton.layout import next_pow2
 
 MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
@@ -186,34 +185,9 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
         if n_groups % 2:
             acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs, words,
                                                ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
-        _epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
-                  NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK,
-                  BLOCK_R, PDL, MMA)
-
-
-@gluon.jit
-def _epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
-              NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK: gl.constexpr,
-              HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr,
-              PDL: gl.constexpr, MMA: gl.constexpr):
-    """One warpgroup's rows of a tile: times the token scales, plus t U^T (16-bit wgmma) and the bias, stored."""
-    act: gl.constexpr = x_ptr.dtype.element_ty
-    BN: gl.constexpr = _WG_ROWS
-    om = m0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
-    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    acc *= gl.expand_dims(gl.load(xs_ptr + om, mask=om < M, other=0.0), 0)
-    if HAS_LOWRANK:  # acc^T += U [BN, BR] @ t^T, on 16-bit tensor cores
-        MMA_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, TOK, 16])
-        t, u = lowrank_operands(ws_ptr, up_ptr, us_ptr, m0, off_n, M, N, R, SLOT_B1, SLOT_B2, NUM_SPLITS,
-                                stride_ws_s, stride_ws_m, stride_un, TOK, BN, BLOCK_R, HAS_US, PDL, 4, 0)
-        acc = register_smem_mma(u.to(act), t.to(act), gl.convert_layout(acc, MMA_F, assert_trivial=True), MMA_F)
-        acc = gl.convert_layout(acc, MMA, assert_trivial=True)
-    om2 = gl.expand_dims(om, 0)
-    on2 = gl.expand_dims(on, 1)
-    if HAS_BIAS:
-        acc += gl.expand_dims(gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-    gl.store(y_ptr + om2 * stride_ym + on2, acc.to(y_ptr.dtype.element_ty), mask=(om2 < M) & (on2 < N))
+        epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
+                 NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BN,
+                 BLOCK_R, PDL, MMA, 4)
 
 
 @gluon.jit
@@ -306,25 +280,9 @@ def grid(m: int, n: int, cfg: W4a8WsConfig, sms: int) -> tuple[int]:
     return (min(tiles, sms * (3 - cfg.warpgroups)) if cfg.persistent else tiles,)
 
 
-class W4a8WsKernel(Kernel):
-    """Layers with integer activation codes on Hopper (`LayerShape.act_quant` int8, or int4: W4A4's codes)."""
-
+class W4a8WsKernel(IntegerCodesKernel):
     name = "w4a8_ws"
-
-    def can_implement(self, shape: LayerShape, device: Device) -> tuple[bool, str | None]:
-        why = self.disabled()
-        if why:
-            return False, why
-        if shape.act_quant not in ("int8", "int4"):
-            return False, "the layer's activation codes are not integers (INT8, or W4A4's 4-bit codes)"
-        why = hopper_refusal(shape, device, MEASURED_TRITON)
-        if why:
-            return False, why
-        if shape.group_size not in (64, 128) or shape.k % shape.group_size:
-            return False, f"group size {shape.group_size}: the kernel steps over whole groups of 64 or 128 columns"
-        if shape.max_block_n < WG_ROWS:
-            return False, f"slot bounds allow output tiles of {shape.max_block_n} rows; each warpgroup takes 64"
-        return True, None
+    measured_triton = MEASURED_TRITON
 
     def choose(self, m: int, shape: LayerShape, tables) -> W4a8WsConfig | None:
         if m * shape.k >= 2**31:  # TMA coordinates and the codes' offsets are int32
