@@ -15,7 +15,7 @@ two swept ones takes the choice of the next swept M above it. The tile kernel's 
 thresholds, the PDL rows and the decode kernels' t slices are taken from --base (they come from their own,
 longer sweeps). The `sources` of the written table say so.
 
-The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_rs_int8`: layers with
+The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_ws_int8`, `w4a8_rs_int8`: layers with
 8-bit activations) come from their own sweeps, into the same table:
 
     python benchmarks/kernels/tune.py sweep-w4a8 --act-quant fp8|int8|int4 --out DIR      # on the GPU
@@ -25,7 +25,7 @@ For every shape class and M it times the layer as the plan runs it as W4A16 (x u
 every W4A8 candidate (--act-quant fp8 or int8, rank 64, each first checked against a float32
 reference of the W4A8 numerics). The Triton kernel's row names its fastest config; at decode sizes
 (M <= 16) it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there.
-The rows of the kernels the plan tries first (cuBLAS FP8, the Gluon INT8 kernel) name them where
+The rows of the kernels the plan tries first (cuBLAS FP8, the Gluon INT8 kernels) name them where
 they were the fastest W4A8 kernel. M above the last swept one takes its choice.
 `--act-quant int4` (W4A4's 4-bit codes, clipped at INT4_CLIP, which run on int8's kernels and rows) is
 the per-layer GPU check of those codes: every int8 candidate against the float32 reference of the W4A4
