@@ -276,3 +276,43 @@ def test_a_w4a4_sweep_checks_the_int8_candidates_and_writes_no_rows():
     assert tune.INT4_CLIP == load_recipe("twinquant-w4a4-resq").get(Activations).clip  # the codes the preset makes
     with pytest.raises(ValueError, match="int4 activation codes is a check"):
         tune.build_w4a8_rows({"act_quant": "int4", "ms": [1], "records": []})
+
+
+def test_a_w4a8_sweep_gives_each_integer_kernel_rows_where_it_was_the_fastest_and_the_plan_follows(tmp_path):
+    """table-w4a8 on an INT8 sweep: w4a8_ws_int8 and w4a8_rs_int8 name their kernel's config exactly where it was
+    the fastest W4A8 candidate, and the plan of a table with those rows runs that kernel there."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                    "kernels"))
+    import tune
+
+    from csrc_triton import dispatch as P
+
+    ws, rs = {"tokens": 128, "stages": 6, "band": 16, "persistent": True, "warpgroups": 2, "convert": "cvt"}, \
+        {"tokens": 64, "warps": 8, "stages": 4, "overlap": True, "convert": "cvt"}
+    triton_cfg = {"block_m": 64, "block_n": 128, "warps": 4, "stages": 4, "split_k": 1, "block_k": 128,
+                  "dense": False, "convert": "cvt"}
+    ms, recs = [16, 128, 4096], []
+    for cls, _, _, _ in tune.CLASSES:
+        for m in ms:
+            fast = "w4a8_ws" if (m == 4096 or cls == "gate_up") and m > 16 else "w4a8_rs" if m > 16 else "w4a8"
+            recs.append({"class": cls, "M": m, "kernel": "w4a16_plan", "config": None, "ms": 0.05})
+            for kernel, cfg in (("w4a8", triton_cfg), ("w4a8_rs", rs), ("w4a8_ws", ws)):
+                recs.append({"class": cls, "M": m, "kernel": kernel, "config": cfg, "ms": 0.01 if kernel == fast
+                             else 0.02})
+    rows = tune.build_w4a8_rows({"act_quant": "int8", "ms": ms, "records": recs})
+    assert {"w4a8_int8", "w4a8_ws_int8", "w4a8_rs_int8"} <= set(rows)
+    with open(P.table_file("NVIDIA H100 80GB HBM3")) as f:
+        table = json.load(f)
+    table.update(rows)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    tables = P.load_tables(str(path))
+    h100 = Device.named("NVIDIA H100 80GB HBM3")
+    for cls, _, _, (n, k) in tune.CLASSES:
+        for m in ms:
+            p = plan(LayerShape(n, k, 128, 64, act_quant="int8"), m, h100, tables)
+            want = "w4a8_ws" if (m == 4096 or cls == "gate_up") and m > 16 else "w4a8_rs" if m > 16 else "w4a8"
+            assert p.kernel == want, (cls, m, p)
