@@ -88,7 +88,7 @@ lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A;
 
 
 @gluon.jit
-def _fragment_view(BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+def fragment_view(BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
     """A zero tensor [BN, CH, 2 (b), 2 (h), 4 (t), 4 (i)]: A's 8-bit fragment [BN, BK] seen by
     position 64 c + 32 b + 16 h + 4 t + i (its layout is A's, reshaped)."""
     return gl.full([BN, BK], 0, gl.int32, A_L).reshape([BN, BK // 64, 2, 2, 4, 4])
@@ -97,9 +97,9 @@ def _fragment_view(BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
 @gluon.jit
 def _word_offsets(off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
     """Offsets [BN, CH, 2 (h), 4 (t)] (int32, in words) of word 8 c + 2 t + h of rows off_n + n (rows
-    past N read row N - 1, never stored), for the step at word 0, in the layout of `_fragment_view`
+    past N read row N - 1, never stored), for the step at word 0, in the layout of `fragment_view`
     without its dimensions b and i: a lane loads the words its own fragment needs."""
-    W_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, _fragment_view(BN, BK, A_L).type.layout))
+    W_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, fragment_view(BN, BK, A_L).type.layout))
     CH: gl.constexpr = BK // 64
     n4 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, W_L))))
     c4 = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, W_L))))
@@ -113,12 +113,12 @@ def _word_offsets(off_n, N, stride_qn, BN: gl.constexpr, BK: gl.constexpr, A_L: 
 
 
 @gluon.jit
-def _fragment(p, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+def int8_fragment(p, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
     """Words [BN, CH, 2, 4] (`_word_offsets`' layout) -> the registers of the int8 A fragment of 16 q,
     [BN, CH, 2 (b), 2 (h), 4 (t)] int32 in `perm_columns` order: byte i of register (b, h) of lane t
-    is nibble 2 i + b of word 2 t + h. Kept as int32 (what the loop carries; `_operand` views it as
+    is nibble 2 i + b of word 2 t + h. Kept as int32 (what the loop carries; `int8_operand` views it as
     the fragment). Not pure: it stays ahead of the wgmma wait."""
-    R_L: gl.constexpr = gl.SliceLayout(5, _fragment_view(BN, BK, A_L).type.layout)
+    R_L: gl.constexpr = gl.SliceLayout(5, fragment_view(BN, BK, A_L).type.layout)
     f = gl.full([BN, BK // 64, 2, 2, 4], 0, gl.int32, R_L)
     p = gl.broadcast(gl.expand_dims(p, 2), f)[0]
     b = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, R_L)))))
@@ -128,11 +128,11 @@ def _fragment(p, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
 
 
 @gluon.jit
-def _operand(w, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
-    """The fragment registers of `_fragment` as the int8 tensor [BN, BK] in layout A_L that wgmma
+def int8_operand(w, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+    """The fragment registers of `int8_fragment` as the int8 tensor [BN, BK] in layout A_L that wgmma
     takes: each register's four bytes are the four consecutive elements of one pack (a move that
     ptxas drops); the compiler proves that no data moves between lanes."""
-    w = gl.broadcast(gl.expand_dims(w, 5), _fragment_view(BN, BK, A_L))[0]
+    w = gl.broadcast(gl.expand_dims(w, 5), fragment_view(BN, BK, A_L))[0]
     w = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [w], dtype=gl.int8, is_pure=True, pack=4)
     return gl.convert_layout(w.reshape([BN, BK]), A_L, assert_trivial=True)
 
@@ -158,7 +158,7 @@ def _hold(w):
 
 
 @gluon.jit
-def _promote(acc, part, s, BIAS_CVT: gl.constexpr):
+def promote(acc, part, s, BIAS_CVT: gl.constexpr):
     """acc + part * s / 16: a group's exact sums times its scales (one per weight row)."""
     if BIAS_CVT:
         f = (part + BIAS_BITS).to(gl.float32, bitcast=True) - BIAS_VALUE
@@ -176,7 +176,7 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_
     OVERLAP, group g - 1's sums (part_old) promoted with its scales s_old; then it is retired, and
     without OVERLAP its own sums promoted. Returns (acc, group g's sums, group g + 1's fragment, the
     scales of groups g and g + 1)."""
-    part_new = warpgroup_mma(_operand(w, BN, BK, A_L), x_bufs.index(g % STAGES).permute((1, 0)), part_new,
+    part_new = warpgroup_mma(int8_operand(w, BN, BK, A_L), x_bufs.index(g % STAGES).permute((1, 0)), part_new,
                              use_acc=False, is_async=True)
     s_next = gl.load(s_ptrs + gl.minimum(g + 1, n_groups - 1))
     async_copy.wait_group(STAGES - 3)  # group g + 1's x and words have landed (this thread's copies) ...
@@ -188,13 +188,13 @@ def _group_step(g, acc, part_new, part_old, w, s_old, s_cur, x_bufs, q_bufs, xq_
     cp_async(q_bufs.index(nxt % STAGES), qw_ptr + (q_offs + nxt * (BK // 8)), mask=q_all & (nxt < n_groups))
     async_copy.commit_group()
     if OVERLAP:
-        acc = _promote(acc, part_old, s_old, BIAS_CVT)
-    w_next = _fragment(p, BN, BK, A_L)
+        acc = promote(acc, part_old, s_old, BIAS_CVT)
+    w_next = int8_fragment(p, BN, BK, A_L)
     # acc among the deps and the fragment's asm not pure: the promotion and the fragment stay before the wait
     part_new, acc = warpgroup_mma_wait(num_outstanding=0, deps=(part_new, acc))
     _hold(w)
     if not OVERLAP:
-        acc = _promote(acc, part_new, s_cur, BIAS_CVT)
+        acc = promote(acc, part_new, s_cur, BIAS_CVT)
     return acc, part_new, w_next, s_cur, s_next
 
 
@@ -276,7 +276,7 @@ def _tq_w4a8_rs_kernel(
     async_copy.wait_group(STAGES - 2)  # group 0's x and words
     fence_async_shared()
     cta_barrier()
-    w_a = _fragment(q_bufs.index(0).load(W_L), BN, BK, A_L)
+    w_a = int8_fragment(q_bufs.index(0).load(W_L), BN, BK, A_L)
     # two groups per iteration, their fragments in two variables (and with OVERLAP their sums): while group
     # g's wgmma runs, group g + 1's fragment is made and (OVERLAP) group g - 1's sums are promoted
     for j in range(n_groups // 2):
@@ -296,9 +296,9 @@ def _tq_w4a8_rs_kernel(
             n_groups - 1, acc, part_a, part_b, w_a, s_old, s_cur, x_bufs, q_bufs, xq_ptr, x_offs, x_all, qw_ptr,
             q_offs, q_all, s_ptrs, n_groups, BN, BK, STAGES, A_L, W_L, OVERLAP, BIAS_CVT)
         if OVERLAP:
-            acc = _promote(acc, part_a, s_old, BIAS_CVT)
+            acc = promote(acc, part_a, s_old, BIAS_CVT)
     elif OVERLAP:
-        acc = _promote(acc, part_b, s_old, BIAS_CVT)
+        acc = promote(acc, part_b, s_old, BIAS_CVT)
     async_copy.wait_group(0)
 
     epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,

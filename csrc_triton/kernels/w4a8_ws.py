@@ -46,7 +46,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from csrc_triton.kernels.base import Launch, LayerShape
 from csrc_triton.kernels.w4a8 import CONVERTS, quantize_rows
-from csrc_triton.kernels.w4a8_rs import IntegerCodesKernel, _fragment, _operand, _promote, epilogue
+from csrc_triton.kernels.w4a8_rs import (
+    IntegerCodesKernel,
+    epilogue,
+    fragment_view,
+    int8_fragment,
+    int8_operand,
+    promote,
+)
 from csrc_triton.layout import next_pow2
 
 MEASURED_TRITON = ("3.6",)  # Triton versions it was written and measured with
@@ -132,16 +139,16 @@ def _group(acc, part, w, s_cur, it, has_next, s_ptrs, g_next, x_bufs, words, rea
     released (one arrival for this warpgroup) and the sums promoted with s_cur. Returns (acc, the sums,
     the next fragment, the next scales, it + 1)."""
     st = it % STAGES
-    part = warpgroup_mma(_operand(w, BN, BK, A_L), x_bufs.index(st).permute((1, 0)), part, use_acc=False,
+    part = warpgroup_mma(int8_operand(w, BN, BK, A_L), x_bufs.index(st).permute((1, 0)), part, use_acc=False,
                          is_async=True)
     st1 = (it + 1) % STAGES
     mbarrier.wait(ready.index(st1), ((it + 1) // STAGES) & 1, pred=has_next)
-    w_next = _fragment(words.index(st1).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    w_next = int8_fragment(words.index(st1).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
     s_next = gl.load(s_ptrs + g_next)
     part, acc = warpgroup_mma_wait(num_outstanding=0, deps=(part, acc))
     fence_async_shared()  # this warpgroup's reads of the slot are ordered before the producer's next TMA
     mbarrier.arrive(empty.index(st), count=1)
-    acc = _promote(acc, part, s_cur, BIAS_CVT)
+    acc = promote(acc, part, s_cur, BIAS_CVT)
     return acc, part, w_next, s_next, it + 1
 
 
@@ -158,9 +165,7 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOK, 32])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
     # the words a lane needs for its fragment: w4a8_rs's word layout [BN, CH, 2 (h), 4 (t)]
-    R_L: gl.constexpr = gl.SliceLayout(5, gl.full([BN, BK], 0, gl.int32, A_L)
-                                       .reshape([BN, BK // 64, 2, 2, 4, 4]).type.layout)
-    W_L: gl.constexpr = gl.SliceLayout(2, R_L)
+    W_L: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, fragment_view(BN, BK, A_L).type.layout))
     words = _words_view(q_bufs, STAGES, BK)
     tiles = gl.cdiv(M, TOK) * gl.cdiv(N, WGS * _WG_ROWS)
     it = 0
@@ -172,7 +177,7 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
         acc = gl.zeros([BN, TOK], gl.float32, layout=MMA)
         part = gl.zeros([BN, TOK], gl.int32, layout=MMA)
         mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
-        w_a = _fragment(words.index(it % STAGES).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+        w_a = int8_fragment(words.index(it % STAGES).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
         s_cur = gl.load(s_ptrs)
         # two groups per iteration, their fragments in two variables (no copy of one into the other)
         for j in range(n_groups // 2):
