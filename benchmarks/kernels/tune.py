@@ -162,12 +162,15 @@ def _triton_candidates(m: int) -> list:
             C(128, 256, 8, 3, 1, dense=True), C(128, 256, 8, 3, 1, 64, dense=True)]
 
 
-def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
+def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] | None = None) -> str:
+    """Time every W4A8 candidate (of the kernels `only` names, if given; never a kernel TWINQUANT_DISABLED_KERNELS
+    names) against the W4A16 plan; returns the path of the sweep's JSON."""
     import torch
     from common import GROUP, flush_copies, graph_time_ms, layer_bytes, make_layer, reference
 
     import csrc_triton as ct
     from csrc_triton.kernels import w4a8
+    from vllm_twinquant import envs
 
     device = ct.Device.of(torch.device("cuda"))
     dtype, rank = torch.bfloat16, 64
@@ -184,6 +187,8 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8") -> str:
         recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": "w4a16_plan", "config": None, "ms": w16})
         for cfg in w4a8_candidates(m, act_quant):
             kernel = ct.layer.config_kernel(cfg)
+            if envs.disabled(kernel) or (only and kernel not in only):
+                continue
             try:
                 qw, sc, down, up = make_layer(k, n, rank, dtype, gen)
                 xc = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
@@ -288,6 +293,7 @@ def main() -> None:
     s8.add_argument("--out", default=os.environ.get("OUT", "."))
     s8.add_argument("--ms", type=int, nargs="+", default=W4A8_MS)
     s8.add_argument("--act-quant", choices=["fp8", "int8", "int4"], default="fp8")
+    s8.add_argument("--only", nargs="+", help="time only these kernels' candidates (e.g. w4a8_ws)")
     t8 = sub.add_parser("table-w4a8", help="write the w4a8 rows a W4A8 sweep implies into a table")
     t8.add_argument("--sweep", required=True)
     t8.add_argument("--write", required=True, help="the device's table, updated in place")
@@ -296,7 +302,7 @@ def main() -> None:
         print(sweep(args.out, args.ms))
         return
     if args.cmd == "sweep-w4a8":
-        print(sweep_w4a8(args.out, args.ms, args.act_quant))
+        print(sweep_w4a8(args.out, args.ms, args.act_quant, args.only))
         return
     if args.cmd == "table-w4a8":
         with open(args.sweep) as f, open(args.write) as g:
