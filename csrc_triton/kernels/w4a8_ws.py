@@ -63,6 +63,7 @@ _WG_ROWS = gl.constexpr(WG_ROWS)
 # warpgroup) take the 64K of an SM; one of them takes half, so that two CTAs share an SM. Either way the producer
 # keeps PRODUCER_REGS and each consumer gets CONSUMER_REGS.
 MAXNREG = {2: 168, 1: 128}
+CTAS_PER_SM = {2: 1, 1: 2}  # what those registers let share an SM, by consumer warpgroups
 CONSUMER_REGS = gl.constexpr(232)
 PRODUCER_REGS = gl.constexpr(24)
 
@@ -282,7 +283,7 @@ def grid(m: int, n: int, cfg: W4a8WsConfig, sms: int) -> tuple[int]:
     """One CTA per tile, or (persistent) at most as many as fit the SMs at once, each taking every
     grid-th tile."""
     tiles = triton.cdiv(m, cfg.tokens) * triton.cdiv(n, WG_ROWS * cfg.warpgroups)
-    return (min(tiles, sms * (3 - cfg.warpgroups)) if cfg.persistent else tiles,)
+    return (min(tiles, sms * CTAS_PER_SM[cfg.warpgroups]) if cfg.persistent else tiles,)
 
 
 class W4a8WsKernel(IntegerCodesKernel):
