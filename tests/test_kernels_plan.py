@@ -280,7 +280,8 @@ def test_a_w4a4_sweep_checks_the_int8_candidates_and_writes_no_rows():
 
 def test_a_w4a8_sweep_gives_each_integer_kernel_rows_where_it_was_the_fastest_and_the_plan_follows(tmp_path):
     """table-w4a8 on an INT8 sweep: w4a8_ws_int8 and w4a8_rs_int8 name their kernel's config exactly where it was
-    the fastest W4A8 candidate, and the plan of a table with those rows runs that kernel there."""
+    the fastest W4A8 candidate, and the plan of a table with those rows runs that kernel there; a sweep that did
+    not time a kernel leaves it no rows."""
     import json
     import sys
 
@@ -316,3 +317,13 @@ def test_a_w4a8_sweep_gives_each_integer_kernel_rows_where_it_was_the_fastest_an
             p = plan(LayerShape(n, k, 128, 64, act_quant="int8"), m, h100, tables)
             want = "w4a8_ws" if (m == 4096 or cls == "gate_up") and m > 16 else "w4a8_rs" if m > 16 else "w4a8"
             assert p.kernel == want, (cls, m, p)
+    # a later sweep that left w4a8_ws out (disabled after it failed) empties its rows: none outlive that sweep
+    rows = tune.build_w4a8_rows({"act_quant": "int8", "ms": ms, "records": [r for r in recs
+                                                                            if r["kernel"] != "w4a8_ws"]})
+    assert rows["w4a8_ws_int8"] == []
+    table.update(rows)
+    path.write_text(json.dumps(table))
+    tables = P.load_tables(str(path))
+    for _, _, _, (n, k) in tune.CLASSES:
+        for m in ms:
+            assert plan(LayerShape(n, k, 128, 64, act_quant="int8"), m, h100, tables).kernel != "w4a8_ws"

@@ -226,19 +226,23 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] 
 
 # W4A8 kernels that run before the Triton one in the plan (dispatch.W4A8_PRIORITY) -> their table key
 W4A8_FIRST = {"fp8_cublas": "w4a8_fp8_cublas", "w4a8_ws": "w4a8_ws_int8", "w4a8_rs": "w4a8_rs_int8"}
+W4A8_FIRST_ACT = {"fp8_cublas": "fp8", "w4a8_ws": "int8", "w4a8_rs": "int8"}  # the activations each one runs
 
 
 def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
     """The table's W4A8 rows a sweep implies (module docstring): `w4a8_<act>` names the fastest
     Triton W4A8 config at every swept M, except at decode sizes (M <= DECODE_M) where the W4A16 plan
-    measured faster (null); `w4a8_fp8_cublas` ({} or null) and `w4a8_rs_int8` (a config or null),
-    for the kernels the sweep timed, name that kernel where it was the fastest W4A8 kernel."""
+    measured faster (null); `w4a8_fp8_cublas` ({} or null), `w4a8_ws_int8` and `w4a8_rs_int8` (a config or
+    null), for the kernels the sweep timed, name that kernel where it was the fastest W4A8 kernel. A kernel of
+    the swept activations that the sweep did not time (disabled, or left out by --only) gets no rows, so an
+    earlier sweep's rows of it cannot outlive this one."""
     if sweep_data["act_quant"] not in ("fp8", "int8"):
         raise ValueError(f"a sweep of {sweep_data['act_quant']} activation codes is a check: they run the int8 rows")
     ms = sorted(sweep_data["ms"])
     rows: dict[str, list[dict]] = {f"w4a8_{sweep_data['act_quant']}": []}
     timed = {r["kernel"] for r in sweep_data["records"]}
-    rows.update({key: [] for kernel, key in W4A8_FIRST.items() if kernel in timed})
+    rows.update({key: [] for kernel, key in W4A8_FIRST.items()
+                 if W4A8_FIRST_ACT[kernel] == sweep_data["act_quant"]})
     for i, m in enumerate(ms):
         for cls, max_n, min_k, _ in CLASSES:
             recs = [r for r in sweep_data["records"] if r["class"] == cls and r["M"] == m]
@@ -249,7 +253,7 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
             rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
             fastest = min((r for r in recs if r["kernel"] != "w4a16_plan"), key=lambda r: r["ms"], default=None)
             for kernel, table_key in W4A8_FIRST.items():
-                if table_key in rows:
+                if table_key in rows and kernel in timed:
                     use = fastest is not None and fastest["kernel"] == kernel
                     rows[table_key].append({**key, "config": (fastest["config"] or {}) if use else None})
     return rows
