@@ -13,6 +13,10 @@
 # One lease, staging and measuring at once (vLLM's pieces staged between the first two steps):
 #   kernels   in the background, no vLLM needed: wide_layer.py (timed), then tune.py sweep-w4a8 --act-quant int4
 #             (a check, beside `make`); results under ~/lease
+#   sweep     in the background, no vLLM needed: benchmarks/kernels/run_w4a8.sh (ACTS, default int8) in a copy of
+#             the checkout (a later transfer replaces this one's files); its results and the device's table
+#             under ~/lease/w4a8. Every later step installs the package with that table.
+#   wait      until the background work is done; its results into $OUT
 #   make [ARGS..]   after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
 #                   (ARGS go to e2e_h100.py make, e.g. --head-ranks 64 for tq_r64_h4)
 #   bench CONFIG..  after the int4 check (timings alone on the GPU)
@@ -23,8 +27,14 @@ source .gpu-stage/remote.sh env
 out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
 work=$HOME/e2e-w4a8
 res=$HOME/lease
-plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
+install() {  # the package as vLLM finds it, with the device table a background `sweep` wrote (if one did)
+  for t in "$res"/w4a8/*.json; do
+    case $(basename "$t") in NVIDIA_*.json) cp "$t" csrc_triton/configs/ && echo "table: $(basename "$t")" ;; esac
+  done
   python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
+}
+plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
+  install
   for act in "$@"; do  # int4_sub128: W4A4 with a ResQ subspace of 128 channels
     log="$out/cuda_plugin_check_$act.log"
     sub=0; case $act in *_sub*) sub=${act#*_sub} ;; esac
@@ -48,10 +58,20 @@ case "${1:-}" in
       touch $res/timed.done; python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant int4 --out $res \
       > $res/sweep_w4a8_int4.log 2>&1; touch $res/kernels.done" > /dev/null 2>&1 < /dev/null &
     echo "started: wide_layer.py, then tune.py sweep-w4a8 --act-quant int4 (in $res)" ;;
+  sweep)
+    mkdir -p "$res/w4a8"; touch "$res/kernels.started"; rm -rf "$HOME/kw"; cp -r . "$HOME/kw"
+    setsid nohup env -u PYTHONPATH bash -c "cd $HOME/kw && OUT=$res/w4a8 ACTS='${ACTS:-int8}' timeout 590 \
+      bash benchmarks/kernels/run_w4a8.sh '' 560 > $res/w4a8/run_w4a8.log 2>&1; touch $res/timed.done \
+      $res/kernels.done" > /dev/null 2>&1 < /dev/null &
+    echo "started: benchmarks/kernels/run_w4a8.sh (ACTS=${ACTS:-int8}, in $HOME/kw, results in $res/w4a8)" ;;
+  wait)
+    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    tail -5 "$res"/w4a8/run_w4a8.log 2>/dev/null || true
+    cp -r "$res"/w4a8 "$out"/ 2>/dev/null || true; ls "$out" ;;
   make)
     shift
-    python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
     while [ -f "$res/kernels.started" ] && [ ! -f "$res/timed.done" ]; do sleep 2; done
+    install
     tail -3 "$res/wide_layer.log" 2>/dev/null || true
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 "$@" --out "$res" ;;
   bench)
