@@ -161,6 +161,7 @@ SPEED_NAMES = {"bf16": "BF16", "fp8": "FP8 W8A8 (vLLM)", "gptq": "GPTQ W4A16 g12
                "tq_r64_f8": "TwinQuant W4A8-FP8 g128, rank 64 (the rank-64 checkpoint declared W4A8-FP8)",
                "tq_r64_h4": "TwinQuant W4A16 g128, rank 64, 4-bit lm_head",
                "tq_r64_h4_f8": "TwinQuant W4A8-FP8 g128, rank 64, 4-bit lm_head (declared W4A8-FP8 by its config)",
+               "tq_r64_h4_a8": "TwinQuant W4A8-INT8 g128, rank 64, 4-bit lm_head (declared W4A8-INT8 by its config)",
                "tq_r64_tin": "TwinQuant W4A16 g128, rank 64, t made in the one-token kernel's launch",
                "tq_r64_h4_tin": "TwinQuant W4A16 g128, rank 64, 4-bit lm_head, t made in the one-token kernel's launch",
                "w4a8_ct": "W4A8-FP8 g128 (vLLM, compressed-tensors: CUTLASS W4A8)",

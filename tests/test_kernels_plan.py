@@ -278,6 +278,34 @@ def test_a_w4a4_sweep_checks_the_int8_candidates_and_writes_no_rows():
         tune.build_w4a8_rows({"act_quant": "int4", "ms": [1], "records": []})
 
 
+def test_a_w4a8_layer_keeps_the_w4a16_kernels_only_for_the_small_token_counts_before_w4a8_first_wins():
+    """Rows are null (W4A16 on x unquantized) at the swept token counts before the first where a W4A8 kernel beat
+    the W4A16 plan, never past W4A16_KEPT_MAX_M and never again after that first win, for every W4A8 row."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                    "kernels"))
+    import tune
+
+    cap = tune.W4A16_KEPT_MAX_M
+    ms = [1, 16, 64, cap, 2 * cap, 8 * cap]
+    ws = {"tokens": 128, "stages": 6, "band": 16, "persistent": False, "warpgroups": 2, "convert": "cvt"}
+    first_win = {"qkv": 64, "o": 8 * cap, "gate_up": 2 * cap, "down": 1}  # where W4A8 first beats W4A16
+    recs = []
+    for cls, _, _, _ in tune.CLASSES:
+        for m in ms:
+            w8 = 0.01 if m >= first_win[cls] else 0.03  # W4A16 faster before the first win only ...
+            w16 = 0.02 if not (cls == "qkv" and m == 2 * cap) else 0.005  # ... and for qkv once after it
+            recs += [{"class": cls, "M": m, "kernel": "w4a16_plan", "config": None, "ms": w16},
+                     {"class": cls, "M": m, "kernel": "w4a8_ws", "config": ws, "ms": w8}]
+    rows = tune.build_w4a8_rows({"act_quant": "int8", "ms": ms, "records": recs})
+    for i, (cls, _, _, _) in enumerate(tune.CLASSES):
+        named = [rows["w4a8_ws_int8"][j * len(tune.CLASSES) + i]["config"] is not None for j in range(len(ms))]
+        want = [m >= first_win[cls] or m > cap for m in ms]
+        assert named == want, (cls, named)
+        assert all(rows["w4a8_int8"][j * len(tune.CLASSES) + i]["config"] is None for j in range(len(ms)))
+
+
 def test_a_w4a8_sweep_gives_each_integer_kernel_rows_where_it_was_the_fastest_and_the_plan_follows(tmp_path):
     """table-w4a8 on an INT8 sweep: w4a8_ws_int8 and w4a8_rs_int8 name their kernel's config exactly where it was
     the fastest W4A8 candidate, and the plan of a table with those rows runs that kernel there; a sweep that did

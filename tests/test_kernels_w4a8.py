@@ -76,9 +76,13 @@ def test_w4a8_layers_decode_on_the_w4a16_kernels_and_batch_on_the_w4a8_kernel():
     for slots in ((), (4096, 5120)):
         shape = ct.LayerShape(6144, 4096, 128, 64, slots, torch.bfloat16, act_quant="fp8")
         w16 = ct.LayerShape(6144, 4096, 128, 64, slots, torch.bfloat16)
-        kernels = {m: ct.plan(shape, m, h100).kernel for m in (1, 2, 8, 16, 17, 64, 128, 256, 1024, 8192)}
+        ms = (1, 2, 8, 16, 17, 32, 64, 128, 129, 256, 1024, 8192)
+        kernels = {m: ct.plan(shape, m, h100).kernel for m in ms}
         assert kernels[1] == ct.plan(w16, 1, h100).kernel and kernels[16] == ct.plan(w16, 16, h100).kernel
-        assert all(kernels[m] in ct.dispatch.W4A8_PRIORITY for m in (17, 64, 128, 256, 1024, 8192)), kernels
+        w8 = [kernels[m] in ct.dispatch.W4A8_PRIORITY for m in ms]
+        # W4A16's kernels (the same plan as the W4A16 layer's) for the first token counts only, W4A8 from 129 on
+        assert w8 == sorted(w8) and all(w8[ms.index(129):]), kernels
+        assert all(kernels[m] == ct.plan(w16, m, h100).kernel for m, on in zip(ms, w8) if not on)
         # the W4A16 layer itself never reaches a W4A8 kernel
         assert all(ct.plan(w16, m, h100).kernel not in ct.dispatch.W4A8_PRIORITY for m in kernels)
 
@@ -361,11 +365,11 @@ def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg
     assert ("cvt.rn.f32.s32" in ptx) == (c.convert == "cvt")
 
 
-@pytest.mark.parametrize("tokens,stages,wgs,rank,group,dtype,bias", [(128, 4, 2, 64, 128, "bf16", False),
-                                                                      (64, 6, 2, 0, 64, "fp16", True),
-                                                                      (64, 6, 1, 64, 128, "bf16", False)])
+@pytest.mark.parametrize("tokens,stages,wgs,rank,group,dtype,bias,convert", [
+    (128, 4, 2, 64, 128, "bf16", False, "cvt"), (64, 6, 2, 0, 64, "fp16", True, "cvt"),
+    (64, 6, 1, 64, 128, "bf16", False, "cvt"), (128, 6, 2, 64, 128, "bf16", False, "bias")])
 def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_int8_wgmma_warpgroups_that_never_spill_in_their_loops(
-        tokens, stages, wgs, rank, group, dtype, bias):
+        tokens, stages, wgs, rank, group, dtype, bias, convert):
     """One producer warp issues the TMA copies of a scale group (x's codes, each warpgroup's words) against one
     barrier expecting exactly their bytes; the consumers' MMAs are s8 x s8 -> s32 wgmma on register fragments (no
     descriptor for A) of 64 rows each; a slot is released by one arrival per warpgroup (its barrier counts them);
@@ -374,7 +378,7 @@ def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_int8_wgmma_warpgroups_that_
     from csrc_triton.compile import compile_sm90, descriptor_type
     from csrc_triton.kernels import w4a8_ws
 
-    cfg = w4a8_ws.W4a8WsConfig(tokens, stages, warpgroups=wgs)
+    cfg = w4a8_ws.W4a8WsConfig(tokens, stages, warpgroups=wgs, convert=convert)
     x_l, q_l = w4a8_ws.smem_layouts(tokens, group)
     ptrs = {"x_ptr": f"*{dtype}", "xs_ptr": "*fp32", "sc_ptr": "*fp16", "up_ptr": f"*{dtype}", "us_ptr": "*fp32",
             "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
@@ -398,6 +402,8 @@ def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_int8_wgmma_warpgroups_that_
     loops = _sass_loops(res["SASS"])
     mma_loops = [body for body in loops if any("IGMMA" in ins for ins in body)]
     assert len(mma_loops) == wgs and not any(("STL" in ins or "LDL" in ins) for b in mma_loops for ins in b)
+    # convert="bias": the group sums become fp32 without the conversion pipe (no I2F in the group loops)
+    assert any("I2F" in ins for b in mma_loops for ins in b) == (convert == "cvt")
     assert res["STACK"] <= 128 and res["LOCAL"] == 0, res
     ctas = w4a8_ws.CTAS_PER_SM[wgs]
     assert ctas * 64 * 1024 >= ctas * 32 * (4 * wgs + 4) * w4a8_ws.MAXNREG[wgs]  # the registers let them share
@@ -435,6 +441,12 @@ def test_w4a8_ws_launch_check_and_descriptors_name_what_a_config_needs():
         w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(64, 6, warpgroups=3))
 
 
+# W4A8-INT8 rows that run the Triton kernel at every token count (where no kernel before it is named)
+TRITON_EVERYWHERE = [{"max_m": None, "max_n": None, "min_k": 0, "config": {
+    "block_m": 64, "block_n": 128, "warps": 4, "stages": 4, "split_k": 1, "block_k": 128, "dense": False,
+    "convert": "cvt"}}]
+
+
 def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_run(tmp_path, monkeypatch):
     import json
 
@@ -448,6 +460,8 @@ def test_w4a8_int8_layers_take_the_gluon_kernel_where_the_table_says_and_it_can_
     table["w4a8_rs_int8"] = [{"max_m": 64, "max_n": None, "min_k": 0, "config": None},
                              {"max_m": None, "max_n": None, "min_k": 0, "config": {"tokens": 64, "warps": 8,
                                                                                    "stages": 4}}]
+    table["w4a8_int8"] = TRITON_EVERYWHERE
+    table["w4a8_ws_int8"] = []
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     tables = load_tables(str(path))
@@ -487,6 +501,7 @@ def test_w4a8_int8_layers_take_the_warp_specialized_kernel_first_where_the_table
                              {"max_m": None, "max_n": None, "min_k": 0, "config": rs}]
     table["w4a8_ws_int8"] = [{"max_m": 256, "max_n": None, "min_k": 0, "config": None},
                              {"max_m": None, "max_n": None, "min_k": 0, "config": {"tokens": 128, "stages": 6}}]
+    table["w4a8_int8"] = TRITON_EVERYWHERE
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     tables = load_tables(str(path))

@@ -38,6 +38,7 @@ plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the 
   for act in "$@"; do  # int4_sub128: W4A4 with a ResQ subspace of 128 channels
     log="$out/cuda_plugin_check_$act.log"
     sub=0; case $act in *_sub*) sub=${act#*_sub} ;; esac
+    rm -rf "$HOME/tqcheck-$act"  # a check starts from nothing (the quantizer refuses an existing output folder)
     if python3 benchmarks/e2e/cuda_plugin_check.py --workdir "$HOME/tqcheck-$act" --out "$out" \
       --activations "${act%%_sub*}" --subspace "$sub" > "$log" 2>&1; then
       echo "$act: passed"

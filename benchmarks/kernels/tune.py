@@ -23,10 +23,11 @@ The W4A8 kernels' rows (`w4a8_fp8`, `w4a8_int8`, `w4a8_fp8_cublas`, `w4a8_ws_int
 
 For every shape class and M it times the layer as the plan runs it as W4A16 (x unquantized) and
 every W4A8 candidate (--act-quant fp8 or int8, rank 64, each first checked against a float32
-reference of the W4A8 numerics). The Triton kernel's row names its fastest config; at decode sizes
-(M <= 16) it is null where W4A16 measured faster, and the plan then runs the layer as W4A16 there.
-The rows of the kernels the plan tries first (cuBLAS FP8, the Gluon INT8 kernels) name them where
-they were the fastest W4A8 kernel. M above the last swept one takes its choice.
+reference of the W4A8 numerics). Small token counts, up to the first where a W4A8 kernel beat the
+W4A16 plan (at most W4A16_KEPT_MAX_M), get null rows: the plan runs the layer as W4A16 there. Above,
+the Triton kernel's row names its fastest config and the rows of the kernels the plan tries first
+(cuBLAS FP8, the Gluon INT8 kernels) name them where they were the fastest W4A8 kernel. M above the
+last swept one takes its choice.
 `--act-quant int4` (W4A4's 4-bit codes, clipped at INT4_CLIP, which run on int8's kernels and rows) is
 the per-layer GPU check of those codes: every int8 candidate against the float32 reference of the W4A4
 numerics, timed too, no rows written.
@@ -122,7 +123,9 @@ def sweep(out: str, ms: list[int]) -> str:
 
 W4A8_MS = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
 INT4_CLIP = 0.8  # the activation clip of the W4A4 preset (twinquant-w4a4-resq)
-DECODE_M = 16  # up to here a W4A8 layer may run as W4A16 (x unquantized) where that is faster
+# up to here a W4A8 layer may run as W4A16 (x unquantized): at the swept token counts before the first where a
+# W4A8 kernel measured faster than the W4A16 plan
+W4A16_KEPT_MAX_M = 128
 
 
 def w4a8_candidates(m: int, act_quant: str) -> list:
@@ -141,6 +144,9 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon += [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
             [Ws(128, 4), Ws(128, 6), Ws(128, 6, band=32), Ws(128, 6, persistent=True), Ws(128, 4, warpgroups=1),
              Ws(64, 6, persistent=True, warpgroups=1)]
+            # the group sums converted without I2F (w4a8.CONVERTS) on the configs the INT8 sweep chose
+            + [Ws(128, 6, persistent=True, convert="bias"), Ws(128, 6, convert="bias"),
+               Ws(128, 4, warpgroups=1, convert="bias")]
             if m >= 128 else [])
     triton_ = _triton_candidates(m)
     if act_quant == "int8" and m <= 64:  # the group sums converted without I2F, beside each (w4a8.CONVERTS),
@@ -230,12 +236,12 @@ W4A8_FIRST_ACT = {"fp8_cublas": "fp8", "w4a8_ws": "int8", "w4a8_rs": "int8"}  # 
 
 
 def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
-    """The table's W4A8 rows a sweep implies (module docstring): `w4a8_<act>` names the fastest
-    Triton W4A8 config at every swept M, except at decode sizes (M <= DECODE_M) where the W4A16 plan
-    measured faster (null); `w4a8_fp8_cublas` ({} or null), `w4a8_ws_int8` and `w4a8_rs_int8` (a config or
-    null), for the kernels the sweep timed, name that kernel where it was the fastest W4A8 kernel. A kernel of
-    the swept activations that the sweep did not time (disabled, or left out by --only) gets no rows, so an
-    earlier sweep's rows of it cannot outlive this one."""
+    """The table's W4A8 rows a sweep implies (module docstring). Per shape class, every row is null (the plan
+    runs the layer as W4A16) at the swept token counts up to W4A16_KEPT_MAX_M before the first where the fastest
+    W4A8 candidate beat the W4A16 plan. From there `w4a8_<act>` names the fastest Triton W4A8 config, and
+    `w4a8_fp8_cublas` ({} or null), `w4a8_ws_int8` and `w4a8_rs_int8` (a config or null) name their kernel where
+    it was the fastest W4A8 candidate. A kernel of the swept activations that the sweep did not time (disabled,
+    or left out by --only) gets no rows, so an earlier sweep's rows of it cannot outlive this one."""
     if sweep_data["act_quant"] not in ("fp8", "int8"):
         raise ValueError(f"a sweep of {sweep_data['act_quant']} activation codes is a check: they run the int8 rows")
     ms = sorted(sweep_data["ms"])
@@ -243,18 +249,20 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
     timed = {r["kernel"] for r in sweep_data["records"]}
     rows.update({key: [] for kernel, key in W4A8_FIRST.items()
                  if W4A8_FIRST_ACT[kernel] == sweep_data["act_quant"]})
+    w16_kept = {cls: True for cls, _, _, _ in CLASSES}  # still in the token counts that keep W4A16
     for i, m in enumerate(ms):
         for cls, max_n, min_k, _ in CLASSES:
             recs = [r for r in sweep_data["records"] if r["class"] == cls and r["M"] == m]
             w16 = next(r["ms"] for r in recs if r["kernel"] == "w4a16_plan")
             best = min((r for r in recs if r["kernel"] == "w4a8"), key=lambda r: r["ms"], default=None)
-            cfg = None if best is None or (m <= DECODE_M and best["ms"] >= w16) else best["config"]
-            key = {"max_m": m if i < len(ms) - 1 else None, "max_n": max_n, "min_k": min_k}
-            rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
             fastest = min((r for r in recs if r["kernel"] != "w4a16_plan"), key=lambda r: r["ms"], default=None)
+            w16_kept[cls] = w16_kept[cls] and m <= W4A16_KEPT_MAX_M and (fastest is None or fastest["ms"] >= w16)
+            key = {"max_m": m if i < len(ms) - 1 else None, "max_n": max_n, "min_k": min_k}
+            cfg = None if best is None or w16_kept[cls] else best["config"]
+            rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
             for kernel, table_key in W4A8_FIRST.items():
                 if table_key in rows and kernel in timed:
-                    use = fastest is not None and fastest["kernel"] == kernel
+                    use = not w16_kept[cls] and fastest is not None and fastest["kernel"] == kernel
                     rows[table_key].append({**key, "config": (fastest["config"] or {}) if use else None})
     return rows
 
