@@ -88,16 +88,22 @@ def readme_accuracy(path="benchmarks/results/accuracy_smollm2.jsonl"):
 
 
 def w4a8_kernels(path="benchmarks/results/w4a8_h100.json"):
-    """bench_w4a8.py's table: µs per layer call, and W4A8-INT8's ratio to FP8 W8A8 and to W4A16."""
+    """bench_w4a8.py's table: µs per layer call, and W4A8-INT8's ratio to FP8 W8A8 and to W4A16; vLLM's CUTLASS
+    W4A8 beside FP8 where the run timed it."""
     d = json.load(open(path))
     m = d["meta"]
+    cutlass = any("ms_cutlass_w4a8" in r for r in d["records"])
     print(f"{m['device']}, torch {m['torch']}, Triton {m['triton']}; max rel. error {m['max_rel_err']:.1e}\n")
-    print("| layer (K→N) | M | rank | BF16 | FP8 W8A8 (GEMM alone) | W4A16 (kernel) | W4A8-FP8 (kernel) "
-          "| W4A8-INT8 (kernel) | INT8 × vs FP8 (vs its GEMM alone) | × vs W4A16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer (K→N) | M | rank | BF16 | FP8 W8A8 (GEMM alone) | "
+          + ("CUTLASS W4A8 (GEMM alone) | " if cutlass else "")
+          + "W4A16 (kernel) | W4A8-FP8 (kernel) | W4A8-INT8 (kernel) | INT8 × vs FP8 (vs its GEMM alone) | "
+          "× vs W4A16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cutlass else ""))
     for r in d["records"]:
+        cell = (f"{r['ms_cutlass_w4a8'] * 1e3:.1f} ({r['ms_cutlass_w4a8_mm'] * 1e3:.1f}) | "
+                if "ms_cutlass_w4a8" in r else "– | ") if cutlass else ""
         print(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['rank']} | {r['ms_bf16'] * 1e3:.1f} | "
-              f"{r['ms_fp8'] * 1e3:.1f} ({r['ms_fp8_mm'] * 1e3:.1f}) | {r['ms_w4a16'] * 1e3:.1f} "
+              f"{r['ms_fp8'] * 1e3:.1f} ({r['ms_fp8_mm'] * 1e3:.1f}) | {cell}{r['ms_w4a16'] * 1e3:.1f} "
               f"({r['kernel_w4a16']}) | {r['ms_w4a8_fp8'] * 1e3:.1f} ({r['kernel_w4a8_fp8']}) | "
               f"{r['ms_w4a8_int8'] * 1e3:.1f} ({r['kernel_w4a8_int8']}) | {r['w4a8_int8_vs_fp8']:.2f} "
               f"({r['ms_fp8_mm'] / r['ms_w4a8_int8']:.2f}) | "

@@ -372,8 +372,8 @@ def test_gemv_making_t_in_its_own_launch_matches_float64_and_leaves_its_scratch_
 def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_kernel_does(monkeypatch):
     """W4A4 on the CUDA path: the online Hadamard transform in apply(), then the layer's 4-bit codes ("int4",
     clipped) on the INT8 kernel through torch.ops.twinquant.linear; against TorchTwinQuantKernel, the path
-    that simulates W4A4 (interpreter, enough tokens for the W4A8 kernel's rows), and against the float32
-    reference module of the GPU plugin check (benchmarks/e2e/cuda_plugin_check.py), which must agree too."""
+    that simulates W4A4 (interpreter, more tokens than a W4A8 layer keeps on the W4A16 kernels), and against the
+    float32 reference module of the GPU plugin check (benchmarks/e2e/cuda_plugin_check.py), which must agree too."""
     from vllm_twinquant import format as fmt
     from vllm_twinquant import kernels as K
 
@@ -384,7 +384,7 @@ def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_k
     layer = torch.nn.Module()
     for name, t in (("weight_packed", qw), ("weight_scale", sc), ("lowrank_down", down), ("lowrank_up", up)):
         setattr(layer, name, torch.nn.Parameter(t.clone(), requires_grad=False))
-    x = (torch.randn(2, 40, 576) * torch.rand(2, 40, 1) * 3).to(torch.bfloat16)
+    x = (torch.randn(2, 72, 576) * torch.rand(2, 72, 1) * 3).to(torch.bfloat16)
     ref = K.TorchTwinQuantKernel(c).apply(layer, x, None).double()
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "e2e"))
     from cuda_plugin_check import ActivationCodesReference
@@ -400,7 +400,7 @@ def test_triton_kernel_class_serves_w4a4_with_the_online_hadamard_as_the_torch_k
     tk.config = c
     tk.process_weights_after_loading(layer)
     y = tk.apply(layer, x, None)
-    assert y.shape == (2, 40, 192)
+    assert y.shape == (2, 72, 192)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
     assert (y.double() - ref).norm() < (w16 - ref).norm()
@@ -429,7 +429,7 @@ def test_triton_kernel_class_serves_a_resq_subspace_layer_as_the_torch_kernel_do
             tensors[name + "_scale"] = s
     for name, t in tensors.items():
         setattr(layer, name, torch.nn.Parameter(t.clone(), requires_grad=False))
-    x = torch.randn(2, 40, 576) * torch.rand(2, 40, 1) * 3
+    x = torch.randn(2, 72, 576) * torch.rand(2, 72, 1) * 3
     x[..., -64:] *= 40
     x = x.to(torch.bfloat16)
     assert K.TritonTwinQuantKernel.shape(type("T", (), {"config": c})()).k == 512
@@ -447,7 +447,7 @@ def test_triton_kernel_class_serves_a_resq_subspace_layer_as_the_torch_kernel_do
     tk.process_weights_after_loading(layer)
     assert layer.weight_packed.shape == (192, 512 // fmt.PACK_FACTOR) and layer.subspace_up.shape == (192, 3 * 8 + 64)
     y = tk.apply(layer, x, None)
-    assert y.shape == (2, 40, 192)
+    assert y.shape == (2, 72, 192)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, err
     assert (y.double() - ref).norm() * 5 < (plain - ref).norm()

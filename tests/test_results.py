@@ -66,6 +66,30 @@ def test_the_w4a8_kernel_tables_in_the_kernel_readme_are_make_tables_output():
         assert _printed(make_tables.w4a8_sweep, os.path.join(results, "sweeps", f"w4a8_{act}_h100.json")) in readme
 
 
+def test_the_w4a8_kernel_table_gains_a_cutlass_column_only_where_the_run_timed_it(tmp_path):
+    d = json.load(open(os.path.join(ROOT, "benchmarks", "results", "w4a8_h100.json")))
+    d["records"] = d["records"][:3]
+    d["records"][1].update(ms_cutlass_w4a8=2e-2, ms_cutlass_w4a8_mm=1.5e-2)
+    path = tmp_path / "w4a8.json"
+    path.write_text(json.dumps(d))
+    lines = [line for line in _printed(make_tables.w4a8_kernels, str(path)).splitlines() if line.startswith("|")]
+    assert "CUTLASS W4A8 (GEMM alone)" in lines[0] and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| 20.0 (15.0) |" in lines[3] and "| – |" in lines[2]
+
+
+def test_benchmark_int4_packing_puts_column_8w_plus_j_in_bits_4j_of_word_w():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "kernels"))
+    from bench_w4a8 import pack_int4_along_k
+
+    q = torch.randint(-8, 8, (5, 64), generator=torch.Generator().manual_seed(0))
+    packed = pack_int4_along_k(q)
+    assert packed.shape == (5, 8) and packed.dtype == torch.int32
+    nibbles = torch.stack([(packed >> (4 * j)) & 0xF for j in range(8)], -1).reshape(5, 64)
+    assert torch.equal(torch.where(nibbles >= 8, nibbles - 16, nibbles), q)
+
+
 def test_readme_tables_are_make_tables_output_of_the_committed_results():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert _printed(make_tables.readme_accuracy, JSONL) in readme

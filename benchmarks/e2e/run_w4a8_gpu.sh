@@ -15,7 +15,8 @@
 #             (a check, beside `make`); results under ~/lease
 #   sweep     in the background, no vLLM needed: benchmarks/kernels/run_w4a8.sh (ACTS, default int8) in a copy of
 #             the checkout (a later transfer replaces this one's files); its results and the device's table
-#             under ~/lease/w4a8. Every later step installs the package with that table.
+#             under ~/lease/w4a8 (its bench finds vLLM in ~/vsite for the CUTLASS W4A8 column once installed).
+#             Every later step installs the package with that table.
 #   wait      until the background work is done; its results into $OUT
 #   make [ARGS..]   after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
 #                   (ARGS go to e2e_h100.py make, e.g. --head-ranks 64 for tq_r64_h4)
@@ -61,7 +62,8 @@ case "${1:-}" in
     echo "started: wide_layer.py, then tune.py sweep-w4a8 --act-quant int4 (in $res)" ;;
   sweep)
     mkdir -p "$res/w4a8"; touch "$res/kernels.started"; rm -rf "$HOME/kw"; cp -r . "$HOME/kw"
-    setsid nohup env -u PYTHONPATH bash -c "cd $HOME/kw && OUT=$res/w4a8 ACTS='${ACTS:-int8}' timeout 590 \
+    setsid nohup env -u PYTHONPATH bash -c "cd $HOME/kw && OUT=$res/w4a8 ACTS='${ACTS:-int8}' \
+      BENCH_PYTHONPATH=$HOME/vsite timeout 590 \
       bash benchmarks/kernels/run_w4a8.sh '' 560 > $res/w4a8/run_w4a8.log 2>&1; touch $res/timed.done \
       $res/kernels.done" > /dev/null 2>&1 < /dev/null &
     echo "started: benchmarks/kernels/run_w4a8.sh (ACTS=${ACTS:-int8}, in $HOME/kw, results in $res/w4a8)" ;;

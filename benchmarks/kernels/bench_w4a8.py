@@ -17,7 +17,13 @@ stream them from HBM, `common.graph_time_ms`):
 * w4a8_fp8    the same layer declared W4A8-FP8 as the plan runs it (`kernel` says which): quantize_rows,
               the low-rank down projection and the Triton W4A8 kernel, or at large M cuBLAS's
               block-scaled FP8 GEMM (`fp8_cublas`); below the table's first W4A8 M, as W4A16
-* w4a8_int8   ... declared W4A8-INT8: the Gluon INT8 kernel (`w4a8_rs`, Hopper) or the Triton one, as the table says
+* w4a8_int8   ... declared W4A8-INT8: the Gluon INT8 kernels (`w4a8_ws`, `w4a8_rs`, Hopper) or the Triton one, as
+              the table says
+* cutlass_w4a8  vLLM's CUTLASS W4A8 GEMM (`cutlass_w4a8_mm`: int4 weights, e4m3 activations, e4m3 scales of
+              128-wide groups and fp32 channel scales, prepared as vLLM's `CutlassW4A8LinearKernel` prepares
+              them) after `quantize_rows`; `cutlass_w4a8_mm` is the GEMM alone. Only where vLLM imports and has
+              the op (Hopper), checked first against a float32 reference on operands it computes exactly;
+              else `meta.unusable` says why
 
 The low-rank columns (rank > 0) cost the same in every TwinQuant column; bf16 and fp8 have none.
 """
@@ -117,13 +123,74 @@ def correctness(gen, aqs) -> float:
     return worst
 
 
+def pack_int4_along_k(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [N, K] in -8..7 -> int32 [N, K / 8]: column 8 w + j of a row in bits 4j..4j+3 of its word w, two's
+    complement (vLLM's signed int4 checkpoint layout, packed along the input dimension)."""
+    n, k = q.shape
+    nib = (q.to(torch.int32) & 0xF).view(n, k // 8, 8)
+    packed = torch.zeros((n, k // 8), device=q.device, dtype=torch.int32)
+    for j in range(8):
+        packed |= nib[:, :, j] << (4 * j)
+    return packed
+
+
+def cutlass_w4a8_weights(k: int, n: int, gen, scales=None):
+    """Random int4 weights [N, K] with e4m3 scales per 128-wide group and fp32 channel scales, prepared for
+    `cutlass_w4a8_mm` as vLLM's `CutlassW4A8LinearKernel` prepares a checkpoint's: (its three operands, the
+    dequantized weights [N, K] fp32). `scales`: the group scales' values ([K / 128, N], any float), else random."""
+    from vllm import _custom_ops as ops
+
+    q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int32, generator=gen)
+    packed = pack_int4_along_k(q)
+    if scales is None:
+        scales = torch.rand((k // GROUP, n), device="cuda", generator=gen) + 0.5
+    gs = scales.to(torch.float8_e4m3fn).contiguous()
+    chan = (torch.rand((n, 1), device="cuda", generator=gen) * 0.01 + 0.005).contiguous()
+    w = q.float() * gs.float().repeat_interleave(GROUP, 0).t() * chan
+    return (ops.cutlass_encode_and_reorder_int4b(packed.t()), ops.cutlass_pack_scale_fp8(gs), chan), w
+
+
+def cutlass_w4a8_mm(xq, xs, operands):
+    from vllm import _custom_ops as ops
+
+    b_q, b_gs, chan = operands
+    return ops.cutlass_w4a8_mm(a=xq, b_q=b_q, b_group_scales=b_gs, b_group_size=GROUP, b_channel_scales=chan,
+                               a_token_scales=xs[:, None].contiguous())
+
+
+def cutlass_w4a8_unusable(gen) -> str | None:
+    """None if vLLM's CUTLASS W4A8 GEMM runs here and matches a float32 reference, else why not. The group
+    scales are powers of two, so each code times its scale is exact in e4m3 whatever the kernel rounds to."""
+    import traceback
+
+    try:
+        import vllm._custom_ops  # noqa: F401
+    except Exception as e:  # noqa: BLE001 -- no vLLM in this environment: the column is left out
+        return f"vLLM not importable: {type(e).__name__}: {e}"[:300]
+    if not hasattr(torch.ops._C, "cutlass_w4a8_mm"):
+        return "this vLLM build has no cutlass_w4a8_mm"
+    try:
+        k, n = 4096, 6144
+        pow2 = 2.0 ** torch.randint(-1, 2, (k // GROUP, n), device="cuda", generator=gen).float()
+        operands, w = cutlass_w4a8_weights(k, n, gen, pow2)
+        x = torch.randn(301, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        xq, xs, _ = quantize_rows(x, "fp8")
+        y = cutlass_w4a8_mm(xq, xs, operands).float()
+        ref = (xq.float() @ w.t()) * xs[:, None]
+        err = ((y - ref).norm() / ref.norm()).item()
+        return None if err <= 1e-2 else f"rel. error {err:.2e} against the float32 reference"
+    except Exception as e:  # noqa: BLE001 -- reported, and the column is left out
+        traceback.print_exc()
+        return f"{type(e).__name__}: {e}"[:2000]
+
+
 def fp8_weights(k, n, gen):
     w = torch.randn(n, k, device="cuda", generator=gen)
     scale = w.abs().amax(1) / 448.0
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale[None, :].float().contiguous()
 
 
-def bench_case(name, k, n, m, r, gen, aqs) -> dict:
+def bench_case(name, k, n, m, r, gen, aqs, cutlass: bool = False) -> dict:
     dtype = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     rec = {"shape": name, "K": k, "N": n, "M": m, "rank": r}
@@ -147,6 +214,12 @@ def bench_case(name, k, n, m, r, gen, aqs) -> dict:
         rec["ms_fp8_mm"] = rec["ms_fp8"] = None
         rec["fp8_error"] = str(e)[:200]
     del f8
+    if cutlass:
+        cw = [cutlass_w4a8_weights(k, n, gen)[0] for _ in range(flush_copies(n * k // 2))]
+        rec["ms_cutlass_w4a8_mm"] = graph_time_ms([lambda w=w: cutlass_w4a8_mm(xq, xs, w) for w in cw], reps=20)
+        rec["ms_cutlass_w4a8"] = graph_time_ms([lambda w=w: cutlass_w4a8_mm(*quantize_rows(x, "fp8")[:2], w)
+                                                for w in cw], reps=20)
+        del cw
     layers = [make_layer(k, n, r, dtype, gen) for _ in range(flush_copies(layer_bytes(k, n, r)))]
     layers = [(ct.repack(L[0], GROUP), *L[1:]) for L in layers]
     device = ct.Device.of(x.device)
@@ -186,6 +259,8 @@ def main():
     t0 = time.time()
     meta["unusable"] = {aq: why for aq in ("fp8", "int8") if (why := usable(aq))}
     aqs = [aq for aq in ("fp8", "int8") if aq not in meta["unusable"]]
+    if why := cutlass_w4a8_unusable(gen):
+        meta["unusable"]["cutlass_w4a8"] = why
     if not args.no_check:
         meta["max_rel_err"] = correctness(gen, aqs)
         print(f"correctness: max ||out-ref||/||ref|| = {meta['max_rel_err']:.2e} ({time.time() - t0:.0f} s)",
@@ -198,13 +273,14 @@ def main():
         if args.time_limit and time.time() - t0 > args.time_limit:
             meta["stopped_early"] = f"before {name} M={m} r={r}"
             break
-        rec = bench_case(name, k, n, m, r, gen, aqs)
+        rec = bench_case(name, k, n, m, r, gen, aqs, "cutlass_w4a8" not in meta["unusable"])
         recs.append(rec)
         us = {c: f"{rec[f'ms_{c}'] * 1e3:7.1f}" if rec.get(f"ms_{c}") else "    n/a" for c in
-              ("bf16", "bf16_repeat", "fp8", "fp8_mm", "w4a16", "w4a8_fp8", "w4a8_int8")}
+              ("bf16", "bf16_repeat", "fp8", "fp8_mm", "w4a16", "w4a8_fp8", "w4a8_int8", "cutlass_w4a8")}
         print(f"{name:8s} M={m:5d} r={r:3d} bf16 {us['bf16']} ({us['bf16_repeat']}) fp8 {us['fp8']} "
               f"(mm {us['fp8_mm']}) "
-              f"w4a16 {us['w4a16']} w4a8 fp8 {us['w4a8_fp8']} [{rec.get('kernel_w4a8_fp8')}] int8 {us['w4a8_int8']}",
+              f"w4a16 {us['w4a16']} w4a8 fp8 {us['w4a8_fp8']} [{rec.get('kernel_w4a8_fp8')}] int8 {us['w4a8_int8']} "
+              f"cutlass w4a8 {us['cutlass_w4a8']}",
               flush=True)
         save_records(args.out, f"w4a8_{args.tag}", meta, recs)
     print(f"wrote {save_records(args.out, f'w4a8_{args.tag}', meta, recs, t0)} in {meta['seconds']:.0f} s")

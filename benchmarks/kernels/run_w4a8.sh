@@ -5,7 +5,8 @@
 #   [ACTS="fp8 int8"] [BENCH_MS="1 16 ..."] [BENCH_RANKS="0 64"] bash benchmarks/kernels/run_w4a8.sh [TAG] [SECONDS]
 # TAG: h100 or h200 (default: from the device's name); the bench stops its table SECONDS after the start (540);
 # ACTS: the activation precisions swept (the others' rows stay as they are); BENCH_MS, BENCH_RANKS: the bench's
-# token counts and ranks (default 1 16 128 256 512 1024 4096; 0 64).
+# token counts and ranks (default 1 16 128 256 512 1024 4096; 0 64); BENCH_PYTHONPATH: where the bench finds vLLM
+# for its CUTLASS W4A8 column (without it the column is left out).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/w4a8-out}; mkdir -p "$out"
@@ -30,6 +31,7 @@ for aq in ${ACTS:-fp8 int8}; do
   rm -f "$out/sweep_w4a8_$aq.partial.json"
 done
 cp "$table" "$out/"
-python3 benchmarks/kernels/bench_w4a8.py --out "$out" --tag "$tag" --ms ${BENCH_MS:-1 16 128 256 512 1024 4096} \
+PYTHONPATH=${BENCH_PYTHONPATH:+$BENCH_PYTHONPATH:}${PYTHONPATH:-} \
+  python3 benchmarks/kernels/bench_w4a8.py --out "$out" --tag "$tag" --ms ${BENCH_MS:-1 16 128 256 512 1024 4096} \
   --ranks ${BENCH_RANKS:-0 64} \
   --time-limit $(( ${2:-540} - $(date +%s) + start ))
