@@ -7,9 +7,9 @@ The rule, in full:
 0. A W4A8 layer (`LayerShape.act_quant` fp8/int8; int4, W4A4's codes, as int8): the first kernel of
    W4A8_PRIORITY that can run it and whose table rows name a config for (M, N, K): `fp8_cublas` (FP8, rows
    `w4a8_fp8_cublas`), `w4a8_ws` and `w4a8_rs` (integer codes on Hopper, rows `w4a8_ws_int8`, `w4a8_rs_int8`),
-   the Triton `w4a8`
-   (rows `w4a8_<act>`); below the tables' first such M (decode), the rule below for the same
-   layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8 product's
+   the Triton `w4a8` (rows `w4a8_<act>`); below the tables' first such M (the small token counts where the
+   W4A16 kernels measured faster, at most benchmarks/kernels/tune.py's W4A16_KEPT_MAX_M), the rule below for
+   the same layer as W4A16, on x unquantized (logits at those token counts differ from the W4A8 product's
    by the activation rounding; README, "Limits").
 1. Above the large-M threshold (the device table's `large_m`, by layer size; at least the last
    token count wgmma_rs takes where it can run): `dequant_cublas`.
