@@ -34,6 +34,9 @@ install() {  # the package as vLLM finds it, with the device table a background 
   done
   python3 -m pip install -q --no-deps --no-build-isolation --target "$HOME/vsite" . 2>&1 | { grep -v WARNING || true; }
 }
+wait_kernels() {  # until the background `kernels` or `sweep` job (if one was started) is done
+  while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+}
 plugin_checks() {  # cuda_plugin_check --activations ACT for each ACT, with the package installed as vLLM finds it
   install
   for act in "$@"; do  # int4_sub128: W4A4 with a ResQ subspace of 128 channels
@@ -68,7 +71,7 @@ case "${1:-}" in
       $res/kernels.done" > /dev/null 2>&1 < /dev/null &
     echo "started: benchmarks/kernels/run_w4a8.sh (ACTS=${ACTS:-int8}, in $HOME/kw, results in $res/w4a8)" ;;
   wait)
-    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    wait_kernels
     tail -5 "$res"/w4a8/run_w4a8.log 2>/dev/null || true
     cp -r "$res"/w4a8 "$out"/ 2>/dev/null || true; ls "$out" ;;
   make)
@@ -79,11 +82,11 @@ case "${1:-}" in
     python3 benchmarks/e2e/e2e_h100.py make --workdir "$work" --ranks 64 "$@" --out "$res" ;;
   bench)
     shift
-    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    wait_kernels
     python3 benchmarks/e2e/e2e_h100.py bench --workdir "$work" --configs "$@" --out "$out" ;;
   serve)
     shift
-    while [ -f "$res/kernels.started" ] && [ ! -f "$res/kernels.done" ]; do sleep 2; done
+    wait_kernels
     python3 benchmarks/e2e/e2e_h100.py serve --workdir "$work" --configs "$@" --out "$out" ;;
   collect)
     tail -4 "$res"/*.log; cp "$res"/*.json "$res"/*.log "$out"/ 2>/dev/null || true; ls "$out" ;;

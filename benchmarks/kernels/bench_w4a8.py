@@ -134,10 +134,11 @@ def pack_int4_along_k(q: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def cutlass_w4a8_weights(k: int, n: int, gen, scales=None):
+def cutlass_w4a8_weights(k: int, n: int, gen, scales=None, dequantized: bool = False):
     """Random int4 weights [N, K] with e4m3 scales per 128-wide group and fp32 channel scales, prepared for
-    `cutlass_w4a8_mm` as vLLM's `CutlassW4A8LinearKernel` prepares a checkpoint's: (its three operands, the
-    dequantized weights [N, K] fp32). `scales`: the group scales' values ([K / 128, N], any float), else random."""
+    `cutlass_w4a8_mm` as vLLM's `CutlassW4A8LinearKernel` prepares a checkpoint's: its three operands, and with
+    `dequantized` also the weights they stand for ([N, K] fp32). `scales`: the group scales' values ([K / 128,
+    N], any float), else random."""
     from vllm import _custom_ops as ops
 
     q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int32, generator=gen)
@@ -146,8 +147,10 @@ def cutlass_w4a8_weights(k: int, n: int, gen, scales=None):
         scales = torch.rand((k // GROUP, n), device="cuda", generator=gen) + 0.5
     gs = scales.to(torch.float8_e4m3fn).contiguous()
     chan = (torch.rand((n, 1), device="cuda", generator=gen) * 0.01 + 0.005).contiguous()
-    w = q.float() * gs.float().repeat_interleave(GROUP, 0).t() * chan
-    return (ops.cutlass_encode_and_reorder_int4b(packed.t()), ops.cutlass_pack_scale_fp8(gs), chan), w
+    operands = (ops.cutlass_encode_and_reorder_int4b(packed.t()), ops.cutlass_pack_scale_fp8(gs), chan)
+    if not dequantized:
+        return operands
+    return operands, q.float() * gs.float().repeat_interleave(GROUP, 0).t() * chan
 
 
 def cutlass_w4a8_mm(xq, xs, operands):
@@ -172,7 +175,7 @@ def cutlass_w4a8_unusable(gen) -> str | None:
     try:
         k, n = 4096, 6144
         pow2 = 2.0 ** torch.randint(-1, 2, (k // GROUP, n), device="cuda", generator=gen).float()
-        operands, w = cutlass_w4a8_weights(k, n, gen, pow2)
+        operands, w = cutlass_w4a8_weights(k, n, gen, pow2, dequantized=True)
         x = torch.randn(301, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         xq, xs, _ = quantize_rows(x, "fp8")
         y = cutlass_w4a8_mm(xq, xs, operands).float()
@@ -215,7 +218,7 @@ def bench_case(name, k, n, m, r, gen, aqs, cutlass: bool = False) -> dict:
         rec["fp8_error"] = str(e)[:200]
     del f8
     if cutlass:
-        cw = [cutlass_w4a8_weights(k, n, gen)[0] for _ in range(flush_copies(n * k // 2))]
+        cw = [cutlass_w4a8_weights(k, n, gen) for _ in range(flush_copies(n * k // 2))]
         rec["ms_cutlass_w4a8_mm"] = graph_time_ms([lambda w=w: cutlass_w4a8_mm(xq, xs, w) for w in cw], reps=20)
         rec["ms_cutlass_w4a8"] = graph_time_ms([lambda w=w: cutlass_w4a8_mm(*quantize_rows(x, "fp8")[:2], w)
                                                 for w in cw], reps=20)

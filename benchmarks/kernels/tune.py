@@ -230,9 +230,10 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] 
     return path
 
 
-# W4A8 kernels that run before the Triton one in the plan (dispatch.W4A8_PRIORITY) -> their table key
-W4A8_FIRST = {"fp8_cublas": "w4a8_fp8_cublas", "w4a8_ws": "w4a8_ws_int8", "w4a8_rs": "w4a8_rs_int8"}
-W4A8_FIRST_ACT = {"fp8_cublas": "fp8", "w4a8_ws": "int8", "w4a8_rs": "int8"}  # the activations each one runs
+# W4A8 kernels that run before the Triton one in the plan (dispatch.W4A8_PRIORITY) -> (their table key, the
+# activations they run)
+W4A8_FIRST = {"fp8_cublas": ("w4a8_fp8_cublas", "fp8"), "w4a8_ws": ("w4a8_ws_int8", "int8"),
+              "w4a8_rs": ("w4a8_rs_int8", "int8")}
 
 
 def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
@@ -247,8 +248,8 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
     ms = sorted(sweep_data["ms"])
     rows: dict[str, list[dict]] = {f"w4a8_{sweep_data['act_quant']}": []}
     timed = {r["kernel"] for r in sweep_data["records"]}
-    rows.update({key: [] for kernel, key in W4A8_FIRST.items()
-                 if W4A8_FIRST_ACT[kernel] == sweep_data["act_quant"]})
+    first = {kernel: key for kernel, (key, act) in W4A8_FIRST.items() if act == sweep_data["act_quant"]}
+    rows.update({key: [] for key in first.values()})
     w16_kept = {cls: True for cls, _, _, _ in CLASSES}  # still in the token counts that keep W4A16
     for i, m in enumerate(ms):
         for cls, max_n, min_k, _ in CLASSES:
@@ -260,8 +261,8 @@ def build_w4a8_rows(sweep_data: dict) -> dict[str, list[dict]]:
             key = {"max_m": m if i < len(ms) - 1 else None, "max_n": max_n, "min_k": min_k}
             cfg = None if best is None or w16_kept[cls] else best["config"]
             rows[f"w4a8_{sweep_data['act_quant']}"].append({**key, "config": cfg})
-            for kernel, table_key in W4A8_FIRST.items():
-                if table_key in rows and kernel in timed:
+            for kernel, table_key in first.items():
+                if kernel in timed:
                     use = not w16_kept[cls] and fastest is not None and fastest["kernel"] == kernel
                     rows[table_key].append({**key, "config": (fastest["config"] or {}) if use else None})
     return rows
