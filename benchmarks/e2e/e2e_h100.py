@@ -37,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -445,11 +446,12 @@ def cmd_serve(a) -> None:
                 _wait_ready(f"http://127.0.0.1:{port}", proc, a.server_timeout)
                 rec["startup_s"] = round(time.time() - t0, 1)
                 rec["runs"] = []
-                for c in a.concurrency:
-                    n = max(8, 4 * c)
-                    rec["runs"].append(bench_serve(f"http://127.0.0.1:{port}", path, c, n, a.input_len, a.output_len,
-                                                   a.out, f"bench_serve_{cfg}_c{c}.json"))
-                    print(cfg, json.dumps(rec["runs"][-1]), flush=True)
+                with tempfile.TemporaryDirectory() as raw:  # vllm bench serve's own files; the record keeps its metrics
+                    for c in a.concurrency:
+                        n = max(8, 4 * c)
+                        rec["runs"].append(bench_serve(f"http://127.0.0.1:{port}", path, c, n, a.input_len,
+                                                       a.output_len, raw, f"bench_serve_{cfg}_c{c}.json"))
+                        print(cfg, json.dumps(rec["runs"][-1]), flush=True)
             except Exception as e:  # keep going with the next config; the log says why
                 rec["error"] = repr(e)
                 print(f"{cfg}: FAILED {e!r}; see {log_path}", flush=True)

@@ -22,10 +22,17 @@
 #                   (ARGS go to e2e_h100.py make, e.g. --head-ranks 64 for tq_r64_h4)
 #   bench CONFIG..  after the int4 check (timings alone on the GPU)
 #   collect   ~/lease's results into $OUT
+# More than 8 files in $OUT travel back as $OUT/results.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .gpu-stage/remote.sh env
 out=${OUT:-/tmp/w4a8-e2e}; mkdir -p "$out"
+pack_out() {  # the device tool brings back at most 8 files: more than that travel as one archive
+  if [ "$(find "$out" -type f | wc -l)" -gt 8 ]; then
+    tar -C "$out" -czf /tmp/results.tgz . && find "$out" -mindepth 1 -delete && mv /tmp/results.tgz "$out/"
+  fi
+}
+trap pack_out EXIT
 work=$HOME/e2e-w4a8
 res=$HOME/lease
 install() {  # the package as vLLM finds it, with the device table a background `sweep` wrote (if one did)

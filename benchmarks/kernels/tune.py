@@ -141,13 +141,12 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
             [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
              Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
-        gluon += [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
+        ws = [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
             [Ws(128, 4), Ws(128, 6), Ws(128, 6, band=32), Ws(128, 6, persistent=True), Ws(128, 4, warpgroups=1),
-             Ws(64, 6, persistent=True, warpgroups=1)]
-            # the group sums converted without I2F (w4a8.CONVERTS) on the configs the INT8 sweep chose
-            + [Ws(128, 6, persistent=True, convert="bias"), Ws(128, 6, convert="bias"),
-               Ws(128, 4, warpgroups=1, convert="bias")]
-            if m >= 128 else [])
+             Ws(64, 6, persistent=True, warpgroups=1)] if m >= 128 else [])
+        # each also with the group sums converted without I2F (w4a8.CONVERTS): at I2F's 16 a clock per SM a
+        # 128 x 128 tile's group takes 1,024 clocks of conversion against 512 of int8 MMA
+        gluon += ws + [dataclasses.replace(c, convert="bias") for c in ws]
     triton_ = _triton_candidates(m)
     if act_quant == "int8" and m <= 64:  # the group sums converted without I2F, beside each (w4a8.CONVERTS),
         triton_ += [dataclasses.replace(c, convert="bias") for c in triton_]  # where the Gluon kernel trails
