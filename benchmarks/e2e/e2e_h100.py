@@ -497,7 +497,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[0, 32, 64])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[0, 32, 64])
     ap.add_argument("--head-ranks", type=int, nargs="*", default=[],
                     help="also make tq_r<R>_h4: rank R with lm_head quantized too")
     ap.add_argument("--configs", nargs="+", default=["bf16", "fp8", "gptq", "tq_r0", "tq_r32", "tq_r64"])
