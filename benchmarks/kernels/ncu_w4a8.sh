@@ -4,7 +4,7 @@
 # shape, to say what bounds the kernel: tensor-pipe activity, the conversion (XU), ALU and FMA pipes, issue slots.
 #   [N=4096 K=14336 M=4096 RANK=64] [WS="tokens=128 stages=6 persistent=1"] bash benchmarks/kernels/ncu_w4a8.sh
 # Results: $OUT/ncu_w4a8_<label>.csv (ncu's raw page: every metric of the sections below, one row per kernel
-# launch), and ncu_w4a8.txt, a few of them per kernel. Clocks are left alone (--clock-control none).
+# launch; the second launch of each), and ncu_w4a8.txt, a few of them per kernel. Clocks are left alone (--clock-control none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/ncu-w4a8}; mkdir -p "$out"
@@ -13,9 +13,9 @@ ws=${WS:-tokens=128 stages=6 persistent=1}
 sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy)
 run() {  # label, kernel-name regex, profile_kernels.py arguments...
   local label=$1 names=$2; shift 2
-  timeout 180 ncu --clock-control none --kernel-name "regex:$names" --launch-skip 1 --launch-count 2 \
+  timeout 180 ncu --clock-control none --kernel-name "regex:$names" --launch-skip 1 --launch-count 1 \
     "${sections[@]}" --page raw --csv \
-    python3 benchmarks/kernels/profile_kernels.py --n "$n" --k "$k" --ms "$m" --rank "$rank" --calls 2 "$@" \
+    python3 benchmarks/kernels/profile_kernels.py --n "$n" --k "$k" --ms "$m" --rank "$rank" --calls 1 "$@" \
     > "$out/ncu_w4a8_$label.csv" 2> "$out/ncu_w4a8_$label.log" || echo "$label: ncu failed (see its log)"
 }
 run ws_cvt "_tq_w4a8_ws_kernel" --act-quant int8 --ws $ws convert=cvt
@@ -31,7 +31,7 @@ want = ["gpu__time_duration.sum", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct
         "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
         "smsp__issue_active.avg.pct_of_peak_sustained_active",
         "dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__warps_active.avg.pct_of_peak_sustained_active"]
-print(f"ncu, layer N={n} K={k}, {m} tokens (median of the profiled launches)")
+print(f"ncu, layer N={n} K={k}, {m} tokens (the second launch of each kernel)")
 for path in sorted(glob.glob(os.path.join(out, "ncu_w4a8_*.csv"))):
     lines = open(path).read().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
