@@ -3,8 +3,8 @@
 # sums (cvt: I2F; bias: integer add and float subtract), beside FP8 W8A8's GEMM (torch._scaled_mm) of the same
 # shape, to say what bounds the kernel: tensor-pipe activity, the conversion (XU), ALU and FMA pipes, issue slots.
 #   [N=4096 K=14336 M=4096 RANK=64] [WS="tokens=128 stages=6 persistent=1"] bash benchmarks/kernels/ncu_w4a8.sh
-# Results: $OUT/ncu_w4a8_<label>.csv (ncu's raw page: every metric of the sections below, one row per kernel
-# launch; the second launch of each), and ncu_w4a8.txt, a few of them per kernel. Clocks are left alone (--clock-control none).
+# Results: $OUT/ncu_w4a8_<label>.csv (ncu's raw page: every metric of the sections below for the second launch of
+# each kernel) and ncu_w4a8.txt, a few of them per kernel. Clocks are left alone (--clock-control none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/ncu-w4a8}; mkdir -p "$out"
