@@ -16,7 +16,8 @@
 #   sweep     in the background, no vLLM needed: benchmarks/kernels/run_w4a8.sh (ACTS, default int8) in a copy of
 #             the checkout (a later transfer replaces this one's files); its results and the device's table
 #             under ~/lease/w4a8 (its bench finds vLLM in ~/vsite for the CUTLASS W4A8 column once installed);
-#             then ncu_w4a8.sh (hardware counters of w4a8_ws and FP8 W8A8's GEMM, in ~/lease/w4a8/ncu).
+#             then ncu_w4a8.sh (hardware counters of w4a8_ws and FP8 W8A8's GEMM, in ~/lease/w4a8/ncu; `make`
+#             may run beside it, the timed steps not).
 #             Every later step installs the package with that table.
 #   wait      until the background work is done; its results into $OUT
 #   make [ARGS..]   after the timed run: the package installed as vLLM finds it, the rank-64 checkpoints
@@ -75,9 +76,9 @@ case "${1:-}" in
     mkdir -p "$res/w4a8"; touch "$res/kernels.started"; rm -rf "$HOME/kw"; cp -r . "$HOME/kw"
     setsid nohup env -u PYTHONPATH bash -c "cd $HOME/kw && OUT=$res/w4a8 ACTS='${ACTS:-int8}' \
       BENCH_PYTHONPATH=$HOME/vsite timeout 590 \
-      bash benchmarks/kernels/run_w4a8.sh '' 560 > $res/w4a8/run_w4a8.log 2>&1; \
-      OUT=$res/w4a8/ncu bash benchmarks/kernels/ncu_w4a8.sh > $res/w4a8/ncu_w4a8.log 2>&1; touch $res/timed.done \
-      $res/kernels.done" > /dev/null 2>&1 < /dev/null &
+      bash benchmarks/kernels/run_w4a8.sh '' 560 > $res/w4a8/run_w4a8.log 2>&1; touch $res/timed.done; \
+      OUT=$res/w4a8/ncu bash benchmarks/kernels/ncu_w4a8.sh > $res/w4a8/ncu_w4a8.log 2>&1; \
+      touch $res/kernels.done" > /dev/null 2>&1 < /dev/null &
     echo "started: run_w4a8.sh (ACTS=${ACTS:-int8}), then ncu_w4a8.sh, in $HOME/kw; results in $res/w4a8" ;;
   wait)
     wait_kernels
