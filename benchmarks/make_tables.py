@@ -205,17 +205,21 @@ def e2e_w4a8(path="benchmarks/results/e2e_w4a8_h100.json"):
 
 def e2e_serve(path):
     """`vllm bench serve` against one OpenAI-API server per config of one machine: median TPOT and TTFT and
-    output tok/s at each concurrency, TPOT also against BF16's at the same concurrency."""
+    output tok/s at each concurrency, TPOT also against BF16's at the same concurrency (FP8 W8A8's where the run
+    has no BF16 server), and p99 TPOT."""
     d = json.load(open(path))
     order = list(SPEED_NAMES)
     runs = {s["config"]: {r["concurrency"]: r for r in s.get("runs", [])} for s in d["serve"]}
-    base = runs.get("bf16", {})
-    print("| config | concurrency | median TPOT, ms | × BF16 | median TTFT, ms | output tok/s |")
-    print("|---|---|---|---|---|---|")
+    base_cfg = "bf16" if runs.get("bf16") else "fp8"
+    base = runs.get(base_cfg, {})
+    print(f"| config | concurrency | median TPOT, ms | × {SPEED_NAMES[base_cfg]} | p99 TPOT, ms | median TTFT, ms | "
+          "output tok/s |")
+    print("|---|---|---|---|---|---|---|")
     for cfg in sorted(runs, key=order.index):
         for c, r in sorted(runs[cfg].items()):
             vs = f"{base[c]['median_tpot_ms'] / r['median_tpot_ms']:.2f}" if c in base else "–"
-            print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {r['median_ttft_ms']:.1f} | "
+            p99 = f"{r['p99_tpot_ms']:.2f}" if "p99_tpot_ms" in r else "–"
+            print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {p99} | {r['median_ttft_ms']:.1f} | "
                   f"{r['output_throughput']:,.0f} |")
 
 

@@ -296,3 +296,18 @@ def test_one_runs_results_file_holds_its_records_and_servers_and_the_serve_table
     tq = {int(r[1]): r for r in rows if r[0].endswith(make_tables.SPEED_NAMES["tq_r64_h4"])}
     assert float(tq[1][3]) == pytest.approx(6.8 / 3.4, abs=0.01) and float(tq[16][3]) == pytest.approx(1.6, abs=0.01)
     assert tq[64][3] == "–" and len(rows) == 5
+
+
+def test_the_serve_table_compares_tpot_to_fp8_where_the_run_has_no_bf16_server_and_shows_p99_tpot(tmp_path):
+    def run(c, tpot, p99):
+        return {"concurrency": c, "median_tpot_ms": tpot, "p99_tpot_ms": p99, "median_ttft_ms": 20.0,
+                "output_throughput": 1000.0 / tpot}
+
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"serve": [{"config": "fp8", "runs": [run(1, 4.0, 4.2)]},
+                                          {"config": "bf16", "error": "not ready", "runs": []},
+                                          {"config": "tq_r64_h4_a8", "runs": [run(1, 3.2, 9.5)]}]}))
+    lines = _printed(make_tables.e2e_serve, str(path)).splitlines()
+    assert f"× {make_tables.SPEED_NAMES['fp8']}" in lines[0]
+    tq = next(line.split(" | ") for line in lines[2:] if make_tables.SPEED_NAMES["tq_r64_h4_a8"] in line)
+    assert float(tq[3]) == pytest.approx(4.0 / 3.2, abs=0.01) and float(tq[4]) == 9.5
