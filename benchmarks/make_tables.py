@@ -219,8 +219,8 @@ def e2e_serve(path):
         for c, r in sorted(runs[cfg].items()):
             vs = f"{base[c]['median_tpot_ms'] / r['median_tpot_ms']:.2f}" if c in base else "–"
             p99 = f"{r['p99_tpot_ms']:.2f}" if "p99_tpot_ms" in r else "–"
-            print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {p99} | {r['median_ttft_ms']:.1f} | "
-                  f"{r['output_throughput']:,.0f} |")
+            print(f"| {SPEED_NAMES[cfg]} | {c} | {r['median_tpot_ms']:.2f} | {vs} | {p99} | "
+                  f"{r['median_ttft_ms']:.1f} | {r['output_throughput']:,.0f} |")
 
 
 def t_in_launch(path="benchmarks/results/t_in_launch_check_h100.json"):
