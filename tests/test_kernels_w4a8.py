@@ -365,20 +365,22 @@ def test_w4a8_rs_compiles_to_int8_wgmma_on_register_fragments_without_spills(cfg
     assert ("cvt.rn.f32.s32" in ptx) == (c.convert == "cvt")
 
 
-@pytest.mark.parametrize("tokens,stages,wgs,rank,group,dtype,bias,convert", [
-    (128, 4, 2, 64, 128, "bf16", False, "cvt"), (64, 6, 2, 0, 64, "fp16", True, "cvt"),
-    (64, 6, 1, 64, 128, "bf16", False, "cvt"), (128, 6, 2, 64, 128, "bf16", False, "bias")])
+@pytest.mark.parametrize("tokens,stages,wgs,rank,group,dtype,bias,convert,overlap", [
+    (128, 4, 2, 64, 128, "bf16", False, "cvt", False), (64, 6, 2, 0, 64, "fp16", True, "cvt", False),
+    (64, 6, 1, 64, 128, "bf16", False, "cvt", False), (128, 6, 2, 64, 128, "bf16", False, "bias", False),
+    (64, 6, 2, 64, 128, "bf16", False, "cvt", True), (64, 6, 1, 64, 64, "fp16", True, "bias", True)])
 def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_int8_wgmma_warpgroups_that_never_spill_in_their_loops(
-        tokens, stages, wgs, rank, group, dtype, bias, convert):
+        tokens, stages, wgs, rank, group, dtype, bias, convert, overlap):
     """One producer warp issues the TMA copies of a scale group (x's codes, each warpgroup's words) against one
     barrier expecting exactly their bytes; the consumers' MMAs are s8 x s8 -> s32 wgmma on register fragments (no
     descriptor for A) of 64 rows each; a slot is released by one arrival per warpgroup (its barrier counts them);
-    registers move from the producer to the consumers; no group loop touches local memory, and the ring fits in
-    shared memory (with one warpgroup, twice: two CTAs per SM)."""
+    registers move from the producer to the consumers; no group loop touches local memory, ptxas keeps the
+    wgmmas asynchronous (one wait per group, not one per wgmma; with `overlap` one of them leaves the next
+    group's wgmma in flight), and the ring fits in shared memory (with one warpgroup, twice: two CTAs per SM)."""
     from csrc_triton.compile import compile_sm90, descriptor_type
     from csrc_triton.kernels import w4a8_ws
 
-    cfg = w4a8_ws.W4a8WsConfig(tokens, stages, warpgroups=wgs, convert=convert)
+    cfg = w4a8_ws.W4a8WsConfig(tokens, stages, warpgroups=wgs, convert=convert, overlap=overlap)
     x_l, q_l = w4a8_ws.smem_layouts(tokens, group)
     ptrs = {"x_ptr": f"*{dtype}", "xs_ptr": "*fp32", "sc_ptr": "*fp16", "up_ptr": f"*{dtype}", "us_ptr": "*fp32",
             "ws_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
@@ -404,6 +406,11 @@ def test_w4a8_ws_compiles_to_a_tma_producer_warp_and_int8_wgmma_warpgroups_that_
     assert len(mma_loops) == wgs and not any(("STL" in ins or "LDL" in ins) for b in mma_loops for ins in b)
     # convert="bias": the group sums become fp32 without the conversion pipe (no I2F in the group loops)
     assert any("I2F" in ins for b in mma_loops for ins in b) == (convert == "cvt")
+    # each loop runs two groups of group / 32 wgmmas (k32) and waits twice: serialised, ptxas would wait after each
+    for body in mma_loops:
+        assert sum("IGMMA" in ins for ins in body) == 2 * group // 32
+        assert sum("WARPGROUP.DEPBAR" in ins for ins in body) == 2
+    assert bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)) == overlap
     assert res["STACK"] <= 128 and res["LOCAL"] == 0, res
     ctas = w4a8_ws.CTAS_PER_SM[wgs]
     assert ctas * 64 * 1024 >= ctas * 32 * (4 * wgs + 4) * w4a8_ws.MAXNREG[wgs]  # the registers let them share
@@ -439,6 +446,9 @@ def test_w4a8_ws_launch_check_and_descriptors_name_what_a_config_needs():
         w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(256, 6))
     with pytest.raises(ValueError, match="warpgroups one of"):
         w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(64, 6, warpgroups=3))
+    with pytest.raises(ValueError, match="overlap .* at 64 tokens only"):
+        w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(128, 6, overlap=True))
+    w4a8_ws.launch_check(16, 6144, 4096, 128, w4a8_ws.W4a8WsConfig(64, 6, overlap=True))
 
 
 # W4A8-INT8 rows that run the Triton kernel at every token count (where no kernel before it is named)

@@ -17,16 +17,23 @@ table=$(python3 -c 'import torch; from csrc_triton.dispatch import table_file; p
 [ -f "$table" ] || cp csrc_triton/configs/NVIDIA_H100_80GB_HBM3.json "$table"
 case " ${ACTS:-fp8 int8} " in *" int8 "*)
   # the warp-specialized kernel alone first, under a time limit: one that hangs (a barrier never completed) is
-  # left out of the sweep rather than stopping it
+  # left out of the sweep rather than stopping it; its overlap configs first, then without them
   if ! timeout 240 python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant int8 --ms 256 --only w4a8_ws \
       --out "$out/ws_first" > "$out/ws_first.log" 2>&1; then
-    echo "w4a8_ws: its first sweep failed or hung (log: ws_first.log); swept without it"
-    export TWINQUANT_DISABLED_KERNELS=w4a8_ws
+    if timeout 240 python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant int8 --ms 256 --only w4a8_ws \
+        --no-ws-overlap --out "$out/ws_first" > "$out/ws_first_no_overlap.log" 2>&1; then
+      echo "w4a8_ws: its overlap configs failed or hung (log: ws_first.log); swept without them"
+      ws_flags=--no-ws-overlap
+    else
+      echo "w4a8_ws: its first sweep failed or hung (log: ws_first.log); swept without it"
+      export TWINQUANT_DISABLED_KERNELS=w4a8_ws
+    fi
   fi
   rm -rf "$out/ws_first" ;;
 esac
 for aq in ${ACTS:-fp8 int8}; do
-  python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant $aq --out "$out" | tee "$out/sweep_w4a8_$aq.log"
+  python3 benchmarks/kernels/tune.py sweep-w4a8 --act-quant $aq ${ws_flags:-} --out "$out" \
+    | tee "$out/sweep_w4a8_$aq.log"
   python3 benchmarks/kernels/tune.py table-w4a8 --sweep "$(tail -1 "$out/sweep_w4a8_$aq.log")" --write "$table"
   rm -f "$out/sweep_w4a8_$aq.partial.json"
 done

@@ -128,7 +128,7 @@ INT4_CLIP = 0.8  # the activation clip of the W4A4 preset (twinquant-w4a4-resq)
 W4A16_KEPT_MAX_M = 128
 
 
-def w4a8_candidates(m: int, act_quant: str) -> list:
+def w4a8_candidates(m: int, act_quant: str, overlap: bool = True) -> list:
     from csrc_triton.kernels.fp8_cublas import Fp8CublasConfig
     from csrc_triton.kernels.w4a8 import table_key
     from csrc_triton.kernels.w4a8_rs import W4a8RsConfig as Rs
@@ -141,12 +141,13 @@ def w4a8_candidates(m: int, act_quant: str) -> list:
         gluon = [Rs(64, 4, 4), Rs(64, 4, 4, False), Rs(64, 8, 4), Rs(64, 4, 4, True, "bias")] + (
             [Rs(128, 4, 4), Rs(128, 4, 4, False), Rs(128, 8, 4, False), Rs(128, 4, 4, False, "bias"),
              Rs(128, 8, 4, False, "bias")] if m >= 128 else [])
-        ws = [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
+        gluon += [Ws(64, 6), Ws(64, 6, warpgroups=1)] + (
             [Ws(128, 4), Ws(128, 6), Ws(128, 6, band=32), Ws(128, 6, persistent=True), Ws(128, 4, warpgroups=1),
              Ws(64, 6, persistent=True, warpgroups=1)] if m >= 128 else [])
-        # each also with the group sums converted without I2F (w4a8.CONVERTS): at I2F's 16 a clock per SM a
-        # 128 x 128 tile's group takes 1,024 clocks of conversion against 512 of int8 MMA
-        gluon += ws + [dataclasses.replace(c, convert="bias") for c in ws]
+        if overlap:  # a group's promotion beside the next group's wgmma in the same warpgroup
+            gluon += [Ws(64, 6, overlap=True), Ws(64, 6, warpgroups=1, overlap=True)] + (
+                [Ws(64, 6, persistent=True, overlap=True), Ws(64, 6, persistent=True, warpgroups=1, overlap=True)]
+                if m >= 128 else [])
     triton_ = _triton_candidates(m)
     if act_quant == "int8" and m <= 64:  # the group sums converted without I2F, beside each (w4a8.CONVERTS),
         triton_ += [dataclasses.replace(c, convert="bias") for c in triton_]  # where the Gluon kernel trails
@@ -167,7 +168,8 @@ def _triton_candidates(m: int) -> list:
             C(128, 256, 8, 3, 1, dense=True), C(128, 256, 8, 3, 1, 64, dense=True)]
 
 
-def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] | None = None) -> str:
+def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] | None = None,
+               ws_overlap: bool = True) -> str:
     """Time every W4A8 candidate (of the kernels `only` names, if given; never a kernel TWINQUANT_DISABLED_KERNELS
     names) against the W4A16 plan; returns the path of the sweep's JSON."""
     import torch
@@ -190,7 +192,7 @@ def sweep_w4a8(out: str, ms: list[int], act_quant: str = "fp8", only: list[str] 
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         w16 = graph_time_ms([lambda L=L, x=x: ct.linear(x, L[0], L[1], GROUP, L[2], L[3]) for L in layers], reps=20)
         recs.append({"class": cls, "N": n, "K": k, "M": m, "kernel": "w4a16_plan", "config": None, "ms": w16})
-        for cfg in w4a8_candidates(m, act_quant):
+        for cfg in w4a8_candidates(m, act_quant, ws_overlap):
             kernel = ct.layer.config_kernel(cfg)
             if envs.disabled(kernel) or (only and kernel not in only):
                 continue
@@ -306,6 +308,7 @@ def main() -> None:
     s8.add_argument("--ms", type=int, nargs="+", default=W4A8_MS)
     s8.add_argument("--act-quant", choices=["fp8", "int8", "int4"], default="fp8")
     s8.add_argument("--only", nargs="+", help="time only these kernels' candidates (e.g. w4a8_ws)")
+    s8.add_argument("--no-ws-overlap", action="store_true", help="leave out w4a8_ws's overlap configs")
     t8 = sub.add_parser("table-w4a8", help="write the w4a8 rows a W4A8 sweep implies into a table")
     t8.add_argument("--sweep", required=True)
     t8.add_argument("--write", required=True, help="the device's table, updated in place")
@@ -314,7 +317,7 @@ def main() -> None:
         print(sweep(args.out, args.ms))
         return
     if args.cmd == "sweep-w4a8":
-        print(sweep_w4a8(args.out, args.ms, args.act_quant, args.only))
+        print(sweep_w4a8(args.out, args.ms, args.act_quant, args.only, not args.no_ws_overlap))
         return
     if args.cmd == "table-w4a8":
         with open(args.sweep) as f, open(args.write) as g:

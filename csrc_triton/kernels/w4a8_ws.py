@@ -14,7 +14,10 @@ codes, exact int32 sums per scale group promoted into fp32 with the group scales
   int8 fragment from the words, runs wgmma s8 into int32 sums and, while it runs, reads the next
   group's words and scales (ptxas places the fragment's LOP3s after the wait); then releases the
   slot (`empty`, one arrival per warpgroup) and promotes the sums. The two warpgroups are not
-  synchronised with each other, so one's promotion runs beside the other's MMA;
+  synchronised with each other, so one's promotion runs beside the other's MMA; with `overlap` a
+  warpgroup takes groups in pairs and promotes the first one's sums while the second one's wgmma runs
+  (two int32 sums in registers: at 64 tokens; nothing in flight between pairs, which ptxas needs to keep
+  the wgmmas asynchronous);
 * tiles are rastered in bands of BAND row tiles, token tiles inner: a band's codes stay in L2 while
   x streams past it, and x is read once per band. A CTA takes one tile, or (`persistent`) every
   num_programs-th tile with one CTA per SM: the ring runs on across tiles, so the producer loads the
@@ -81,6 +84,7 @@ class W4a8WsConfig:
     persistent: bool = False  # one CTA per SM looping over the tiles (else one CTA per tile)
     warpgroups: int = 2  # consumer warpgroups per CTA (64 weight rows each): 2, or 1 with two CTAs per SM
     convert: str = "cvt"  # int32 -> fp32 of a group's sums (w4a8.CONVERTS)
+    overlap: bool = False  # a warpgroup promotes a group's sums while its next group's wgmma runs (64 tokens only)
 
 
 @gluon.jit
@@ -154,11 +158,46 @@ def _group(acc, part, w, s_cur, it, has_next, s_ptrs, g_next, x_bufs, words, rea
 
 
 @gluon.jit
+def _pair_overlapped(acc, part_a, part_b, w_a, s_a, it, g_b, has_next, s_ptrs, g_next, x_bufs, words, ready, empty,
+                     BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr, W_L: gl.constexpr,
+                     BIAS_CVT: gl.constexpr):
+    """Ring steps it and it + 1 (`overlap`): with nothing in flight and step it's fragment w_a and scales s_a
+    made, step it's wgmma issued, step it + 1's fragment made and its wgmma issued too; step it retired (one
+    wgmma left in flight), its slot released and its sums promoted while step it + 1's runs; the fragment and
+    scales of the group after (g_next, its words once landed where has_next) made; step it + 1 (group g_b) retired,
+    released and promoted. Nothing is in flight between pairs. Returns (acc, the sums, the next fragment and
+    scales, it + 2)."""
+    st0 = it % STAGES
+    st1 = (it + 1) % STAGES
+    part_a = warpgroup_mma(int8_operand(w_a, BN, BK, A_L), x_bufs.index(st0).permute((1, 0)), part_a, use_acc=False,
+                           is_async=True)
+    mbarrier.wait(ready.index(st1), ((it + 1) // STAGES) & 1)
+    w_b = int8_fragment(words.index(st1).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    s_b = gl.load(s_ptrs + g_b)
+    part_b = warpgroup_mma(int8_operand(w_b, BN, BK, A_L), x_bufs.index(st1).permute((1, 0)), part_b, use_acc=False,
+                           is_async=True)
+    part_a, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a, w_a))
+    fence_async_shared()  # this warpgroup's reads of the slot are ordered before the producer's next TMA
+    mbarrier.arrive(empty.index(st0), count=1)
+    acc = promote(acc, part_a, s_a, BIAS_CVT)
+    st2 = (it + 2) % STAGES
+    mbarrier.wait(ready.index(st2), ((it + 2) // STAGES) & 1, pred=has_next)
+    w_next = int8_fragment(words.index(st2).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    s_next = gl.load(s_ptrs + g_next)
+    part_b, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b, w_b))
+    fence_async_shared()
+    mbarrier.arrive(empty.index(st1), count=1)
+    acc = promote(acc, part_b, s_b, BIAS_CVT)
+    return acc, part_a, part_b, w_next, s_next, it + 2
+
+
+@gluon.jit
 def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs,
               ready, empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
               stride_ws_m, stride_ym, GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr,
               HAS_BIAS: gl.constexpr, TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr,
-              WGS: gl.constexpr, BAND: gl.constexpr, BIAS_CVT: gl.constexpr, PDL: gl.constexpr):
+              WGS: gl.constexpr, BAND: gl.constexpr, BIAS_CVT: gl.constexpr, OVERLAP: gl.constexpr,
+              PDL: gl.constexpr):
     """Warpgroup WG: for each tile of this CTA, rows off_n + 64 WG .. + 64 over all of K, then its epilogue."""
     BK: gl.constexpr = GROUP
     BN: gl.constexpr = _WG_ROWS
@@ -180,17 +219,29 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
         mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
         w_a = int8_fragment(words.index(it % STAGES).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
         s_cur = gl.load(s_ptrs)
-        # two groups per iteration, their fragments in two variables (no copy of one into the other)
-        for j in range(n_groups // 2):
-            acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, 2 * j + 1 < n_groups, s_ptrs,
-                                               gl.minimum(2 * j + 1, n_groups - 1), x_bufs, words, ready, empty,
-                                               BN, BK, STAGES, A_L, W_L, BIAS_CVT)
-            acc, part, w_a, s_cur, it = _group(acc, part, w_b, s_cur, it, 2 * j + 2 < n_groups, s_ptrs,
-                                               gl.minimum(2 * j + 2, n_groups - 1), x_bufs, words, ready, empty,
-                                               BN, BK, STAGES, A_L, W_L, BIAS_CVT)
-        if n_groups % 2:
-            acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs, words,
-                                               ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
+        if OVERLAP:
+            # two groups per iteration, the first one's promotion beside the second one's wgmma
+            part_b = part
+            for j in range(n_groups // 2):
+                acc, part, part_b, w_a, s_cur, it = _pair_overlapped(
+                    acc, part, part_b, w_a, s_cur, it, 2 * j + 1, 2 * j + 2 < n_groups, s_ptrs,
+                    gl.minimum(2 * j + 2, n_groups - 1), x_bufs, words, ready, empty, BN, BK, STAGES, A_L, W_L,
+                    BIAS_CVT)
+            if n_groups % 2:
+                acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs,
+                                                   words, ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
+        else:
+            # two groups per iteration, their fragments in two variables (no copy of one into the other)
+            for j in range(n_groups // 2):
+                acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, 2 * j + 1 < n_groups, s_ptrs,
+                                                   gl.minimum(2 * j + 1, n_groups - 1), x_bufs, words, ready, empty,
+                                                   BN, BK, STAGES, A_L, W_L, BIAS_CVT)
+                acc, part, w_a, s_cur, it = _group(acc, part, w_b, s_cur, it, 2 * j + 2 < n_groups, s_ptrs,
+                                                   gl.minimum(2 * j + 2, n_groups - 1), x_bufs, words, ready, empty,
+                                                   BN, BK, STAGES, A_L, W_L, BIAS_CVT)
+            if n_groups % 2:
+                acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs,
+                                                   words, ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
         epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
                  NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BN,
                  BLOCK_R, PDL, MMA, 4)
@@ -203,7 +254,7 @@ def _tq_w4a8_ws_kernel(
     stride_sn, stride_un, stride_ws_s, stride_ws_m, stride_ym,
     GROUP: gl.constexpr, HAS_LOWRANK: gl.constexpr, HAS_US: gl.constexpr, HAS_BIAS: gl.constexpr,
     TOK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr, WGS: gl.constexpr, BAND: gl.constexpr,
-    BIAS_CVT: gl.constexpr, PDL: gl.constexpr,
+    BIAS_CVT: gl.constexpr, OVERLAP: gl.constexpr, PDL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Tiles of tokens [m0, +TOK) x weight rows [off_n, +64 WGS) (`_tile`), this CTA's every
@@ -224,11 +275,11 @@ def _tq_w4a8_ws_kernel(
             (_consumer, (0, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs0, ready,
                          empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
                          stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
-                         BIAS_CVT, PDL)),
+                         BIAS_CVT, OVERLAP, PDL)),
             (_consumer, (1, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs1, ready,
                          empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
                          stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
-                         BIAS_CVT, PDL)),
+                         BIAS_CVT, OVERLAP, PDL)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP, TOK, STAGES, WGS,
                          BAND)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -237,7 +288,7 @@ def _tq_w4a8_ws_kernel(
             (_consumer, (0, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, x_bufs, q_bufs0, ready,
                          empty, M, N, K, R, SLOT_B1, SLOT_B2, NUM_SPLITS, stride_sn, stride_un, stride_ws_s,
                          stride_ws_m, stride_ym, GROUP, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BLOCK_R, STAGES, WGS, BAND,
-                         BIAS_CVT, PDL)),
+                         BIAS_CVT, OVERLAP, PDL)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs0, q_bufs1, ready, empty, M, N, K, GROUP, TOK, STAGES, WGS,
                          BAND)),
         ], [1], [PRODUCER_REGS])
@@ -263,15 +314,16 @@ def launch_check(m: int, n: int, k: int, group_size: int, cfg: W4a8WsConfig) -> 
     if group_size not in (64, 128) or k % group_size:
         raise ValueError(f"w4a8_ws steps over whole groups of 64 or 128 columns: group size {group_size}, K = {k}")
     if (cfg.tokens not in (64, 128) or cfg.stages < 2 or cfg.band < 1 or cfg.convert not in CONVERTS
-            or cfg.warpgroups not in MAXNREG):
+            or cfg.warpgroups not in MAXNREG or (cfg.overlap and cfg.tokens != 64)):
         raise ValueError(f"w4a8_ws config {cfg}: tokens 64 or 128, stages >= 2, band >= 1, convert one of "
-                         f"{CONVERTS}, warpgroups one of {sorted(MAXNREG)}")
+                         f"{CONVERTS}, warpgroups one of {sorted(MAXNREG)}; overlap (two int32 sums per warpgroup) "
+                         "at 64 tokens only")
 
 
 def constexprs(cfg: W4a8WsConfig, group_size: int, rank: int, int8_factors: bool, bias: bool, pdl: bool) -> dict:
     return dict(GROUP=group_size, HAS_LOWRANK=rank > 0, HAS_US=int8_factors, HAS_BIAS=bias, TOK=cfg.tokens,
                 BLOCK_R=max(16, next_pow2(rank)) if rank else 16, STAGES=cfg.stages, WGS=cfg.warpgroups, BAND=cfg.band,
-                BIAS_CVT=cfg.convert == "bias", PDL=pdl)
+                BIAS_CVT=cfg.convert == "bias", OVERLAP=cfg.overlap, PDL=pdl)
 
 
 @functools.cache
