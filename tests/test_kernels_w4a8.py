@@ -4,7 +4,9 @@ residual and the low-rank term read the unquantized x. Every case draws fresh ra
 poisons the output first. Full size on the GPU: benchmarks/kernels/bench_w4a8.py."""
 
 import dataclasses
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -539,3 +541,15 @@ def test_a_gpu_check_script_lets_its_own_process_plan_a_precision_once(monkeypat
     assert not w4a8.device_supports("int4", (9, 0))[0]
     assert w4a8.check_here("int4") and not w4a8.check_here("int4") and not w4a8.check_here("int8")
     assert w4a8.CHECKED_ON_GPU == ("fp8", "int8", "int4") and w4a8.device_supports("int4", (9, 0))[0]
+
+
+def test_profile_kernels_ws_words_build_a_w4a8_ws_config_with_each_fields_type_and_name_the_fields_on_a_bad_one():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels"))
+    import profile_kernels
+
+    from csrc_triton.kernels.w4a8_ws import W4a8WsConfig
+
+    cfg = profile_kernels.ws_config(["tokens=64", "stages=6", "persistent=1", "convert=bias", "overlap=false"])
+    assert cfg == W4a8WsConfig(64, 6, persistent=True, convert="bias", overlap=False)
+    with pytest.raises(SystemExit, match="W4a8WsConfig has the fields"):
+        profile_kernels.ws_config(["tiles=64"])
