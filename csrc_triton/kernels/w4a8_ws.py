@@ -137,6 +137,15 @@ def _words_view(q_bufs, STAGES: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
+def _landed_fragment(words, ready, it, landed, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                     A_L: gl.constexpr, W_L: gl.constexpr):
+    """Ring step it's words, once landed (waited for where `landed`), made into its int8 fragment."""
+    st = it % STAGES
+    mbarrier.wait(ready.index(st), (it // STAGES) & 1, pred=landed)
+    return int8_fragment(words.index(st).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+
+
+@gluon.jit
 def _group(acc, part, w, s_cur, it, has_next, s_ptrs, g_next, x_bufs, words, ready, empty, BN: gl.constexpr,
            BK: gl.constexpr, STAGES: gl.constexpr, A_L: gl.constexpr, W_L: gl.constexpr, BIAS_CVT: gl.constexpr):
     """Ring step `it`: its wgmma (fragment w) started; the next group's words (once landed, where has_next)
@@ -146,9 +155,7 @@ def _group(acc, part, w, s_cur, it, has_next, s_ptrs, g_next, x_bufs, words, rea
     st = it % STAGES
     part = warpgroup_mma(int8_operand(w, BN, BK, A_L), x_bufs.index(st).permute((1, 0)), part, use_acc=False,
                          is_async=True)
-    st1 = (it + 1) % STAGES
-    mbarrier.wait(ready.index(st1), ((it + 1) // STAGES) & 1, pred=has_next)
-    w_next = int8_fragment(words.index(st1).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    w_next = _landed_fragment(words, ready, it + 1, has_next, BN, BK, STAGES, A_L, W_L)
     s_next = gl.load(s_ptrs + g_next)
     part, acc = warpgroup_mma_wait(num_outstanding=0, deps=(part, acc))
     fence_async_shared()  # this warpgroup's reads of the slot are ordered before the producer's next TMA
@@ -171,8 +178,7 @@ def _pair_overlapped(acc, part_a, part_b, w_a, s_a, it, g_b, has_next, s_ptrs, g
     st1 = (it + 1) % STAGES
     part_a = warpgroup_mma(int8_operand(w_a, BN, BK, A_L), x_bufs.index(st0).permute((1, 0)), part_a, use_acc=False,
                            is_async=True)
-    mbarrier.wait(ready.index(st1), ((it + 1) // STAGES) & 1)
-    w_b = int8_fragment(words.index(st1).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    w_b = _landed_fragment(words, ready, it + 1, True, BN, BK, STAGES, A_L, W_L)
     s_b = gl.load(s_ptrs + g_b)
     part_b = warpgroup_mma(int8_operand(w_b, BN, BK, A_L), x_bufs.index(st1).permute((1, 0)), part_b, use_acc=False,
                            is_async=True)
@@ -180,9 +186,7 @@ def _pair_overlapped(acc, part_a, part_b, w_a, s_a, it, g_b, has_next, s_ptrs, g
     fence_async_shared()  # this warpgroup's reads of the slot are ordered before the producer's next TMA
     mbarrier.arrive(empty.index(st0), count=1)
     acc = promote(acc, part_a, s_a, BIAS_CVT)
-    st2 = (it + 2) % STAGES
-    mbarrier.wait(ready.index(st2), ((it + 2) // STAGES) & 1, pred=has_next)
-    w_next = int8_fragment(words.index(st2).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+    w_next = _landed_fragment(words, ready, it + 2, has_next, BN, BK, STAGES, A_L, W_L)
     s_next = gl.load(s_ptrs + g_next)
     part_b, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b, w_b))
     fence_async_shared()
@@ -216,8 +220,7 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
         s_ptrs = sc_ptr + gl.minimum(sn, N - 1) * stride_sn
         acc = gl.zeros([BN, TOK], gl.float32, layout=MMA)
         part = gl.zeros([BN, TOK], gl.int32, layout=MMA)
-        mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
-        w_a = int8_fragment(words.index(it % STAGES).permute((0, 1, 3, 2)).load(W_L), BN, BK, A_L)
+        w_a = _landed_fragment(words, ready, it, True, BN, BK, STAGES, A_L, W_L)
         s_cur = gl.load(s_ptrs)
         if OVERLAP:
             # two groups per iteration, the first one's promotion beside the second one's wgmma
@@ -227,9 +230,6 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
                     acc, part, part_b, w_a, s_cur, it, 2 * j + 1, 2 * j + 2 < n_groups, s_ptrs,
                     gl.minimum(2 * j + 2, n_groups - 1), x_bufs, words, ready, empty, BN, BK, STAGES, A_L, W_L,
                     BIAS_CVT)
-            if n_groups % 2:
-                acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs,
-                                                   words, ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
         else:
             # two groups per iteration, their fragments in two variables (no copy of one into the other)
             for j in range(n_groups // 2):
@@ -239,9 +239,9 @@ def _consumer(WG: gl.constexpr, x_ptr, xs_ptr, sc_ptr, up_ptr, us_ptr, ws_ptr, b
                 acc, part, w_a, s_cur, it = _group(acc, part, w_b, s_cur, it, 2 * j + 2 < n_groups, s_ptrs,
                                                    gl.minimum(2 * j + 2, n_groups - 1), x_bufs, words, ready, empty,
                                                    BN, BK, STAGES, A_L, W_L, BIAS_CVT)
-            if n_groups % 2:
-                acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs,
-                                                   words, ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
+        if n_groups % 2:  # the last group of an odd count, alone
+            acc, part, w_b, s_cur, it = _group(acc, part, w_a, s_cur, it, False, s_ptrs, n_groups - 1, x_bufs, words,
+                                               ready, empty, BN, BK, STAGES, A_L, W_L, BIAS_CVT)
         epilogue(acc, m0, off_n, x_ptr, xs_ptr, up_ptr, us_ptr, ws_ptr, bias_ptr, y_ptr, M, N, R, SLOT_B1, SLOT_B2,
                  NUM_SPLITS, stride_un, stride_ws_s, stride_ws_m, stride_ym, HAS_LOWRANK, HAS_US, HAS_BIAS, TOK, BN,
                  BLOCK_R, PDL, MMA, 4)
